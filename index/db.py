@@ -1,0 +1,74 @@
+"""Engine factory: one place that knows the differences between SQLite and PostgreSQL.
+
+Everything else in the package issues portable SQLAlchemy Core/ORM statements only; the SQLite
+specifics live in the connect-time PRAGMAs below.
+
+Durability on SQLite: the database runs in WAL mode. With ``synchronous=FULL`` (the default here) the
+WAL is fsynced at every commit, so a commit that returned survives a process kill *and* a power loss.
+``synchronous=NORMAL`` is faster per commit and still survives a process kill (committed pages are in the
+WAL file, the OS keeps them), but may lose the last transactions on power loss. The gallery commits one
+transaction per batch, so FULL costs little; pass ``sqlite_synchronous="NORMAL"`` to trade it away.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+log = logging.getLogger(__name__)
+
+SQLITE_FILE = "gallery.db"
+_SYNC_MODES = {"OFF", "NORMAL", "FULL", "EXTRA"}
+
+
+def default_database_url(data_dir: Path) -> str:
+    """The default SQLite URL: ``<data_dir>/gallery.db``."""
+    return f"sqlite:///{Path(data_dir).resolve() / SQLITE_FILE}"
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def make_engine(
+    url: str,
+    *,
+    sqlite_synchronous: str = "FULL",
+    busy_timeout_ms: int = 30_000,
+    **kwargs: Any,
+) -> Engine:
+    """Create an engine for ``url`` (any SQLAlchemy URL; tested with SQLite files and PostgreSQL/psycopg).
+
+    For SQLite every connection gets ``journal_mode=WAL`` (readers do not block the writer),
+    ``synchronous`` as given, ``foreign_keys=ON`` (SQLite ignores FKs otherwise) and a
+    ``busy_timeout`` (another process holding the write lock makes us wait, not fail).
+    In-memory SQLite is refused: the gallery is durable by contract.
+    """
+    sync = sqlite_synchronous.upper()
+    if sync not in _SYNC_MODES:
+        raise ValueError(f"sqlite_synchronous must be one of {sorted(_SYNC_MODES)}, not {sqlite_synchronous!r}")
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database in (None, "", ":memory:") or "mode=memory" in str(parsed.query):
+            raise ValueError("in-memory SQLite cannot hold a durable gallery; give a file URL")
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            try:
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute(f"PRAGMA synchronous={sync}")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            finally:
+                cur.close()
+
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(parsed, **kwargs)

@@ -1,0 +1,536 @@
+"""The gallery façade: a durable SQL store of embeddings with one FAISS index per embedding space.
+
+Write path (add / upsert / reembed / delete): inputs are validated first (typed errors, nothing changed);
+then, under the gallery's mutation mutex, one SQL transaction commits; only then the space's FAISS index
+is mutated under its write lock. A call that returned is therefore durable (see :mod:`index.db`), and
+vec_id order == commit order == FAISS apply order. Search path: the space's read lock and FAISS only —
+no SQL — so searches run concurrently with each other and wait for writers at most one FAISS mutation.
+
+Restart: :meth:`Gallery.open` loads each space's snapshot and reconciles it with SQL
+(:mod:`index.reconcile`), so the index always equals the database, whatever was or was not snapshotted
+before a crash. One ``Gallery`` per process and per data_dir: FAISS indexes are per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+
+from . import backfill, catalog, store
+from .db import default_database_url, make_engine
+from .errors import (
+    GalleryClosed,
+    InvalidInput,
+    ItemNotFound,
+    SpaceMismatch,
+    UnknownSpace,
+    VersionConflict,
+)
+from .reconcile import ReconcileReport, reconcile
+from .space_index import SnapshotInfo, SpaceIndex
+from .tables import create_schema
+from .types import Hit, NewItem, VersionInfo
+from .validation import as_unit_vectors, check_external_ids, check_k, check_metadata, vectors_of
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SNAPSHOT_EVERY = 100_000
+
+
+class Gallery:
+    """Durable FAISS + SQL store of embeddings that knows which model version made each.
+
+    Create with :meth:`open`. Thread-safe: any number of threads may search while others mutate.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        data_dir: Path,
+        *,
+        index_factory: str = "Flat",
+        snapshot_every: int | None = DEFAULT_SNAPSHOT_EVERY,
+        index_params: str | None = None,
+        min_train: int | None = None,
+        tombstone_fraction: float = 0.2,
+    ) -> None:
+        """Use :meth:`open`; this constructor neither creates tables nor loads indexes."""
+        self.engine = engine
+        self.data_dir = Path(data_dir)
+        self.index_dir = self.data_dir / "index"
+        self.index_factory = index_factory
+        self.snapshot_every = snapshot_every
+        self.index_params = index_params
+        self.min_train = min_train
+        self.tombstone_fraction = tombstone_fraction
+        self._mutex = threading.RLock()  # serialises mutations (SQL commit + FAISS apply)
+        self._versions: dict[str, VersionInfo] = {}
+        self._spaces: dict[str, SpaceIndex] = {}
+        self._closed = False
+        self.last_open_reports: list[ReconcileReport] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def open(
+        cls,
+        database_url: str | None,
+        data_dir: Path,
+        index_factory: str = "Flat",
+        snapshot_every: int | None = DEFAULT_SNAPSHOT_EVERY,
+        *,
+        index_params: str | None = None,
+        min_train: int | None = None,
+        tombstone_fraction: float = 0.2,
+        sqlite_synchronous: str = "FULL",
+        faiss_threads: int | None = None,
+    ) -> Gallery:
+        """Open (creating if needed) the gallery at ``database_url`` with snapshots under ``data_dir``.
+
+        - ``database_url``: any SQLAlchemy URL; None means SQLite at ``<data_dir>/gallery.db``.
+        - ``index_factory``: FAISS factory string for every space ("Flat", "HNSW32", "IVF1024,Flat", ...),
+          always wrapped in an ``IndexIDMap2`` with inner product. Changing it rebuilds indexes from SQL.
+        - ``snapshot_every``: write a space's snapshot after this many vector changes (None: only on
+          :meth:`snapshot` and :meth:`close`). Snapshots only make reopening faster; SQL is the truth.
+        - ``index_params``: FAISS ParameterSpace string, e.g. "efSearch=128" or "nprobe=32" (None: nprobe=16
+          for IVF, efSearch=64 for HNSW).
+        - ``min_train``: vectors needed before a trainable (IVF) index is trained; until then the space is
+          served by an exact Flat index. None: 39 x nlist.
+        - ``tombstone_fraction``: rebuild an index that cannot remove ids (HNSW) when this share is stale.
+        - ``faiss_threads``: sets FAISS's OpenMP threads (process-wide). Many concurrent single-query
+          searches run faster with 1 thread each than with all of them fighting over OpenMP.
+        """
+        data_dir = Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if faiss_threads is not None:
+            faiss.omp_set_num_threads(int(faiss_threads))
+        engine = make_engine(database_url or default_database_url(data_dir), sqlite_synchronous=sqlite_synchronous)
+        create_schema(engine)
+        g = cls(
+            engine,
+            data_dir,
+            index_factory=index_factory,
+            snapshot_every=snapshot_every,
+            index_params=index_params,
+            min_train=min_train,
+            tombstone_fraction=tombstone_fraction,
+        )
+        try:
+            g._load()
+        except BaseException:
+            engine.dispose()
+            raise
+        return g
+
+    def _load(self) -> None:
+        self.index_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_files(self.index_dir)
+        with self._mutex, self.engine.connect() as conn:
+            self._versions = {v.version: v for v in catalog.list_versions(conn)}
+            dims = catalog.space_dims(conn)
+        for space, dim in sorted(dims.items()):
+            sidx = self._new_space_index(space, dim)
+            self.last_open_reports.append(reconcile(self.engine, sidx, self.index_dir))
+            self._spaces[space] = sidx
+            self._maybe_snapshot(sidx)
+
+    def _new_space_index(self, space: str, dim: int) -> SpaceIndex:
+        return SpaceIndex(
+            space,
+            dim,
+            self.index_factory,
+            params=self.index_params,
+            min_train=self.min_train,
+            tombstone_fraction=self.tombstone_fraction,
+        )
+
+    def close(self) -> None:
+        """Snapshot every changed space and release the database. Idempotent."""
+        with self._mutex:
+            if self._closed:
+                return
+            try:
+                for sidx in self._spaces.values():
+                    if sidx.changes_since_snapshot:
+                        sidx.save(self.index_dir)
+            finally:
+                self._closed = True
+                self.engine.dispose()
+
+    def __enter__(self) -> Gallery:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GalleryClosed("the gallery is closed")
+
+    def snapshot(self, space: str | None = None) -> list[SnapshotInfo]:
+        """Write snapshots now (of ``space``, or of every space). Searches continue meanwhile."""
+        self._check_open()
+        with self._mutex:
+            targets = [self._space_index(space)] if space is not None else list(self._spaces.values())
+            return [s.save(self.index_dir) for s in targets]
+
+    def reconcile(self, space: str | None = None, *, rebuild: bool = False) -> list[ReconcileReport]:
+        """Re-sync FAISS with SQL (e.g. after another process wrote to the database).
+
+        ``rebuild=True`` ignores the in-memory index and rebuilds from SQL; otherwise the current index
+        is first snapshotted and then reconciled like on open.
+        """
+        self._check_open()
+        with self._mutex:
+            self._discover_spaces()
+            targets = [self._space_index(space)] if space is not None else list(self._spaces.values())
+            out = []
+            for sidx in targets:
+                if not rebuild:
+                    sidx.save(self.index_dir)
+                out.append(reconcile(self.engine, sidx, None if rebuild else self.index_dir))
+            return out
+
+    # ------------------------------------------------------------------ versions
+    def register_version(self, info: VersionInfo) -> VersionInfo:
+        """Register a model version (idempotent for an identical definition). Creates its space if new.
+
+        Raises :class:`VersionConflict` (same name, other definition), :class:`DimensionMismatch`
+        (the space exists with another dim), :class:`InvalidInput` (bad names, card not JSON).
+        """
+        self._check_open()
+        with self._mutex:
+            try:
+                with self.engine.begin() as conn:
+                    stored = catalog.register_version(conn, info)
+            except IntegrityError:  # registered concurrently by another process: compare with it
+                with self.engine.begin() as conn:
+                    stored = catalog.register_version(conn, info)
+            self._versions[stored.version] = stored
+            if stored.space not in self._spaces:
+                sidx = self._new_space_index(stored.space, stored.embedding_dim)
+                reconcile(self.engine, sidx, self.index_dir)  # drops any leftover snapshot content
+                self._spaces[stored.space] = sidx
+            return stored
+
+    def get_version(self, version: str) -> VersionInfo:
+        """The registered version (fresh from SQL); :class:`UnknownVersion` if none."""
+        self._check_open()
+        with self.engine.connect() as conn:
+            info = catalog.get_version(conn, version)
+        self._versions[version] = info
+        return info
+
+    def list_versions(self) -> list[VersionInfo]:
+        self._check_open()
+        with self.engine.connect() as conn:
+            return catalog.list_versions(conn)
+
+    def set_version_status(self, version: str, status: str) -> VersionInfo:
+        """Mark a version ``registered`` or ``retired``. Retired versions cannot write embeddings."""
+        self._check_open()
+        with self._mutex:
+            with self.engine.begin() as conn:
+                info = catalog.set_version_status(conn, version, status)
+            self._versions[version] = info
+            return info
+
+    def active_version(self) -> str | None:
+        """The persisted active version (read from SQL, so replicas agree), or None."""
+        self._check_open()
+        with self.engine.connect() as conn:
+            return catalog.get_active(conn)
+
+    def set_active_version(self, version: str) -> VersionInfo:
+        """Persist ``version`` as the active one. Policy (space compatibility) is the caller's."""
+        self._check_open()
+        with self._mutex:
+            with self.engine.begin() as conn:
+                previous = catalog.get_active(conn)
+                info = catalog.set_active(conn, version)
+            self._versions[version] = info
+            if previous is not None and previous != version and previous in self._versions:
+                self.get_version(previous)
+            return info
+
+    def _version(self, version: str) -> VersionInfo:
+        info = self._versions.get(version)
+        if info is None:
+            info = self.get_version(version)  # registered by another process?
+        return info
+
+    # ------------------------------------------------------------------ spaces
+    def spaces(self) -> list[str]:
+        """Every known embedding space (those of registered versions)."""
+        self._check_open()
+        return sorted(self._spaces)
+
+    def space_dim(self, space: str) -> int:
+        return self._space_index(space).dim
+
+    def _space_index(self, space: str) -> SpaceIndex:
+        sidx = self._spaces.get(space)
+        if sidx is None:
+            with self._mutex:
+                self._discover_spaces()
+                sidx = self._spaces.get(space)
+            if sidx is None:
+                raise UnknownSpace(space, self._spaces)
+        return sidx
+
+    def _discover_spaces(self) -> None:
+        """Pick up spaces of versions registered by another process."""
+        with self.engine.connect() as conn:
+            dims = catalog.space_dims(conn)
+            self._versions.update({v.version: v for v in catalog.list_versions(conn)})
+        for space, dim in dims.items():
+            if space not in self._spaces:
+                sidx = self._new_space_index(space, dim)
+                reconcile(self.engine, sidx, self.index_dir)
+                self._spaces[space] = sidx
+
+    # ------------------------------------------------------------------ writes
+    def add(self, items: Sequence[NewItem], version: str, *, space: str | None = None) -> list[int]:
+        """Store new items embedded by ``version``; returns their item ids, in input order.
+
+        Vectors (each shape (d,), any float dtype) are L2-normalised on input. ``space``, if given, must be
+        ``version``'s space (else :class:`SpaceMismatch`). Refused, with nothing stored: an external id that
+        exists already or repeats in the batch (:class:`DuplicateIds`), bad vectors
+        (:class:`InvalidEmbedding`, :class:`DimensionMismatch`), unknown or retired versions.
+        Acknowledged (returns) only after the SQL transaction committed.
+        """
+        return self._write("add", items, version, space)
+
+    def upsert(self, items: Sequence[NewItem], version: str, *, space: str | None = None) -> list[int]:
+        """Insert new items; for existing ones replace the vector in ``version``'s space (new vec_id) and
+        the metadata / source_uri where the given value is not None. Returns item ids in input order."""
+        return self._write("upsert", items, version, space)
+
+    def reembed(
+        self, pairs: Sequence[tuple[str, np.ndarray]], version: str, *, space: str | None = None
+    ) -> list[int]:
+        """Replace the vectors of existing items by ``version``'s embeddings, in ``version``'s space, in one
+        transaction; the items' ``embedded_by`` becomes ``version``. An item without an embedding in that
+        space gets one (backfill into a new space; its other spaces are untouched). Unknown external ids:
+        :class:`ItemNotFound`, nothing changed. Returns item ids in input order."""
+        items = [NewItem(external_id=e, vector=v) for e, v in pairs]
+        return self._write("reembed", items, version, space)
+
+    def _write(self, mode: store.WriteMode, items: Sequence[Any], version: str, space: str | None) -> list[int]:
+        self._check_open()
+        info = self._version(version)
+        if space is not None and space != info.space:
+            raise SpaceMismatch(version, info.space, space)
+        if info.status == "retired":
+            raise VersionConflict(f"version {version!r} is retired and cannot write embeddings")
+        items = list(items)
+        ext_ids = check_external_ids([getattr(it, "external_id", None) for it in items])
+        metas = [getattr(it, "metadata", None) for it in items]
+        uris = [getattr(it, "source_uri", None) for it in items]
+        for eid, meta, uri in zip(ext_ids, metas, uris, strict=True):
+            check_metadata(meta, eid)
+            if uri is not None and not isinstance(uri, str):
+                raise InvalidInput(f"source_uri of {eid!r} must be a str or None, not {type(uri).__name__}")
+        vectors = vectors_of(items, info.embedding_dim, info.space)
+        sidx = self._space_index(info.space)
+        if not items:
+            return []
+        with self._mutex:
+            self._check_open()
+            try:
+                with self.engine.begin() as conn:
+                    res = store.write_embeddings(
+                        conn, mode, external_ids=ext_ids, vectors=vectors, version=info.version,
+                        space=info.space, metadata=metas, source_uris=uris,
+                    )
+            except IntegrityError as e:  # only reachable through a concurrent writer in another process
+                raise VersionConflict(f"concurrent write conflict, retry: {e.orig}") from e
+            entries = [(iid, eid, info.version) for iid, eid in zip(res.item_ids, ext_ids, strict=True)]
+            self._apply(sidx, res.old_vec_ids, res.vec_ids, vectors, entries)
+            log.debug("%s: %d items in space %r by %r", mode, len(items), info.space, info.version)
+            return res.item_ids
+
+    def delete(self, external_ids: Iterable[str], *, missing_ok: bool = False) -> int:
+        """Delete items (all their embeddings, every space) in one transaction; returns how many.
+
+        Unknown ids raise :class:`ItemNotFound` and nothing is deleted, unless ``missing_ok``.
+        """
+        self._check_open()
+        ids = check_external_ids(list(external_ids))
+        if not ids:
+            return 0
+        with self._mutex:
+            self._check_open()
+            with self.engine.begin() as conn:
+                n_deleted, removed = store.delete_items(conn, ids, missing_ok)
+            by_space: dict[str, list[int]] = defaultdict(list)
+            for sp, vid in removed:
+                by_space[sp].append(vid)
+            for sp, vids in by_space.items():
+                if sp in self._spaces:
+                    self._apply(self._spaces[sp], vids, None, None, None)
+            return n_deleted
+
+    def _apply(
+        self,
+        sidx: SpaceIndex,
+        remove: Sequence[int],
+        add_ids: np.ndarray | None,
+        add_vectors: np.ndarray | None,
+        add_entries: list[tuple[int, str, str]] | None,
+    ) -> None:
+        """Mutate FAISS after a commit. If that fails, the committed data stands: rebuild from SQL."""
+        try:
+            sidx.apply(np.asarray(remove, dtype=np.int64), add_ids, add_vectors, add_entries)
+        except Exception:
+            log.exception("space %r: FAISS mutation failed after commit; rebuilding from SQL", sidx.space)
+            reconcile(self.engine, sidx, None)
+        reason = sidx.needs_rebuild()
+        if reason:
+            log.info("space %r: rebuilding from SQL: %s", sidx.space, reason)
+            reconcile(self.engine, sidx, None)
+        self._maybe_snapshot(sidx)
+
+    def _maybe_snapshot(self, sidx: SpaceIndex) -> None:
+        if self.snapshot_every is not None and sidx.changes_since_snapshot >= self.snapshot_every:
+            sidx.save(self.index_dir)
+
+    # ------------------------------------------------------------------ reads
+    def search(
+        self, space: str, vectors: np.ndarray, k: int, *, version: str | None = None
+    ) -> list[list[Hit]]:
+        """Top-``k`` items of ``space`` for each query, best first (cosine score, the item's ``embedded_by``).
+
+        ``vectors``: (n, d) or (d,) floats, L2-normalised here. ``version``, if given, is the model that
+        embedded the queries: its space must be ``space`` (else :class:`SpaceMismatch`). Returns n lists
+        of at most ``k`` hits (fewer when the space holds fewer items). Never touches SQL.
+        """
+        self._check_open()
+        sidx = self._space_index(space)
+        if version is not None:
+            info = self._version(version)
+            if info.space != space:
+                raise SpaceMismatch(version, info.space, space)
+        k = check_k(k)
+        queries = as_unit_vectors(vectors, sidx.dim, space, what="query")
+        return sidx.search(queries, k)
+
+    def get_items(self, external_ids: Iterable[str]) -> dict[str, store.ItemRecord]:
+        """Stored records (metadata, source_uri, timestamps, embedded_by per space) of the ids that exist."""
+        self._check_open()
+        with self.engine.connect() as conn:
+            return store.get_items(conn, list(external_ids))
+
+    def get_metadata(self, external_ids: Iterable[str]) -> dict[str, Any]:
+        """external_id -> metadata for the ids that exist (one SQL round trip per 500 ids)."""
+        return {e: r.metadata for e, r in self.get_items(external_ids).items()}
+
+    def get_embedding(self, external_id: str, space: str) -> tuple[np.ndarray, str]:
+        """The stored unit vector (d,) float32 of an item in ``space`` and the version that made it."""
+        self._check_open()
+        sidx = self._space_index(space)
+        with self.engine.connect() as conn:
+            got = store.get_vector(conn, external_id, space, sidx.dim)
+        if got is None:
+            raise ItemNotFound([external_id], f" in space {space!r}")
+        return got
+
+    def count(self, space: str | None = None) -> int:
+        """Items in the gallery (``space`` None) or items with an embedding in ``space`` (from SQL)."""
+        self._check_open()
+        if space is not None:
+            self._space_index(space)
+        with self.engine.connect() as conn:
+            return store.item_count(conn) if space is None else store.space_count(conn, space)
+
+    def counts_by_version(self) -> dict[str, int]:
+        """Embeddings per version that made them (all spaces)."""
+        self._check_open()
+        with self.engine.connect() as conn:
+            return store.counts_by(conn, "version")
+
+    def counts_by_space(self) -> dict[str, int]:
+        """Embeddings per space (spaces without any are absent)."""
+        self._check_open()
+        with self.engine.connect() as conn:
+            return store.counts_by(conn, "space")
+
+    def consistency(self, space: str) -> tuple[int, int]:
+        """``(faiss_count, sql_count)`` of a space: live vectors in FAISS vs embedding rows in SQL."""
+        self._check_open()
+        sidx = self._space_index(space)
+        with self._mutex:
+            return sidx.live_count, self.count(space)
+
+    def index_info(self, space: str) -> dict[str, Any]:
+        """Diagnostics of a space's index: factory, built factory, ntotal, tombstones, staging."""
+        sidx = self._space_index(space)
+        return {
+            "space": space, "dim": sidx.dim, "factory": sidx.factory, "built_factory": sidx.built_factory,
+            "ntotal": sidx.ntotal, "live": sidx.live_count, "tombstones": sidx.tombstone_count,
+            "removable": sidx.removable, "staging": sidx.staging,
+            "changes_since_snapshot": sidx.changes_since_snapshot,
+        }
+
+    # ------------------------------------------------------------------ backfill bookkeeping
+    def backfill_progress(self, candidate: str) -> tuple[int, int]:
+        """``(done, total)``: items embedded by ``candidate`` in its space, and all items."""
+        info = self._version(candidate)
+        with self.engine.connect() as conn:
+            return backfill.progress(conn, info)
+
+    def pending_backfill(self, candidate: str, limit: int, after_item_id: int = 0) -> list[tuple[int, str, str | None]]:
+        """Items not yet embedded by ``candidate``: ``(item_id, external_id, source_uri)``, by item id."""
+        info = self._version(candidate)
+        with self.engine.connect() as conn:
+            return backfill.pending_items(conn, info, int(limit), int(after_item_id))
+
+    def create_backfill_job(self, candidate: str, policy: Any = None) -> backfill.BackfillJobInfo:
+        info = self._version(candidate)
+        with self.engine.begin() as conn:
+            return backfill.create_job(conn, info, policy)
+
+    def get_backfill_job(self, job_id: int) -> backfill.BackfillJobInfo:
+        with self.engine.connect() as conn:
+            return backfill.get_job(conn, job_id)
+
+    def list_backfill_jobs(self, candidate: str | None = None) -> list[backfill.BackfillJobInfo]:
+        with self.engine.connect() as conn:
+            return backfill.list_jobs(conn, candidate)
+
+    def update_backfill_job(self, job_id: int, **changes: Any) -> backfill.BackfillJobInfo:
+        """Update ``status``, ``done``, ``total`` and/or ``error`` of a job."""
+        with self.engine.begin() as conn:
+            return backfill.update_job(conn, job_id, **changes)
+
+
+_TMP_RE = re.compile(r"^\..+\.(\d+)\.tmp$")
+
+
+def _remove_stale_temp_files(index_dir: Path) -> None:
+    """Remove temp files left by a snapshot writer that died (its pid no longer runs)."""
+    for p in index_dir.glob(".*.tmp"):
+        m = _TMP_RE.match(p.name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # still running (or pid reused): leave it
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        p.unlink(missing_ok=True)
+

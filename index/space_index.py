@@ -1,0 +1,393 @@
+"""The FAISS index of one embedding space, with its in-memory id lookup and on-disk snapshots.
+
+FAISS ids are ``vec_id``s (see :mod:`index.tables`): every stored vector has its own, a replaced vector
+gets a new one. The index is an ``IndexIDMap2`` around whatever the factory string builds, with inner
+product as the metric; vectors are unit-norm, so scores are cosine similarities.
+
+Deletion: index types that can remove ids (Flat, IVF*) remove them. Types that cannot (HNSW*) keep the
+stale vector in the graph and record its vec_id as a *tombstone*; searches pass a FAISS ``IDSelector``
+that excludes tombstones (``SearchParameters(sel=IDSelectorNot(IDSelectorBatch(tombstones)))``), so FAISS
+itself skips them while walking the graph and still returns up to ``k`` live results. The id -> item lookup
+drops the entry at once as well, so a tombstoned id could never be reported even if FAISS returned it.
+When tombstones exceed ``tombstone_fraction`` of the index, the owner rebuilds it from SQL
+(:meth:`needs_rebuild`).
+
+Trainable factories (``IVF...``) cannot hold vectors before training. Until the space holds ``min_train``
+vectors, the space is served by an exact ``Flat`` *staging* index; when it reaches ``min_train`` the
+owner rebuilds it with the real factory, trained on the stored vectors (:meth:`needs_rebuild`).
+
+Thread-safety: ``lock`` is a readers-writer lock. :meth:`search` takes it shared; :meth:`apply` and
+:meth:`swap` take it exclusively and change the index and the lookup together, so a reader never sees
+one without the other. Rebuilding is done on a separate index off to the side and swapped in by reference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from .rwlock import RWLock
+from .types import Hit
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_FORMAT = 1
+STAGING_FACTORY = "Flat"
+
+# (item_id, external_id, embedded_by version)
+Entry = tuple[int, str, str]
+
+_IDMAP_PREFIX = re.compile(r"^\s*IDMap2?\s*,\s*", re.IGNORECASE)
+
+
+def normalize_factory(factory: str) -> str:
+    """Strip an ``IDMap``/``IDMap2`` prefix (the gallery always adds its own IDMap2) and blanks."""
+    if not isinstance(factory, str) or not factory.strip():
+        raise ValueError(f"index factory must be a non-empty FAISS factory string, not {factory!r}")
+    return _IDMAP_PREFIX.sub("", factory).strip()
+
+
+def _default_params(inner: faiss.Index) -> str:
+    """Search parameters used when none are given: FAISS defaults are tuned for speed, not recall."""
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        return f"nprobe={min(ivf.nlist, 16)}"
+    if hasattr(faiss.downcast_index(inner), "hnsw"):
+        return "efSearch=64"
+    return ""
+
+
+def make_faiss_index(factory: str, dim: int, params: str | None = None) -> faiss.IndexIDMap2:
+    """``IndexIDMap2`` over ``faiss.index_factory(dim, factory, inner product)``, search params applied.
+
+    ``params`` uses FAISS ``ParameterSpace`` syntax (``"nprobe=16"``, ``"efSearch=128"``); None picks
+    :func:`_default_params`, ``""`` keeps FAISS's defaults.
+    """
+    inner = faiss.index_factory(dim, normalize_factory(factory), faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexIDMap2(inner)
+    set_params(index, _default_params(inner) if params is None else params)
+    return index
+
+
+def set_params(index: faiss.Index, params: str) -> None:
+    if params:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+
+
+def default_min_train(index: faiss.Index) -> int:
+    """Vectors needed before a trainable index is trained: 39 per IVF list (FAISS's own warning level)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return max(39 * int(ivf.nlist), 1)
+    return 10_000
+
+
+def _can_remove(index: faiss.Index) -> bool:
+    try:
+        index.remove_ids(np.empty(0, dtype=np.int64))
+        return True
+    except RuntimeError:  # FAISS raises "not implemented" for e.g. HNSW
+        return False
+
+
+def _search_params(index: faiss.IndexIDMap2, sel: faiss.IDSelector) -> faiss.SearchParameters:
+    """Per-call search parameters carrying ``sel`` and the index's own tuning.
+
+    A fresh object per call on purpose: ``IndexIDMap2.search`` temporarily rewrites ``params.sel`` in
+    place (const_cast) to translate ids, so one params object shared by concurrent searches would race.
+    """
+    inner = faiss.downcast_index(index.index)
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        return faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe)
+    if hasattr(inner, "hnsw"):
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=inner.hnsw.efSearch)
+    return faiss.SearchParameters(sel=sel)
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """The JSON sidecar of a snapshot. ``watermark`` is the largest vec_id in the snapshot (0 if empty)."""
+
+    space: str
+    factory: str
+    built_factory: str
+    dim: int
+    ntotal: int
+    watermark: int
+    format: int = SNAPSHOT_FORMAT
+    created_at: float = 0.0
+
+
+class SpaceIndex:
+    """FAISS index + vec_id lookup + tombstones of one space. See the module docstring."""
+
+    def __init__(
+        self,
+        space: str,
+        dim: int,
+        factory: str = "Flat",
+        *,
+        params: str | None = None,
+        min_train: int | None = None,
+        tombstone_fraction: float = 0.2,
+    ) -> None:
+        self.space = space
+        self.dim = int(dim)
+        self.factory = normalize_factory(factory)
+        self.params = params
+        self.tombstone_fraction = float(tombstone_fraction)
+        self.lock = RWLock()
+        probe = make_faiss_index(self.factory, self.dim, params)
+        self.trainable = not probe.is_trained
+        self.min_train = int(min_train) if min_train is not None else default_min_train(probe)
+        self.removable = _can_remove(probe)
+        self._index: faiss.IndexIDMap2 = self.empty_index(trained=False)
+        self._entries: dict[int, Entry] = {}
+        self._tombstones: set[int] = set()
+        self._selector: tuple[faiss.IDSelector, faiss.IDSelector] | None = None
+        self.changes_since_snapshot = 0
+
+    # ----------------------------------------------------------------- building
+    def empty_index(self, trained: bool) -> faiss.IndexIDMap2:
+        """A new empty index: the real factory, or the Flat staging index while untrained."""
+        if self.trainable and not trained:
+            return make_faiss_index(STAGING_FACTORY, self.dim, "")
+        return make_faiss_index(self.factory, self.dim, self.params)
+
+    @property
+    def staging(self) -> bool:
+        """True while a trainable factory is served by the exact staging index."""
+        return self.trainable and self.built_factory == STAGING_FACTORY
+
+    @property
+    def built_factory(self) -> str:
+        inner = faiss.downcast_index(self._index.index)
+        if self.trainable and isinstance(inner, faiss.IndexFlat):
+            return STAGING_FACTORY
+        return self.factory
+
+    def build(self, chunks: Iterable[tuple[np.ndarray, np.ndarray]], train: np.ndarray | None) -> faiss.IndexIDMap2:
+        """Build a new index (not installed) from ``(vec_ids (n,), vectors (n, d))`` chunks.
+
+        ``train`` (m, d) trains a trainable factory; None (or a trainable factory with too few training
+        vectors) builds the staging index.
+        """
+        trained = train is not None and len(train) >= self.min_train
+        index = self.empty_index(trained=trained)
+        if self.trainable and trained:
+            t0 = time.perf_counter()
+            index.train(np.ascontiguousarray(train, dtype=np.float32))
+            log.info("space %r: trained %s on %d vectors in %.2fs", self.space, self.factory, len(train),
+                     time.perf_counter() - t0)
+        for ids, vecs in chunks:
+            if len(ids):
+                index.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), ids.astype(np.int64, copy=False))
+        return index
+
+    def swap(self, index: faiss.IndexIDMap2, entries: dict[int, Entry], tombstones: Iterable[int] = ()) -> None:
+        """Install a built index and its lookup atomically (for readers)."""
+        tomb = set(tombstones)
+        selector = self._make_selector(tomb)
+        with self.lock.write():
+            self._index, self._entries, self._tombstones, self._selector = index, entries, tomb, selector
+
+    # ----------------------------------------------------------------- mutation
+    def apply(
+        self,
+        remove: np.ndarray | None = None,
+        add_ids: np.ndarray | None = None,
+        add_vectors: np.ndarray | None = None,
+        add_entries: list[Entry] | None = None,
+    ) -> None:
+        """Remove vec_ids, then add ``(add_ids (n,), add_vectors (n, d), add_entries)``, as one step for readers.
+
+        Removing an id the index does not hold is a no-op.
+        """
+        with self.lock.write():
+            if remove is not None and len(remove):
+                rm = np.asarray(remove, dtype=np.int64)
+                # every live id is in ``_entries``; an id absent there is not (live) in the index
+                live = [vid for vid in rm.tolist() if self._entries.pop(vid, None) is not None]
+                if live and self.removable:
+                    self._index.remove_ids(faiss.IDSelectorBatch(np.asarray(live, dtype=np.int64)))
+                elif live:
+                    self._tombstones.update(live)
+                    self._selector = self._make_selector(self._tombstones)
+                self.changes_since_snapshot += len(rm)
+            if add_ids is not None and len(add_ids):
+                assert add_vectors is not None and add_entries is not None
+                self._index.add_with_ids(add_vectors, np.asarray(add_ids, dtype=np.int64))
+                for vid, entry in zip(add_ids.tolist(), add_entries, strict=True):
+                    self._entries[vid] = entry
+                self.changes_since_snapshot += len(add_ids)
+
+    def _make_selector(self, tombstones: set[int]) -> tuple[faiss.IDSelector, faiss.IDSelector] | None:
+        if not tombstones:
+            return None
+        batch = faiss.IDSelectorBatch(np.fromiter(tombstones, dtype=np.int64, count=len(tombstones)))
+        # keep ``batch`` referenced: IDSelectorNot does not own it
+        return faiss.IDSelectorNot(batch), batch
+
+    def needs_rebuild(self) -> str | None:
+        """Why the index should be rebuilt from SQL now (a message), or None."""
+        if self.staging and len(self._entries) >= self.min_train:
+            return f"{len(self._entries)} vectors reached min_train={self.min_train}: training {self.factory}"
+        n = self._index.ntotal
+        if self._tombstones and len(self._tombstones) > self.tombstone_fraction * n:
+            return f"{len(self._tombstones)} tombstones of {n} vectors exceed {self.tombstone_fraction:.0%}"
+        return None
+
+    # ----------------------------------------------------------------- reading
+    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        """Top-``k`` live hits for each row of ``queries`` (n, d) float32 unit rows, best first.
+
+        Fewer than ``k`` hits when the space holds fewer live vectors.
+        """
+        n = len(queries)
+        with self.lock.read():
+            index, entries, selector = self._index, self._entries, self._selector
+            kk = min(k, len(entries))
+            if kk == 0 or n == 0:
+                return [[] for _ in range(n)]
+            if selector is None:
+                scores, labels = index.search(queries, kk)
+            else:
+                scores, labels = index.search(queries, kk, params=_search_params(index, selector[0]))
+            out: list[list[Hit]] = []
+            get = entries.get
+            for srow, lrow in zip(scores.tolist(), labels.tolist(), strict=True):
+                hits = []
+                for s, vid in zip(srow, lrow, strict=True):
+                    e = get(vid) if vid >= 0 else None
+                    if e is not None:
+                        hits.append(Hit(e[1], s, e[2], e[0]))
+                out.append(hits)
+            return out
+
+    def index_ids(self) -> np.ndarray:
+        """Every vec_id physically in the FAISS index (tombstones included), int64 (ntotal,)."""
+        with self.lock.read():
+            return faiss.vector_to_array(self._index.id_map).astype(np.int64, copy=True)
+
+    @property
+    def live_count(self) -> int:
+        """Vectors that searches can return (FAISS ntotal minus tombstones)."""
+        return self._index.ntotal - len(self._tombstones)
+
+    @property
+    def ntotal(self) -> int:
+        return self._index.ntotal
+
+    @property
+    def tombstone_count(self) -> int:
+        return len(self._tombstones)
+
+    @property
+    def entries(self) -> dict[int, Entry]:
+        return self._entries
+
+    @property
+    def faiss_index(self) -> faiss.IndexIDMap2:
+        return self._index
+
+    # ----------------------------------------------------------------- snapshots
+    @staticmethod
+    def paths(index_dir: Path, space: str) -> tuple[Path, Path]:
+        """``(<index_dir>/<space>.faiss, <index_dir>/<space>.json)``; ``space`` is a validated name."""
+        return index_dir / f"{space}.faiss", index_dir / f"{space}.json"
+
+    def save(self, index_dir: Path) -> SnapshotInfo:
+        """Write a snapshot atomically: temp file, fsync, ``os.replace``, then the JSON sidecar likewise.
+
+        The caller must exclude mutations (the gallery holds its mutation mutex); searches continue.
+        A crash between the two replaces leaves a new index with an old sidecar: harmless, because
+        :func:`index.reconcile` trusts the ids inside the index, not the sidecar's counts.
+        """
+        index_dir.mkdir(parents=True, exist_ok=True)
+        faiss_path, meta_path = self.paths(index_dir, self.space)
+        with self.lock.read():
+            ids = faiss.vector_to_array(self._index.id_map)
+            info = SnapshotInfo(
+                space=self.space,
+                factory=self.factory,
+                built_factory=self.built_factory,
+                dim=self.dim,
+                ntotal=int(self._index.ntotal),
+                watermark=int(ids.max()) if len(ids) else 0,
+                created_at=time.time(),
+            )
+            tmp = faiss_path.with_name(f".{faiss_path.name}.{os.getpid()}.tmp")
+            faiss.write_index(self._index, str(tmp))
+        _fsync_file(tmp)
+        os.replace(tmp, faiss_path)
+        _write_atomic(meta_path, json.dumps(info.__dict__, indent=1).encode())
+        _fsync_dir(index_dir)
+        self.changes_since_snapshot = 0
+        return info
+
+    def load_snapshot(self, index_dir: Path) -> tuple[faiss.IndexIDMap2, SnapshotInfo] | None:
+        """Read this space's snapshot if it exists and matches (dim, factory, format), else None."""
+        faiss_path, meta_path = self.paths(index_dir, self.space)
+        if not faiss_path.exists() or not meta_path.exists():
+            return None
+        try:
+            raw: dict[str, Any] = json.loads(meta_path.read_text())
+            info = SnapshotInfo(**raw)
+        except (OSError, ValueError, TypeError) as e:
+            log.warning("space %r: unreadable snapshot sidecar %s (%s); rebuilding from SQL", self.space, meta_path, e)
+            return None
+        if info.format != SNAPSHOT_FORMAT or info.dim != self.dim or info.factory != self.factory:
+            log.info("space %r: snapshot is for factory %r dim %d (format %d), want %r dim %d; rebuilding",
+                     self.space, info.factory, info.dim, info.format, self.factory, self.dim)
+            return None
+        try:
+            index = faiss.read_index(str(faiss_path))
+        except RuntimeError as e:
+            log.warning("space %r: unreadable snapshot %s (%s); rebuilding from SQL", self.space, faiss_path, e)
+            return None
+        if not isinstance(index, faiss.IndexIDMap2) or index.d != self.dim:
+            log.warning("space %r: snapshot %s is not an IDMap2 of dim %d; rebuilding", self.space, faiss_path, self.dim)
+            return None
+        inner = faiss.downcast_index(index.index)
+        is_staging = self.trainable and isinstance(inner, faiss.IndexFlat)
+        set_params(index, "" if is_staging else (_default_params(inner) if self.params is None else self.params))
+        return index, info
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported everywhere (Windows)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,153 @@
+"""SQL tables of the gallery (SQLAlchemy 2 declarative models).
+
+Portable types only (they run unchanged on SQLite and PostgreSQL): JSON via ``sqlalchemy.JSON``, vectors
+via ``LargeBinary`` (float32, little-endian, L2-normalised), timestamps timezone-aware.
+
+Layout, and why:
+- ``model_versions``: one row per registered model version, with the space it writes into.
+- ``items``: the external objects (id, metadata, where the raw item lives for later re-embedding).
+- ``embeddings``: one row per (item, space). Kept apart from ``items`` so that an item can be backfilled into
+  a new space while its old-space embedding keeps serving until the switch. ``vec_id`` is the FAISS id: every
+  write of a vector takes a fresh one from ``counters``, so a FAISS index can be reconciled with SQL by
+  comparing id sets, and a replaced vector can never be confused with its predecessor.
+- ``counters``: monotonically increasing counters, incremented with UPDATE inside the writing transaction
+  (portable, and it serialises writers: the row lock on PostgreSQL, the write lock on SQLite), so the
+  order of ``vec_id`` is the commit order.
+- ``settings``: key/value (the active version lives under ``active_version``).
+- ``backfill_jobs``: one row per backfill of the gallery into a candidate version. Per-item progress is the
+  embeddings row itself: (item, candidate's space) with ``version == candidate`` means done.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    insert,
+    select,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-increments an ``INTEGER PRIMARY KEY``; BIGINT elsewhere.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+VEC_ID_COUNTER = "vec_id"
+ACTIVE_VERSION_KEY = "active_version"
+
+NAME_LEN = 128  # versions, spaces
+EXTERNAL_ID_LEN = 512
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+
+    version: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+    space: Mapped[str] = mapped_column(String(NAME_LEN), index=True)
+    compatible_with: Mapped[str | None] = mapped_column(String(NAME_LEN), nullable=True)
+    embedding_dim: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(32), default="registered")
+    card: Mapped[dict[str, Any]] = mapped_column(JSON(none_as_null=True), default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Item(Base):
+    __tablename__ = "items"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    external_id: Mapped[str] = mapped_column(String(EXTERNAL_ID_LEN), unique=True)
+    # ``metadata`` is reserved on declarative classes; the column keeps the plain name.
+    meta: Mapped[Any | None] = mapped_column("metadata", JSON(none_as_null=True), nullable=True)
+    source_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Embedding(Base):
+    __tablename__ = "embeddings"
+    __table_args__ = (
+        UniqueConstraint("item_id", "space", name="uq_embeddings_item_space"),
+        # reconcile scans a space in vec_id order; counts group by version
+        Index("ix_embeddings_space_vec_id", "space", "vec_id"),
+        Index("ix_embeddings_version", "version"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    space: Mapped[str] = mapped_column(String(NAME_LEN))
+    version: Mapped[str] = mapped_column(ForeignKey("model_versions.version"))
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    vec_id: Mapped[int] = mapped_column(BigInteger, unique=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Counter(Base):
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Setting(Base):
+    __tablename__ = "settings"
+
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    value: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class BackfillJob(Base):
+    __tablename__ = "backfill_jobs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    candidate: Mapped[str] = mapped_column(ForeignKey("model_versions.version"), index=True)
+    space: Mapped[str] = mapped_column(String(NAME_LEN))
+    # pending / running / paused / cancelled / done / failed
+    status: Mapped[str] = mapped_column(String(32), default="pending")
+    policy: Mapped[Any | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    total: Mapped[int] = mapped_column(BigInteger, default=0)
+    done: Mapped[int] = mapped_column(BigInteger, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def create_schema(engine: Engine) -> None:
+    """Create missing tables and seed the counter and settings rows. Idempotent.
+
+    The one place that creates the schema, so that an Alembic migration can take it over later.
+    """
+    Base.metadata.create_all(engine)
+    try:
+        with engine.begin() as conn:
+            if conn.execute(select(Counter.name).where(Counter.name == VEC_ID_COUNTER)).first() is None:
+                conn.execute(insert(Counter).values(name=VEC_ID_COUNTER, value=0))
+            if conn.execute(select(Setting.key).where(Setting.key == ACTIVE_VERSION_KEY)).first() is None:
+                conn.execute(insert(Setting).values(key=ACTIVE_VERSION_KEY, value=None))
+    except IntegrityError:
+        pass  # another process seeded them between our SELECT and INSERT
+
+
+def drop_schema(engine: Engine) -> None:
+    """Drop every gallery table (tests only)."""
+    Base.metadata.drop_all(engine)

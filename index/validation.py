@@ -1,0 +1,122 @@
+"""Input checks shared by the gallery's entry points. Each raises a typed error and touches nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import DimensionMismatch, DuplicateIds, InvalidEmbedding, InvalidInput
+from .tables import EXTERNAL_ID_LEN, NAME_LEN
+
+# Space names end up in file names (``<data_dir>/index/<space>.faiss``): letters, digits, ``._-``, starting
+# with a letter or digit, so no separator, no ``..``, no hidden file can be formed.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_name(name: object, what: str) -> str:
+    """Validate a version or space name (also safe as a file name)."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or len(name) > NAME_LEN:
+        raise InvalidInput(
+            f"{what} name {name!r} is invalid: use 1-{NAME_LEN} letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_external_ids(ids: Sequence[object]) -> list[str]:
+    """Validate external ids and refuse repeats inside the batch."""
+    out: list[str] = []
+    for eid in ids:
+        if not isinstance(eid, str) or not eid or len(eid) > EXTERNAL_ID_LEN:
+            raise InvalidInput(f"external id {eid!r} is invalid: expected a non-empty str of <= {EXTERNAL_ID_LEN} chars")
+        out.append(eid)
+    repeats = [eid for eid, n in Counter(out).items() if n > 1]
+    if repeats:
+        raise DuplicateIds(repeats, "inside one batch")
+    return out
+
+
+def check_metadata(meta: Any, external_id: str) -> None:
+    """Metadata must be strict JSON (no NaN: PostgreSQL's json type refuses it)."""
+    if meta is None:
+        return
+    try:
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidInput(f"metadata of {external_id!r} is not JSON-serialisable: {e}") from None
+
+
+def check_k(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise InvalidInput(f"k must be an integer >= 1, not {k!r}")
+    return int(k)
+
+
+def as_unit_vectors(
+    x: Any, dim: int, space: str, what: str = "embedding", labels: Sequence[str] | None = None
+) -> np.ndarray:
+    """Return ``x`` as C-contiguous float32 rows of unit L2 norm, shape (n, dim).
+
+    Accepts any floating dtype (float16/32/64) of shape (n, dim), or (dim,) for one vector. Normalising on
+    input (rather than refusing non-unit vectors) lets callers pass raw model outputs; the stored vectors,
+    and the scores, are then cosine similarities. Refuses, with :class:`InvalidEmbedding`: non-float data,
+    NaN/inf, all-zero vectors, bad shapes; with :class:`DimensionMismatch`: a wrong length. ``labels`` name
+    the rows in messages (external ids).
+    """
+
+    def row(i: int) -> str:
+        return f"{what} of {labels[i]!r}" if labels is not None else f"{what} row {i}"
+
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError) as e:  # ragged lists
+        raise InvalidEmbedding(f"{what} is not a numeric array: {e}") from None
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise InvalidEmbedding(f"{what} must be floating point, not dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise InvalidEmbedding(f"{what} must have shape (n, {dim}) or ({dim},), not {np.shape(x)}")
+    if arr.shape[1] != dim:
+        raise DimensionMismatch(arr.shape[1], space, dim, what)
+    if arr.shape[0] == 0:
+        return np.empty((0, dim), dtype=np.float32)
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():
+        raise InvalidEmbedding(f"{row(int(np.argmin(finite)))} contains NaN or inf")
+    # float64 norms: squares of large float32 values would overflow to inf
+    arr64 = arr.astype(np.float64, copy=False)
+    norms = np.linalg.norm(arr64, axis=1)
+    bad = norms <= 1e-30
+    if bad.any():
+        raise InvalidEmbedding(f"{row(int(np.argmax(bad)))} has zero norm and cannot be normalised")
+    return np.ascontiguousarray(arr64 / norms[:, None], dtype=np.float32)
+
+
+def vectors_of(items: Sequence[Any], dim: int, space: str) -> np.ndarray:
+    """Stack the items' vectors (each shape (dim,)) into unit float32 rows, shape (n, dim).
+
+    Shape and dtype are checked per item (to name it); values are checked on the stacked batch.
+    """
+    arrs = []
+    for it in items:
+        what = f"embedding of {it.external_id!r}"
+        try:
+            a = np.asarray(it.vector)
+        except (TypeError, ValueError) as e:
+            raise InvalidEmbedding(f"{what} is not a numeric array: {e}") from None
+        if not np.issubdtype(a.dtype, np.floating):
+            raise InvalidEmbedding(f"{what} must be floating point, not dtype {a.dtype}")
+        if a.ndim != 1:
+            raise InvalidEmbedding(f"{what} must have shape ({dim},), not {a.shape}")
+        if a.shape[0] != dim:
+            raise DimensionMismatch(a.shape[0], space, dim, what)
+        arrs.append(a)
+    if not arrs:
+        return np.empty((0, dim), dtype=np.float32)
+    return as_unit_vectors(np.stack(arrs), dim, space, labels=[it.external_id for it in items])
