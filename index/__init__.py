@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .db import default_database_url, make_engine
     from .gallery import Gallery
     from .reconcile import ReconcileReport
-    from .space_index import SnapshotInfo
+    from .snapshot import SnapshotInfo
     from .store import ItemRecord
     from .tables import create_schema
     from .types import Hit, NewItem, VersionInfo
@@ -46,7 +46,7 @@ _LAZY = {
     "ItemRecord": "store",
     "BackfillJobInfo": "backfill",
     "ReconcileReport": "reconcile",
-    "SnapshotInfo": "space_index",
+    "SnapshotInfo": "snapshot",
     "create_schema": "tables",
     "make_engine": "db",
     "default_database_url": "db",

@@ -38,7 +38,8 @@ from .errors import (
     VersionConflict,
 )
 from .reconcile import ReconcileReport, reconcile
-from .space_index import SnapshotInfo, SpaceIndex
+from .snapshot import SnapshotInfo
+from .space_index import SpaceIndex
 from .tables import create_schema
 from .types import Hit, NewItem, VersionInfo
 from .validation import as_unit_vectors, check_external_ids, check_k, check_metadata, vectors_of
@@ -103,7 +104,7 @@ class Gallery:
         - ``snapshot_every``: write a space's snapshot after this many vector changes (None: only on
           :meth:`snapshot` and :meth:`close`). Snapshots only make reopening faster; SQL is the truth.
         - ``index_params``: FAISS ParameterSpace string, e.g. "efSearch=128" or "nprobe=32" (None: nprobe=16
-          for IVF, efSearch=64 for HNSW).
+          for IVF, efSearch=128 for HNSW).
         - ``min_train``: vectors needed before a trainable (IVF) index is trained; until then the space is
           served by an exact Flat index. None: 39 x nlist.
         - ``tombstone_fraction``: rebuild an index that cannot remove ids (HNSW) when this share is stale.

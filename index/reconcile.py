@@ -1,12 +1,19 @@
 """Bring a space's FAISS index in line with SQL: snapshot load + replay, or rebuild from scratch.
 
 After :func:`reconcile` the index holds exactly the space's current vec_ids in SQL (index == DB):
-- ids in SQL but not in the index (written after the snapshot) are added; their vectors are read only
-  for ``vec_id >`` the snapshot's largest id, in the same statement that lists the space;
-- ids in the index but not in SQL (superseded by a re-embed, or deleted) are removed, or tombstoned
-  where the index type cannot remove;
-- with no usable snapshot, the index is built from SQL in chunks (trainable factories are trained first
-  on the space's first vectors, or served by the Flat staging index while there are too few).
+
+- ids in SQL but not in the snapshot are added. vec_ids are allocated in commit order and a snapshot is
+  taken with every commit up to its watermark applied, so these are the rows above the watermark: one
+  range query reads them (vectors included).
+- ids in the snapshot but no longer in SQL (superseded by a re-embed, or deleted) are dropped: removed,
+  or tombstoned where the index type cannot remove. SQL can only have *lost* ids at or below the
+  watermark, so when its count of them equals the snapshot's, the two sets are equal and nothing needs
+  listing; otherwise the ids are listed (an index-only scan) and compared. Ids at or below the watermark
+  that SQL has and the snapshot lacks (only possible if another process wrote to the database) are
+  fetched and added too, so the result is exact either way.
+- when the snapshot has no usable id lookup, the whole space is listed from SQL (vectors only above the
+  watermark); with no usable snapshot at all, the index is built from SQL in chunks (a trainable factory
+  is first trained on the space's first vectors, or served by the Flat staging index while too few).
 """
 
 from __future__ import annotations
@@ -18,10 +25,11 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from . import store
-from .space_index import Entry, SpaceIndex
+from .snapshot import EntryArrays
+from .space_index import Entry, SpaceIndex, can_remove
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,21 @@ class ReconcileReport:
     seconds: float
 
 
+def _not_in(a: np.ndarray, sorted_b: np.ndarray) -> np.ndarray:
+    """Elements of ``a`` absent from the sorted array ``sorted_b``."""
+    if len(sorted_b) == 0:
+        return a
+    pos = np.searchsorted(sorted_b, a).clip(max=len(sorted_b) - 1)
+    return a[sorted_b[pos] != a]
+
+
+def _add(index: faiss.IndexIDMap2, entries: dict[int, Entry], chunk: store.ScanChunk) -> int:
+    entries.update(chunk.entries())
+    if len(chunk.vector_ids):
+        index.add_with_ids(chunk.vectors, chunk.vector_ids)
+    return len(chunk.vector_ids)
+
+
 def reconcile(engine: Engine, sidx: SpaceIndex, index_dir: Path | None) -> ReconcileReport:
     """Make ``sidx`` equal to SQL, starting from its snapshot under ``index_dir`` when usable.
 
@@ -49,53 +72,36 @@ def reconcile(engine: Engine, sidx: SpaceIndex, index_dir: Path | None) -> Recon
     t0 = time.perf_counter()
     loaded = sidx.load_snapshot(index_dir) if index_dir is not None else None
     with engine.connect() as conn:
-        n_sql = store.space_count(conn, sidx.space)
-        index: faiss.IndexIDMap2 | None = loaded[0] if loaded else None
-        index_is_staging = index is not None and sidx.trainable and isinstance(
-            faiss.downcast_index(index.index), faiss.IndexFlat
-        )
-        if sidx.trainable and (index is None or index_is_staging) and n_sql >= sidx.min_train:
-            # enough data to train the real index: train it now; the staging snapshot is of no use
-            n_train = min(max(sidx.min_train, TRAIN_FACTOR * sidx.min_train), TRAIN_MAX, n_sql)
-            index = sidx.build(iter(()), store.training_sample(conn, sidx.space, n_train, sidx.dim))
-            loaded = None
-        elif index is None:
+        index = loaded.index if loaded else None
+        if sidx.trainable and (index is None or isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)):
+            n_sql = store.space_count(conn, sidx.space)
+            if n_sql >= sidx.min_train:
+                # enough data to train the real index now; a staging snapshot is of no use then
+                n_train = min(TRAIN_FACTOR * sidx.min_train, TRAIN_MAX, n_sql)
+                index = sidx.build(iter(()), store.training_sample(conn, sidx.space, n_train, sidx.dim))
+                loaded = None
+        if index is None:
             index = sidx.empty_index(trained=False)
-
         snap_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-        snap_sorted = np.sort(snap_ids)
-        watermark = int(snap_sorted[-1]) if len(snap_sorted) else 0
-        entries: dict[int, Entry] = {}
-        replayed = 0
-        missing_below: list[int] = []
-        for rows, ids, vecs in store.scan_space(conn, sidx.space, watermark, sidx.dim):
-            for vid, iid, eid, ver in rows:
-                entries[vid] = (iid, eid, ver)
-            if len(snap_sorted):
-                # rows at or below the watermark that the snapshot lacks (another process wrote them)
-                low = np.fromiter((r[0] for r in rows if r[0] <= watermark), dtype=np.int64)
-                if len(low):
-                    pos = np.searchsorted(snap_sorted, low).clip(max=len(snap_sorted) - 1)
-                    missing_below += low[snap_sorted[pos] != low].tolist()
-            if len(ids):
-                index.add_with_ids(vecs, ids)
-                replayed += len(ids)
-        if missing_below:
-            ids, vecs = store.vectors_by_vec_id(conn, missing_below, sidx.dim)
-            index.add_with_ids(vecs, ids)
-            replayed += len(ids)
+        watermark = int(snap_ids.max()) if len(snap_ids) else 0
+        if loaded is not None and loaded.entries is not None:
+            entries, replayed = _from_lookup(conn, sidx, index, loaded.entries, watermark)
+        else:
+            entries, replayed = _from_listing(conn, sidx, index, np.sort(snap_ids), watermark)
 
-    stale = snap_ids[~np.isin(snap_ids, np.fromiter(entries.keys(), dtype=np.int64, count=len(entries)))]
+    live = np.fromiter(entries.keys(), dtype=np.int64, count=len(entries))
+    live.sort()
+    stale = _not_in(snap_ids, live)
     tombstones: list[int] = []
     if len(stale):
-        if sidx.removable:
+        if can_remove(index):
             index.remove_ids(faiss.IDSelectorBatch(stale))
         else:
             tombstones = stale.tolist()
     if index.ntotal - len(tombstones) != len(entries):
         # a row listed but whose vector vanished before we read it (a concurrent writer in another
         # process): keep the lookup to what the index really holds
-        present = set(faiss.vector_to_array(index.id_map).tolist())
+        present = set(faiss.vector_to_array(index.id_map).tolist()) - set(tombstones)
         entries = {k: v for k, v in entries.items() if k in present}
     sidx.swap(index, entries, tombstones)
     sidx.changes_since_snapshot = replayed + len(stale) if loaded else max(replayed, 1)
@@ -109,3 +115,38 @@ def reconcile(engine: Engine, sidx: SpaceIndex, index_dir: Path | None) -> Recon
     )
     log.info("space %r reconciled: %s", sidx.space, report)
     return report
+
+
+def _from_lookup(
+    conn: Connection, sidx: SpaceIndex, index: faiss.IndexIDMap2, lookup: EntryArrays, watermark: int
+) -> tuple[dict[int, Entry], int]:
+    """Snapshot with its id lookup: count-check the ids at or below the watermark, replay those above."""
+    entries = lookup.to_dict()
+    replayed = 0
+    if store.count_upto(conn, sidx.space, watermark) != len(entries):
+        sql_low = store.vec_ids_upto(conn, sidx.space, watermark)
+        for vid in _not_in(lookup.vec_ids, sql_low).tolist():
+            del entries[vid]  # superseded or deleted since the snapshot
+        missing = _not_in(sql_low, lookup.vec_ids)
+        for chunk in store.rows_by_vec_ids(conn, missing.tolist(), sidx.dim):
+            replayed += _add(index, entries, chunk)
+    for chunk in store.scan_space(conn, sidx.space, sidx.dim, above=watermark):
+        replayed += _add(index, entries, chunk)
+    return entries, replayed
+
+
+def _from_listing(
+    conn: Connection, sidx: SpaceIndex, index: faiss.IndexIDMap2, snap_sorted: np.ndarray, watermark: int
+) -> tuple[dict[int, Entry], int]:
+    """No lookup: list the whole space (vectors only above the watermark) and add what the index lacks."""
+    entries: dict[int, Entry] = {}
+    replayed = 0
+    missing_below: list[int] = []
+    for chunk in store.scan_space(conn, sidx.space, sidx.dim, vectors_above=watermark):
+        replayed += _add(index, entries, chunk)
+        if len(snap_sorted):
+            ids = np.asarray(chunk.vec_ids, dtype=np.int64)
+            missing_below += _not_in(ids[ids <= watermark], snap_sorted).tolist()
+    for chunk in store.rows_by_vec_ids(conn, missing_below, sidx.dim):
+        replayed += _add(index, entries, chunk)
+    return entries, replayed

@@ -4,10 +4,11 @@ FAISS ids are ``vec_id``s (see :mod:`index.tables`): every stored vector has its
 gets a new one. The index is an ``IndexIDMap2`` around whatever the factory string builds, with inner
 product as the metric; vectors are unit-norm, so scores are cosine similarities.
 
-Deletion: index types that can remove ids (Flat, IVF*) remove them. Types that cannot (HNSW*) keep the
-stale vector in the graph and record its vec_id as a *tombstone*; searches pass a FAISS ``IDSelector``
+Deletion: index types that remove ids in place (the flat-codes family: Flat, SQ, PQ) remove them. Types
+that cannot (HNSW*, and IVF* whose removal does not renumber the ids IDMap2 relies on) keep the stale
+vector and record its vec_id as a *tombstone*; searches pass a FAISS ``IDSelector``
 that excludes tombstones (``SearchParameters(sel=IDSelectorNot(IDSelectorBatch(tombstones)))``), so FAISS
-itself skips them while walking the graph and still returns up to ``k`` live results. The id -> item lookup
+itself skips them while walking the graph / scanning the lists and still returns up to ``k`` live results. The id -> item lookup
 drops the entry at once as well, so a tombstoned id could never be reported even if FAISS returned it.
 When tombstones exceed ``tombstone_fraction`` of the index, the owner rebuilds it from SQL
 (:meth:`needs_rebuild`).
@@ -23,29 +24,23 @@ one without the other. Rebuilding is done on a separate index off to the side an
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
 
+from . import snapshot
 from .rwlock import RWLock
+from .snapshot import Entry
 from .types import Hit
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_FORMAT = 1
 STAGING_FACTORY = "Flat"
-
-# (item_id, external_id, embedded_by version)
-Entry = tuple[int, str, str]
 
 _IDMAP_PREFIX = re.compile(r"^\s*IDMap2?\s*,\s*", re.IGNORECASE)
 
@@ -63,7 +58,7 @@ def _default_params(inner: faiss.Index) -> str:
     if ivf is not None:
         return f"nprobe={min(ivf.nlist, 16)}"
     if hasattr(faiss.downcast_index(inner), "hnsw"):
-        return "efSearch=64"
+        return "efSearch=128"
     return ""
 
 
@@ -92,12 +87,15 @@ def default_min_train(index: faiss.Index) -> int:
     return 10_000
 
 
-def _can_remove(index: faiss.Index) -> bool:
-    try:
-        index.remove_ids(np.empty(0, dtype=np.int64))
-        return True
-    except RuntimeError:  # FAISS raises "not implemented" for e.g. HNSW
-        return False
+def can_remove(index: faiss.IndexIDMap2) -> bool:
+    """Whether ``IndexIDMap2.remove_ids`` is correct for this index.
+
+    IDMap2 removes from the inner index and then compacts its id map, which is right only when the inner
+    index compacts its storage in order too: the flat-codes family (Flat, SQ, PQ, LSH). IVF removes
+    without renumbering (the id map would then point at the wrong vectors) and HNSW cannot remove at
+    all; those use tombstones.
+    """
+    return isinstance(faiss.downcast_index(index.index), faiss.IndexFlatCodes)
 
 
 def _search_params(index: faiss.IndexIDMap2, sel: faiss.IDSelector) -> faiss.SearchParameters:
@@ -113,20 +111,6 @@ def _search_params(index: faiss.IndexIDMap2, sel: faiss.IDSelector) -> faiss.Sea
     if hasattr(inner, "hnsw"):
         return faiss.SearchParametersHNSW(sel=sel, efSearch=inner.hnsw.efSearch)
     return faiss.SearchParameters(sel=sel)
-
-
-@dataclass(frozen=True)
-class SnapshotInfo:
-    """The JSON sidecar of a snapshot. ``watermark`` is the largest vec_id in the snapshot (0 if empty)."""
-
-    space: str
-    factory: str
-    built_factory: str
-    dim: int
-    ntotal: int
-    watermark: int
-    format: int = SNAPSHOT_FORMAT
-    created_at: float = 0.0
 
 
 class SpaceIndex:
@@ -151,7 +135,6 @@ class SpaceIndex:
         probe = make_faiss_index(self.factory, self.dim, params)
         self.trainable = not probe.is_trained
         self.min_train = int(min_train) if min_train is not None else default_min_train(probe)
-        self.removable = _can_remove(probe)
         self._index: faiss.IndexIDMap2 = self.empty_index(trained=False)
         self._entries: dict[int, Entry] = {}
         self._tombstones: set[int] = set()
@@ -164,6 +147,11 @@ class SpaceIndex:
         if self.trainable and not trained:
             return make_faiss_index(STAGING_FACTORY, self.dim, "")
         return make_faiss_index(self.factory, self.dim, self.params)
+
+    @property
+    def removable(self) -> bool:
+        """Whether the current index removes ids in place (else deletions are tombstoned)."""
+        return can_remove(self._index)
 
     @property
     def staging(self) -> bool:
@@ -255,7 +243,9 @@ class SpaceIndex:
         Fewer than ``k`` hits when the space holds fewer live vectors.
         """
         n = len(queries)
-        with self.lock.read():
+        lock = self.lock
+        lock.acquire_read()  # (not ``with``: this is the hot path)
+        try:
             index, entries, selector = self._index, self._entries, self._selector
             kk = min(k, len(entries))
             if kk == 0 or n == 0:
@@ -269,11 +259,14 @@ class SpaceIndex:
             for srow, lrow in zip(scores.tolist(), labels.tolist(), strict=True):
                 hits = []
                 for s, vid in zip(srow, lrow, strict=True):
-                    e = get(vid) if vid >= 0 else None
+                    # -1: fewer results than k; a missing entry cannot happen (same lock), but never fail
+                    e = get(vid)
                     if e is not None:
                         hits.append(Hit(e[1], s, e[2], e[0]))
                 out.append(hits)
             return out
+        finally:
+            lock.release_read()
 
     def index_ids(self) -> np.ndarray:
         """Every vec_id physically in the FAISS index (tombstones included), int64 (ntotal,)."""
@@ -302,92 +295,24 @@ class SpaceIndex:
         return self._index
 
     # ----------------------------------------------------------------- snapshots
-    @staticmethod
-    def paths(index_dir: Path, space: str) -> tuple[Path, Path]:
-        """``(<index_dir>/<space>.faiss, <index_dir>/<space>.json)``; ``space`` is a validated name."""
-        return index_dir / f"{space}.faiss", index_dir / f"{space}.json"
-
-    def save(self, index_dir: Path) -> SnapshotInfo:
-        """Write a snapshot atomically: temp file, fsync, ``os.replace``, then the JSON sidecar likewise.
+    def save(self, index_dir: Path) -> snapshot.SnapshotInfo:
+        """Write this space's snapshot (see :mod:`index.snapshot`).
 
         The caller must exclude mutations (the gallery holds its mutation mutex); searches continue.
-        A crash between the two replaces leaves a new index with an old sidecar: harmless, because
-        :func:`index.reconcile` trusts the ids inside the index, not the sidecar's counts.
         """
-        index_dir.mkdir(parents=True, exist_ok=True)
-        faiss_path, meta_path = self.paths(index_dir, self.space)
         with self.lock.read():
-            ids = faiss.vector_to_array(self._index.id_map)
-            info = SnapshotInfo(
-                space=self.space,
-                factory=self.factory,
-                built_factory=self.built_factory,
-                dim=self.dim,
-                ntotal=int(self._index.ntotal),
-                watermark=int(ids.max()) if len(ids) else 0,
-                created_at=time.time(),
+            info = snapshot.new_info(
+                self.space, self.factory, self.built_factory, self.dim, self._index, len(self._entries)
             )
-            tmp = faiss_path.with_name(f".{faiss_path.name}.{os.getpid()}.tmp")
-            faiss.write_index(self._index, str(tmp))
-        _fsync_file(tmp)
-        os.replace(tmp, faiss_path)
-        _write_atomic(meta_path, json.dumps(info.__dict__, indent=1).encode())
-        _fsync_dir(index_dir)
+            snapshot.write(index_dir, self._index, snapshot.EntryArrays.from_dict(self._entries), info)
         self.changes_since_snapshot = 0
         return info
 
-    def load_snapshot(self, index_dir: Path) -> tuple[faiss.IndexIDMap2, SnapshotInfo] | None:
-        """Read this space's snapshot if it exists and matches (dim, factory, format), else None."""
-        faiss_path, meta_path = self.paths(index_dir, self.space)
-        if not faiss_path.exists() or not meta_path.exists():
-            return None
-        try:
-            raw: dict[str, Any] = json.loads(meta_path.read_text())
-            info = SnapshotInfo(**raw)
-        except (OSError, ValueError, TypeError) as e:
-            log.warning("space %r: unreadable snapshot sidecar %s (%s); rebuilding from SQL", self.space, meta_path, e)
-            return None
-        if info.format != SNAPSHOT_FORMAT or info.dim != self.dim or info.factory != self.factory:
-            log.info("space %r: snapshot is for factory %r dim %d (format %d), want %r dim %d; rebuilding",
-                     self.space, info.factory, info.dim, info.format, self.factory, self.dim)
-            return None
-        try:
-            index = faiss.read_index(str(faiss_path))
-        except RuntimeError as e:
-            log.warning("space %r: unreadable snapshot %s (%s); rebuilding from SQL", self.space, faiss_path, e)
-            return None
-        if not isinstance(index, faiss.IndexIDMap2) or index.d != self.dim:
-            log.warning("space %r: snapshot %s is not an IDMap2 of dim %d; rebuilding", self.space, faiss_path, self.dim)
-            return None
-        inner = faiss.downcast_index(index.index)
-        is_staging = self.trainable and isinstance(inner, faiss.IndexFlat)
-        set_params(index, "" if is_staging else (_default_params(inner) if self.params is None else self.params))
-        return index, info
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported everywhere (Windows)
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def load_snapshot(self, index_dir: Path) -> snapshot.Loaded | None:
+        """Read this space's snapshot if it matches (dim, factory), with search parameters applied."""
+        loaded = snapshot.read(index_dir, self.space, self.dim, self.factory)
+        if loaded is not None:
+            inner = faiss.downcast_index(loaded.index.index)
+            is_staging = self.trainable and isinstance(inner, faiss.IndexFlat)
+            set_params(loaded.index, "" if is_staging else (_default_params(inner) if self.params is None else self.params))
+        return loaded

@@ -8,7 +8,6 @@ write lock (SQLite), so concurrent writers are serialised and vec_id order equal
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,7 +17,7 @@ import numpy as np
 from sqlalchemy import Connection, bindparam, case, delete, func, select, update
 
 from .errors import DuplicateIds, ItemNotFound
-from .tables import VEC_ID_COUNTER, Counter, Embedding, Item, utcnow
+from .tables import VEC_ID_COUNTER, Counter, Embedding, Item
 
 # Portable bound on IN-list sizes (old SQLite builds allow 999 parameters per statement).
 IN_CHUNK = 500
@@ -96,7 +95,7 @@ def write_embeddings(
     Raises before any row is written, but the caller must roll back anyway (the counter moved).
     """
     n = len(external_ids)
-    now = utcnow()
+    now = func.now()  # an SQL expression: no per-row parameter
     first = allocate_vec_ids(conn, n)  # first statement: takes the writer lock
     vec_ids = np.arange(first, first + n, dtype=np.int64)
     existing = find_items(conn, external_ids)
@@ -110,7 +109,7 @@ def write_embeddings(
     metadata = metadata if metadata is not None else [None] * n
     source_uris = source_uris if source_uris is not None else [None] * n
     new_rows = [
-        {"external_id": e, "metadata": m, "source_uri": u, "created_at": now, "updated_at": now}
+        {"external_id": e, "metadata": m, "source_uri": u}
         for e, m, u in zip(external_ids, metadata, source_uris, strict=True)
         if e not in existing
     ]
@@ -122,7 +121,7 @@ def write_embeddings(
 
     if mode == "upsert":
         meta_updates = [
-            {"b_id": existing[e], "b_meta": m, "b_now": now}
+            {"b_id": existing[e], "b_meta": m}
             for e, m in zip(external_ids, metadata, strict=True)
             if e in existing and m is not None
         ]
@@ -130,11 +129,11 @@ def write_embeddings(
             conn.execute(
                 update(items_t)
                 .where(items_t.c.id == bindparam("b_id"))
-                .values(metadata=bindparam("b_meta", type_=items_t.c.metadata.type), updated_at=bindparam("b_now")),
+                .values(metadata=bindparam("b_meta", type_=items_t.c.metadata.type), updated_at=now),
                 meta_updates,
             )
         uri_updates = [
-            {"b_id": existing[e], "b_uri": u, "b_now": now}
+            {"b_id": existing[e], "b_uri": u}
             for e, u in zip(external_ids, source_uris, strict=True)
             if e in existing and u is not None
         ]
@@ -142,7 +141,7 @@ def write_embeddings(
             conn.execute(
                 update(items_t)
                 .where(items_t.c.id == bindparam("b_id"))
-                .values(source_uri=bindparam("b_uri"), updated_at=bindparam("b_now")),
+                .values(source_uri=bindparam("b_uri"), updated_at=now),
                 uri_updates,
             )
 
@@ -152,10 +151,10 @@ def write_embeddings(
     inserts, replaces = [], []
     for iid, vb, vid in zip(ids_per_row, vec_bytes, vec_ids.tolist(), strict=True):
         if iid in old:
-            replaces.append({"b_item": iid, "b_vector": vb, "b_vec_id": vid, "b_version": version, "b_now": now})
+            replaces.append({"b_item": iid, "b_vector": vb, "b_vec_id": vid, "b_version": version})
         else:
             inserts.append(
-                {"item_id": iid, "space": space, "version": version, "vector": vb, "vec_id": vid, "updated_at": now}
+                {"item_id": iid, "space": space, "version": version, "vector": vb, "vec_id": vid}
             )
     if inserts:
         for chunk in _chunks(inserts, 1000):
@@ -168,7 +167,7 @@ def write_embeddings(
                 vector=bindparam("b_vector"),
                 vec_id=bindparam("b_vec_id"),
                 version=bindparam("b_version"),
-                updated_at=bindparam("b_now"),
+                updated_at=now,
             ),
             replaces,
         )
@@ -200,52 +199,84 @@ def delete_items(
     return len(ids), removed
 
 
-_interned: dict[str, str] = {}
+@dataclass
+class ScanChunk:
+    """Rows of a space: ``vec_ids``/``item_ids``/``external_ids``/``versions`` for every row; ``vector_ids``
+    (m,) int64 and ``vectors`` (m, d) float32 for the rows whose vector was read."""
+
+    vec_ids: list[int]
+    item_ids: list[int]
+    external_ids: list[str]
+    versions: list[str]
+    vector_ids: np.ndarray
+    vectors: np.ndarray
+
+    def entries(self) -> dict[int, tuple[int, str, str]]:
+        return dict(zip(self.vec_ids, zip(self.item_ids, self.external_ids, self.versions, strict=True), strict=True))
 
 
-def _intern(s: str) -> str:
-    return _interned.setdefault(s, sys.intern(s))
+def _chunk(rows: Sequence[Any], dim: int, versions: dict[str, str]) -> ScanChunk:
+    vids, iids, eids, vers, blobs = (list(c) for c in zip(*rows, strict=True))
+    vers = list(map(versions.setdefault, vers, vers))  # one str object per version, not per row
+    if all(b is not None for b in blobs):
+        vector_ids = np.asarray(vids, dtype=np.int64)
+        with_vec = blobs
+    else:
+        keep = [i for i, b in enumerate(blobs) if b is not None]
+        vector_ids = np.asarray([vids[i] for i in keep], dtype=np.int64)
+        with_vec = [blobs[i] for i in keep]
+    vecs = np.frombuffer(b"".join(bytes(b) for b in with_vec), dtype="<f4").reshape(len(with_vec), dim)
+    return ScanChunk(vids, iids, eids, vers, vector_ids, vecs)
 
 
 def scan_space(
-    conn: Connection, space: str, vectors_above: int, dim: int, chunk: int = 50_000
-) -> Iterator[tuple[list[tuple[int, int, str, str]], np.ndarray, np.ndarray]]:
-    """Stream a space in vec_id order, in one statement (one consistent snapshot).
+    conn: Connection, space: str, dim: int, *, above: int = 0, vectors_above: int = 0, chunk: int = 50_000
+) -> Iterator[ScanChunk]:
+    """Stream the rows of ``space`` with ``vec_id > above``, in vec_id order, in one statement.
 
-    Yields ``(entries, vec_ids, vectors)`` per chunk: ``entries`` are ``(vec_id, item_id, external_id,
-    version)`` for every row; ``vec_ids`` (m,) int64 and ``vectors`` (m, dim) float32 only for rows with
-    ``vec_id > vectors_above`` (the vectors a snapshot misses), so a reopen reads only what it needs.
+    Vectors are read only for ``vec_id > vectors_above`` (the ones a snapshot misses), so a reopen that
+    must list ids but has most vectors already does not read them.
     """
-    vec = case((emb_t.c.vec_id > vectors_above, emb_t.c.vector), else_=None)
+    vec = emb_t.c.vector if vectors_above <= above else case((emb_t.c.vec_id > vectors_above, emb_t.c.vector))
     stmt = (
         select(emb_t.c.vec_id, emb_t.c.item_id, items_t.c.external_id, emb_t.c.version, vec)
         .join(items_t, items_t.c.id == emb_t.c.item_id)
-        .where(emb_t.c.space == space)
+        .where(emb_t.c.space == space, emb_t.c.vec_id > above)
         .order_by(emb_t.c.vec_id)
     )
-    result = conn.execution_options(yield_per=chunk).execute(stmt)
-    for part in result.partitions():
-        entries = [(int(r[0]), int(r[1]), r[2], _intern(r[3])) for r in part]
-        with_vec = [(r[0], r[4]) for r in part if r[4] is not None]
-        if with_vec:
-            ids = np.fromiter((int(v) for v, _ in with_vec), dtype=np.int64, count=len(with_vec))
-            blob = b"".join(bytes(b) for _, b in with_vec)
-            vecs = np.frombuffer(blob, dtype="<f4").reshape(len(with_vec), dim)
-        else:
-            ids, vecs = np.empty(0, np.int64), np.empty((0, dim), np.float32)
-        yield entries, ids, vecs
+    versions: dict[str, str] = {}
+    for part in conn.execution_options(yield_per=chunk).execute(stmt).partitions():
+        if part:
+            yield _chunk(part, dim, versions)
 
 
-def vectors_by_vec_id(conn: Connection, vec_ids: Sequence[int], dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """The stored vectors of given vec_ids (those still present): ``(vec_ids (m,), vectors (m, dim))``."""
-    got: list[tuple[int, bytes]] = []
-    for chunk in _chunks(list(vec_ids)):
-        got += [(int(v), bytes(b)) for v, b in conn.execute(
-            select(emb_t.c.vec_id, emb_t.c.vector).where(emb_t.c.vec_id.in_(chunk))
-        )]
-    ids = np.array([v for v, _ in got], dtype=np.int64)
-    vecs = np.frombuffer(b"".join(b for _, b in got), dtype="<f4").reshape(len(got), dim)
-    return ids, vecs
+def rows_by_vec_ids(conn: Connection, vec_ids: Sequence[int], dim: int) -> Iterator[ScanChunk]:
+    """Like :func:`scan_space` for given vec_ids (those still present), vectors included."""
+    versions: dict[str, str] = {}
+    for ids in _chunks(list(vec_ids)):
+        rows = conn.execute(
+            select(emb_t.c.vec_id, emb_t.c.item_id, items_t.c.external_id, emb_t.c.version, emb_t.c.vector)
+            .join(items_t, items_t.c.id == emb_t.c.item_id)
+            .where(emb_t.c.vec_id.in_(ids))
+        ).all()
+        if rows:
+            yield _chunk(rows, dim, versions)
+
+
+def count_upto(conn: Connection, space: str, watermark: int) -> int:
+    """Embedding rows of ``space`` with ``vec_id <= watermark`` (an index-only count)."""
+    stmt = select(func.count()).select_from(emb_t).where(emb_t.c.space == space, emb_t.c.vec_id <= watermark)
+    return int(conn.execute(stmt).scalar_one())
+
+
+def vec_ids_upto(conn: Connection, space: str, watermark: int) -> np.ndarray:
+    """Sorted vec_ids of ``space`` up to ``watermark``, (n,) int64."""
+    stmt = (
+        select(emb_t.c.vec_id).where(emb_t.c.space == space, emb_t.c.vec_id <= watermark).order_by(emb_t.c.vec_id)
+    )
+    result = conn.execution_options(yield_per=200_000).execute(stmt).scalars()
+    parts = [np.asarray(p, dtype=np.int64) for p in result.partitions()]
+    return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
 
 def training_sample(conn: Connection, space: str, n: int, dim: int) -> np.ndarray:

@@ -35,6 +35,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
     insert,
     select,
 )
@@ -79,8 +80,9 @@ class Item(Base):
     # ``metadata`` is reserved on declarative classes; the column keeps the plain name.
     meta: Mapped[Any | None] = mapped_column("metadata", JSON(none_as_null=True), nullable=True)
     source_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # server-side defaults: bulk inserts then carry no per-row timestamp parameters
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class Embedding(Base):
@@ -98,7 +100,7 @@ class Embedding(Base):
     version: Mapped[str] = mapped_column(ForeignKey("model_versions.version"))
     vector: Mapped[bytes] = mapped_column(LargeBinary)
     vec_id: Mapped[int] = mapped_column(BigInteger, unique=True)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class Counter(Base):

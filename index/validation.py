@@ -34,6 +34,8 @@ def check_external_ids(ids: Sequence[object]) -> list[str]:
     for eid in ids:
         if not isinstance(eid, str) or not eid or len(eid) > EXTERNAL_ID_LEN:
             raise InvalidInput(f"external id {eid!r} is invalid: expected a non-empty str of <= {EXTERNAL_ID_LEN} chars")
+        if "\x00" in eid:  # PostgreSQL text cannot hold NUL (and snapshots use it as a separator)
+            raise InvalidInput(f"external id {eid!r} is invalid: it contains a NUL character")
         out.append(eid)
     repeats = [eid for eid, n in Counter(out).items() if n > 1]
     if repeats:
@@ -86,6 +88,12 @@ def as_unit_vectors(
         raise DimensionMismatch(arr.shape[1], space, dim, what)
     if arr.shape[0] == 0:
         return np.empty((0, dim), dtype=np.float32)
+    if arr.dtype == np.float32:
+        # fast path (the search hot path): finite, non-zero float32 squared norms prove every row finite
+        # and normalisable (NaN/inf propagate into the sums); anything else takes the careful path below
+        sq = np.einsum("ij,ij->i", arr, arr)
+        if np.isfinite(sq.sum()) and sq.min() > 1e-30:
+            return arr / np.sqrt(sq)[:, None]  # a new C-contiguous float32 array
     finite = np.isfinite(arr).all(axis=1)
     if not finite.all():
         raise InvalidEmbedding(f"{row(int(np.argmin(finite)))} contains NaN or inf")

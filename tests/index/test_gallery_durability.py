@@ -83,12 +83,18 @@ def test_reopen_without_snapshot_rebuilds_from_sql(database_url: str, data_dir: 
         assert answers(g2, "v1", Q, 5) == before
 
 
-@pytest.mark.parametrize("damage", ["garbage index", "garbage sidecar", "missing index", "other factory", "torn"])
+@pytest.mark.parametrize(
+    "damage",
+    ["garbage index", "garbage sidecar", "missing index", "other factory", "torn", "garbage lookup",
+     "missing lookup", "old lookup"],
+)
 def test_damaged_or_mismatched_snapshot_is_rebuilt(database_url: str, data_dir: Path, damage: str) -> None:
     g = _setup(database_url, data_dir, "Flat")
     x = random_vectors(60, 16, seed=25)
     g.add(items(x[:40]), "v1")
     g.snapshot()
+    lookup_path = data_dir / "index" / "v1.entries.npz"
+    old_lookup = lookup_path.read_bytes()
     g.add(items(x[40:], start=40), "v1")
     g.delete(["item0"])
     before = answers(g, "v1", Q, 8)
@@ -103,11 +109,45 @@ def test_damaged_or_mismatched_snapshot_is_rebuilt(database_url: str, data_dir: 
         faiss_path.unlink()
     elif damage == "other factory":
         factory = "HNSW16"
-    elif damage == "torn":  # new index file, stale sidecar (crash between the two replaces)
+    elif damage == "torn":  # new index file, stale sidecar (crash between the replaces)
         meta_path.write_text(meta_path.read_text().replace('"ntotal": 59', '"ntotal": 40'))
+    elif damage == "garbage lookup":
+        lookup_path.write_bytes(b"PK garbage")
+    elif damage == "missing lookup":
+        lookup_path.unlink()
+    elif damage == "old lookup":  # lookup of an older generation than the index
+        lookup_path.write_bytes(old_lookup)
     with Gallery.open(database_url, data_dir, index_factory=factory) as g2:
         assert answers(g2, "v1", Q, 8) == before
         assert g2.consistency("v1") == (59, 59)
+
+
+def test_writes_by_another_process_below_the_watermark(database_url: str, tmp_path: Path) -> None:
+    """A second writer's rows interleave with ours (ids below our snapshot's watermark): reopening and
+    ``reconcile()`` still end with index == DB."""
+    g1 = _setup(database_url, tmp_path / "one", "Flat")
+    g2 = Gallery.open(database_url, tmp_path / "two")
+    x = random_vectors(30, 16, seed=28)
+    g1.add(items(x[:10]), "v1")
+    g2.add(items(x[10:20], start=10), "v1")  # g1 does not see these
+    g1.add(items(x[20:], start=20), "v1")
+    g2.delete(["item21"])  # nor this
+    assert g1.consistency("v1") == (20, 29)
+    g1.snapshot()
+    crash(g1)
+    g2.close()
+    with Gallery.open(database_url, tmp_path / "one") as g:
+        (report,) = g.last_open_reports
+        assert report.snapshot_used and (report.replayed, report.dropped, report.total) == (10, 1, 29)
+        assert g.consistency("v1") == (29, 29)
+        assert g.search("v1", x[15], 1)[0][0].external_id == "item15"
+        g3 = Gallery.open(database_url, tmp_path / "three")
+        g3.add(items(x[:1], prefix="other"), "v1")
+        g3.close()
+        assert g.consistency("v1") == (29, 30)
+        g.reconcile()
+        assert g.consistency("v1") == (30, 30)
+        assert g.search("v1", x[0], 2)[0][1].external_id in ("item0", "other0")
 
 
 def test_snapshot_every_and_temp_files(database_url: str, data_dir: Path) -> None:

@@ -1,0 +1,209 @@
+"""On-disk snapshots of a space's index: the FAISS index, its id lookup, and a JSON sidecar.
+
+Files, all under the gallery's own ``<data_dir>/index/`` (space names are validated, see
+:func:`index.validation.check_name`, so they cannot escape it):
+
+- ``<space>.faiss``: the ``IndexIDMap2`` (``faiss.write_index``);
+- ``<space>.entries.npz``: the live lookup vec_id -> (item_id, external_id, version), as arrays
+  (``vec_ids``, ``item_ids`` int64; ``version_codes`` int32 into ``versions``; external ids NUL-joined
+  UTF-8), so a reopen need not list the whole space from SQL;
+- ``<space>.json``: format, factory, dim, counts and the *watermark*: the largest vec_id in the snapshot.
+
+Each file is written to a temp file, fsynced and moved into place with ``os.replace`` (atomic), the
+sidecar last. A crash between the replaces can leave files of different generations: the loader checks
+that the lookup's ids are a subset of the index's ids and that the sidecar agrees with both, and
+otherwise ignores the stale part (the index alone, or nothing) — reconciling with SQL then repairs it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_FORMAT = 2
+
+# (item_id, external_id, embedded_by version)
+Entry = tuple[int, str, str]
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """The JSON sidecar. ``watermark``: largest vec_id in the snapshot (0 if empty); ``live``: lookup size."""
+
+    space: str
+    factory: str
+    built_factory: str
+    dim: int
+    ntotal: int
+    live: int
+    watermark: int
+    format: int = SNAPSHOT_FORMAT
+    created_at: float = 0.0
+
+
+@dataclass
+class EntryArrays:
+    """The id lookup as arrays, sorted by vec_id."""
+
+    vec_ids: np.ndarray  # (n,) int64
+    item_ids: np.ndarray  # (n,) int64
+    external_ids: list[str]
+    versions: list[str]  # per row
+
+    @classmethod
+    def from_dict(cls, entries: dict[int, Entry]) -> EntryArrays:
+        vec_ids = np.fromiter(entries.keys(), dtype=np.int64, count=len(entries))
+        order = np.argsort(vec_ids, kind="stable")
+        if entries:
+            item_ids, ext_ids, versions = zip(*entries.values(), strict=True)
+        else:
+            item_ids, ext_ids, versions = (), (), ()
+        ext = [ext_ids[i] for i in order.tolist()]
+        ver = [versions[i] for i in order.tolist()]
+        return cls(vec_ids[order], np.asarray(item_ids, dtype=np.int64).reshape(-1)[order], ext, ver)
+
+    def to_dict(self) -> dict[int, Entry]:
+        interned: dict[str, str] = {}
+        versions = list(map(interned.setdefault, self.versions, self.versions))  # share version strings
+        return dict(zip(self.vec_ids.tolist(), zip(self.item_ids.tolist(), self.external_ids, versions, strict=True),
+                        strict=True))
+
+
+def paths(index_dir: Path, space: str) -> tuple[Path, Path, Path]:
+    """``(<space>.faiss, <space>.entries.npz, <space>.json)`` under ``index_dir``."""
+    return index_dir / f"{space}.faiss", index_dir / f"{space}.entries.npz", index_dir / f"{space}.json"
+
+
+def write(index_dir: Path, index: faiss.IndexIDMap2, entries: EntryArrays, info: SnapshotInfo) -> None:
+    """Write the three files atomically each (temp, fsync, replace), the sidecar last."""
+    index_dir.mkdir(parents=True, exist_ok=True)
+    faiss_path, entries_path, meta_path = paths(index_dir, info.space)
+    tmp_index = _tmp(faiss_path)
+    faiss.write_index(index, str(tmp_index))
+    _fsync_file(tmp_index)
+    tmp_entries = _tmp(entries_path)
+    versions = sorted(set(entries.versions))
+    code = {v: i for i, v in enumerate(versions)}
+    with open(tmp_entries, "wb") as f:
+        np.savez(
+            f,
+            vec_ids=entries.vec_ids,
+            item_ids=entries.item_ids,
+            version_codes=np.fromiter((code[v] for v in entries.versions), dtype=np.int32, count=len(entries.versions)),
+            versions=np.frombuffer(json.dumps(versions).encode(), dtype=np.uint8),
+            external_ids=np.frombuffer("\x00".join(entries.external_ids).encode(), dtype=np.uint8),
+        )
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_index, faiss_path)
+    os.replace(tmp_entries, entries_path)
+    tmp_meta = _tmp(meta_path)
+    with open(tmp_meta, "wb") as f:
+        f.write(json.dumps(asdict(info), indent=1).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_meta, meta_path)
+    _fsync_dir(index_dir)
+
+
+@dataclass
+class Loaded:
+    index: faiss.IndexIDMap2
+    info: SnapshotInfo
+    entries: EntryArrays | None  # None when the lookup file is missing or of another generation
+
+
+def read(index_dir: Path, space: str, dim: int, factory: str) -> Loaded | None:
+    """Load a space's snapshot if present and made for ``dim`` and ``factory``; else None (logged)."""
+    faiss_path, entries_path, meta_path = paths(index_dir, space)
+    if not faiss_path.exists() or not meta_path.exists():
+        return None
+    try:
+        info = SnapshotInfo(**json.loads(meta_path.read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("space %r: unreadable snapshot sidecar %s (%s); rebuilding from SQL", space, meta_path, e)
+        return None
+    if info.format != SNAPSHOT_FORMAT or info.dim != dim or info.factory != factory or info.space != space:
+        log.info("space %r: snapshot is for factory %r dim %d (format %d), want %r dim %d; rebuilding",
+                 space, info.factory, info.dim, info.format, factory, dim)
+        return None
+    try:
+        index = faiss.read_index(str(faiss_path))
+    except RuntimeError as e:
+        log.warning("space %r: unreadable snapshot %s (%s); rebuilding from SQL", space, faiss_path, e)
+        return None
+    if not isinstance(index, faiss.IndexIDMap2) or index.d != dim:
+        log.warning("space %r: snapshot %s is not an IDMap2 of dim %d; rebuilding", space, faiss_path, dim)
+        return None
+    entries = _read_entries(entries_path, space)
+    if entries is not None:
+        index_ids = np.sort(faiss.vector_to_array(index.id_map))
+        pos = np.searchsorted(index_ids, entries.vec_ids).clip(max=max(len(index_ids) - 1, 0))
+        subset = len(entries.vec_ids) == 0 or (len(index_ids) > 0 and bool((index_ids[pos] == entries.vec_ids).all()))
+        if not subset or len(entries.vec_ids) != info.live or index.ntotal != info.ntotal:
+            log.warning("space %r: snapshot files are of different generations; listing ids from SQL", space)
+            entries = None
+    return Loaded(index, info, entries)
+
+
+def _read_entries(path: Path, space: str) -> EntryArrays | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            vec_ids = z["vec_ids"].astype(np.int64, copy=False)
+            item_ids = z["item_ids"].astype(np.int64, copy=False)
+            codes = z["version_codes"]
+            versions = json.loads(z["versions"].tobytes().decode())
+            blob = z["external_ids"].tobytes().decode()
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("space %r: unreadable snapshot lookup %s (%s); listing ids from SQL", space, path, e)
+        return None
+    ext_ids = blob.split("\x00") if len(vec_ids) else []
+    if not (len(ext_ids) == len(vec_ids) == len(item_ids) == len(codes)) or (
+        len(codes) and (codes.min() < 0 or codes.max() >= len(versions))
+    ):
+        log.warning("space %r: inconsistent snapshot lookup %s; listing ids from SQL", space, path)
+        return None
+    return EntryArrays(vec_ids, item_ids, ext_ids, [versions[c] for c in codes.tolist()])
+
+
+def new_info(space: str, factory: str, built_factory: str, dim: int, index: faiss.IndexIDMap2, live: int) -> SnapshotInfo:
+    ids = faiss.vector_to_array(index.id_map)
+    return SnapshotInfo(
+        space=space, factory=factory, built_factory=built_factory, dim=dim, ntotal=int(index.ntotal),
+        live=live, watermark=int(ids.max()) if len(ids) else 0, created_at=time.time(),
+    )
+
+
+def _tmp(path: Path) -> Path:
+    # the pid lets a later open remove temp files of dead writers only
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported everywhere (Windows)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
