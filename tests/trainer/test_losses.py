@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import torch
+
+from trainer.losses import BCTWeights, bct_losses, build_old_head, class_mean_embeddings, task_loss
+from trainer.model import build_model
+
+
+def _batches(n=64, classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 28, 28, generator=g)
+    y = torch.arange(n) % classes
+    return [(x[:32], y[:32]), (x[32:], y[32:])]
+
+
+def test_synthesised_rows_are_the_old_class_means():
+    torch.manual_seed(0)
+    old = build_model("resnet", [0, 1, 2, 3, 4], width=8).eval().requires_grad_(False)
+    classes = list(range(10))
+    batches = _batches()
+    means = class_mean_embeddings(old, batches, classes, 128)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        emb = old.embed(x)
+    for c in classes:
+        torch.testing.assert_close(means[c], emb[y == c].mean(0))
+    head = build_old_head(old, classes, means)
+    w = head.weight()
+    torch.testing.assert_close(w[:5], old.head.weight)  # old classes keep the old rows
+    torch.testing.assert_close(w[5:], means[5:])  # unseen classes get the mean old embedding
+
+
+def test_bct_step_leaves_old_model_bit_identical_across_architectures():
+    torch.manual_seed(0)
+    old = build_model("resnet", [0, 1, 2, 3, 4], width=8, depth=1).eval().requires_grad_(False)
+    new = build_model("resnet", list(range(10)), width=12, depth=2)  # a different, deeper, wider backbone
+    before = {k: v.clone() for k, v in old.state_dict().items()}
+    batches = _batches()
+    means = class_mean_embeddings(old, batches, new.classes, 128)
+    head = build_old_head(old, new.classes, means)
+    head.train()  # a trainer calling .train() on everything must not unfreeze it
+    assert not head.old.training
+    opt = torch.optim.SGD(new.parameters(), lr=0.5)
+    x, y = batches[0]
+    emb, logits = new(x)
+    rows = new.label_to_row(y)
+    with torch.no_grad():
+        old_emb = old.embed(x)
+    terms = {"task": task_loss(logits, rows),
+             **bct_losses(emb, rows, head, BCTWeights.recipe("full"), means, old_emb)}
+    assert set(terms) == {"task", "influence", "to_class_mean", "to_old_embedding"}
+    opt.zero_grad()
+    sum(terms.values()).backward()
+    assert all(p.grad is None for p in old.parameters())
+    opt.step()
+    for k, v in old.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert new.backbone.proj.weight.grad is not None
+
+
+def test_plain_recipe_has_only_influence():
+    assert BCTWeights.recipe("plain") == BCTWeights(influence=1.0, to_class_mean=0.0, to_old_embedding=0.0)

@@ -1,0 +1,183 @@
+"""A model version on disk: ``<dir>/card.json`` + ``<dir>/weights.safetensors``.
+
+Loading never executes code from the folder: weights are safetensors only (a pickle is refused), the card is
+validated field by field, and the weights' checksum and tensor names must match what the card describes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from trainer.errors import ModelCardError
+from trainer.model import ArchConfig, EmbeddingModel
+from trainer.preprocess import Preprocess
+
+CARD_FILE = "card.json"
+WEIGHTS_FILE = "weights.safetensors"
+CARD_FORMAT = "graceful-model/1"
+_PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"}
+
+
+class ModelCard(BaseModel):
+    """What a model version says about itself (DESIGN.md, "Model version")."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    format: str = CARD_FORMAT
+    version: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    arch: dict[str, Any]
+    embedding_dim: int = Field(gt=0)
+    classes: list[int] = Field(min_length=1)
+    class_names: list[str] = Field(default_factory=list)
+    space: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    compatible_with: str | None
+    adapter_of: str | None = None
+    preprocess: dict[str, Any] = Field(default_factory=lambda: Preprocess().to_dict())
+    train_config: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    weights: str = WEIGHTS_FILE
+    weights_sha256: str | None = None
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        if v != CARD_FORMAT:
+            raise ValueError(f"unknown card format {v!r} (this graceful reads {CARD_FORMAT!r})")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        # The weights file must sit in the model folder: no paths, so a card cannot point outside it.
+        if Path(v).name != v or not v.endswith(".safetensors"):
+            raise ValueError(f"weights must be a .safetensors file name inside the folder, got {v!r}")
+        return v
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to embed: eval mode, no gradients, with its card and input contract."""
+
+    card: ModelCard
+    model: EmbeddingModel
+    path: Path
+
+    @property
+    def version(self) -> str:
+        return self.card.version
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess.from_dict(self.card.preprocess)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_model(folder: str | os.PathLike[str], model: EmbeddingModel, card: ModelCard) -> ModelCard:
+    """Write weights then card (card last, atomically: a folder with a card is complete). Returns the card."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / card.weights
+    tmp = weights.with_suffix(".tmp")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata={"format": CARD_FORMAT})
+    os.replace(tmp, weights)
+    card = card.model_copy(update={"weights_sha256": _sha256(weights)})
+    tmp_card = folder / (CARD_FILE + ".tmp")
+    tmp_card.write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
+    os.replace(tmp_card, folder / CARD_FILE)
+    return card
+
+
+def read_card(folder: str | os.PathLike[str]) -> ModelCard:
+    """Read and validate ``card.json`` of a model folder (no weights are touched)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelCardError(f"model folder {folder} does not exist")
+    path = folder / CARD_FILE
+    if not path.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        hint = f" (found {', '.join(pickles)}: pickled weights are never loaded)" if pickles else ""
+        raise ModelCardError(f"{folder} has no {CARD_FILE}{hint}")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelCardError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ModelCardError(f"{path} must hold a JSON object")
+    try:
+        card = ModelCard.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'card'}: {err['msg']}" for err in e.errors())
+        raise ModelCardError(f"{path} is not a valid model card: {problems}") from None
+    if card.version != folder.name:
+        raise ModelCardError(f"{path} says version {card.version!r} but the folder is named {folder.name!r}")
+    if card.embedding_dim != int(card.arch.get("embedding_dim", -1)):
+        raise ModelCardError(f"{path}: embedding_dim {card.embedding_dim} differs from arch {card.arch.get('embedding_dim')}")
+    return card
+
+
+def load_model(folder: str | os.PathLike[str]) -> LoadedModel:
+    """Validate and load a model version; raises ``ModelCardError`` with the reason on anything odd."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    card = read_card(folder)
+    weights = folder / card.weights
+    if not weights.is_file():
+        raise ModelCardError(f"{folder} has no weights file {card.weights}")
+    if weights.is_symlink() or weights.resolve().parent != folder.resolve():
+        raise ModelCardError(f"{weights} must be a regular file inside {folder}, not a link")
+    if card.weights_sha256 and _sha256(weights) != card.weights_sha256:
+        raise ModelCardError(f"{weights} does not match the checksum in its card (corrupt or replaced)")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelCardError(f"{weights} is not a safetensors file ({e}); pickled weights are never loaded") from None
+    try:
+        arch = ArchConfig.from_dict(card.arch)
+        model = EmbeddingModel(arch, list(card.classes))
+        model.load_state_dict(state, strict=True)
+    except Exception as e:  # a shape or key mismatch: the weights do not belong to this card
+        raise ModelCardError(f"{weights} does not fit the architecture in its card: {str(e).splitlines()[0]}") from None
+    model.eval().requires_grad_(False)
+    return LoadedModel(card=card, model=model, path=folder)
+
+
+def embed_images(loaded: LoadedModel, images, batch_size: int = 1024):
+    """(N, C, H, W) uint8 -> (N, D) float32 unit-norm embeddings of a loaded model."""
+    import numpy as np
+
+    prep, out = loaded.preprocess, []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            out.append(loaded.model.embed(prep(images[i : i + batch_size])).numpy())
+    return np.concatenate(out) if out else np.zeros((0, loaded.card.embedding_dim), np.float32)
+
+
+def predict_labels(loaded: LoadedModel, embeddings):
+    """(N, D) embeddings -> (N,) predicted dataset labels from the model's own head."""
+    import numpy as np
+
+    with torch.inference_mode():
+        rows = loaded.model.classify(torch.from_numpy(embeddings)).argmax(1).numpy()
+    return np.asarray(loaded.card.classes, dtype=np.int64)[rows]

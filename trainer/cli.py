@@ -1,0 +1,156 @@
+"""`graceful train`, `graceful eval` (and later `graceful adapt`): argument parsing and printing for people.
+
+Every ``main(argv)`` returns an exit code and never lets a domain error escape as a traceback: a bad
+argument gives one clear line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from trainer.errors import TrainerError
+
+
+def _fail(msg: str) -> int:
+    print(f"graceful: error: {msg}", file=sys.stderr)
+    return 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as one line (no usage dump) and returns instead of exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise TrainerError(message)
+
+
+def train_parser(prog: str = "graceful train") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Train a model version (optionally backward-compatible with --old).")
+    p.add_argument("--out", required=True, help="model version folder to write (its name is the version)")
+    p.add_argument("--data", default=None, help="dataset folder (IDX files or train/ test/ image folders)")
+    p.add_argument("--classes", default=None, help="class subset, e.g. 0-4 (default: all)")
+    p.add_argument("--arch", default="resnet", help="architecture preset: resnet, resnet-wide, small")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--embedding-dim", type=int, default=128)
+    p.add_argument("--scale", type=float, default=16.0, help="cosine-softmax scale of the head")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--old", default=None, help="old model version folder (for --bct)")
+    p.add_argument("--bct", nargs="?", const="full", default=None, choices=["full", "plain"],
+                   help="backward-compatible training against --old: 'full' recipe (default) or 'plain' (influence only)")
+    p.add_argument("--influence-weight", type=float, default=None)
+    p.add_argument("--class-mean-weight", type=float, default=None)
+    p.add_argument("--old-embedding-weight", type=float, default=None)
+    p.add_argument("--limit", type=int, default=None, help="train on a seeded slice of N images")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate the card's metrics on N test images")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def eval_parser(prog: str = "graceful eval") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Compatibility matrix, BCT criterion and negative flips of model versions.")
+    p.add_argument("models", nargs="+", help="model version folders, oldest first")
+    p.add_argument("--data", default=None)
+    p.add_argument("--json", required=True, help="write the report here")
+    p.add_argument("--plot", default=None, help="write a PNG heatmap here")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on a seeded slice of N test images")
+    p.add_argument("--old-classes", default=None, help="classes counted as old (default: the first model's)")
+    return p
+
+
+def _progress_bar(desc: str, quiet: bool):
+    """A step callback drawing a tqdm bar, created on the first step so early errors print alone."""
+    if quiet:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar: list[tqdm] = []
+
+    def update(step: int, total: int, terms: dict[str, float]) -> None:
+        if not bar:
+            bar.append(tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True))
+        bar[0].update(step - bar[0].n)
+        if step % 10 == 0 or step == total:
+            bar[0].set_postfix({k: f"{v:.3f}" for k, v in terms.items()}, refresh=False)
+
+    return update, lambda: bar and bar[0].close()
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    from trainer.train import TrainConfig, train
+
+    try:
+        args = train_parser().parse_args(argv)
+        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k != "quiet"})
+        if cfg.old and not Path(cfg.old).is_dir():
+            return _fail(f"old model folder {cfg.old} does not exist")
+        if cfg.old and not cfg.bct:
+            return _fail("--old is only used with --bct (to train independently, leave --old out)")
+        if cfg.classes is not None:
+            from trainer.data import parse_classes
+
+            parse_classes(cfg.classes)
+        update, close = _progress_bar(f"train {Path(cfg.out).name}", args.quiet)
+        try:
+            result = train(cfg, progress=update)
+        finally:
+            close()
+    except TrainerError as e:
+        return _fail(str(e))
+    card = result.card
+    print(f"saved {card.version} to {result.path} (space {card.space}, compatible_with {card.compatible_with}, "
+          f"{result.seconds:.0f}s)")
+    for key, cell in card.metrics.get("matrix", {}).items():
+        print(f"  {key:<24} top1 {cell['top1']:.4f}  top5 {cell['top5']:.4f}  mAP {cell['mAP']:.4f}")
+    return 0
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    from trainer.artifact import load_model
+    from trainer.data import load_split, parse_classes
+    from trainer.evaluate import evaluate_models, format_matrix
+
+    try:
+        args = eval_parser().parse_args(argv)
+        models = [load_model(p) for p in args.models]
+        test = load_split(args.data, "test")
+        if args.limit:
+            test = test.take(args.limit, seed=0)
+        old_classes = parse_classes(args.old_classes, test.num_classes) if args.old_classes else None
+        report = evaluate_models(models, test, old_classes)
+    except TrainerError as e:
+        return _fail(str(e))
+    except ValueError as e:
+        return _fail(str(e))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    for metric in ("top1", "top5", "mAP"):
+        print(format_matrix(report, metric))
+        print()
+    for key, entry in report.bct.items():
+        gain = entry.get("update_gain", {})
+        print(f"BCT {key}: passes {entry['passes']}, update gain " +
+              ", ".join(f"{m} {v:.3f}" for m, v in gain.items() if v is not None))
+    for key, f in report.flips.items():
+        print(f"flips {key}: err {f['err_old']:.4f} -> {f['err_new']:.4f}, NFR {f['nfr']:.4f}, "
+              f"rel. NFR {f['rel_nfr']:.3f} ({f['n_flips']} of {f['n']})")
+    print(f"report written to {args.json}")
+    if args.plot:
+        from trainer.plot import plot_matrix
+
+        print(f"heatmap written to {plot_matrix(report, args.plot)}")
+    return 0
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")

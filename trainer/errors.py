@@ -1,0 +1,23 @@
+"""Typed errors of the trainer package; the CLI turns them into one clear line."""
+
+from __future__ import annotations
+
+
+class TrainerError(Exception):
+    """Base class of every error the trainer raises on purpose."""
+
+
+class DatasetError(TrainerError):
+    """A dataset is missing, malformed, or a class selection does not fit it."""
+
+
+class ModelCardError(TrainerError):
+    """A model folder is not a valid graceful model version (card or weights)."""
+
+
+class IncompatibleModelsError(TrainerError):
+    """Two models cannot be combined as asked (e.g. BCT across embedding sizes)."""
+
+
+class ConfigError(TrainerError):
+    """An argument or configuration value is out of range."""

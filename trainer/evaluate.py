@@ -1,0 +1,119 @@
+"""The compatibility matrix: every (query model, gallery model) pair on the retrieval protocol.
+
+Each model embeds the test split once; the query set (index % 5 == 0) embedded by the query model searches
+the gallery (the rest) embedded by the gallery model. Cells exist where the embedding sizes match. Metrics
+are given overall and split by the query's class: old classes (those of the first model) and new ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from trainer.artifact import LoadedModel, embed_images, predict_labels
+from trainer.data import Dataset, query_gallery_split
+from trainer.metrics import negative_flips, retrieval_metrics, update_gain
+
+METRICS = ("top1", "top5", "mAP")
+
+
+@dataclass
+class CompatReport:
+    """Result of ``evaluate_models``; ``to_json()`` is the CLI's JSON (DESIGN.md contract)."""
+
+    models: list[str]
+    old_classes: list[int]
+    matrix: dict[str, dict[str, Any]] = field(default_factory=dict)
+    flips: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bct: dict[str, dict[str, Any]] = field(default_factory=dict)
+    spaces: dict[str, str] = field(default_factory=dict)
+
+    def cell(self, query: str, gallery: str) -> dict[str, Any] | None:
+        return self.matrix.get(f"{query}/{gallery}")
+
+    def to_json(self, include_flipped: bool = True) -> dict[str, Any]:
+        d = asdict(self)
+        if not include_flipped:
+            for f in d["flips"].values():
+                f.pop("flipped", None)
+        return d
+
+    def card_metrics(self, version: str) -> dict[str, Any]:
+        """What a model's card keeps: the matrix with its parent, BCT and flips against it (no example lists)."""
+        return {
+            "protocol": "test split, queries = index % 5 == 0, gallery = the rest",
+            "matrix": self.matrix,
+            "bct": {k: v for k, v in self.bct.items() if k.startswith(f"{version}/")},
+            "flips": {k: {kk: vv for kk, vv in v.items() if kk != "flipped"}
+                      for k, v in self.flips.items() if k.endswith(f"->{version}")},
+        }
+
+
+def _split_metrics(q, ql, g, gl, old_classes: list[int]) -> dict[str, Any]:
+    cell: dict[str, Any] = retrieval_metrics(q, ql, g, gl)
+    is_old = np.isin(ql, old_classes)
+    for name, mask in (("old_classes", is_old), ("new_classes", ~is_old)):
+        if mask.any():
+            cell[name] = retrieval_metrics(q[mask], ql[mask], g, gl)
+    return cell
+
+
+def evaluate_models(
+    models: list[LoadedModel], test: Dataset, old_classes: list[int] | None = None, every: int = 5
+) -> CompatReport:
+    """Compatibility matrix, BCT criterion / update gain, and negative flips for ``models`` (oldest first)."""
+    if not models:
+        raise ValueError("evaluate_models needs at least one model")
+    names = [m.version for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model versions must be distinct, got {names}")
+    old_classes = list(old_classes if old_classes is not None else models[0].card.classes)
+    q_idx, g_idx = query_gallery_split(len(test), every)
+    labels = test.labels
+    embs = {m.version: embed_images(m, test.images) for m in models}
+    report = CompatReport(models=names, old_classes=old_classes, spaces={m.version: m.card.space for m in models})
+
+    for qm in models:
+        for gm in models:
+            if qm.card.embedding_dim != gm.card.embedding_dim:
+                continue
+            report.matrix[f"{qm.version}/{gm.version}"] = _split_metrics(
+                embs[qm.version][q_idx], labels[q_idx], embs[gm.version][g_idx], labels[g_idx], old_classes
+            )
+
+    preds = {m.version: predict_labels(m, embs[m.version]) for m in models}
+    for i, old in enumerate(models):
+        for new in models[i + 1 :]:
+            report.flips[f"{old.version}->{new.version}"] = negative_flips(preds[old.version], preds[new.version], labels)
+            oo, no, nn = (report.cell(a, b) for a, b in ((old.version, old.version), (new.version, old.version),
+                                                          (new.version, new.version)))
+            if oo is None or no is None:
+                continue
+            entry: dict[str, Any] = {
+                "passes": {m: bool(no[m] > oo[m]) for m in METRICS},
+                "delta": {m: no[m] - oo[m] for m in METRICS},
+            }
+            if nn is not None:
+                entry["update_gain"] = {m: _finite(update_gain(no[m], oo[m], nn[m])) for m in METRICS}
+            report.bct[f"{new.version}/{old.version}"] = entry
+    return report
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def format_matrix(report: CompatReport, metric: str = "mAP") -> str:
+    """The matrix as a text table (rows: query model, columns: gallery model) for people."""
+    w = max(8, *(len(n) for n in report.models)) + 2
+    lines = [f"{metric} (query \\ gallery)".ljust(w + 8) + "".join(n.rjust(w) for n in report.models)]
+    for q in report.models:
+        row = q.ljust(w + 8)
+        for g in report.models:
+            c = report.cell(q, g)
+            row += (f"{c[metric]:.4f}" if c else "-").rjust(w)
+        lines.append(row)
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""Training losses. Each returns named terms (``{"task": ..., "influence": ...}``) so logs show every part.
+
+BCT (Shen et al., CVPR 2020): the new model's embedding is fed to the *old* model's frozen classifier, so the
+new embedding must stay where the old classifier expects each class: in the old embedding space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.errors import IncompatibleModelsError
+from trainer.model import CosineHead, EmbeddingModel
+
+
+def task_loss(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of (B, K) logits against (B,) head rows."""
+    return F.cross_entropy(logits, rows)
+
+
+class OldHead(nn.Module):
+    """The old model's frozen cosine head, extended with synthesised rows for classes it never saw.
+
+    Rows are ordered as ``classes`` (the new model's classes). ``old`` is the old model's own head module,
+    frozen in place (``requires_grad_(False)`` and ``eval()``), so a training step cannot change it.
+    """
+
+    def __init__(self, old: CosineHead, old_classes: list[int], classes: list[int], synthesized: torch.Tensor) -> None:
+        super().__init__()
+        self.old = old.requires_grad_(False).eval()
+        self.scale = old.scale
+        # (K,) index into old rows, -1 where the row is synthesised; (K,) index into synthesized rows.
+        old_row = {c: i for i, c in enumerate(old_classes)}
+        new_only = [c for c in classes if c not in old_row]
+        if synthesized.shape[0] != len(new_only):
+            raise IncompatibleModelsError(f"{synthesized.shape[0]} synthesised rows for {len(new_only)} new classes")
+        self.register_buffer("synthesized", synthesized.detach().clone())  # (K_new, D)
+        self.register_buffer("old_index", torch.tensor([old_row.get(c, -1) for c in classes]))
+        self.register_buffer("syn_index", torch.tensor([new_only.index(c) if c not in old_row else -1 for c in classes]))
+
+    def train(self, mode: bool = True) -> OldHead:  # the old head stays in eval mode whatever the trainer does
+        super().train(mode)
+        self.old.eval()
+        return self
+
+    def weight(self) -> torch.Tensor:
+        """(K, D) classifier rows over the new classes: old rows where known, synthesised otherwise."""
+        old_w = self.old.weight[self.old_index.clamp(min=0)]
+        syn_w = self.synthesized[self.syn_index.clamp(min=0)] if self.synthesized.numel() else old_w
+        return torch.where((self.old_index >= 0)[:, None], old_w, syn_w)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, D) new embeddings -> (B, K) logits under the old classifier."""
+        return self.scale * F.normalize(emb, dim=1) @ F.normalize(self.weight(), dim=1).T
+
+
+@torch.no_grad()
+def class_mean_embeddings(model: EmbeddingModel, batches, classes: list[int], dim: int) -> torch.Tensor:
+    """Mean embedding per class, (K, D), over ``batches`` of (inputs (B, C, H, W), labels (B,)).
+
+    Used twice: as synthesised classifier rows for classes the old head never saw, and as the class centres
+    the full BCT recipe pulls new embeddings towards. Raises if a class has no example.
+    """
+    sums = torch.zeros(len(classes), dim)
+    counts = torch.zeros(len(classes))
+    pos = {c: i for i, c in enumerate(classes)}
+    was_training = model.training
+    model.eval()
+    for x, y in batches:
+        keep = torch.tensor([int(v) in pos for v in y], dtype=torch.bool)
+        if not keep.any():
+            continue
+        rows = torch.tensor([pos[int(v)] for v in y[keep]])
+        sums.index_add_(0, rows, model.embed(x[keep]))
+        counts.index_add_(0, rows, torch.ones(len(rows)))
+    model.train(was_training)
+    if (counts == 0).any():
+        missing = [c for c, n in zip(classes, counts.tolist(), strict=True) if n == 0]
+        raise IncompatibleModelsError(f"no training images of classes {missing} to synthesise old-model rows from")
+    return sums / counts[:, None]
+
+
+def build_old_head(old: EmbeddingModel, classes: list[int], means: torch.Tensor) -> OldHead:
+    """The BCT target head: old rows for old classes, the old model's class mean for every new one.
+
+    ``means`` is (len(classes), D_old) from ``class_mean_embeddings(old, ...)`` over the new training set.
+    """
+    new_only = [i for i, c in enumerate(classes) if c not in old.classes]
+    return OldHead(old.head, old.classes, classes, means[new_only])
+
+
+@dataclass(frozen=True)
+class BCTWeights:
+    """Weights of the BCT terms. ``plain`` BCT is influence alone; the full recipe adds two small L2 pulls."""
+
+    influence: float = 1.0
+    to_class_mean: float = 0.0
+    to_old_embedding: float = 0.0
+
+    @classmethod
+    def recipe(cls, name: str) -> BCTWeights:
+        if name == "plain":
+            return cls(influence=1.0)
+        if name == "full":
+            return cls(influence=1.0, to_class_mean=1.0, to_old_embedding=1.0)
+        raise ValueError(f"unknown BCT recipe {name!r}: 'full' or 'plain'")
+
+
+def bct_losses(
+    new_emb: torch.Tensor,
+    labels_rows: torch.Tensor,
+    old_head: OldHead,
+    weights: BCTWeights,
+    class_means: torch.Tensor | None = None,
+    old_emb: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """BCT terms for (B, D) new embeddings and (B,) rows of the new class list.
+
+    influence: CE of the new embedding under the frozen (extended) old head.
+    to_class_mean: squared distance to the old model's normalised class mean (K, D) of the label.
+    to_old_embedding: squared distance to the old model's (B, D) embedding of the same image.
+    """
+    if new_emb.shape[1] != old_head.synthesized.shape[1] and new_emb.shape[1] != old_head.old.weight.shape[1]:
+        raise IncompatibleModelsError(f"new embedding dim {new_emb.shape[1]} != old {old_head.old.weight.shape[1]}")
+    terms = {"influence": weights.influence * F.cross_entropy(old_head(new_emb), labels_rows)}
+    if weights.to_class_mean:
+        assert class_means is not None
+        centre = F.normalize(class_means, dim=1)[labels_rows]  # (B, D)
+        terms["to_class_mean"] = weights.to_class_mean * (new_emb - centre).pow(2).sum(1).mean()
+    if weights.to_old_embedding:
+        assert old_emb is not None
+        terms["to_old_embedding"] = weights.to_old_embedding * (new_emb - old_emb).pow(2).sum(1).mean()
+    return terms

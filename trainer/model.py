@@ -1,0 +1,158 @@
+"""Embedding models: a ResNet-style backbone that writes L2-normalised embeddings, and a cosine head.
+
+The split follows timm's ``forward_features`` / ``forward_head``: ``embed(x)`` is everything up to the
+embedding, ``classify(emb)`` is the head alone. BCT relies on it: a new model's embeddings are fed to the
+*old* model's head, whatever the two backbones look like.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """Shape of a model. ``width`` is the first stage's channels (doubling per stage), ``depth`` the
+    residual blocks per stage, ``stages`` how many stages (each after the first halves the resolution)."""
+
+    name: str = "resnet"
+    width: int = 16
+    depth: int = 1
+    stages: int = 3
+    embedding_dim: int = 128
+    num_classes: int = 10
+    in_channels: int = 1
+    scale: float = 16.0
+
+    def __post_init__(self) -> None:
+        for key in ("width", "depth", "stages", "embedding_dim", "num_classes", "in_channels"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"arch {key} must be >= 1, got {getattr(self, key)}")
+        if self.scale <= 0:
+            raise ConfigError(f"head scale must be > 0, got {self.scale}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ArchConfig:
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+# Named presets; "small" is the edge model (a fraction of the default's parameters and latency).
+ARCH_PRESETS: dict[str, dict] = {
+    "resnet": {"width": 16, "depth": 1, "stages": 3},
+    "resnet-wide": {"width": 24, "depth": 1, "stages": 3},
+    "small": {"width": 8, "depth": 1, "stages": 2},
+}
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual connection (1x1 projection when the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + self.shortcut(x))
+
+
+class Backbone(nn.Module):
+    """(B, C, H, W) float images -> (B, D) L2-normalised embeddings."""
+
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__()
+        # The stem pools once: at 28x28 this keeps a CPU training step cheap without hurting accuracy much.
+        self.stem = nn.Sequential(
+            nn.Conv2d(cfg.in_channels, cfg.width, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(cfg.width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        blocks: list[nn.Module] = []
+        cin = cfg.width
+        for s in range(cfg.stages):
+            cout = cfg.width * 2**s
+            for d in range(cfg.depth):
+                blocks.append(BasicBlock(cin, cout, 2 if (s > 0 and d == 0) else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.proj = nn.Linear(cin, cfg.embedding_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.stem(x))  # (B, C', H', W')
+        h = h.mean(dim=(2, 3))  # (B, C')
+        return F.normalize(self.proj(h), dim=1)  # (B, D), unit norm
+
+
+class CosineHead(nn.Module):
+    """Cosine-softmax classifier: logits = scale * cos(emb, w_c). (B, D) -> (B, K)."""
+
+    def __init__(self, embedding_dim: int, num_classes: int, scale: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, embedding_dim) * 0.01)
+        self.scale = scale
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(emb, dim=1) @ F.normalize(self.weight, dim=1).T
+
+
+class EmbeddingModel(nn.Module):
+    """Backbone + head. ``classes[i]`` is the dataset label that head row ``i`` predicts."""
+
+    def __init__(self, cfg: ArchConfig, classes: list[int]) -> None:
+        super().__init__()
+        if len(classes) != cfg.num_classes:
+            raise ConfigError(f"{len(classes)} classes for a head of {cfg.num_classes} rows")
+        self.cfg = cfg
+        self.classes = list(classes)
+        self.backbone = Backbone(cfg)
+        self.head = CosineHead(cfg.embedding_dim, cfg.num_classes, cfg.scale)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) normalised floats -> (B, D) unit-norm embeddings."""
+        return self.backbone(x)
+
+    def classify(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, D) embeddings -> (B, K) logits over ``self.classes``."""
+        return self.head(emb)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.embed(x)
+        return emb, self.classify(emb)
+
+    def label_to_row(self, labels: torch.Tensor) -> torch.Tensor:
+        """Map dataset labels (B,) to head rows (B,); -1 for labels this head does not know."""
+        lut = torch.full((max(max(self.classes), int(labels.max()) if labels.numel() else 0) + 1,), -1,
+                         dtype=torch.long, device=labels.device)
+        lut[torch.as_tensor(self.classes, device=labels.device)] = torch.arange(len(self.classes), device=labels.device)
+        return lut[labels]
+
+
+def build_model(arch: str, classes: list[int], **overrides: object) -> EmbeddingModel:
+    """A fresh model from a preset name plus overrides (width, depth, embedding_dim, scale ...)."""
+    if arch not in ARCH_PRESETS:
+        raise ConfigError(f"unknown arch {arch!r}: choose one of {', '.join(ARCH_PRESETS)}")
+    params = {**ARCH_PRESETS[arch], **{k: v for k, v in overrides.items() if v is not None}}
+    cfg = ArchConfig(name=arch, num_classes=len(classes), **params)  # type: ignore[arg-type]
+    return EmbeddingModel(cfg, classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
