@@ -211,6 +211,10 @@ class Gallery:
         """
         self._check_open()
         with self._mutex:
+            new_space = None
+            if info.space not in self._spaces and isinstance(info.embedding_dim, int) and info.embedding_dim > 0:
+                # before committing: refuses a factory that cannot index this dim (e.g. PQ sizes)
+                new_space = self._new_space_index(info.space, info.embedding_dim)
             try:
                 with self.engine.begin() as conn:
                     stored = catalog.register_version(conn, info)
@@ -219,7 +223,7 @@ class Gallery:
                     stored = catalog.register_version(conn, info)
             self._versions[stored.version] = stored
             if stored.space not in self._spaces:
-                sidx = self._new_space_index(stored.space, stored.embedding_dim)
+                sidx = new_space or self._new_space_index(stored.space, stored.embedding_dim)
                 reconcile(self.engine, sidx, self.index_dir)  # drops any leftover snapshot content
                 self._spaces[stored.space] = sidx
             return stored
@@ -486,31 +490,37 @@ class Gallery:
     # ------------------------------------------------------------------ backfill bookkeeping
     def backfill_progress(self, candidate: str) -> tuple[int, int]:
         """``(done, total)``: items embedded by ``candidate`` in its space, and all items."""
+        self._check_open()
         info = self._version(candidate)
         with self.engine.connect() as conn:
             return backfill.progress(conn, info)
 
     def pending_backfill(self, candidate: str, limit: int, after_item_id: int = 0) -> list[tuple[int, str, str | None]]:
         """Items not yet embedded by ``candidate``: ``(item_id, external_id, source_uri)``, by item id."""
+        self._check_open()
         info = self._version(candidate)
         with self.engine.connect() as conn:
             return backfill.pending_items(conn, info, int(limit), int(after_item_id))
 
     def create_backfill_job(self, candidate: str, policy: Any = None) -> backfill.BackfillJobInfo:
+        self._check_open()
         info = self._version(candidate)
         with self.engine.begin() as conn:
             return backfill.create_job(conn, info, policy)
 
     def get_backfill_job(self, job_id: int) -> backfill.BackfillJobInfo:
+        self._check_open()
         with self.engine.connect() as conn:
             return backfill.get_job(conn, job_id)
 
     def list_backfill_jobs(self, candidate: str | None = None) -> list[backfill.BackfillJobInfo]:
+        self._check_open()
         with self.engine.connect() as conn:
             return backfill.list_jobs(conn, candidate)
 
     def update_backfill_job(self, job_id: int, **changes: Any) -> backfill.BackfillJobInfo:
         """Update ``status``, ``done``, ``total`` and/or ``error`` of a job."""
+        self._check_open()
         with self.engine.begin() as conn:
             return backfill.update_job(conn, job_id, **changes)
 

@@ -34,6 +34,7 @@ import faiss
 import numpy as np
 
 from . import snapshot
+from .errors import InvalidInput
 from .rwlock import RWLock
 from .snapshot import Entry
 from .types import Hit
@@ -132,7 +133,13 @@ class SpaceIndex:
         self.params = params
         self.tombstone_fraction = float(tombstone_fraction)
         self.lock = RWLock()
-        probe = make_faiss_index(self.factory, self.dim, params)
+        try:
+            probe = make_faiss_index(self.factory, self.dim, params)
+        except RuntimeError as e:  # FAISS's own message says what is wrong with the string
+            raise InvalidInput(
+                f"index factory {factory!r} (params {params!r}) cannot build an index of dim {dim}: "
+                f"{str(e).strip().splitlines()[-1]}"
+            ) from None
         self.trainable = not probe.is_trained
         self.min_train = int(min_train) if min_train is not None else default_min_train(probe)
         self._index: faiss.IndexIDMap2 = self.empty_index(trained=False)

@@ -137,3 +137,13 @@ def test_closed_gallery_refuses(gallery: Gallery) -> None:
     with pytest.raises(GalleryClosed):
         gallery.add([new()], "v1")
     gallery.close()  # idempotent
+
+
+@pytest.mark.parametrize(("factory", "message"), [("PQ5", "PQ5"), ("Nonsense42", "Nonsense42")])
+def test_factory_that_cannot_index_the_dim_is_refused_before_registering(
+    database_url: str, tmp_path, factory: str, message: str
+) -> None:
+    with Gallery.open(database_url, tmp_path / "d", index_factory=factory) as g:
+        with pytest.raises(InvalidInput, match=message):
+            g.register_version(VersionInfo("v1", space="v1", embedding_dim=16))
+        assert g.list_versions() == [] and g.spaces() == []
