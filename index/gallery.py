@@ -9,6 +9,15 @@ no SQL — so searches run concurrently with each other and wait for writers at 
 Restart: :meth:`Gallery.open` loads each space's snapshot and reconciles it with SQL
 (:mod:`index.reconcile`), so the index always equals the database, whatever was or was not snapshotted
 before a crash. One ``Gallery`` per process and per data_dir: FAISS indexes are per process.
+
+Choices callers should know:
+- vectors (stored and queries) are L2-normalised on input; scores are cosine similarities;
+- ``delete`` of an unknown external id raises :class:`ItemNotFound` and deletes nothing (``missing_ok=True``
+  ignores unknown ids instead); a batch is all-or-nothing;
+- deletion on index types that cannot remove ids (HNSW, IVF): see :mod:`index.space_index` (tombstones
+  filtered inside FAISS by an ``IDSelector``, rebuild from SQL past ``tombstone_fraction``);
+- version metadata is cached per process (versions are immutable once registered); a status changed by
+  another process is seen after :meth:`get_version` / :meth:`reconcile`.
 """
 
 from __future__ import annotations
