@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, func, insert, select, update
 
 from .errors import DimensionMismatch, InvalidInput, UnknownVersion, VersionConflict
 from .tables import ACTIVE_VERSION_KEY, ModelVersion, Setting, utcnow
@@ -113,12 +113,43 @@ def get_active(conn: Connection) -> str | None:
     return conn.execute(select(Setting.value).where(Setting.key == ACTIVE_VERSION_KEY)).scalar()
 
 
-def set_active(conn: Connection, version: str) -> VersionInfo:
+HISTORY_KEY = "active_history"
+HISTORY_LIMIT = 100
+
+
+def get_setting(conn: Connection, key: str) -> str | None:
+    return conn.execute(select(Setting.value).where(Setting.key == key)).scalar()
+
+
+def put_setting(conn: Connection, key: str, value: str | None) -> None:
+    """Insert or replace a settings row (portable: UPDATE, then INSERT if nothing was there)."""
+    res = conn.execute(update(Setting).where(Setting.key == key).values(value=value, updated_at=utcnow()))
+    if res.rowcount == 0:
+        conn.execute(insert(Setting).values(key=key, value=value, updated_at=utcnow()))
+
+
+def activation_history(conn: Connection) -> list[str]:
+    """Versions activated so far, oldest first; the last one is the active version."""
+    raw = get_setting(conn, HISTORY_KEY)
+    return list(json.loads(raw)) if raw else []
+
+
+def set_active(conn: Connection, version: str, *, rollback: bool = False) -> VersionInfo:
     """Make ``version`` the active one; the previous active version goes back to ``registered``.
 
-    Refuses a retired version (:class:`VersionConflict`). Whether the version *may* serve over the gallery
-    (same space) is the caller's policy, not checked here.
+    The activation is appended to the persisted history; with ``rollback=True`` the current entry is popped
+    instead and ``version`` must be the entry before it. Refuses a retired version
+    (:class:`VersionConflict`). Whether the version *may* serve over the gallery (same space) is the
+    caller's policy, not checked here.
     """
+    history = activation_history(conn)
+    if rollback:
+        if len(history) < 2 or history[-2] != version:
+            raise VersionConflict(f"cannot roll back to {version!r}: it is not the previous activation")
+        history.pop()
+    elif not history or history[-1] != version:
+        history.append(version)
+    put_setting(conn, HISTORY_KEY, json.dumps(history[-HISTORY_LIMIT:]))
     info = get_version(conn, version)
     if info.status == "retired":
         raise VersionConflict(f"version {version!r} is retired and cannot be activated")

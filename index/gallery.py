@@ -265,17 +265,25 @@ class Gallery:
         with self.engine.connect() as conn:
             return catalog.get_active(conn)
 
-    def set_active_version(self, version: str) -> VersionInfo:
-        """Persist ``version`` as the active one. Policy (space compatibility) is the caller's."""
+    def set_active_version(self, version: str, *, rollback: bool = False) -> VersionInfo:
+        """Persist ``version`` as the active one (and in the activation history; ``rollback=True`` pops the
+        current entry instead, ``version`` must be the one before it). Policy (space compatibility) is the
+        caller's."""
         self._check_open()
         with self._mutex:
             with self.engine.begin() as conn:
                 previous = catalog.get_active(conn)
-                info = catalog.set_active(conn, version)
+                info = catalog.set_active(conn, version, rollback=rollback)
             self._versions[version] = info
             if previous is not None and previous != version and previous in self._versions:
                 self.get_version(previous)
             return info
+
+    def activation_history(self) -> list[str]:
+        """Versions activated so far, oldest first (the last is the active one); persisted in SQL."""
+        self._check_open()
+        with self.engine.connect() as conn:
+            return catalog.activation_history(conn)
 
     def _version(self, version: str) -> VersionInfo:
         info = self._versions.get(version)

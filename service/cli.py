@@ -26,7 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging("-v" in rest or "--verbose" in rest)
     rest = [a for a in rest if a not in ("-v", "--verbose")]
-    commands = {"train": train_main, "eval": eval_main}
+    from service.serve import serve_main
+
+    commands = {"train": train_main, "eval": eval_main, "serve": serve_main}
     if cmd not in commands:
         print(f"graceful: error: unknown command {cmd!r} (try `graceful --help`)", file=sys.stderr)
         return 2

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from index.db import make_engine
+from index.tables import drop_schema
 
 
 def _write_idx(path: Path, arr: np.ndarray) -> None:
@@ -42,3 +47,42 @@ def write_tiny_dataset(root: Path, per_class_train: int = 40, per_class_test: in
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("tiny-fmnist"))
+
+
+POSTGRES_ENV = "GRACEFUL_TEST_POSTGRES_URL"
+
+
+def _reset_postgres(url: str) -> None:
+    engine = make_engine(url)
+    try:
+        drop_schema(engine)
+    finally:
+        engine.dispose()
+
+
+def _database_url(param: str, folder: Path) -> Iterator[str]:
+    if param == "sqlite":
+        yield f"sqlite:///{folder / 'gallery.db'}"
+        return
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        pytest.skip(f"{POSTGRES_ENV} is not set")
+    _reset_postgres(url)
+    yield url
+    _reset_postgres(url)
+
+
+DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=DATABASES)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file under tmp_path, or the PostgreSQL server named by
+    ``GRACEFUL_TEST_POSTGRES_URL`` (its gallery tables dropped before and after; skipped when unset)."""
+    yield from _database_url(request.param, tmp_path)
+
+
+@pytest.fixture(scope="module", params=DATABASES)
+def module_database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Like ``database_url``, shared by a module's tests (for read-mostly fixtures)."""
+    yield from _database_url(request.param, tmp_path_factory.mktemp("db"))

@@ -25,6 +25,17 @@ CARD_FILE = "card.json"
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FORMAT = "graceful-model/1"
 _PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"}
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+def check_version_name(name: str) -> str:
+    """A version (the folder name) is 1-128 of letters, digits, '.', '_', '-', starting alphanumeric."""
+    import re
+
+    if not (1 <= len(name) <= 128 and re.match(NAME_PATTERN, name)):
+        raise ModelCardError(f"bad model version name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit (it is the output folder's name)")
+    return name
 
 
 class ModelCard(BaseModel):
@@ -33,12 +44,12 @@ class ModelCard(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     format: str = CARD_FORMAT
-    version: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field(min_length=1, max_length=128, pattern=NAME_PATTERN)
     arch: dict[str, Any]
     embedding_dim: int = Field(gt=0)
     classes: list[int] = Field(min_length=1)
     class_names: list[str] = Field(default_factory=list)
-    space: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    space: str = Field(min_length=1, max_length=128, pattern=NAME_PATTERN)
     compatible_with: str | None
     adapter_of: str | None = None
     preprocess: dict[str, Any] = Field(default_factory=lambda: Preprocess().to_dict())

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.artifact import LoadedModel, ModelCard, load_model, save_model
+from trainer.artifact import LoadedModel, ModelCard, check_version_name, load_model, save_model
 from trainer.data import Dataset, load_split, parse_classes
 from trainer.errors import ConfigError, IncompatibleModelsError
 from trainer.losses import BCTWeights, bct_losses, build_old_head, class_mean_embeddings, task_loss
-from trainer.model import EmbeddingModel, build_model
+from trainer.model import build_model
 from trainer.preprocess import Preprocess, augment
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def train(cfg: TrainConfig, progress: Callable[[int, int, dict[str, float]], Non
     if cfg.bct not in (None, "full", "plain"):
         raise ConfigError(f"unknown BCT recipe {cfg.bct!r}: 'full' or 'plain'")
     out = Path(cfg.out)
-    version = out.name
+    version = check_version_name(out.name)
     old = load_model(cfg.old) if cfg.old else None
     _check_bct(cfg, old)
     if cfg.threads:

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _gallery_data import answers, items, random_vectors
 
 from index import (
     DimensionMismatch,
@@ -24,6 +23,7 @@ from index import (
     VersionConflict,
     VersionInfo,
 )
+from tests.index._gallery_data import answers, items, random_vectors
 
 X = random_vectors(30, 16, seed=11)
 Q = random_vectors(5, 16, seed=12)

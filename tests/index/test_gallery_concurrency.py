@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _gallery_data import items, random_vectors
 
 from index import Gallery, VersionInfo
 from index.rwlock import RWLock
+from tests.index._gallery_data import items, random_vectors
 
 BATCHES = 15  # writer iterations: add 10, delete 4, re-embed 1
 

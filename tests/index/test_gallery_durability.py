@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _gallery_data import answers, items, random_vectors
 
 from index import Gallery, VersionInfo
+from tests.index._gallery_data import answers, items, random_vectors
 
 REPO = Path(__file__).resolve().parents[2]
 Q = random_vectors(12, 16, seed=21)

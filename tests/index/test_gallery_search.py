@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _gallery_data import brute_topk, items, random_vectors, unit
 
 from index import Gallery, VersionInfo
+from tests.index._gallery_data import brute_topk, items, random_vectors, unit
 
 
 def test_flat_equals_brute_force(gallery: Gallery) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _gallery_data import items, random_vectors
 
 from index import DuplicateIds, Gallery, ItemNotFound, NewItem, VersionConflict, VersionInfo
+from tests.index._gallery_data import items, random_vectors
 
 
 def test_add_then_read_back(gallery: Gallery) -> None:

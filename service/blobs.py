@@ -1,0 +1,48 @@
+"""Where ingested items' raw bytes are kept, so a later model can re-embed them (backfill).
+
+Content-addressed files under ``<data_dir>/blobs/ab/abcdef...``; the item's ``source_uri`` is
+``blob:<sha256>``. A blob is written and fsynced *before* the SQL transaction that references it commits,
+so an acknowledged item always has its source; a blob whose transaction failed is harmless garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+SCHEME = "blob:"
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, digest: str) -> Path:
+        return self.root / digest[:2] / digest
+
+    def put(self, data: bytes) -> str:
+        """Store ``data`` (idempotent) and return its ``blob:<sha256>`` URI."""
+        digest = hashlib.sha256(data).hexdigest()
+        path = self._path(digest)
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_name(f".{digest}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        return SCHEME + digest
+
+    def get(self, uri: str) -> bytes | None:
+        """The bytes behind a ``blob:`` URI, or None if it is not one of ours or is missing."""
+        if not uri.startswith(SCHEME) or not _HEX.match(uri[len(SCHEME):]):
+            return None
+        try:
+            return self._path(uri[len(SCHEME):]).read_bytes()
+        except FileNotFoundError:
+            return None

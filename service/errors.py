@@ -1,0 +1,43 @@
+"""Typed errors of the service layer. Only the routes' exception handlers turn them into HTTP answers."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class of the service's own errors."""
+
+
+class BadImage(ServiceError):
+    """An image that does not decode, is not PNG/JPEG, or has the wrong size or channels."""
+
+
+class BadRequest(ServiceError):
+    """A request that is well-formed JSON but asks for something impossible (empty batch, no query...)."""
+
+
+class TooLarge(ServiceError):
+    """A body, batch or image larger than the configured bounds."""
+
+
+class ModelNotFound(ServiceError, LookupError):
+    """No model folder (or a refused one) for a version."""
+
+
+class InvalidModel(ServiceError):
+    """A model folder exists but is refused (bad card, bad weights, outside the models dir)."""
+
+
+class IncompatibleModel(ServiceError):
+    """Activating (or querying with) a version whose space differs from the gallery's."""
+
+    def __init__(self, message: str, candidate: str | None = None) -> None:
+        super().__init__(message)
+        self.candidate = candidate
+
+
+class NoActiveModel(ServiceError):
+    """A request needs a model to embed with, and none is active."""
+
+
+class NothingToRollBack(ServiceError):
+    """Rollback asked with no earlier activation to go back to."""

@@ -1,0 +1,123 @@
+"""Ingest and delete gallery items."""
+
+from __future__ import annotations
+
+import json
+from pathlib import PurePath
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from index import NewItem
+from index.errors import ItemNotFound
+from service.auth import WRITE
+from service.errors import BadRequest, TooLarge
+from service.images import decode_base64, decode_image
+from service.routes._body import is_multipart, read_form, read_json
+from service.schemas import DeleteResponse, IngestRequest, IngestResponse, ItemResponse
+from service.state import AppState, State
+
+router = APIRouter(prefix="/v1/items", tags=["items"])
+
+_MULTIPART_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "external_id": {"type": "array", "items": {"type": "string"},
+                        "description": "one per file, in order (default: the file name without extension)"},
+        "metadata": {"type": "array", "items": {"type": "string"}, "description": "one JSON object per file"},
+        "upsert": {"type": "boolean"},
+    },
+    "required": ["files"],
+}
+_INGEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": IngestRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+            "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+        },
+    }
+}
+
+
+def _ingest(state: AppState, rows: list[tuple[str, bytes, dict | None]], upsert: bool) -> IngestResponse:
+    """Decode all, embed all, keep sources, then one gallery transaction: all or nothing."""
+    settings = state.settings
+    if not rows:
+        raise BadRequest("empty batch: send at least one item")
+    if len(rows) > settings.max_batch_items:
+        raise TooLarge(f"batch of {len(rows)} items exceeds the limit of {settings.max_batch_items}")
+    seen: set[str] = set()
+    for eid, _, _ in rows:
+        if eid in seen:
+            raise BadRequest(f"duplicate external id {eid!r} inside one batch")
+        seen.add(eid)
+    with state.registry.serving():
+        active = state.registry.require_active()
+        images = np.stack([
+            decode_image(raw, channels=active.channels, size=active.input_size,
+                         max_pixels=settings.max_image_pixels, what=f"item {eid!r}")
+            for eid, raw, _ in rows
+        ])
+        vectors = active.embed(images)
+        uris = [state.blobs.put(raw) if settings.keep_sources else None for _, raw, _ in rows]
+        items = [NewItem(external_id=eid, vector=v, metadata=meta, source_uri=uri)
+                 for (eid, _, meta), v, uri in zip(rows, vectors, uris, strict=True)]
+        write = state.gallery.upsert if upsert else state.gallery.add
+        write(items, active.version)
+    state.metrics.embedded.labels(version=active.version, purpose="ingest").inc(len(rows))
+    return IngestResponse(model_version=active.version, space=active.space, stored=[r[0] for r in rows],
+                          count=len(rows))
+
+
+@router.post("", response_model=IngestResponse, dependencies=WRITE, openapi_extra=_INGEST_BODY,
+             summary="Ingest images (JSON with base64 PNG/JPEG, or multipart files), embedded by the active model")
+async def ingest(request: Request, state: State) -> IngestResponse:
+    rows: list[tuple[str, bytes, dict | None]] = []
+    upsert = False
+    if is_multipart(request):
+        files, fields = await read_form(request)
+        ids = fields.get("external_id", [])
+        metas = fields.get("metadata", [])
+        if ids and len(ids) != len(files):
+            raise BadRequest(f"{len(ids)} external_id fields for {len(files)} files: give one per file or none")
+        if metas and len(metas) != len(files):
+            raise BadRequest(f"{len(metas)} metadata fields for {len(files)} files: give one per file or none")
+        upsert = fields.get("upsert", ["false"])[-1].lower() in ("1", "true", "yes")
+        for i, (name, raw) in enumerate(files):
+            eid = ids[i] if ids else PurePath(name).stem
+            meta = None
+            if metas:
+                try:
+                    meta = json.loads(metas[i])
+                except json.JSONDecodeError:
+                    raise BadRequest(f"metadata of item {eid!r} is not valid JSON") from None
+                if meta is not None and not isinstance(meta, dict):
+                    raise BadRequest(f"metadata of item {eid!r} must be a JSON object")
+            if not eid or len(eid) > 256:
+                raise BadRequest(f"file {i}: external id must be 1-256 characters")
+            rows.append((eid, raw, meta))
+    else:
+        body = await read_json(request, IngestRequest)
+        upsert = body.upsert
+        for it in body.items:
+            rows.append((it.external_id, decode_base64(it.image_base64, f"item {it.external_id!r}"), it.metadata))
+    return await run_in_threadpool(_ingest, state, rows, upsert)
+
+
+@router.get("/{external_id}", response_model=ItemResponse, summary="One stored item: metadata and who embedded it")
+def get_item(external_id: str, state: State) -> ItemResponse:
+    rec = state.gallery.get_items([external_id]).get(external_id)
+    if rec is None:
+        raise ItemNotFound([external_id])
+    return ItemResponse(external_id=rec.external_id, metadata=rec.metadata, embedded_by=rec.embedded_by,
+                        has_source=rec.source_uri is not None, created_at=rec.created_at.isoformat(),
+                        updated_at=rec.updated_at.isoformat())
+
+
+@router.delete("/{external_id}", response_model=DeleteResponse, dependencies=WRITE, summary="Delete one item")
+def delete_item(external_id: str, state: State) -> DeleteResponse:
+    state.gallery.delete([external_id])
+    return DeleteResponse(deleted=external_id)

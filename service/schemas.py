@@ -1,0 +1,103 @@
+"""Request and response bodies of the HTTP API (pydantic), separate from the SQL tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IngestItem(_Strict):
+    external_id: str = Field(min_length=1, max_length=256)
+    image_base64: str = Field(min_length=1)
+    metadata: dict[str, Any] | None = None
+
+
+class IngestRequest(_Strict):
+    items: list[IngestItem]
+    upsert: bool = Field(False, description="replace items that exist instead of refusing them")
+
+
+class IngestResponse(BaseModel):
+    model_version: str
+    space: str
+    stored: list[str]
+    count: int
+
+
+class ItemResponse(BaseModel):
+    external_id: str
+    metadata: dict[str, Any] | None
+    embedded_by: dict[str, str] = Field(description="space -> the version that embedded the item there")
+    has_source: bool = Field(description="its raw bytes are kept, so it can be re-embedded")
+    created_at: str
+    updated_at: str
+
+
+class DeleteResponse(BaseModel):
+    deleted: str
+
+
+class SearchRequest(_Strict):
+    """Exactly one of ``image_base64``, ``vector`` (with ``model_version``) or ``item_id``."""
+
+    image_base64: str | None = None
+    vector: list[float] | None = None
+    model_version: str | None = None
+    item_id: str | None = None
+    k: int = Field(10, ge=1)
+
+
+class SearchHit(BaseModel):
+    external_id: str
+    score: float
+    embedded_by: str
+    metadata: dict[str, Any] | None = None
+
+
+class SearchResponse(BaseModel):
+    model_version: str = Field(description="the version that embedded the query")
+    space: str
+    hits: list[SearchHit]
+
+
+class ModelInfo(BaseModel):
+    version: str
+    valid: bool
+    error: str | None = None
+    space: str | None = None
+    compatible_with: str | None = None
+    adapter_of: str | None = None
+    embedding_dim: int | None = None
+    classes: list[int] | None = None
+    active: bool = False
+    can_activate: bool | None = None
+    reason: str | None = None
+
+
+class ModelsResponse(BaseModel):
+    active: str | None
+    models: list[ModelInfo]
+
+
+class ActiveResponse(BaseModel):
+    version: str
+    space: str
+    activated_at: float
+    card: dict[str, Any]
+
+
+class ActivationResponse(BaseModel):
+    active: str
+    previous: str | None
+    space: str
+    seconds: float
+    reembedded: int
+
+
+class ErrorResponse(BaseModel):
+    detail: str

@@ -1,0 +1,43 @@
+"""Settings of the service: one pydantic-settings object, read from ``GRACEFUL_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment (prefix ``GRACEFUL_``, e.g. ``GRACEFUL_MODELS_DIR``)."""
+
+    model_config = SettingsConfigDict(env_prefix="GRACEFUL_", extra="ignore")
+
+    models_dir: Path = Field(Path("models"), description="model version folders; the folder name is the version")
+    data_dir: Path = Field(Path("data"), description="index snapshots, item sources, the SQLite file")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; unset = SQLite at <data_dir>/gallery.db")
+    api_key: SecretStr | None = Field(None, description="required in X-API-Key by mutating endpoints when set")
+    active_model: str | None = Field(None, description="version to activate on first start when none is persisted")
+    price_per_cpu_hour: float = Field(0.05, ge=0, description="USD per CPU-hour, for the backfill-cost report")
+
+    index_factory: str = Field("Flat", description="FAISS factory string per space: Flat, HNSW32, IVF1024,Flat")
+    index_params: str | None = Field(None, description="FAISS search parameters, e.g. efSearch=128 or nprobe=32")
+
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="largest request body accepted")
+    max_batch_items: int = Field(1024, gt=0, description="most items in one ingest request")
+    max_image_pixels: int = Field(1024 * 1024, gt=0, description="decoded images larger than this are refused")
+    max_k: int = Field(1000, gt=0, description="largest k a search may ask for")
+
+    torch_threads: int | None = Field(None, description="threads per model forward (unset: all cores)")
+    faiss_threads: int | None = Field(1, description="OpenMP threads per FAISS search")
+    throughput_probe_images: int = Field(512, gt=0, description="images in the timed batch of the cost report")
+
+    keep_sources: bool = Field(True, description="keep ingested image bytes so items can be re-embedded later")
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'gallery.db').resolve()}"
+
+    @property
+    def cpu_threads(self) -> int:
+        return self.torch_threads or os.cpu_count() or 1
