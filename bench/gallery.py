@@ -34,6 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.report import write_section  # noqa: E402
 from index import Gallery, NewItem, VersionInfo  # noqa: E402
 
 log = logging.getLogger("bench.gallery")
@@ -220,19 +221,6 @@ def render(res: dict, args: argparse.Namespace, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the "## Gallery" section of ``path`` (or append it), keeping every other section."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "".join(lines[:start]) + section + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
-    path.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sanity run (1e4 / 5e4 vectors, 3 repeats)")
@@ -271,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(res, args, command)
     print(section)
     if write:
-        write_section(args.out, section)
+        write_section(SECTION.removeprefix("## "), section, args.out)
         log.info("wrote %s to %s", SECTION, args.out)
     return 0
 

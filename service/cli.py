@@ -26,9 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging("-v" in rest or "--verbose" in rest)
     rest = [a for a in rest if a not in ("-v", "--verbose")]
+    from service.demo import demo_main
     from service.serve import serve_main
 
-    commands = {"train": train_main, "eval": eval_main, "serve": serve_main}
+    commands = {"train": train_main, "eval": eval_main, "serve": serve_main, "demo": demo_main}
     if cmd not in commands:
         print(f"graceful: error: unknown command {cmd!r} (try `graceful --help`)", file=sys.stderr)
         return 2

@@ -50,6 +50,7 @@ class SearchRequest(_Strict):
     model_version: str | None = None
     item_id: str | None = None
     k: int = Field(10, ge=1)
+    include_metadata: bool = Field(True, description="false skips the metadata lookup (faster for large k)")
 
 
 class SearchHit(BaseModel):

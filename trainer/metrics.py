@@ -18,6 +18,18 @@ def rank_gallery(queries: np.ndarray, gallery: np.ndarray, chunk: int = 512):
         yield s, np.argsort(-sims, axis=1, kind="stable")
 
 
+def relevance_metrics(rel: np.ndarray, n_relevant: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Sums (not means) of CMC top-k hits and AP over queries, from ranked relevance.
+
+    ``rel`` is (q, R) bool: whether the r-th ranked gallery item has the query's class; ``n_relevant`` (q,)
+    how many gallery items have it in all (a ranking truncated at R < G counts the rest as never found).
+    """
+    out = {f"top{k}": float(rel[:, :k].any(axis=1).sum()) for k in ks}
+    precision = np.cumsum(rel, axis=1) / np.arange(1, rel.shape[1] + 1)  # (q, R)
+    out["mAP"] = float(((precision * rel).sum(axis=1) / np.maximum(n_relevant, 1)).sum())
+    return out
+
+
 def retrieval_metrics(
     queries: np.ndarray,
     query_labels: np.ndarray,
@@ -28,19 +40,15 @@ def retrieval_metrics(
     """{"top1", "top5", "mAP", "n_queries"} for (Q, D) queries against a (G, D) gallery, both unit-norm."""
     if queries.shape[1] != gallery.shape[1]:
         raise ValueError(f"query dim {queries.shape[1]} != gallery dim {gallery.shape[1]}")
-    hits = {k: 0 for k in ks}
-    ap_sum, n = 0.0, len(queries)
-    ranks = np.arange(1, len(gallery) + 1)
+    sums: dict[str, float] = {}
+    n = len(queries)
     for s, order in rank_gallery(queries.astype(np.float32), gallery.astype(np.float32)):
-        rel = gallery_labels[order] == query_labels[s : s + len(order), None]  # (q, G) bool
-        for k in ks:
-            hits[k] += int(rel[:, :k].any(axis=1).sum())
-        n_rel = rel.sum(axis=1)
-        precision = np.cumsum(rel, axis=1) / ranks  # (q, G)
-        ap = (precision * rel).sum(axis=1) / np.maximum(n_rel, 1)
-        ap_sum += float(ap.sum())
-    out = {f"top{k}": hits[k] / n if n else 0.0 for k in ks}
-    out["mAP"] = ap_sum / n if n else 0.0
+        ql = query_labels[s : s + len(order)]
+        rel = gallery_labels[order] == ql[:, None]  # (q, G) bool
+        for key, v in relevance_metrics(rel, rel.sum(axis=1), ks).items():
+            sums[key] = sums.get(key, 0.0) + v
+    out: dict[str, float] = {key: v / n if n else 0.0 for key, v in sums.items()} if n else {
+        **{f"top{k}": 0.0 for k in ks}, "mAP": 0.0}
     out["n_queries"] = n
     return out
 

@@ -202,3 +202,19 @@ def _attach_metrics(out: Path, card: ModelCard, old: LoadedModel | None, cfg: Tr
     card = card.model_copy(update={"metrics": report.card_metrics(new.version)})
     return save_model(out, new.model, card)
 
+
+
+def reusable(cfg: TrainConfig) -> bool:
+    """True when ``cfg.out`` holds a complete model trained with the same settings (threads aside).
+
+    A folder is complete once its card exists (written last), so an interrupted run is never reused.
+    """
+    from trainer.artifact import read_card
+    from trainer.errors import ModelCardError
+
+    wanted = {k: v for k, v in asdict(cfg).items() if k not in ("out", "threads")}
+    try:
+        have = read_card(cfg.out).train_config
+    except ModelCardError:
+        return False
+    return all(have.get(k) == v for k, v in wanted.items())

@@ -39,17 +39,17 @@ def _respond(state: AppState, version: str, space: str, hits, include_metadata: 
     ])
 
 
-def _by_image(state: AppState, raw: bytes, k: int) -> SearchResponse:
+def _by_image(state: AppState, raw: bytes, k: int, include_metadata: bool = True) -> SearchResponse:
     active = state.registry.require_active()  # captured once: a swap mid-request does not affect it
     image = decode_image(raw, channels=active.channels, size=active.input_size,
                          max_pixels=state.settings.max_image_pixels, what="query image")
     vec = active.embed(image[None])
     state.metrics.embedded.labels(version=active.version, purpose="query").inc()
     hits = state.gallery.search(active.space, vec, k)[0]
-    return _respond(state, active.version, active.space, hits)
+    return _respond(state, active.version, active.space, hits, include_metadata)
 
 
-def _by_vector(state: AppState, vector: list[float], version: str, k: int) -> SearchResponse:
+def _by_vector(state: AppState, vector: list[float], version: str, k: int, include_metadata: bool) -> SearchResponse:
     try:
         info = state.gallery.get_version(version)
     except UnknownVersion:
@@ -63,14 +63,14 @@ def _by_vector(state: AppState, vector: list[float], version: str, k: int) -> Se
             candidate=version,
         )
     hits = state.gallery.search(space, np.asarray(vector, dtype=np.float64)[None], k, version=version)[0]
-    return _respond(state, version, space, hits)
+    return _respond(state, version, space, hits, include_metadata)
 
 
-def _by_item(state: AppState, item_id: str, k: int) -> SearchResponse:
+def _by_item(state: AppState, item_id: str, k: int, include_metadata: bool) -> SearchResponse:
     active = state.registry.require_active()
     vec, version = state.gallery.get_embedding(item_id, active.space)
     hits = [h for h in state.gallery.search(active.space, vec[None], k + 1)[0] if h.external_id != item_id][:k]
-    return _respond(state, version, active.space, hits)
+    return _respond(state, version, active.space, hits, include_metadata)
 
 
 @router.post("/search", response_model=SearchResponse, openapi_extra=_SEARCH_BODY,
@@ -98,12 +98,14 @@ async def search(request: Request, state: State) -> SearchResponse:
     if body.image_base64 is not None:
         if body.model_version is not None:
             raise BadRequest("model_version goes with vector: an image is embedded by the active model")
-        return await run_in_threadpool(_by_image, state, decode_base64(body.image_base64, "query image"), body.k)
+        raw = decode_base64(body.image_base64, "query image")
+        return await run_in_threadpool(_by_image, state, raw, body.k, body.include_metadata)
     if body.vector is not None:
         if body.model_version is None:
             raise BadRequest("a vector needs model_version: the version that embedded it")
-        return await run_in_threadpool(_by_vector, state, body.vector, body.model_version, body.k)
+        return await run_in_threadpool(_by_vector, state, body.vector, body.model_version, body.k,
+                                       body.include_metadata)
     assert body.item_id is not None
     if body.model_version is not None:
         raise BadRequest("model_version goes with vector, not item_id")
-    return await run_in_threadpool(_by_item, state, body.item_id, body.k)
+    return await run_in_threadpool(_by_item, state, body.item_id, body.k, body.include_metadata)

@@ -1,0 +1,146 @@
+"""Compatibility benchmark: BCT on the full Fashion-MNIST protocol, several seeds.
+
+Per seed: v1 (classes 0-4), v2 with the full BCT recipe against v1, v2 with plain BCT (influence loss
+only), and v2-indep (no BCT), all on classes 0-9. Evaluates the compatibility matrix of the four models on
+the test split (queries = index % 5 == 0, gallery = the rest), then writes mean and spread of every cell,
+update gain and negative flips, and the pass/fail of each criterion per seed to BENCHMARKS.md.
+
+    .venv/bin/python bench/compat.py                 # 3 seeds (about an hour on 2 cores)
+    .venv/bin/python bench/compat.py --seeds 0 --quick   # a smoke run on a slice; prints only
+
+Trained models are kept under bench/out/compat/ and reused when their settings match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.report import command_line, machine_line, write_section  # noqa: E402
+from trainer.artifact import load_model  # noqa: E402
+from trainer.data import load_split  # noqa: E402
+from trainer.evaluate import METRICS, evaluate_models  # noqa: E402
+from trainer.train import TrainConfig, reusable, train  # noqa: E402
+
+MODELS = ("v1", "v2", "v2-plain", "v2-indep")
+LABELS = {"v1": "v1", "v2": "v2 BCT (full)", "v2-plain": "v2 BCT (plain)", "v2-indep": "v2 independent"}
+
+
+def train_seed(root: Path, seed: int, args: argparse.Namespace) -> list[Path]:
+    common = dict(seed=seed, limit=args.limit, threads=args.threads)
+    cfgs = [
+        TrainConfig(out=str(root / "v1"), classes="0-4", epochs=args.epochs_old, **common),
+        TrainConfig(out=str(root / "v2"), epochs=args.epochs_new, old=str(root / "v1"), bct="full", **common),
+        TrainConfig(out=str(root / "v2-plain"), epochs=args.epochs_new, old=str(root / "v1"), bct="plain", **common),
+        TrainConfig(out=str(root / "v2-indep"), epochs=args.epochs_new, **common),
+    ]
+    for cfg in cfgs:
+        if reusable(cfg):
+            print(f"seed {seed}: reusing {cfg.out}", flush=True)
+            continue
+        t0 = time.perf_counter()
+        train(cfg)
+        print(f"seed {seed}: trained {cfg.out} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return [Path(c.out) for c in cfgs]
+
+
+def criteria(r: dict) -> dict[str, bool]:
+    """The issue's requirements for one seed's report."""
+    m = r["matrix"]
+    oo, no, nn = m["v1/v1"], m["v2/v1"], m["v2/v2"]
+    return {
+        "BCT v2/v1 > v1/v1 on top-1": no["top1"] > oo["top1"],
+        "BCT v2/v1 > v1/v1 on mAP": no["mAP"] > oo["mAP"],
+        "BCT v2/v1 top-5 >= v1/v1 - 0.005": no["top5"] >= oo["top5"] - 0.005,
+        "update gain on mAP >= 0.50 (full recipe)": r["bct"]["v2/v1"]["update_gain"]["mAP"] >= 0.50,
+        "independent v2/v1 top-1 < half of v1/v1": m["v2-indep/v1"]["top1"] < 0.5 * oo["top1"],
+        "compatibility tax: BCT v2/v2 >= 0.97 x independent v2/v2 (mAP)": nn["mAP"] >= 0.97 * m["v2-indep/v2-indep"]["mAP"],
+    }
+
+
+def mean_sd(xs: list[float]) -> str:
+    if len(xs) == 1:
+        return f"{xs[0]:.4f}"
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
+
+
+def render(reports: list[dict], seeds: list[int], args: argparse.Namespace, seconds: float) -> str:
+    out = ["## Compatibility (BCT)", "", f"Command: {command_line()}", "", machine_line(),
+           f"Seeds {', '.join(map(str, seeds))}; v1: classes 0-4, {args.epochs_old} epochs; every v2: classes 0-9, "
+           f"{args.epochs_new} epochs{'; train slice ' + str(args.limit) if args.limit else ''}. "
+           f"Test split: 2,000 queries (index % 5 == 0) against 8,000 gallery images, full ranking, cosine. "
+           f"Cells are mean ± sample standard deviation over seeds. Total time {seconds / 60:.0f} min.", ""]
+    out += ["### Compatibility matrix (query model / gallery model)", "",
+            "| query / gallery | top-1 | top-5 | mAP | mAP old classes | mAP new classes |", "|---|---|---|---|---|---|"]
+    for q in MODELS:
+        for g in MODELS:
+            key = f"{q}/{g}"
+            cells = [r["matrix"][key] for r in reports]
+            row = [mean_sd([c[m] for c in cells]) for m in METRICS]
+            row += [mean_sd([c[part]["mAP"] for c in cells]) for part in ("old_classes", "new_classes")]
+            bold = key in ("v1/v1", "v2/v1", "v2/v2", "v2-plain/v1", "v2-indep/v1", "v2-indep/v2-indep")
+            name = f"**{key}**" if bold else key
+            out.append(f"| {name} | " + " | ".join(row) + " |")
+    out += ["", "### Update gain and negative flips (against v1)", "",
+            "| model | gain top-1 | gain top-5 | gain mAP | NFR v1→model | rel. NFR | error v1 → model |",
+            "|---|---|---|---|---|---|---|"]
+    for v in MODELS[1:]:
+        gains = [r["bct"][f"{v}/v1"]["update_gain"] for r in reports]
+        flips = [r["flips"][f"v1->{v}"] for r in reports]
+        out.append(f"| {LABELS[v]} | " + " | ".join(mean_sd([g[m] for g in gains]) for m in METRICS) + " | "
+                   + mean_sd([f["nfr"] for f in flips]) + " | " + mean_sd([f["rel_nfr"] for f in flips]) + " | "
+                   + f"{mean_sd([f['err_old'] for f in flips])} → {mean_sd([f['err_new'] for f in flips])} |")
+    out += ["", "NFR here is over the whole test split; v1 never predicts classes 5-9, so only its right answers on "
+            "classes 0-4 can flip.", "", "### Criteria, per seed", "",
+            "| criterion | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    crit = [criteria(r) for r in reports]
+    for name in crit[0]:
+        out.append(f"| {name} | " + " | ".join("pass" if c[name] else "**FAIL**" for c in crit) + " |")
+    plain_pass = [r["matrix"]["v2-plain/v1"]["top1"] > r["matrix"]["v1/v1"]["top1"] for r in reports]
+    out += ["", f"Plain BCT (influence loss alone): v2-plain/v1 > v1/v1 on top-1 in "
+            f"{sum(plain_pass)} of {len(plain_pass)} seeds; update gain on mAP "
+            f"{mean_sd([r['bct']['v2-plain/v1']['update_gain']['mAP'] for r in reports])}.", ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs-old", type=int, default=6)
+    p.add_argument("--epochs-new", type=int, default=12)
+    p.add_argument("--limit", type=int, default=None, help="train on a slice (smoke runs)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="1 epoch each on a 5k slice; prints only")
+    p.add_argument("--write", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "compat")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.epochs_old, args.epochs_new, args.limit = 1, 1, args.limit or 5000
+    write = (not args.quick) if args.write is None else args.write
+    t0 = time.perf_counter()
+    test = load_split(None, "test")
+    reports = []
+    for seed in args.seeds:
+        folders = train_seed(args.out / ("quick" if args.quick else "full") / f"seed{seed}", seed, args)
+        models = [load_model(f) for f in folders]
+        r = evaluate_models(models, test).to_json(include_flipped=False)
+        (folders[0].parent / "report.json").write_text(json.dumps(r, indent=1))
+        reports.append(r)
+        print(f"seed {seed}: " + ", ".join(f"{k}={'ok' if v else 'FAIL'}" for k, v in criteria(r).items()), flush=True)
+    text = render(reports, args.seeds, args, time.perf_counter() - t0)
+    print(text)
+    if write:
+        write_section("Compatibility (BCT)", text)
+        print("wrote the section to BENCHMARKS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
