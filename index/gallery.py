@@ -88,6 +88,7 @@ class Gallery:
         self._versions: dict[str, VersionInfo] = {}
         self._spaces: dict[str, SpaceIndex] = {}
         self._closed = False
+        self._items = 0  # items in SQL, kept in step with this process's commits (O(1) for policy checks)
         self.last_open_reports: list[ReconcileReport] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -148,6 +149,7 @@ class Gallery:
         with self._mutex, self.engine.connect() as conn:
             self._versions = {v.version: v for v in catalog.list_versions(conn)}
             dims = catalog.space_dims(conn)
+            self._items = store.item_count(conn)
         for space, dim in sorted(dims.items()):
             sidx = self._new_space_index(space, dim)
             self.last_open_reports.append(reconcile(self.engine, sidx, self.index_dir))
@@ -203,6 +205,8 @@ class Gallery:
         self._check_open()
         with self._mutex:
             self._discover_spaces()
+            with self.engine.connect() as conn:
+                self._items = store.item_count(conn)
             targets = [self._space_index(space)] if space is not None else list(self._spaces.values())
             out = []
             for sidx in targets:
@@ -377,6 +381,7 @@ class Gallery:
                     )
             except IntegrityError as e:  # only reachable through a concurrent writer in another process
                 raise VersionConflict(f"concurrent write conflict, retry: {e.orig}") from e
+            self._items += res.inserted
             entries = [(iid, eid, info.version) for iid, eid in zip(res.item_ids, ext_ids, strict=True)]
             self._apply(sidx, res.old_vec_ids, res.vec_ids, vectors, entries)
             log.debug("%s: %d items in space %r by %r", mode, len(items), info.space, info.version)
@@ -395,6 +400,7 @@ class Gallery:
             self._check_open()
             with self.engine.begin() as conn:
                 n_deleted, removed = store.delete_items(conn, ids, missing_ok)
+            self._items -= n_deleted
             by_space: dict[str, list[int]] = defaultdict(list)
             for sp, vid in removed:
                 by_space[sp].append(vid)
@@ -474,6 +480,16 @@ class Gallery:
             self._space_index(space)
         with self.engine.connect() as conn:
             return store.item_count(conn) if space is None else store.space_count(conn, space)
+
+    def live_counts(self, space: str) -> tuple[int, int]:
+        """``(items, items with an embedding in space)`` from memory, O(1) whatever the gallery's size.
+
+        Kept in step with this process's commits (and refreshed by :meth:`reconcile`); :meth:`count`
+        asks SQL instead. For policy checks on hot paths, e.g. "may this model serve over the gallery".
+        """
+        self._check_open()
+        sidx = self._spaces.get(space)
+        return self._items, (sidx.live_count if sidx is not None else 0)
 
     def counts_by_version(self) -> dict[str, int]:
         """Embeddings per version that made them (all spaces)."""

@@ -176,11 +176,8 @@ class ModelRegistry:
         It may when every stored item has an embedding in the model's space (trivially so for an empty
         gallery, or a BCT child of the gallery's model).
         """
-        total = self.gallery.count()
-        if total == 0:
-            return None
-        in_space = self.gallery.count(card.space) if card.space in self.gallery.spaces() else 0
-        if in_space == total:
+        total, in_space = self.gallery.live_counts(card.space)  # O(1): activation must not scale with the gallery
+        if total == 0 or in_space == total:
             return None
         spaces = {s: n for s, n in self.gallery.counts_by_space().items() if n}
         where = ", ".join(f"{n} in space {s!r}" for s, n in sorted(spaces.items()))

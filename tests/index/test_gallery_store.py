@@ -111,9 +111,36 @@ def test_two_spaces_and_backfill_bookkeeping(gallery: Gallery) -> None:
     assert gallery.get_items(["item0"])["item0"].embedded_by == {"v1": "v1", "w": "w1"}
     assert gallery.search("w", z[1], 1)[0][0].external_id == "item1"
     assert gallery.search("v1", x[1], 1)[0][0].external_id == "item1"  # old space untouched
+    assert gallery.live_counts("w") == (6, 3) and gallery.live_counts("v1") == (6, 6)
     gallery.delete(["item1"])
     assert gallery.counts_by_space() == {"v1": 5, "w": 2}
     assert gallery.consistency("w") == (2, 2) and gallery.consistency("v1") == (5, 5)
+    assert gallery.live_counts("w") == (5, 2) and gallery.live_counts("nowhere") == (5, 0)
+
+
+def test_live_counts_survive_reopen(database_url: str, tmp_path) -> None:
+    d = tmp_path / "d"
+    with Gallery.open(database_url, d) as g:
+        g.register_version(VersionInfo("v1", space="v1", embedding_dim=16))
+        g.add(items(random_vectors(7, 16, seed=1)), "v1")
+        g.upsert(items(random_vectors(9, 16, seed=2)), "v1")  # 7 replaced, 2 new
+        assert g.live_counts("v1") == (9, 9) == (g.count(), g.count("v1"))
+    with Gallery.open(database_url, d) as g:
+        assert g.live_counts("v1") == (9, 9)
+
+
+def test_activation_history_supports_rollback(database_url: str, tmp_path) -> None:
+    with Gallery.open(database_url, tmp_path / "d") as g:
+        for v in ("v1", "v2"):
+            g.register_version(VersionInfo(v, space="v1", embedding_dim=4))
+        g.set_active_version("v1")
+        g.set_active_version("v2")
+        g.set_active_version("v2")  # re-activating the active version adds no entry
+        assert g.activation_history() == ["v1", "v2"]
+        with pytest.raises(VersionConflict, match="not the previous"):
+            g.set_active_version("v2", rollback=True)
+        g.set_active_version("v1", rollback=True)
+        assert g.activation_history() == ["v1"] and g.active_version() == "v1"
 
 
 def test_versions_and_active(database_url: str, tmp_path) -> None:
