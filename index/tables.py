@@ -135,11 +135,14 @@ class BackfillJob(Base):
 
 
 def create_schema(engine: Engine) -> None:
-    """Create missing tables and seed the counter and settings rows. Idempotent.
+    """Migrate the database to the newest schema (Alembic) and seed the counter and settings rows.
 
-    The one place that creates the schema, so that an Alembic migration can take it over later.
+    Idempotent. The one place that creates or changes the schema: every change ships as a migration in
+    ``index/migrations/versions`` (a test checks that the migrations produce exactly these tables).
     """
-    Base.metadata.create_all(engine)
+    from index.migrate import upgrade
+
+    upgrade(engine)
     try:
         with engine.begin() as conn:
             if conn.execute(select(Counter.name).where(Counter.name == VEC_ID_COUNTER)).first() is None:
@@ -151,5 +154,9 @@ def create_schema(engine: Engine) -> None:
 
 
 def drop_schema(engine: Engine) -> None:
-    """Drop every gallery table (tests only)."""
+    """Drop every gallery table and the migration record (tests only)."""
+    from sqlalchemy import text
+
     Base.metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
