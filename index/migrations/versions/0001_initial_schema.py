@@ -1,7 +1,7 @@
 """initial schema: model versions, items, embeddings, counters, settings, backfill jobs
 
 Revision ID: 0001
-Revises: 
+Revises: (none)
 Create Date: 2026-11-27 10:47:08.435269
 """
 from __future__ import annotations
