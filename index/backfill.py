@@ -3,19 +3,24 @@
 Per-item progress needs no table of its own: an item is done when its embeddings row in the candidate's
 space has ``version == candidate``. A job row records the candidate, its space, a status, the policy it
 runs under (free JSON, e.g. batch size or order), and the progress counters a runner updates.
+An ordered job also has its order (``backfill_order``: position -> item, written once); items a job could
+not re-embed are in ``backfill_skips``. Pending items are always computed against the embeddings, so a
+resumed job skips what was committed before a crash, whatever its counters said.
 Plain functions over a caller-owned :class:`sqlalchemy.Connection`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, select, update
+import numpy as np
+from sqlalchemy import Connection, and_, delete, func, select, update
 
-from .errors import InvalidInput
-from .tables import BackfillJob, Embedding, Item, utcnow
+from .errors import InvalidInput, UnknownBackfillJob
+from .tables import BackfillJob, BackfillOrder, BackfillSkip, Embedding, Item, utcnow
 from .types import VersionInfo
 
 JOB_STATUSES = ("pending", "running", "paused", "cancelled", "done", "failed")
@@ -23,6 +28,10 @@ JOB_STATUSES = ("pending", "running", "paused", "cancelled", "done", "failed")
 jobs_t = BackfillJob.__table__
 items_t = Item.__table__
 emb_t = Embedding.__table__
+order_t = BackfillOrder.__table__
+skips_t = BackfillSkip.__table__
+
+_CHUNK = 500  # portable bound on IN-list sizes and rows per executemany
 
 
 @dataclass(frozen=True)
@@ -57,22 +66,137 @@ def progress(conn: Connection, candidate: VersionInfo) -> tuple[int, int]:
     return int(done), int(total)
 
 
-def pending_items(
-    conn: Connection, candidate: VersionInfo, limit: int, after_item_id: int = 0
-) -> list[tuple[int, str, str | None]]:
-    """Items not yet embedded by ``candidate``: ``(item_id, external_id, source_uri)`` by item id, paged."""
+def _not_done(stmt, candidate: VersionInfo, job_id: int | None):
+    """``stmt`` (selecting from items) restricted to items not embedded by ``candidate`` in its space and,
+    with ``job_id``, not skipped by that job (anti-joins on the unique (item, space) / (job, item) keys)."""
     done = emb_t.alias("done")
-    rows = conn.execute(
-        select(items_t.c.id, items_t.c.external_id, items_t.c.source_uri)
-        .outerjoin(
-            done,
-            and_(done.c.item_id == items_t.c.id, done.c.space == candidate.space, done.c.version == candidate.version),
+    stmt = stmt.outerjoin(
+        done, and_(done.c.item_id == items_t.c.id, done.c.space == candidate.space, done.c.version == candidate.version)
+    ).where(done.c.id.is_(None))
+    if job_id is not None:
+        skip = skips_t.alias("skip")
+        stmt = stmt.outerjoin(skip, and_(skip.c.item_id == items_t.c.id, skip.c.job_id == job_id)).where(
+            skip.c.item_id.is_(None)
         )
-        .where(done.c.id.is_(None), items_t.c.id > after_item_id)
-        .order_by(items_t.c.id)
+    return stmt
+
+
+def pending_items(
+    conn: Connection, candidate: VersionInfo, limit: int, after_item_id: int = 0, job_id: int | None = None
+) -> list[tuple[int, str, str | None]]:
+    """Items not yet embedded by ``candidate``: ``(item_id, external_id, source_uri)`` by item id, paged.
+
+    With ``job_id``, items that job skipped are left out too.
+    """
+    stmt = select(items_t.c.id, items_t.c.external_id, items_t.c.source_uri).select_from(items_t)
+    stmt = _not_done(stmt, candidate, job_id).where(items_t.c.id > after_item_id).order_by(items_t.c.id).limit(limit)
+    return [(int(i), e, u) for i, e, u in conn.execute(stmt)]
+
+
+def write_order(conn: Connection, job_id: int, item_ids: Sequence[int], scores: Sequence[float] | None = None) -> int:
+    """Store a job's order: ``item_ids[p]`` is re-embedded p-th. Replaces any previous order of the job."""
+    conn.execute(delete(order_t).where(order_t.c.job_id == job_id))
+    rows = [{"job_id": job_id, "position": p, "item_id": int(i), "score": None if scores is None else float(scores[p])}
+            for p, i in enumerate(item_ids)]
+    for s in range(0, len(rows), _CHUNK * 10):
+        conn.execute(order_t.insert(), rows[s : s + _CHUNK * 10])
+    return len(rows)
+
+
+def order_size(conn: Connection, job_id: int) -> int:
+    """Rows of a job's order (0: the job has none yet, or follows item ids)."""
+    return int(conn.execute(select(func.count()).select_from(order_t).where(order_t.c.job_id == job_id)).scalar_one())
+
+
+def pending_in_order(
+    conn: Connection, job_id: int, candidate: VersionInfo, limit: int, after_position: int = -1
+) -> list[tuple[int, int, str, str | None]]:
+    """Pending, unskipped items of a job's order after ``after_position``:
+    ``(position, item_id, external_id, source_uri)`` by position, paged."""
+    stmt = (
+        select(order_t.c.position, items_t.c.id, items_t.c.external_id, items_t.c.source_uri)
+        .select_from(order_t.join(items_t, items_t.c.id == order_t.c.item_id))
+    )
+    stmt = (
+        _not_done(stmt, candidate, job_id)
+        .where(order_t.c.job_id == job_id, order_t.c.position > after_position)
+        .order_by(order_t.c.position)
         .limit(limit)
     )
+    return [(int(p), int(i), e, u) for p, i, e, u in conn.execute(stmt)]
+
+
+def read_order(conn: Connection, job_id: int) -> list[int]:
+    """A job's order as item ids, first to last (items deleted since are gone from it)."""
+    rows = conn.execute(select(order_t.c.item_id).where(order_t.c.job_id == job_id).order_by(order_t.c.position))
+    return [int(i) for (i,) in rows]
+
+
+def record_skips(conn: Connection, job_id: int, skips: Sequence[tuple[int, str]]) -> None:
+    """Remember ``(item_id, reason)`` pairs a job could not re-embed (ignores pairs it already holds)."""
+    if not skips:
+        return
+    ids = [int(i) for i, _ in skips]
+    have = set()
+    for s in range(0, len(ids), _CHUNK):
+        have.update(int(i) for (i,) in conn.execute(
+            select(skips_t.c.item_id).where(skips_t.c.job_id == job_id, skips_t.c.item_id.in_(ids[s : s + _CHUNK]))
+        ))
+    rows = [{"job_id": job_id, "item_id": int(i), "reason": r[:256]} for i, r in skips if int(i) not in have]
+    if rows:
+        conn.execute(skips_t.insert(), rows)
+
+
+def skipped(conn: Connection, job_id: int, limit: int = 20) -> tuple[int, list[tuple[str, str]]]:
+    """``(how many, first `limit` as (external_id, reason))`` of the items a job skipped."""
+    n = conn.execute(select(func.count()).select_from(skips_t).where(skips_t.c.job_id == job_id)).scalar_one()
+    rows = conn.execute(
+        select(items_t.c.external_id, skips_t.c.reason)
+        .join(items_t, items_t.c.id == skips_t.c.item_id)
+        .where(skips_t.c.job_id == job_id)
+        .order_by(skips_t.c.item_id)
+        .limit(limit)
+    )
+    return int(n), [(e, r) for e, r in rows]
+
+
+def sources(conn: Connection) -> list[tuple[int, str, str | None]]:
+    """``(item_id, external_id, source_uri)`` of every item, by item id (one pass; for reports)."""
+    rows = conn.execution_options(yield_per=50_000).execute(
+        select(items_t.c.id, items_t.c.external_id, items_t.c.source_uri).order_by(items_t.c.id)
+    )
     return [(int(i), e, u) for i, e, u in rows]
+
+
+def vectors_of_items(
+    conn: Connection, item_ids: Sequence[int], space: str, dim: int
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Stored embeddings in ``space`` of the given items (those that have one): ``(item_ids (m,) int64,
+    versions, vectors (m, dim) float32)``, in the order of ``item_ids``."""
+    got: dict[int, tuple[str, bytes]] = {}
+    ids = [int(i) for i in item_ids]
+    for s in range(0, len(ids), _CHUNK):
+        rows = conn.execute(
+            select(emb_t.c.item_id, emb_t.c.version, emb_t.c.vector)
+            .where(emb_t.c.space == space, emb_t.c.item_id.in_(ids[s : s + _CHUNK]))
+        )
+        got.update({int(i): (v, bytes(b)) for i, v, b in rows})
+    keep = [i for i in ids if i in got]
+    vecs = np.frombuffer(b"".join(got[i][1] for i in keep), dtype="<f4").reshape(len(keep), dim)
+    return np.asarray(keep, dtype=np.int64), [got[i][0] for i in keep], vecs
+
+
+def items_by_id(conn: Connection, item_ids: Sequence[int]) -> dict[int, tuple[str, str | None, Any]]:
+    """item id -> ``(external_id, source_uri, metadata)`` for the ids that exist."""
+    out: dict[int, tuple[str, str | None, Any]] = {}
+    ids = [int(i) for i in item_ids]
+    for s in range(0, len(ids), _CHUNK):
+        rows = conn.execute(
+            select(items_t.c.id, items_t.c.external_id, items_t.c.source_uri, items_t.c.metadata)
+            .where(items_t.c.id.in_(ids[s : s + _CHUNK]))
+        )
+        out.update({int(i): (e, u, m) for i, e, u, m in rows})
+    return out
 
 
 def create_job(conn: Connection, candidate: VersionInfo, policy: Any = None) -> BackfillJobInfo:
@@ -91,7 +215,7 @@ def create_job(conn: Connection, candidate: VersionInfo, policy: Any = None) -> 
 def get_job(conn: Connection, job_id: int) -> BackfillJobInfo:
     r = conn.execute(select(jobs_t).where(jobs_t.c.id == job_id)).first()
     if r is None:
-        raise InvalidInput(f"unknown backfill job {job_id!r}")
+        raise UnknownBackfillJob(job_id)
     return _info(r)
 
 
@@ -110,12 +234,13 @@ def update_job(
     done: int | None = None,
     total: int | None = None,
     error: str | None = None,
+    policy: Any = None,
 ) -> BackfillJobInfo:
-    """Update a job's status and/or progress (None leaves a field as it is)."""
+    """Update a job's status, progress, error and/or policy (None leaves a field as it is)."""
     if status is not None and status not in JOB_STATUSES:
         raise InvalidInput(f"backfill status must be one of {JOB_STATUSES}, not {status!r}")
     values: dict[str, Any] = {"updated_at": utcnow()}
-    for key, val in (("status", status), ("done", done), ("total", total), ("error", error)):
+    for key, val in (("status", status), ("done", done), ("total", total), ("error", error), ("policy", policy)):
         if val is not None:
             values[key] = val
     get_job(conn, job_id)

@@ -18,6 +18,7 @@ __all__ = [
     "InvalidInput",
     "ItemNotFound",
     "SpaceMismatch",
+    "UnknownBackfillJob",
     "UnknownSpace",
     "UnknownVersion",
     "VersionConflict",
@@ -101,3 +102,11 @@ class SpaceMismatch(GalleryError):
 
 class VersionConflict(GalleryError):
     """A version registered twice with different attributes, or used in a state that forbids it."""
+
+
+class UnknownBackfillJob(InvalidInput, LookupError):
+    """A backfill job id that does not exist."""
+
+    def __init__(self, job_id: object) -> None:
+        super().__init__(f"unknown backfill job {job_id!r}")
+        self.job_id = job_id

@@ -528,12 +528,89 @@ class Gallery:
         with self.engine.connect() as conn:
             return backfill.progress(conn, info)
 
-    def pending_backfill(self, candidate: str, limit: int, after_item_id: int = 0) -> list[tuple[int, str, str | None]]:
-        """Items not yet embedded by ``candidate``: ``(item_id, external_id, source_uri)``, by item id."""
+    def pending_backfill(
+        self, candidate: str, limit: int, after_item_id: int = 0, job_id: int | None = None
+    ) -> list[tuple[int, str, str | None]]:
+        """Items not yet embedded by ``candidate``: ``(item_id, external_id, source_uri)``, by item id
+        (with ``job_id``: also not skipped by that job)."""
         self._check_open()
         info = self._version(candidate)
         with self.engine.connect() as conn:
-            return backfill.pending_items(conn, info, int(limit), int(after_item_id))
+            return backfill.pending_items(conn, info, int(limit), int(after_item_id), job_id)
+
+    def pending_backfill_ordered(
+        self, job_id: int, candidate: str, limit: int, after_position: int = -1
+    ) -> list[tuple[int, int, str, str | None]]:
+        """Pending, unskipped items of a job's stored order: ``(position, item_id, external_id, source_uri)``."""
+        self._check_open()
+        info = self._version(candidate)
+        with self.engine.connect() as conn:
+            return backfill.pending_in_order(conn, int(job_id), info, int(limit), int(after_position))
+
+    def set_backfill_order(self, job_id: int, item_ids: Sequence[int], scores: Sequence[float] | None = None) -> int:
+        """Store a job's re-embedding order (one transaction; replaces a previous one). Returns its length."""
+        self._check_open()
+        with self.engine.begin() as conn:
+            backfill.get_job(conn, int(job_id))
+            return backfill.write_order(conn, int(job_id), item_ids, scores)
+
+    def backfill_order(self, job_id: int) -> list[int]:
+        """A job's stored order as item ids (empty if it has none)."""
+        self._check_open()
+        with self.engine.connect() as conn:
+            return backfill.read_order(conn, int(job_id))
+
+    def backfill_order_size(self, job_id: int) -> int:
+        self._check_open()
+        with self.engine.connect() as conn:
+            return backfill.order_size(conn, int(job_id))
+
+    def record_backfill_skips(self, job_id: int, skips: Sequence[tuple[int, str]]) -> None:
+        """Remember items (``(item_id, reason)``) a job could not re-embed; they leave its pending list."""
+        self._check_open()
+        with self.engine.begin() as conn:
+            backfill.record_skips(conn, int(job_id), skips)
+
+    def backfill_skips(self, job_id: int, limit: int = 20) -> tuple[int, list[tuple[str, str]]]:
+        """``(count, first `limit` (external_id, reason))`` of the items a job skipped."""
+        self._check_open()
+        with self.engine.connect() as conn:
+            return backfill.skipped(conn, int(job_id), int(limit))
+
+    def item_sources(self) -> list[tuple[int, str, str | None]]:
+        """``(item_id, external_id, source_uri)`` of every item, by item id (one SQL pass)."""
+        self._check_open()
+        with self.engine.connect() as conn:
+            return backfill.sources(conn)
+
+    def items_by_id(self, item_ids: Sequence[int]) -> dict[int, tuple[str, str | None, Any]]:
+        """item id -> ``(external_id, source_uri, metadata)`` for the ids that exist."""
+        self._check_open()
+        with self.engine.connect() as conn:
+            return backfill.items_by_id(conn, item_ids)
+
+    def embeddings_of(self, item_ids: Sequence[int], space: str) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """Stored embeddings of items in ``space``: ``(item_ids (m,), versions, vectors (m, d))``, input order."""
+        self._check_open()
+        sidx = self._space_index(space)
+        with self.engine.connect() as conn:
+            return backfill.vectors_of_items(conn, item_ids, space, sidx.dim)
+
+    def space_embeddings(self, space: str) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """Every stored embedding of ``space`` (one SQL pass): ``(item_ids (n,) int64, versions, vectors (n, d))``."""
+        self._check_open()
+        sidx = self._space_index(space)
+        ids: list[np.ndarray] = []
+        versions: list[str] = []
+        vecs: list[np.ndarray] = []
+        with self.engine.connect() as conn:
+            for chunk in store.scan_space(conn, space, sidx.dim):
+                ids.append(np.asarray(chunk.item_ids, dtype=np.int64))
+                versions += chunk.versions
+                vecs.append(chunk.vectors)
+        if not ids:
+            return np.empty(0, np.int64), [], np.empty((0, sidx.dim), np.float32)
+        return np.concatenate(ids), versions, np.concatenate(vecs)
 
     def create_backfill_job(self, candidate: str, policy: Any = None) -> backfill.BackfillJobInfo:
         self._check_open()
@@ -552,7 +629,7 @@ class Gallery:
             return backfill.list_jobs(conn, candidate)
 
     def update_backfill_job(self, job_id: int, **changes: Any) -> backfill.BackfillJobInfo:
-        """Update ``status``, ``done``, ``total`` and/or ``error`` of a job."""
+        """Update ``status``, ``done``, ``total``, ``error`` and/or ``policy`` of a job."""
         self._check_open()
         with self.engine.begin() as conn:
             return backfill.update_job(conn, job_id, **changes)

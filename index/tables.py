@@ -16,6 +16,9 @@ Layout, and why:
 - ``settings``: key/value (the active version lives under ``active_version``).
 - ``backfill_jobs``: one row per backfill of the gallery into a candidate version. Per-item progress is the
   embeddings row itself: (item, candidate's space) with ``version == candidate`` means done.
+- ``backfill_order``: a job's re-embedding order (uncertainty-first policy), written once when the job
+  starts, so a resumed job follows the same order. ``backfill_skips``: items a job could not re-embed (no
+  kept source, unreadable source) and why. Both cascade with their job and with the item.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     Engine,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -132,6 +136,28 @@ class BackfillJob(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class BackfillOrder(Base):
+    __tablename__ = "backfill_order"
+    __table_args__ = (
+        # deleting an item cascades here: without an index on item_id every delete would scan the table
+        Index("ix_backfill_order_item", "item_id"),
+    )
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("backfill_jobs.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # 0 = re-embedded first
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)  # the policy's priority (lower first)
+
+
+class BackfillSkip(Base):
+    __tablename__ = "backfill_skips"
+    __table_args__ = (Index("ix_backfill_skips_item", "item_id"),)
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("backfill_jobs.id", ondelete="CASCADE"), primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(256))
 
 
 def create_schema(engine: Engine) -> None:
