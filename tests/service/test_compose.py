@@ -1,0 +1,135 @@
+"""The compose deployment, without Docker: run the very commands its containers run (the image's entrypoint
+with each service's command and environment, as written in docker/docker-compose.yml) on this machine,
+against the real PostgreSQL. A broken entrypoint, command or environment variable name fails here.
+
+Only what cannot exist outside containers is mapped: the `db` host becomes the test server, named volumes
+become temporary folders, and the API binds 127.0.0.1 instead of 0.0.0.0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from sqlalchemy.engine import make_url
+
+from service.local_server import free_port
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE = REPO / "docker" / "docker-compose.yml"
+ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
+SECRETS = {"GRACEFUL_API_KEY": "compose-test-key", "POSTGRES_PASSWORD": "unused-with-trust-auth"}
+# Variables the entrypoint itself reads (everything else GRACEFUL_* must be a Settings field).
+ENTRYPOINT_VARS = {"GRACEFUL_PORT", "GRACEFUL_HOST", "GRACEFUL_API_URL", "GRACEFUL_DEMO_DIR"}
+
+
+def _interpolate(value: str) -> str:
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(3)
+        if name in SECRETS:
+            return SECRETS[name]
+        if default is not None:
+            return default
+        raise AssertionError(f"compose variable {name} has no value in this test")
+    return re.sub(r"\$\{(\w+)(:?[-?]([^}]*))?\}", sub, str(value))
+
+
+def _compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _service_env(service: dict, volumes: dict[str, Path], pg_url: str) -> dict[str, str]:
+    env = {k: _interpolate(v) for k, v in service.get("environment", {}).items()}
+    pg = make_url(pg_url)
+    for key, value in env.items():
+        for mount, folder in volumes.items():
+            value = value.replace(mount, str(folder))
+        # The db service's host and database, as the test server knows them.
+        value = re.sub(r"@db:5432/\w+", f"@{pg.host}:{pg.port}/{pg.database}", value)
+        env[key] = value
+    return env
+
+
+def _volumes(service: dict, root: Path) -> dict[str, Path]:
+    out = {}
+    for spec in service.get("volumes", []):
+        name, mount = spec.split(":")[:2]
+        out[mount] = root / name
+        (root / name).mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def test_compose_env_names_are_real_settings() -> None:
+    fields = {f"GRACEFUL_{name.upper()}" for name in Settings.model_fields}
+    for name, service in _compose()["services"].items():
+        for key in service.get("environment", {}):
+            if key.startswith("GRACEFUL_"):
+                assert key in fields | ENTRYPOINT_VARS, f"service {name}: unknown setting {key}"
+    api = _compose()["services"]["api"]
+    assert api["depends_on"]["db"]["condition"] == "service_healthy"
+    assert "pg_isready" in " ".join(_compose()["services"]["db"]["healthcheck"]["test"])
+    assert "readyz" in (REPO / "docker" / "Dockerfile").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_api_and_demo_job_run_as_compose_runs_them(tmp_path: Path) -> None:
+    pg_url = os.environ.get("GRACEFUL_TEST_POSTGRES_URL")
+    if not pg_url:
+        pytest.skip("GRACEFUL_TEST_POSTGRES_URL is not set")
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("the demo job needs Debian's dataset-fashion-mnist")
+    from index.db import make_engine
+    from index.tables import drop_schema
+
+    engine = make_engine(pg_url)
+    drop_schema(engine)
+    engine.dispose()
+
+    services = _compose()["services"]
+    api, demo = services["api"], services["demo"]
+    api_vols, demo_vols = _volumes(api, tmp_path), _volumes(demo, tmp_path)
+    assert api_vols["/var/lib/graceful/models"] == demo_vols["/var/lib/graceful/models"]  # shared volume
+    port = free_port()
+    api_env = {**os.environ, **_service_env(api, api_vols, pg_url), "GRACEFUL_PORT": str(port),
+               "GRACEFUL_HOST": "127.0.0.1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    api_env.pop("GRACEFUL_ACTIVE_MODEL", None)
+    log = open(tmp_path / "api.log", "wb")  # noqa: SIM115 - closed in finally, the child holds its own copy
+    proc = subprocess.Popen(["sh", str(ENTRYPOINT), *api["command"]], env=api_env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            assert proc.poll() is None, (tmp_path / "api.log").read_text()[-3000:]
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            import time
+
+            time.sleep(0.1)
+        demo_env = {**os.environ, **_service_env(demo, demo_vols, pg_url),
+                    "PATH": api_env["PATH"]}
+        demo_env["GRACEFUL_API_URL"] = demo_env["GRACEFUL_API_URL"].replace("http://api:8000", url)
+        for k in ("GRACEFUL_DATABASE_URL", "GRACEFUL_ACTIVE_MODEL"):
+            demo_env.pop(k, None)
+        out = subprocess.run(["sh", str(ENTRYPOINT), *demo["command"], "--quick"], env=demo_env,
+                             capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "new/old  (v2 queries, v1 gallery)" in out.stdout and "refused with HTTP 409" in out.stdout
+        assert (demo_vols["/var/lib/graceful/demo"] / "report.json").exists()
+        # The API persisted its state in PostgreSQL: the active version is the BCT v2.
+        r = httpx.get(url + "/v1/models/active", timeout=10)
+        assert r.status_code == 200 and r.json()["version"] == "v2"
+        assert httpx.get(url + "/readyz", timeout=10).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
