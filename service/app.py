@@ -28,9 +28,11 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (serr.InvalidModel, 422),
     (serr.IncompatibleModel, 409),
     (serr.NothingToRollBack, 409),
+    (serr.BackfillConflict, 409),
     (serr.NoActiveModel, 503),
     (ModelCardError, 422),
     (ierr.DuplicateIds, 409),
+    (ierr.UnknownBackfillJob, 404),
     (ierr.InvalidInput, 422),
     (ierr.ItemNotFound, 404),
     (ierr.UnknownVersion, 404),
@@ -38,6 +40,8 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (ierr.SpaceMismatch, 409),
     (ierr.VersionConflict, 409),
     (ierr.GalleryClosed, 503),
+    (serr.Overloaded, 503),
+    (serr.RequestTimeout, 504),
 ]
 
 
@@ -108,6 +112,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                              probe=ThroughputProbe(settings.throughput_probe_images, settings.cpu_threads),
                              metrics=metrics)
             app.state.graceful = state
+            from service.hot_paths import start_hot_paths
+
+            stop_hot_paths = start_hot_paths(state)
             try:
                 restored = registry.restore(settings.active_model)
                 if restored:
@@ -115,8 +122,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     log.info("serving %s (space %s)", restored.version, restored.space)
             except serr.ServiceError as e:
                 log.error("could not activate a model at start-up: %s", e)
-            yield
+            from service.backfill_runner import start_runner
+
+            state.backfill = start_runner(state)  # resumes the jobs a previous process left running
+            try:
+                yield
+            finally:
+                stop_hot_paths()  # queued requests finish before the gallery closes
         finally:
+            from service.backfill_runner import stop_runner
+
+            stop_runner(getattr(app.state, "graceful", None))  # the batch in flight commits first
             gallery.close()
 
     app = FastAPI(title="graceful", version="0.1.0", lifespan=lifespan,

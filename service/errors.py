@@ -41,3 +41,16 @@ class NoActiveModel(ServiceError):
 
 class NothingToRollBack(ServiceError):
     """Rollback asked with no earlier activation to go back to."""
+
+
+class BackfillConflict(ServiceError):
+    """A backfill job asked for something its state forbids (a second job of a candidate, resuming a
+    finished job, pausing a cancelled one)."""
+
+
+class Overloaded(ServiceError):
+    """The request was not started: too many are waiting, it waited past its deadline, or the server stops."""
+
+
+class RequestTimeout(ServiceError):
+    """The request's work started but did not finish within the configured time."""

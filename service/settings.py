@@ -34,6 +34,22 @@ class Settings(BaseSettings):
     throughput_probe_images: int = Field(512, gt=0, description="images in the timed batch of the cost report")
 
     keep_sources: bool = Field(True, description="keep ingested image bytes so items can be re-embedded later")
+    backfill_batch_size: int = Field(256, gt=0, le=4096, description="items per backfill transaction (default)")
+    backfill_rate_limit: float | None = Field(None, gt=0, description="items/s cap of backfill jobs that set none "
+                                                                      "(unset: as fast as the CPU allows)")
+    backfill_curve_sample: int = Field(1000, ge=0, description="gallery items sampled to simulate the backfill "
+                                                               "report's quality curve (0: use the model card)")
+
+    # Hot-path performance and limits (README, "Performance settings and limits").
+    batch_max_wait_ms: float = Field(2.0, ge=0, le=1000,
+                                     description="longest a batch waits for more requests that are on their way")
+    batch_max_size: int = Field(32, gt=0, le=4096, description="most search requests in one model forward")
+    ingest_batch_max_items: int = Field(1024, gt=0, description="most images in one grouped ingest forward")
+    batch_max_queue: int = Field(1024, gt=0, description="requests waiting per queue before 503 (backpressure)")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request not answered within this gets 503/504")
+    index_background_build: bool = Field(
+        True, description="build approximate indexes (HNSW, IVF) off to the side, served by exact search meanwhile")
+    index_recall_sample: int = Field(1000, ge=0, description="queries sampled to measure recall@k at build time")
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'gallery.db').resolve()}"

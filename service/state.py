@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
 from index import Gallery
+from service.batching import MicroBatcher
 from service.blobs import BlobStore
 from service.cost import ThroughputProbe
 from service.observability import Metrics
 from service.registry import ModelRegistry
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.backfill_runner import BackfillRunner
 
 
 @dataclass
@@ -23,6 +27,10 @@ class AppState:
     blobs: BlobStore
     probe: ThroughputProbe
     metrics: Metrics
+    backfill: BackfillRunner | None = None  # started by the app's lifespan
+    # the hot paths' micro-batchers (service.batching), started by the app's lifespan
+    search_batcher: MicroBatcher | None = None
+    ingest_batcher: MicroBatcher | None = None
 
 
 def get_state(request: Request) -> AppState:

@@ -1,19 +1,22 @@
-"""Ingest and delete gallery items."""
+"""Ingest and delete gallery items.
+
+Ingest goes through the ingest micro-batcher (:mod:`service.ingest_pipeline`): concurrent requests share
+one model forward and one SQL transaction, each request still all-or-nothing.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import PurePath
 
-import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 
-from index import NewItem
 from index.errors import ItemNotFound
 from service.auth import WRITE
+from service.deadlines import deadline_in, result_within
 from service.errors import BadRequest, TooLarge
-from service.images import decode_base64, decode_image
+from service.images import decode_base64
+from service.ingest_pipeline import IngestJob
 from service.routes._body import is_multipart, read_form, read_json
 from service.schemas import DeleteResponse, IngestRequest, IngestResponse, ItemResponse
 from service.state import AppState, State
@@ -42,8 +45,7 @@ _INGEST_BODY = {
 }
 
 
-def _ingest(state: AppState, rows: list[tuple[str, bytes, dict | None]], upsert: bool) -> IngestResponse:
-    """Decode all, embed all, keep sources, then one gallery transaction: all or nothing."""
+def _check_rows(state: AppState, rows: list[tuple[str, bytes, dict | None]]) -> None:
     settings = state.settings
     if not rows:
         raise BadRequest("empty batch: send at least one item")
@@ -54,27 +56,27 @@ def _ingest(state: AppState, rows: list[tuple[str, bytes, dict | None]], upsert:
         if eid in seen:
             raise BadRequest(f"duplicate external id {eid!r} inside one batch")
         seen.add(eid)
-    with state.registry.serving():
-        active = state.registry.require_active()
-        images = np.stack([
-            decode_image(raw, channels=active.channels, size=active.input_size,
-                         max_pixels=settings.max_image_pixels, what=f"item {eid!r}")
-            for eid, raw, _ in rows
-        ])
-        vectors = active.embed(images)
-        uris = [state.blobs.put(raw) if settings.keep_sources else None for _, raw, _ in rows]
-        items = [NewItem(external_id=eid, vector=v, metadata=meta, source_uri=uri)
-                 for (eid, _, meta), v, uri in zip(rows, vectors, uris, strict=True)]
-        write = state.gallery.upsert if upsert else state.gallery.add
-        write(items, active.version)
-    state.metrics.embedded.labels(version=active.version, purpose="ingest").inc(len(rows))
-    return IngestResponse(model_version=active.version, space=active.space, stored=[r[0] for r in rows],
-                          count=len(rows))
 
 
 @router.post("", response_model=IngestResponse, dependencies=WRITE, openapi_extra=_INGEST_BODY,
              summary="Ingest images (JSON with base64 PNG/JPEG, or multipart files), embedded by the active model")
 async def ingest(request: Request, state: State) -> IngestResponse:
+    deadline = deadline_in(state.settings.request_timeout_s)
+    batcher = state.ingest_batcher
+    assert batcher is not None
+    with batcher.announce():  # the batcher may wait for this request while its body is read
+        rows, upsert = await _read_rows(request)
+        _check_rows(state, rows)
+        active = state.registry.require_active()  # the model the request starts with (see ingest_pipeline)
+        future = batcher.submit((active, upsert), IngestJob(rows, upsert))
+    return await result_within(
+        future, deadline, "the ingest",
+        outcome_if_late="it is being written as one transaction and will be stored entirely or not at all: "
+                        "check GET /v1/items/{external_id} before sending it again (or send it with upsert)")
+
+
+async def _read_rows(request: Request) -> tuple[list[tuple[str, bytes, dict | None]], bool]:
+    """The (external_id, image bytes, metadata) rows of a JSON or multipart ingest body, and its upsert flag."""
     rows: list[tuple[str, bytes, dict | None]] = []
     upsert = False
     if is_multipart(request):
@@ -104,7 +106,7 @@ async def ingest(request: Request, state: State) -> IngestResponse:
         upsert = body.upsert
         for it in body.items:
             rows.append((it.external_id, decode_base64(it.image_base64, f"item {it.external_id!r}"), it.metadata))
-    return await run_in_threadpool(_ingest, state, rows, upsert)
+    return rows, upsert
 
 
 @router.get("/{external_id}", response_model=ItemResponse, summary="One stored item: metadata and who embedded it")

@@ -1,17 +1,25 @@
-"""Search the gallery by image, by vector (with the version that made it), or by an existing item."""
+"""Search the gallery by image, by vector (with the version that made it), or by an existing item.
+
+Image searches go through the search micro-batcher (:mod:`service.search_pipeline`): concurrent queries
+share one model forward and one FAISS search. Vector and item searches need no forward and run directly.
+Every search answers within ``GRACEFUL_REQUEST_TIMEOUT_S`` or gets 503/504 (:mod:`service.deadlines`).
+"""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 
 from index.errors import UnknownVersion
+from service.deadlines import deadline_in, result_within, run_within
 from service.errors import BadRequest, IncompatibleModel, ModelNotFound
 from service.images import decode_base64, decode_image
-from service.registry import backfill_report_url
+from service.registry import ActiveModel, backfill_report_url
 from service.routes._body import is_multipart, read_form, read_json
 from service.schemas import SearchHit, SearchRequest, SearchResponse
+from service.search_pipeline import SearchJob
 from service.state import AppState, State
 
 router = APIRouter(prefix="/v1", tags=["search"])
@@ -39,16 +47,6 @@ def _respond(state: AppState, version: str, space: str, hits, include_metadata: 
     ])
 
 
-def _by_image(state: AppState, raw: bytes, k: int, include_metadata: bool = True) -> SearchResponse:
-    active = state.registry.require_active()  # captured once: a swap mid-request does not affect it
-    image = decode_image(raw, channels=active.channels, size=active.input_size,
-                         max_pixels=state.settings.max_image_pixels, what="query image")
-    vec = active.embed(image[None])
-    state.metrics.embedded.labels(version=active.version, purpose="query").inc()
-    hits = state.gallery.search(active.space, vec, k)[0]
-    return _respond(state, active.version, active.space, hits, include_metadata)
-
-
 def _by_vector(state: AppState, vector: list[float], version: str, k: int, include_metadata: bool) -> SearchResponse:
     try:
         info = state.gallery.get_version(version)
@@ -73,9 +71,31 @@ def _by_item(state: AppState, item_id: str, k: int, include_metadata: bool) -> S
     return _respond(state, version, active.space, hits, include_metadata)
 
 
+def _image_job(state: AppState, raw: bytes, k: int, include_metadata: bool) -> tuple[ActiveModel, SearchJob]:
+    """Capture the active model once (the answer names it, whatever swaps happen meanwhile) and decode."""
+    active = state.registry.require_active()
+    image = decode_image(raw, channels=active.channels, size=active.input_size,
+                         max_pixels=state.settings.max_image_pixels, what="query image")
+    return active, SearchJob(image=image, k=k, include_metadata=include_metadata)
+
+
 @router.post("/search", response_model=SearchResponse, openapi_extra=_SEARCH_BODY,
              summary="Search by image_base64, by vector + model_version, or by item_id")
 async def search(request: Request, state: State) -> SearchResponse:
+    deadline = deadline_in(state.settings.request_timeout_s)
+    batcher = state.search_batcher
+    assert batcher is not None
+    with batcher.announce():  # the batcher may wait for this request while its body is read
+        job = await _parse(request, state)
+        if isinstance(job, tuple):
+            future = batcher.submit(*job)
+    if isinstance(job, tuple):
+        return await result_within(future, deadline, "the search", outcome_if_late="nothing was changed")
+    return await run_within(job, deadline=deadline, what="the search")
+
+
+async def _parse(request: Request, state: AppState):
+    """An image search as ``(active model, SearchJob)``, or a vector / item search as a callable."""
     max_k = state.settings.max_k
     if is_multipart(request):
         files, fields = await read_form(request)
@@ -87,7 +107,7 @@ async def search(request: Request, state: State) -> SearchResponse:
             raise BadRequest("k must be an integer") from None
         if not 1 <= k <= max_k:
             raise BadRequest(f"k must be between 1 and {max_k}, got {k}")
-        return await run_in_threadpool(_by_image, state, files[0][1], k)
+        return _image_job(state, files[0][1], k, True)
     body = await read_json(request, SearchRequest)
     if body.k > max_k:
         raise BadRequest(f"k must be between 1 and {max_k}, got {body.k}")
@@ -99,13 +119,12 @@ async def search(request: Request, state: State) -> SearchResponse:
         if body.model_version is not None:
             raise BadRequest("model_version goes with vector: an image is embedded by the active model")
         raw = decode_base64(body.image_base64, "query image")
-        return await run_in_threadpool(_by_image, state, raw, body.k, body.include_metadata)
+        return _image_job(state, raw, body.k, body.include_metadata)
     if body.vector is not None:
         if body.model_version is None:
             raise BadRequest("a vector needs model_version: the version that embedded it")
-        return await run_in_threadpool(_by_vector, state, body.vector, body.model_version, body.k,
-                                       body.include_metadata)
+        return partial(_by_vector, state, body.vector, body.model_version, body.k, body.include_metadata)
     assert body.item_id is not None
     if body.model_version is not None:
         raise BadRequest("model_version goes with vector, not item_id")
-    return await run_in_threadpool(_by_item, state, body.item_id, body.k, body.include_metadata)
+    return partial(_by_item, state, body.item_id, body.k, body.include_metadata)

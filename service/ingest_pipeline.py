@@ -1,0 +1,123 @@
+"""Ingest as a batch: concurrent ingest requests share one model forward and one SQL transaction.
+
+Each request stays all-or-nothing: its images are decoded first (a bad one fails that request only); the
+grouped write is one transaction, and if it is refused (say two requests in the batch carry the same
+external id, or one collides with a stored item) each request is written on its own, so each gets its own
+answer. Every item's source bytes are kept before the transaction that references them commits (see
+:mod:`service.blobs`); their fsyncs are issued in parallel, which the file system commits as a group.
+
+Hot swap: the batch's key is the model the requests captured when they started. The writes happen under
+the registry's swap read lock, so an activation's check-and-swap cannot interleave; if the active model
+changed meanwhile to another embedding space (possible only over an empty or fully backfilled gallery),
+the request is refused with 409 rather than writing into a space the gallery no longer serves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from index import NewItem
+from index.errors import GalleryError
+from service.errors import IncompatibleModel, NoActiveModel
+from service.images import decode_image
+from service.registry import ActiveModel
+from service.schemas import IngestResponse
+from service.state import AppState
+
+# Parallel fsyncs of source blobs: the file system batches concurrent fsyncs into one journal commit
+# (measured here: 4 ms per file one by one, 0.1 ms per file with 8 in flight).
+_BLOB_WRITERS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class IngestJob:
+    """One ingest request: ``rows`` of (external_id, encoded image bytes, metadata or None)."""
+
+    rows: list[tuple[str, bytes, dict[str, Any] | None]]
+    upsert: bool = False
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class IngestRunner:
+    """Runs grouped ingest batches for one app (owns the blob-writer threads)."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self._pool = ThreadPoolExecutor(_BLOB_WRITERS, thread_name_prefix="blob-writer")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __call__(self, key: tuple[ActiveModel, bool], jobs: Sequence[IngestJob]) -> list[IngestResponse | Exception]:
+        captured, upsert = key
+        state = self.state
+        settings = state.settings
+        out: list[IngestResponse | Exception | None] = [None] * len(jobs)
+        with state.registry.serving():
+            active = state.registry.active
+            if active is None:
+                return [NoActiveModel("no model is active: activate one with POST /v1/models/{version}/activate")
+                        ] * len(jobs)
+            if active.space != captured.space:
+                return [IncompatibleModel(
+                    f"the active model changed from {captured.version} (space {captured.space!r}) to "
+                    f"{active.version} (space {active.space!r}) while this ingest waited; nothing was stored: "
+                    f"send it again", candidate=active.version)] * len(jobs)
+            images: list[np.ndarray] = []
+            ok: list[int] = []
+            for i, job in enumerate(jobs):
+                try:
+                    images.append(np.stack([
+                        decode_image(raw, channels=captured.channels, size=captured.input_size,
+                                     max_pixels=settings.max_image_pixels, what=f"item {eid!r}")
+                        for eid, raw, _ in job.rows
+                    ]))
+                    ok.append(i)
+                except Exception as e:  # a bad image fails its own request only
+                    out[i] = e
+            if ok:
+                vectors = captured.embed(np.concatenate(images))  # (sum of rows, d) float32
+                uris = self._keep_sources([raw for i in ok for _, raw, _ in jobs[i].rows])
+                items: dict[int, list[NewItem]] = {}
+                pos = 0
+                for i in ok:
+                    items[i] = [NewItem(external_id=eid, vector=vectors[pos + r], metadata=meta,
+                                        source_uri=uris[pos + r])
+                                for r, (eid, _, meta) in enumerate(jobs[i].rows)]
+                    pos += len(jobs[i].rows)
+                write = state.gallery.upsert if upsert else state.gallery.add
+                try:
+                    write([it for i in ok for it in items[i]], captured.version)
+                except GalleryError as e:
+                    if len(ok) == 1:
+                        out[ok[0]] = e
+                    else:  # refused as a group: write each on its own, so each gets its own answer
+                        for i in ok:
+                            try:
+                                write(items[i], captured.version)
+                            except GalleryError as e1:
+                                out[i] = e1
+        stored = [i for i in range(len(jobs)) if out[i] is None]
+        state.metrics.embedded.labels(version=captured.version, purpose="ingest").inc(
+            sum(len(jobs[i].rows) for i in stored))
+        for i in stored:
+            out[i] = IngestResponse(model_version=captured.version, space=captured.space,
+                                    stored=[r[0] for r in jobs[i].rows], count=len(jobs[i].rows))
+        return out  # type: ignore[return-value]
+
+    def _keep_sources(self, raws: list[bytes]) -> list[str | None]:
+        if not self.state.settings.keep_sources:
+            return [None] * len(raws)
+        # one write per distinct content (the store is content-addressed; two writers of one blob would race)
+        digests = [hashlib.sha256(r).digest() for r in raws]
+        unique = dict(zip(digests, raws, strict=True))
+        uri_of = dict(zip(unique, self._pool.map(self.state.blobs.put, unique.values()), strict=True))
+        return [uri_of[d] for d in digests]
