@@ -38,6 +38,12 @@ class BlobStore:
             os.replace(tmp, path)
         return SCHEME + digest
 
+    def exists(self, uri: str) -> bool:
+        """Whether the bytes behind a ``blob:`` URI of ours are here (a stat, no read)."""
+        if not uri.startswith(SCHEME) or not _HEX.match(uri[len(SCHEME):]):
+            return False
+        return self._path(uri[len(SCHEME):]).is_file()
+
     def get(self, uri: str) -> bytes | None:
         """The bytes behind a ``blob:`` URI, or None if it is not one of ours or is missing."""
         if not uri.startswith(SCHEME) or not _HEX.match(uri[len(SCHEME):]):

@@ -4,6 +4,11 @@ Throughput is measured, not assumed: a short timed batch through the same path a
 PNG, embed), on this machine, cached per version. Quality comes from the candidate's card (its measured
 compatibility matrix against its parent): no backfill = candidate queries over the gallery's current
 embeddings, full backfill = candidate over candidate.
+
+The curve (``curve``): expected quality after 0-100% of the items are re-embedded, under each order policy,
+and the time each fraction takes at the measured throughput (or a given items/s cap). Simulated on a sample
+of the gallery's own items when their sources and labels are kept, else a line between the card's cells
+(:mod:`service.backfill_curve` says how). ``cannot_backfill`` counts the items whose source is not kept.
 """
 
 from __future__ import annotations
@@ -11,13 +16,19 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from service.errors import ServiceError
 from service.images import decode_image, encode_png
 from service.registry import ModelRegistry, backfill_report_url
 from trainer.artifact import LoadedModel, embed_images, load_model
+from trainer.errors import ModelCardError
+
+if TYPE_CHECKING:
+    from service.backfill_curve import CurveCache
+    from service.blobs import BlobStore
 
 QUALITY_KEYS = ("top1", "top5", "mAP")
 
@@ -69,8 +80,82 @@ def _quality(matrix: dict[str, Any], key: str) -> dict[str, float] | None:
     return {k: cell[k] for k in QUALITY_KEYS if k in cell} if cell else None
 
 
-def backfill_report(registry: ModelRegistry, probe: ThroughputProbe, candidate: str, price_per_cpu_hour: float) -> dict:
-    """The report of DESIGN.md for ``candidate`` (a registered, valid version)."""
+def _cannot_backfill(gallery: Any, blobs: BlobStore | None, limit: int = 20) -> dict[str, Any]:
+    """Items a backfill would skip: no source kept, or a source that is not in the blob store."""
+    missing = [(e, "no source kept" if u is None else "source not in the blob store")
+               for _, e, u in gallery.item_sources() if u is None or (blobs is not None and not blobs.exists(u))]
+    return {"count": len(missing), "examples": [{"external_id": e, "reason": r} for e, r in missing[:limit]]}
+
+
+def _curve(registry: ModelRegistry, blobs: BlobStore | None, curves: CurveCache | None, loaded: LoadedModel,
+           quality: dict[str, Any], same_space: bool, sample_size: int, to_reembed: int, items_per_second: float,
+           max_pixels: int) -> dict[str, Any]:
+    """The report's curve: quality and time after each fraction, under each policy (see the module doc)."""
+    from service.backfill_curve import FRACTIONS, card_line, first_fraction_reaching, sample_gallery, simulate
+    from service.backfill_order import POLICIES
+
+    gallery = registry.gallery
+    active = registry.active
+    space = _serving_space(registry)
+    models: dict[str, LoadedModel | None] = {}
+
+    def model_of(version: str) -> LoadedModel | None:
+        if active is not None and active.version == version:
+            return active.loaded
+        if version not in models:
+            try:
+                models[version] = load_model(registry.entry(version).path)
+            except (ServiceError, ModelCardError):  # a version without a loadable folder: left unscored
+                models[version] = None
+        return models[version]
+
+    def compute() -> tuple[dict[str, list[dict]] | None, dict[str, int]]:
+        if blobs is None or space is None or sample_size <= 0:
+            return None, {}
+        sample, counts = sample_gallery(gallery, blobs, loaded, space, sample_size, model_of, max_pixels=max_pixels)
+        return (simulate(sample, same_space) if sample is not None else None), counts
+
+    key = (loaded.version, space, same_space, sample_size, tuple(sorted(gallery.counts_by_version().items())))
+    simulated, counts = curves.get_or_compute(key, compute) if curves is not None else compute()
+    if simulated is not None:
+        method = "simulated"
+        detail = (f"{counts.get('simulated', 0)} sampled gallery items with a kept source and a 'label' in their "
+                  f"metadata: each is a query against the others (leave-one-out), the gallery mixing the "
+                  f"candidate's embeddings (first fraction of the policy's order) and the stored ones")
+        per_policy = simulated
+    else:
+        method = "card"
+        line = card_line(quality.get("no_backfill"), quality.get("full_backfill"), same_space, quality.get("current"),
+                         FRACTIONS)
+        detail = ("not enough sampled items with a kept source and a 'label' to simulate: a straight line between the "
+                  "card's cells (new/old at 0%, new/new at 100%), the same for both policies")
+        if line is None:
+            detail = "not enough labelled items with a kept source to simulate, and the card has no cells for this gallery"
+        per_policy = {p: line for p in POLICIES} if line else {}
+    points = {
+        p: [{"fraction": f, "items": round(f * to_reembed),
+             "seconds": round(f * to_reembed / items_per_second, 2) if items_per_second > 0 else None,
+             "quality": {k: round(v, 4) for k, v in q.items()}}
+            for f, q in zip(FRACTIONS, curve, strict=True)]
+        for p, curve in per_policy.items()
+    }
+    return {
+        "method": method,
+        "detail": detail,
+        "sample": counts,
+        "serving_during_backfill": ("the candidate, over the mixed gallery (same space: activate it first)" if same_space
+                                    else "the current model, until every item is re-embedded (other space)"),
+        "fractions_of": f"the {to_reembed} items still to re-embed",
+        "policies": points,
+        "reaches_90pct_of_gain_at": {p: first_fraction_reaching(c, FRACTIONS) for p, c in per_policy.items()},
+    }
+
+
+def backfill_report(registry: ModelRegistry, probe: ThroughputProbe, candidate: str, price_per_cpu_hour: float, *,
+                    blobs: BlobStore | None = None, curves: CurveCache | None = None, sample_size: int = 1000,
+                    rate_limit: float | None = None, max_pixels: int = 1 << 20) -> dict:
+    """The report of DESIGN.md for ``candidate`` (a registered, valid version), with the curve of
+    expected quality per fraction backfilled and the items that cannot be backfilled."""
     entry = registry.entry(candidate)
     card = entry.card
     assert card is not None
@@ -85,7 +170,8 @@ def backfill_report(registry: ModelRegistry, probe: ThroughputProbe, candidate: 
     active = registry.active
     loaded = active.loaded if active and active.version == candidate else load_model(entry.path)
     tp = probe.measure(loaded)
-    seconds = to_reembed / tp.images_per_second if tp.images_per_second > 0 else float("inf")
+    per_second = min(tp.images_per_second, rate_limit) if rate_limit else tp.images_per_second
+    seconds = to_reembed / per_second if per_second > 0 else float("inf")
     cpu_hours = seconds * tp.threads / 3600.0
 
     # Which version's embeddings a no-backfill search would meet: the one holding most items of the space.
@@ -116,6 +202,7 @@ def backfill_report(registry: ModelRegistry, probe: ThroughputProbe, candidate: 
             "measured_images": probe.n_images,
             "threads": tp.threads,
             "what": f"decode PNG + embed, batches of {tp.batch}, on this machine",
+            "rate_limit": rate_limit,
         },
         "predicted": {
             "wall_seconds": round(seconds, 2),
@@ -126,5 +213,16 @@ def backfill_report(registry: ModelRegistry, probe: ThroughputProbe, candidate: 
             "currency": "USD",
         },
         "quality": quality,
+        "curve": _curve(registry, blobs, curves, loaded, quality, card.space == _serving_space(registry),
+                        sample_size, to_reembed, per_second, max_pixels),
+        "cannot_backfill": _cannot_backfill(gallery, blobs),
         "report_url": backfill_report_url(candidate),
     }
+
+
+def _serving_space(registry: ModelRegistry) -> str | None:
+    active = registry.active
+    if active is not None:
+        return active.space
+    by_space = registry.gallery.counts_by_space()
+    return max(by_space, key=lambda s: by_space[s]) if by_space else None

@@ -1,0 +1,449 @@
+"""The backfill runner: a background thread of the service that re-embeds the gallery with a candidate
+version while searches go on.
+
+Jobs live in SQL (``backfill_jobs``): the thread runs the oldest ``running`` job (so a restarted service
+resumes what it was doing), else starts the oldest ``pending`` one; one job at a time. Per batch it lists
+pending items (SQL: not yet embedded by the candidate in its space, not skipped by the job), reads each
+item's source from the blob store, decodes and embeds the batch, and calls ``gallery.reembed`` (one SQL
+transaction, then FAISS). Progress is therefore the embeddings themselves:
+
+- exactly once: an item leaves the pending list in the transaction that stores its new embedding, so a
+  batch is either committed (never listed again) or rolled back (listed again after a restart); nothing
+  else writes embeddings with the candidate except ingest while it is active, whose items are done anyway;
+- resume: a restarted job recomputes nothing but its cursor; an ordered job re-reads its stored order.
+
+Same-space candidate (a BCT child): items are replaced in place, the gallery is mixed meanwhile (every hit
+says who embedded it). Other-space candidate: ``reembed`` adds each item's embedding in the candidate's
+space beside the old one; searches stay on the old space, and the registry refuses to activate the
+candidate until every item has an embedding there (then the swap is one reference, atomic for requests).
+
+Control (pause / resume / cancel) changes the job's status in SQL under this runner's lock; the thread
+checks it between batches, so a change takes effect within one batch. ``rate_limit`` caps items/s: batches
+shrink to about a quarter of a second's budget and the thread sleeps between them (waking on control).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sqlalchemy.exc import IntegrityError
+
+from index import Gallery
+from index.backfill import BackfillJobInfo
+from index.errors import GalleryClosed, ItemNotFound
+from service.backfill_curve import CurveCache
+from service.backfill_order import POLICIES, uncertainty_order
+from service.blobs import BlobStore
+from service.errors import BackfillConflict, BadImage, BadRequest, ServiceError, TooLarge
+from service.images import decode_image
+from service.registry import ModelRegistry
+from trainer.artifact import LoadedModel, embed_images, load_model
+from trainer.errors import ModelCardError
+
+if TYPE_CHECKING:
+    from service.state import AppState
+
+log = logging.getLogger(__name__)
+
+ACTIVE = ("pending", "running", "paused")  # a job that may still re-embed items
+RATE_WINDOW_S = 10.0
+
+
+@dataclass
+class _Live:
+    """What this process knows of a job beyond its SQL row (lost on restart, which is fine)."""
+
+    phase: str | None = None
+    reembedded: int = 0
+    active_seconds: float = 0.0
+    ordering_seconds: float | None = None
+    window: deque[tuple[float, int]] = field(default_factory=deque)  # (monotonic time, items handled)
+
+    def tick(self, handled: int) -> None:
+        now = time.monotonic()
+        last = self.window[-1][1] if self.window else 0
+        self.window.append((now, last + handled))
+        while len(self.window) > 2 and now - self.window[0][0] > RATE_WINDOW_S:
+            self.window.popleft()
+
+    def rate(self) -> float | None:
+        if len(self.window) < 2:
+            return None
+        (t0, n0), (t1, n1) = self.window[0], self.window[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
+
+
+class _Cursor:
+    """Walks a job's pending items: its stored order first (if any), then every item by id (items added
+    since the order was made, or re-pended behind the cursor), until a full pass by id finds nothing."""
+
+    def __init__(self, gallery: Gallery, job_id: int, candidate: str, ordered: bool) -> None:
+        self.gallery, self.job_id, self.candidate = gallery, job_id, candidate
+        self.phase = "order" if ordered else "ids"
+        self.position, self.after = -1, 0
+
+    def next(self, limit: int) -> list[tuple[int, str, str | None]]:
+        """Up to ``limit`` pending items ``(item_id, external_id, source_uri)``; [] when none is left."""
+        while True:
+            if self.phase == "order":
+                rows = self.gallery.pending_backfill_ordered(self.job_id, self.candidate, limit, self.position)
+                if rows:
+                    self.position = rows[-1][0]
+                    return [(i, e, u) for _, i, e, u in rows]
+                self.phase = "ids"
+                continue
+            got = self.gallery.pending_backfill(self.candidate, limit, self.after, job_id=self.job_id)
+            if got:
+                self.after = got[-1][0]
+                return got
+            if self.after == 0:
+                return []
+            self.after = 0
+
+
+class BackfillRunner:
+    """Backfill jobs of one service process: control methods for the routes, and the worker thread."""
+
+    def __init__(
+        self,
+        gallery: Gallery,
+        registry: ModelRegistry,
+        blobs: BlobStore,
+        *,
+        batch_size: int = 256,
+        rate_limit: float | None = None,
+        max_image_pixels: int = 1 << 20,
+        on_embedded: Callable[[str, int], None] | None = None,
+        idle_poll_s: float = 5.0,
+    ) -> None:
+        self.gallery, self.registry, self.blobs = gallery, registry, blobs
+        self.batch_size, self.rate_limit = batch_size, rate_limit
+        self.max_image_pixels = max_image_pixels
+        self.on_embedded = on_embedded
+        self.idle_poll_s = idle_poll_s
+        self._cond = threading.Condition()  # guards job status transitions and wakes the thread
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._live: dict[int, _Live] = {}
+        self._models: dict[str, LoadedModel | None] = {}
+        self.curves = CurveCache()  # the cost report's simulated quality curves
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the worker thread; jobs left ``running`` by a previous process resume first."""
+        left = [j.id for j in self.gallery.list_backfill_jobs() if j.status == "running"]
+        if left:
+            log.info("resuming backfill jobs %s", left)
+        self._thread = threading.Thread(target=self._main, name="backfill-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the batch in flight (its transaction commits or not at all); jobs stay ``running``
+        in SQL, so the next start resumes them."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("the backfill runner did not stop within %.0fs", timeout)
+
+    # ------------------------------------------------------------------ control (any thread)
+    def create(self, candidate: str, policy: str = "sequential", *, rate_limit: float | None = None,
+               batch_size: int | None = None, stop_at: float | None = None) -> BackfillJobInfo:
+        """A new ``pending`` job. Refused (:class:`BackfillConflict`) while another job of the same
+        candidate may still run; unknown or refused versions raise the registry's errors."""
+        if policy not in POLICIES:
+            raise BadRequest(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+        self.registry.entry(candidate)  # ModelNotFound / InvalidModel, and registers the version
+        spec = {"order": policy, "rate_limit": rate_limit if rate_limit is not None else self.rate_limit,
+                "batch_size": int(batch_size or self.batch_size), "stop_at": stop_at}
+        with self._cond:
+            busy = [j.id for j in self.gallery.list_backfill_jobs(candidate) if j.status in ACTIVE]
+            if busy:
+                raise BackfillConflict(f"backfill job {busy[0]} of {candidate} is not finished: resume or cancel it "
+                                       f"(GET /v1/backfill/{busy[0]})")
+            job = self.gallery.create_backfill_job(candidate, spec)
+            self._cond.notify_all()
+        log.info("backfill job %d: %s, policy %s", job.id, candidate, spec)
+        return job
+
+    def pause(self, job_id: int) -> BackfillJobInfo:
+        with self._cond:
+            job = self.gallery.get_backfill_job(job_id)
+            if job.status == "paused":
+                return job
+            if job.status not in ("pending", "running"):
+                raise BackfillConflict(f"backfill job {job_id} is {job.status}: only pending or running jobs pause")
+            job = self.gallery.update_backfill_job(job_id, status="paused")
+            self._cond.notify_all()
+            return job
+
+    def resume(self, job_id: int, *, stop_at: float | None = None, rate_limit: float | None = None) -> BackfillJobInfo:
+        """Resume a paused (or failed) job; ``stop_at`` replaces its stop point (None: run to the end)."""
+        with self._cond:
+            job = self.gallery.get_backfill_job(job_id)
+            if job.status not in ("paused", "failed", "pending", "running"):
+                raise BackfillConflict(f"backfill job {job_id} is {job.status}: it cannot be resumed "
+                                       "(start a new one: finished items are not re-embedded)")
+            spec = dict(job.policy or {})
+            spec["stop_at"] = stop_at
+            if rate_limit is not None:
+                spec["rate_limit"] = rate_limit
+            others = [j for j in self.gallery.list_backfill_jobs() if j.status == "running" and j.id != job_id]
+            status = job.status if job.status in ("pending", "running") else ("pending" if others else "running")
+            job = self.gallery.update_backfill_job(job_id, status=status, policy=spec, error=None)
+            self._cond.notify_all()
+            return job
+
+    def cancel(self, job_id: int) -> BackfillJobInfo:
+        """Stop a job for good; what it re-embedded stays (a later job skips those items)."""
+        with self._cond:
+            job = self.gallery.get_backfill_job(job_id)
+            if job.status == "cancelled":
+                return job
+            if job.status not in ACTIVE and job.status != "failed":
+                raise BackfillConflict(f"backfill job {job_id} is {job.status}: nothing to cancel")
+            job = self.gallery.update_backfill_job(job_id, status="cancelled")
+            self._cond.notify_all()
+            return job
+
+    def describe(self, job: BackfillJobInfo | int) -> dict[str, Any]:
+        """A job as the API shows it: its row, skips, and (while this process runs it) rate and ETA."""
+        if not isinstance(job, BackfillJobInfo):
+            job = self.gallery.get_backfill_job(job)
+        spec = job.policy or {}
+        live = self._live.get(job.id) or _Live()
+        n_skip, examples = self.gallery.backfill_skips(job.id, 10)
+        rate = live.rate() if job.status == "running" else None
+        left = max(job.total - job.done - n_skip, 0)
+        can_activate = None
+        try:
+            card = self.registry.entry(job.candidate).card
+            if card is not None:
+                can_activate = self.registry.gallery_space_problem(card) is None
+        except ServiceError:
+            pass
+        return {
+            "id": job.id, "candidate": job.candidate, "space": job.space, "status": job.status,
+            "phase": live.phase if job.status == "running" else None,
+            "policy": spec.get("order", "sequential"), "rate_limit": spec.get("rate_limit"),
+            "batch_size": int(spec.get("batch_size") or self.batch_size), "stop_at": spec.get("stop_at"),
+            "done": job.done, "total": job.total, "skipped": n_skip,
+            "skipped_examples": [{"external_id": e, "reason": r} for e, r in examples],
+            "fraction": job.done / job.total if job.total else 1.0,
+            "rate": round(rate, 2) if rate else None,
+            "eta_seconds": round(left / rate, 2) if rate else (0.0 if left == 0 else None),
+            "reembedded": live.reembedded, "active_seconds": round(live.active_seconds, 3),
+            "ordering_seconds": None if live.ordering_seconds is None else round(live.ordering_seconds, 3),
+            "can_activate": can_activate, "error": job.error,
+            "created_at": job.created_at.isoformat(), "updated_at": job.updated_at.isoformat(),
+        }
+
+    # ------------------------------------------------------------------ the worker thread
+    def _main(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                job = self._next_job()
+                if job is None:
+                    self._cond.wait(self.idle_poll_s)
+                    continue
+            try:
+                self._run(job)
+            except GalleryClosed:
+                return
+            except Exception as e:
+                log.exception("backfill job %d failed", job.id)
+                with self._cond:
+                    if self.gallery.get_backfill_job(job.id).status == "running":
+                        self.gallery.update_backfill_job(job.id, status="failed", error=f"{type(e).__name__}: {e}")
+
+    def _next_job(self) -> BackfillJobInfo | None:
+        """The oldest running job, else the oldest pending one (then marked running). Under the lock."""
+        jobs = self.gallery.list_backfill_jobs()
+        for status in ("running", "pending"):
+            for j in jobs:
+                if j.status == status:
+                    return j if status == "running" else self.gallery.update_backfill_job(j.id, status="running")
+        return None
+
+    def _status(self, job_id: int) -> BackfillJobInfo | None:
+        """The job as it is now, or None when the thread must leave it (stopping, or not running)."""
+        with self._cond:
+            if self._stopping:
+                return None
+            job = self.gallery.get_backfill_job(job_id)
+            return job if job.status == "running" else None
+
+    def _finish(self, job_id: int, status: str, done: int, total: int) -> None:
+        with self._cond:
+            if self.gallery.get_backfill_job(job_id).status == "running":
+                self.gallery.update_backfill_job(job_id, status=status, done=done, total=total)
+            else:
+                self.gallery.update_backfill_job(job_id, done=done, total=total)
+
+    def _model(self, version: str) -> LoadedModel | None:
+        """A loaded model of ``version`` (the active one when it is), or None if it cannot be loaded."""
+        active = self.registry.active
+        if active is not None and active.version == version:
+            return active.loaded
+        if version not in self._models:
+            try:
+                self._models[version] = load_model(self.registry.entry(version).path)
+            except (ServiceError, ModelCardError) as e:
+                log.warning("cannot load model %s: %s", version, e)
+                self._models[version] = None
+        return self._models[version]
+
+    def _serving_space(self) -> str | None:
+        active = self.registry.active
+        if active is not None:
+            return active.space
+        by_space = self.gallery.counts_by_space()
+        return max(by_space, key=lambda s: by_space[s]) if by_space else None
+
+    def _run(self, job: BackfillJobInfo) -> None:
+        live = self._live.setdefault(job.id, _Live())
+        live.window.clear()
+        started = time.monotonic()
+        try:
+            self._run_batches(job, live)
+        finally:
+            live.active_seconds += time.monotonic() - started
+            live.phase = None
+
+    def _run_batches(self, job: BackfillJobInfo, live: _Live) -> None:
+        candidate = job.candidate
+        loaded = self._model(candidate)
+        if loaded is None:
+            raise ModelCardError(f"the candidate {candidate} cannot be loaded from the models dir")
+        spec = dict(job.policy or {})
+        ordered = spec.get("order") == "uncertainty"
+        if ordered and "ordered_items" not in spec:
+            live.phase = "ordering"
+            space = self._serving_space()
+            order = uncertainty_order(self.gallery, space, self._model) if space else None
+            n = self.gallery.set_backfill_order(job.id, order.item_ids.tolist(), order.scores.tolist()) if order else 0
+            live.ordering_seconds = order.seconds if order else 0.0
+            spec.update(ordered_items=n, order_space=space, unscored=order.unscored if order else 0)
+            self.gallery.update_backfill_job(job.id, policy=spec)
+            log.info("backfill job %d: ordered %d items of space %s in %.2fs", job.id, n, space, live.ordering_seconds)
+        live.phase = "embedding"
+        cursor = _Cursor(self.gallery, job.id, candidate, ordered)
+        done, total = self.gallery.backfill_progress(candidate)
+        self.gallery.update_backfill_job(job.id, done=done, total=total)
+        prep = loaded.preprocess
+        paced_from, paced_items, paced_rate = time.monotonic(), 0, None
+        while True:
+            current = self._status(job.id)
+            if current is None:
+                return
+            spec = current.policy or {}
+            rate = spec.get("rate_limit")
+            if rate != paced_rate:  # a new cap (resume) restarts the pacing clock
+                paced_from, paced_items, paced_rate = time.monotonic(), 0, rate
+            if rate:
+                wait = paced_from + paced_items / rate - time.monotonic()
+                if wait > 0:
+                    with self._cond:
+                        if not self._stopping:
+                            self._cond.wait(wait)  # control calls notify: re-check the status at once
+                    continue
+            limit = int(spec.get("batch_size") or self.batch_size)
+            if rate:
+                limit = min(limit, max(1, int(rate / 4)))  # ~0.25 s of budget per batch: smooth, responsive
+            stop_at = spec.get("stop_at")
+            if stop_at:
+                target = math.ceil(stop_at * total - 1e-9)
+                if done >= target:
+                    log.info("backfill job %d: reached its stop point %.3f (%d/%d)", job.id, stop_at, done, total)
+                    self._finish(job.id, "paused", done, total)
+                    return
+                limit = min(limit, target - done)
+            rows = cursor.next(limit)
+            if not rows:
+                done, total = self.gallery.backfill_progress(candidate)
+                log.info("backfill job %d: complete, %d/%d embedded by %s", job.id, done, total, candidate)
+                self._finish(job.id, "done", done, total)
+                return
+            n_ok, n_skip = self._process(job.id, candidate, rows, loaded, prep)
+            done += n_ok
+            total = self.gallery.live_counts(job.space)[0]
+            live.reembedded += n_ok
+            live.tick(n_ok + n_skip)
+            self.gallery.update_backfill_job(job.id, done=done, total=total)
+            paced_items += n_ok + n_skip
+
+    def _process(self, job_id: int, candidate: str, rows: list[tuple[int, str, str | None]],
+                 loaded: LoadedModel, prep: Any) -> tuple[int, int]:
+        """Re-embed one batch; returns ``(re-embedded, skipped)``. Items without a usable source are
+        recorded as skipped (and leave the job's pending list)."""
+        eids: list[str] = []
+        images: list[np.ndarray] = []
+        skips: list[tuple[int, str]] = []
+        for iid, eid, uri in rows:
+            if uri is None:
+                skips.append((iid, "no source kept (ingested while keep_sources was off)"))
+                continue
+            raw = self.blobs.get(uri)
+            if raw is None:
+                skips.append((iid, f"source {uri[:80]} is not in the blob store"))
+                continue
+            try:
+                images.append(decode_image(raw, channels=prep.channels, size=prep.size,
+                                           max_pixels=self.max_image_pixels, what=f"item {eid!r}"))
+                eids.append(eid)
+            except (BadImage, TooLarge) as e:
+                skips.append((iid, f"source does not fit {candidate}: {e}"))
+        n = 0
+        if eids:
+            vectors = embed_images(loaded, np.stack(images))  # (b, D)
+            pairs = list(zip(eids, vectors, strict=True))
+            try:
+                self.gallery.reembed(pairs, candidate)
+            except ItemNotFound as e:  # deleted since they were listed: nothing was written, retry without
+                gone = set(e.ids)
+                pairs = [p for p in pairs if p[0] not in gone]
+                if pairs:
+                    self.gallery.reembed(pairs, candidate)
+            n = len(pairs)
+            if self.on_embedded is not None:
+                self.on_embedded(candidate, n)
+        if skips:
+            try:
+                self.gallery.record_backfill_skips(job_id, skips)
+            except IntegrityError:  # an item was deleted meanwhile
+                alive = self.gallery.items_by_id([i for i, _ in skips])
+                self.gallery.record_backfill_skips(job_id, [(i, r) for i, r in skips if i in alive])
+        return n, len(skips)
+
+
+def start_runner(state: AppState) -> BackfillRunner:
+    """The service's runner, configured from its settings, started (the app's lifespan calls this)."""
+    s, metrics = state.settings, state.metrics
+
+    def embedded(version: str, n: int) -> None:
+        metrics.embedded.labels(version=version, purpose="backfill").inc(n)
+
+    runner = BackfillRunner(state.gallery, state.registry, state.blobs, batch_size=s.backfill_batch_size,
+                            rate_limit=s.backfill_rate_limit, max_image_pixels=s.max_image_pixels,
+                            on_embedded=embedded)
+    runner.start()
+    return runner
+
+
+def stop_runner(state: AppState | None) -> None:
+    """Stop the runner of ``state`` if it has one (at shutdown, before the gallery closes)."""
+    runner = getattr(state, "backfill", None)
+    if runner is not None:
+        runner.stop()
