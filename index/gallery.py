@@ -37,6 +37,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
 from . import backfill, catalog, store
+from .background_build import IndexBuilder, read_report
 from .db import default_database_url, make_engine
 from .errors import (
     GalleryClosed,
@@ -74,6 +75,8 @@ class Gallery:
         index_params: str | None = None,
         min_train: int | None = None,
         tombstone_fraction: float = 0.2,
+        background_builds: bool = False,
+        recall_sample: int = 1000,
     ) -> None:
         """Use :meth:`open`; this constructor neither creates tables nor loads indexes."""
         self.engine = engine
@@ -84,12 +87,15 @@ class Gallery:
         self.index_params = index_params
         self.min_train = min_train
         self.tombstone_fraction = tombstone_fraction
+        self.background_builds = background_builds
         self._mutex = threading.RLock()  # serialises mutations (SQL commit + FAISS apply)
         self._versions: dict[str, VersionInfo] = {}
         self._spaces: dict[str, SpaceIndex] = {}
         self._closed = False
         self._items = 0  # items in SQL, kept in step with this process's commits (O(1) for policy checks)
         self.last_open_reports: list[ReconcileReport] = []
+        self._builder = IndexBuilder(engine, self.index_dir, self._mutex, recall_sample=recall_sample,
+                                     on_installed=self._maybe_snapshot)
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -105,6 +111,8 @@ class Gallery:
         tombstone_fraction: float = 0.2,
         sqlite_synchronous: str = "FULL",
         faiss_threads: int | None = None,
+        background_builds: bool = False,
+        recall_sample: int = 1000,
     ) -> Gallery:
         """Open (creating if needed) the gallery at ``database_url`` with snapshots under ``data_dir``.
 
@@ -118,7 +126,10 @@ class Gallery:
         - ``min_train``: vectors needed before a trainable (IVF) index is trained; until then the space is
           served by an exact Flat index. None: 39 x nlist.
         - ``tombstone_fraction``: rebuild an index that cannot remove ids (HNSW) when this share is stale.
-        - ``faiss_threads``: sets FAISS's OpenMP threads (process-wide). Many concurrent single-query
+        - ``background_builds``: build approximate indexes (HNSW, IVF) off to the side while the exact staging
+          index (or the previous build) serves, and measure their recall@10 on ``recall_sample`` stored
+          vectors (:mod:`index.background_build`). Otherwise builds and rebuilds happen in the writing call.
+        - ``faiss_threads``: sets FAISS's OpenMP threads (of the calling thread: OpenMP keeps it per thread). Many concurrent single-query
           searches run faster with 1 thread each than with all of them fighting over OpenMP.
         """
         data_dir = Path(data_dir)
@@ -135,6 +146,8 @@ class Gallery:
             index_params=index_params,
             min_train=min_train,
             tombstone_fraction=tombstone_fraction,
+            background_builds=background_builds,
+            recall_sample=recall_sample,
         )
         try:
             g._load()
@@ -154,7 +167,11 @@ class Gallery:
             sidx = self._new_space_index(space, dim)
             self.last_open_reports.append(reconcile(self.engine, sidx, self.index_dir))
             self._spaces[space] = sidx
+            if self.background_builds and not sidx.staging:
+                sidx.last_build = read_report(self.index_dir, space, sidx.factory)
             self._maybe_snapshot(sidx)
+            with self._mutex:
+                self._rebuild_if_needed(sidx)
 
     def _new_space_index(self, space: str, dim: int) -> SpaceIndex:
         return SpaceIndex(
@@ -164,10 +181,12 @@ class Gallery:
             params=self.index_params,
             min_train=self.min_train,
             tombstone_fraction=self.tombstone_fraction,
+            background=self.background_builds,
         )
 
     def close(self) -> None:
-        """Snapshot every changed space and release the database. Idempotent."""
+        """Stop background builds, snapshot every changed space and release the database. Idempotent."""
+        self._builder.close()
         with self._mutex:
             if self._closed:
                 return
@@ -423,11 +442,33 @@ class Gallery:
         except Exception:
             log.exception("space %r: FAISS mutation failed after commit; rebuilding from SQL", sidx.space)
             reconcile(self.engine, sidx, None)
+        self._rebuild_if_needed(sidx)
+        self._maybe_snapshot(sidx)
+
+    def _rebuild_if_needed(self, sidx: SpaceIndex) -> None:
         reason = sidx.needs_rebuild()
-        if reason:
+        if not reason:
+            return
+        if self.background_builds:
+            self._builder.start(sidx, reason)  # no-op while one runs
+        else:
             log.info("space %r: rebuilding from SQL: %s", sidx.space, reason)
             reconcile(self.engine, sidx, None)
-        self._maybe_snapshot(sidx)
+
+    def rebuild_index(self, space: str, reason: str = "asked for") -> bool:
+        """Rebuild ``space``'s index from SQL (in the background with ``background_builds``; measuring its
+        recall). False when a build of it is already running."""
+        self._check_open()
+        sidx = self._space_index(space)
+        with self._mutex:
+            if self.background_builds:
+                return self._builder.start(sidx, reason)
+            reconcile(self.engine, sidx, None)
+            return True
+
+    def wait_for_index_builds(self, timeout: float | None = None) -> bool:
+        """Wait for background builds to be installed; True when none is running."""
+        return self._builder.wait(timeout)
 
     def _maybe_snapshot(self, sidx: SpaceIndex) -> None:
         if self.snapshot_every is not None and sidx.changes_since_snapshot >= self.snapshot_every:
@@ -518,6 +559,7 @@ class Gallery:
             "ntotal": sidx.ntotal, "live": sidx.live_count, "tombstones": sidx.tombstone_count,
             "removable": sidx.removable, "staging": sidx.staging,
             "changes_since_snapshot": sidx.changes_since_snapshot,
+            "params": sidx.params, "building": sidx.build_progress, "last_build": sidx.last_build,
         }
 
     # ------------------------------------------------------------------ backfill bookkeeping

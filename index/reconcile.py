@@ -73,7 +73,10 @@ def reconcile(engine: Engine, sidx: SpaceIndex, index_dir: Path | None) -> Recon
     loaded = sidx.load_snapshot(index_dir) if index_dir is not None else None
     with engine.connect() as conn:
         index = loaded.index if loaded else None
-        if sidx.trainable and (index is None or isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)):
+        # (with background builds the staging index serves instead, and the owner builds off to the side)
+        if sidx.trainable and not sidx.background and (
+            index is None or isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)
+        ):
             n_sql = store.space_count(conn, sidx.space)
             if n_sql >= sidx.min_train:
                 # enough data to train the real index now; a staging snapshot is of no use then

@@ -17,6 +17,13 @@ Trainable factories (``IVF...``) cannot hold vectors before training. Until the 
 vectors, the space is served by an exact ``Flat`` *staging* index; when it reaches ``min_train`` the
 owner rebuilds it with the real factory, trained on the stored vectors (:meth:`needs_rebuild`).
 
+Background builds (``background=True``): every approximate factory (HNSW, IVF...) is staged like a
+trainable one, served exactly by ``Flat`` until ``min_train`` vectors, and the owner builds the real index
+off to the side (:mod:`index.background_build`) while searches and writes go on. Writes applied meanwhile
+are also recorded in a *delta* (:meth:`begin_delta`); :meth:`install` replays it onto the built index
+(idempotently: vec_ids are never reused, so "add if absent, remove if present" in commit order is exact
+whatever the build read) and swaps it in. ``last_build`` reports the build and its measured recall.
+
 Thread-safety: ``lock`` is a readers-writer lock. :meth:`search` takes it shared; :meth:`apply` and
 :meth:`swap` take it exclusively and change the index and the lookup together, so a reader never sees
 one without the other. Rebuilding is done on a separate index off to the side and swapped in by reference.
@@ -126,6 +133,7 @@ class SpaceIndex:
         params: str | None = None,
         min_train: int | None = None,
         tombstone_fraction: float = 0.2,
+        background: bool = False,
     ) -> None:
         self.space = space
         self.dim = int(dim)
@@ -141,17 +149,24 @@ class SpaceIndex:
                 f"{str(e).strip().splitlines()[-1]}"
             ) from None
         self.trainable = not probe.is_trained
+        self.background = bool(background)
+        exact = isinstance(faiss.downcast_index(probe.index), faiss.IndexFlat)
+        # staged: served by the exact Flat index until the real one is built (trained, or off to the side)
+        self.uses_staging = self.trainable or (self.background and not exact)
         self.min_train = int(min_train) if min_train is not None else default_min_train(probe)
         self._index: faiss.IndexIDMap2 = self.empty_index(trained=False)
         self._entries: dict[int, Entry] = {}
         self._tombstones: set[int] = set()
         self._selector: tuple[faiss.IDSelector, faiss.IDSelector] | None = None
         self.changes_since_snapshot = 0
+        self._delta: list[tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, list[Entry] | None]] | None = None
+        self.last_build: dict | None = None  # the last background build's report (index.background_build)
+        self.build_progress: dict | None = None  # while one runs: {"reason", "started_at", "done", "total"}
 
     # ----------------------------------------------------------------- building
     def empty_index(self, trained: bool) -> faiss.IndexIDMap2:
         """A new empty index: the real factory, or the Flat staging index while untrained."""
-        if self.trainable and not trained:
+        if self.uses_staging and not trained:
             return make_faiss_index(STAGING_FACTORY, self.dim, "")
         return make_faiss_index(self.factory, self.dim, self.params)
 
@@ -162,13 +177,13 @@ class SpaceIndex:
 
     @property
     def staging(self) -> bool:
-        """True while a trainable factory is served by the exact staging index."""
-        return self.trainable and self.built_factory == STAGING_FACTORY
+        """True while a trainable (or background-built) factory is served by the exact staging index."""
+        return self.uses_staging and self.built_factory == STAGING_FACTORY
 
     @property
     def built_factory(self) -> str:
         inner = faiss.downcast_index(self._index.index)
-        if self.trainable and isinstance(inner, faiss.IndexFlat):
+        if self.uses_staging and isinstance(inner, faiss.IndexFlat):
             return STAGING_FACTORY
         return self.factory
 
@@ -210,6 +225,13 @@ class SpaceIndex:
         Removing an id the index does not hold is a no-op.
         """
         with self.lock.write():
+            if self._delta is not None:  # a background build is running: it replays this at install
+                self._delta.append((
+                    None if remove is None else np.array(remove, dtype=np.int64),
+                    None if add_ids is None else np.array(add_ids, dtype=np.int64),
+                    None if add_vectors is None else np.array(add_vectors, dtype=np.float32),
+                    None if add_entries is None else list(add_entries),
+                ))
             if remove is not None and len(remove):
                 rm = np.asarray(remove, dtype=np.int64)
                 # every live id is in ``_entries``; an id absent there is not (live) in the index
@@ -226,6 +248,44 @@ class SpaceIndex:
                 for vid, entry in zip(add_ids.tolist(), add_entries, strict=True):
                     self._entries[vid] = entry
                 self.changes_since_snapshot += len(add_ids)
+
+    def begin_delta(self) -> None:
+        """Start recording applied writes for a build in progress. Call with mutations excluded (the
+        gallery's mutex), before the build reads SQL, so every later commit is either read or recorded."""
+        with self.lock.write():
+            self._delta = []
+
+    def end_delta(self) -> None:
+        """Stop recording (a build failed or was cancelled)."""
+        with self.lock.write():
+            self._delta = None
+
+    def install(self, index: faiss.IndexIDMap2, entries: dict[int, Entry]) -> int:
+        """Replay the recorded delta onto a built ``index`` (and its ``entries``), then swap them in, atomically
+        for readers. Returns how many recorded operations were replayed. Call with mutations excluded."""
+        removable = can_remove(index)
+        tombstones: set[int] = set()
+        with self.lock.write():
+            delta, self._delta = self._delta or [], None
+            for remove, add_ids, add_vectors, add_entries in delta:
+                if remove is not None and len(remove):
+                    live = [vid for vid in remove.tolist() if entries.pop(vid, None) is not None]
+                    if live and removable:
+                        index.remove_ids(faiss.IDSelectorBatch(np.asarray(live, dtype=np.int64)))
+                    else:
+                        tombstones.update(live)
+                if add_ids is not None and len(add_ids):
+                    assert add_vectors is not None and add_entries is not None
+                    new = np.fromiter((vid not in entries for vid in add_ids.tolist()), dtype=bool, count=len(add_ids))
+                    if new.any():
+                        index.add_with_ids(np.ascontiguousarray(add_vectors[new]), add_ids[new])
+                        for vid, e, keep in zip(add_ids.tolist(), add_entries, new.tolist(), strict=True):
+                            if keep:
+                                entries[vid] = e
+            self._index, self._entries, self._tombstones = index, entries, tombstones
+            self._selector = self._make_selector(tombstones)
+            self.changes_since_snapshot = max(self.changes_since_snapshot, len(entries))
+        return len(delta)
 
     def _make_selector(self, tombstones: set[int]) -> tuple[faiss.IDSelector, faiss.IDSelector] | None:
         if not tombstones:
@@ -320,6 +380,6 @@ class SpaceIndex:
         loaded = snapshot.read(index_dir, self.space, self.dim, self.factory)
         if loaded is not None:
             inner = faiss.downcast_index(loaded.index.index)
-            is_staging = self.trainable and isinstance(inner, faiss.IndexFlat)
+            is_staging = self.uses_staging and isinstance(inner, faiss.IndexFlat)
             set_params(loaded.index, "" if is_staging else (_default_params(inner) if self.params is None else self.params))
         return loaded
