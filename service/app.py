@@ -103,7 +103,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         gallery = Gallery.open(settings.resolved_database_url(), settings.data_dir, settings.index_factory,
-                               index_params=settings.index_params, faiss_threads=settings.faiss_threads)
+                               index_params=settings.index_params, faiss_threads=settings.faiss_threads,
+                               background_builds=settings.index_background_build,
+                               recall_sample=settings.index_recall_sample)
         try:
             registry = ModelRegistry(settings.models_dir, gallery, torch_threads=settings.torch_threads)
             registry.scan()
@@ -138,9 +140,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="graceful", version="0.1.0", lifespan=lifespan,
                   description="Backward-compatible embedding retrieval: upgrade the model, keep the gallery.")
     _install_error_handlers(app)
-    from service.routes import backfill, health, items, models, search
+    from service.routes import backfill, health, index, items, models, search
 
-    for r in (items.router, search.router, models.router, backfill.router, health.router):
+    for r in (items.router, search.router, models.router, backfill.router, health.router, index.router):
         app.include_router(r)
     from service.limits import BodyLimitMiddleware
 

@@ -102,3 +102,43 @@ class ActivationResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+
+
+class IndexBuild(BaseModel):
+    """A finished build of an approximate index and its measured quality."""
+
+    factory: str
+    params: str | None
+    reason: str
+    vectors: int = Field(description="vectors in the index when it was built")
+    seconds: float = Field(description="wall time of the build (read SQL, train, add, measure)")
+    replayed: int = Field(description="writes that landed during the build, replayed onto it")
+    recall: float | None = Field(description="recall@k against exact search on `sample` stored vectors as "
+                                             "queries (each query left out of both answers)")
+    k: int
+    sample: int
+    finished_at: float
+
+
+class SpaceIndexInfo(BaseModel):
+    space: str
+    dim: int
+    factory: str = Field(description="the configured FAISS factory (GRACEFUL_INDEX_FACTORY)")
+    built_factory: str = Field(description="what serves now: the factory, or Flat while it is being built")
+    exact: bool = Field(description="searches are exact (Flat) right now")
+    recall: float | None = Field(description="recall@10 of the serving index vs exact: 1.0 when exact, the "
+                                             "last build's measure otherwise (null if never measured)")
+    live: int
+    tombstones: int
+    params: str | None
+    building: dict[str, Any] | None = Field(description="the build in progress: reason, started_at, done, total")
+    last_build: IndexBuild | None
+
+
+class IndexResponse(BaseModel):
+    spaces: list[SpaceIndexInfo]
+
+
+class RebuildResponse(BaseModel):
+    space: str
+    started: bool = Field(description="false when a build of this space is already running")
