@@ -12,6 +12,7 @@ commands:
   eval      compatibility matrix of model versions (JSON + heatmap)
   demo      the whole story on Fashion-MNIST
   serve     run the HTTP service
+  backfill  start / watch / pause / resume / cancel backfill jobs of a running service
 
 `graceful <command> --help` for a command's options."""
 
@@ -26,10 +27,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging("-v" in rest or "--verbose" in rest)
     rest = [a for a in rest if a not in ("-v", "--verbose")]
+    from service.backfill_cli import backfill_main
     from service.demo import demo_main
     from service.serve import serve_main
 
-    commands = {"train": train_main, "eval": eval_main, "serve": serve_main, "demo": demo_main}
+    commands = {"train": train_main, "eval": eval_main, "serve": serve_main, "demo": demo_main,
+                "backfill": backfill_main}
     if cmd not in commands:
         print(f"graceful: error: unknown command {cmd!r} (try `graceful --help`)", file=sys.stderr)
         return 2
