@@ -1,7 +1,9 @@
 """The live model registry: which model versions exist, which one is active, and hot swaps between them.
 
 Every valid folder of the models dir is registered in the gallery's catalog; invalid ones are listed with
-the reason and never loaded. Activation loads and warms the new model *first*, checks it may serve over the
+the reason and never loaded. An adapter version (card with ``adapter_of``) is "the new model it names, then
+the adapter": one version whose space is the old model's, so it activates over the old gallery with no
+backfill; it is valid only while the new model's folder sits next to it. Activation loads and warms the new model *first*, checks it may serve over the
 gallery (same embedding space as every stored item), persists it, and only then swaps one reference:
 a request captures ``registry.active`` once, so requests in flight finish on the model they started with.
 """
@@ -21,7 +23,7 @@ from index import Gallery, VersionInfo
 from index.errors import GalleryError
 from index.rwlock import RWLock
 from service.errors import IncompatibleModel, InvalidModel, ModelNotFound, NoActiveModel, NothingToRollBack
-from trainer.artifact import LoadedModel, ModelCard, embed_images, load_model, read_card
+from trainer.artifact import LoadedModel, ModelCard, adapter_base_folder, embed_images, load_model, read_card
 from trainer.errors import ModelCardError
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,8 @@ class ActiveModel:
         return int(self.loaded.preprocess.channels)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        """(N, C, H, W) uint8 -> (N, D) float32 unit-norm embeddings."""
+        """(N, C, H, W) uint8 -> (N, D) float32 unit-norm embeddings (for an adapter version: the new model's,
+        mapped into the old space by the adapter)."""
         return embed_images(self.loaded, images)
 
 
@@ -112,6 +115,8 @@ class ModelRegistry:
             for f in (path / "card.json", path / card.weights):
                 if f.is_symlink():
                     raise ModelCardError(f"{f.name} in {path.name} is a symbolic link: refused")
+            if card.adapter_of is not None:
+                read_card(adapter_base_folder(path, card))  # its new model must be here (and a valid version)
             self.gallery.register_version(VersionInfo(
                 version=card.version, space=card.space, embedding_dim=card.embedding_dim,
                 compatible_with=card.compatible_with, card=card.model_dump(mode="json"),

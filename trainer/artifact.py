@@ -2,6 +2,10 @@
 
 Loading never executes code from the folder: weights are safetensors only (a pickle is refused), the card is
 validated field by field, and the weights' checksum and tensor names must match what the card describes.
+
+An *adapter version* (card with ``adapter_of``) holds only an adapter's weights; it is served as "the new model
+it adapts, then the adapter", so loading it also loads the new model's folder, a sibling in the same models
+dir named by ``adapter_of`` (and, if the card pins it, with the same weights checksum as when it was fitted).
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from trainer.adapter import AdaptedModel, AdapterConfig, EmbeddingAdapter
 from trainer.errors import ModelCardError
-from trainer.model import ArchConfig, EmbeddingModel
+from trainer.model import ArchConfig, CosineHead, EmbeddingModel
 from trainer.preprocess import Preprocess
 
 CARD_FILE = "card.json"
@@ -51,7 +56,8 @@ class ModelCard(BaseModel):
     class_names: list[str] = Field(default_factory=list)
     space: str = Field(min_length=1, max_length=128, pattern=NAME_PATTERN)
     compatible_with: str | None
-    adapter_of: str | None = None
+    adapter_of: str | None = Field(default=None, min_length=1, max_length=128, pattern=NAME_PATTERN)
+    adapter_of_sha256: str | None = None  # the new model's weights checksum when the adapter was fitted
     preprocess: dict[str, Any] = Field(default_factory=lambda: Preprocess().to_dict())
     train_config: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -80,7 +86,7 @@ class LoadedModel:
     """A model ready to embed: eval mode, no gradients, with its card and input contract."""
 
     card: ModelCard
-    model: EmbeddingModel
+    model: EmbeddingModel | AdaptedModel
     path: Path
 
     @property
@@ -100,15 +106,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_model(folder: str | os.PathLike[str], model: EmbeddingModel, card: ModelCard) -> ModelCard:
-    """Write weights then card (card last, atomically: a folder with a card is complete). Returns the card."""
+def save_model(folder: str | os.PathLike[str], model: EmbeddingModel | AdaptedModel, card: ModelCard) -> ModelCard:
+    """Write weights then card (card last, atomically: a folder with a card is complete). Returns the card.
+
+    For an ``AdaptedModel`` only the adapter's own tensors are written (the new model stays in its folder).
+    """
     from safetensors.torch import save_file
 
+    if isinstance(model, AdaptedModel) != (card.adapter_of is not None):
+        raise ModelCardError("an adapted model needs a card with adapter_of, and only it may have one")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / card.weights
     tmp = weights.with_suffix(".tmp")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    raw = model.own_state() if isinstance(model, AdaptedModel) else model.state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in raw.items()}
     save_file(state, str(tmp), metadata={"format": CARD_FORMAT})
     os.replace(tmp, weights)
     card = card.model_copy(update={"weights_sha256": _sha256(weights)})
@@ -146,13 +158,26 @@ def read_card(folder: str | os.PathLike[str]) -> ModelCard:
     return card
 
 
-def load_model(folder: str | os.PathLike[str]) -> LoadedModel:
-    """Validate and load a model version; raises ``ModelCardError`` with the reason on anything odd."""
+def adapter_base_folder(folder: str | os.PathLike[str], card: ModelCard) -> Path:
+    """The folder of the new model an adapter version adapts: ``<models dir>/<adapter_of>``, a real folder
+    (not a link) next to the adapter's. Raises ``ModelCardError`` saying what is missing."""
+    assert card.adapter_of is not None
+    folder = Path(folder)
+    base = folder.parent / card.adapter_of
+    if card.adapter_of == card.version:
+        raise ModelCardError(f"adapter {card.version} names itself as adapter_of")
+    if not base.is_dir():
+        raise ModelCardError(f"adapter {card.version} maps the embeddings of model {card.adapter_of!r} "
+                             f"(adapter_of), whose folder {base} is missing: put that model version next to it")
+    if base.is_symlink() or base.resolve().parent != folder.resolve().parent:
+        raise ModelCardError(f"adapter {card.version}: {base} must be a real folder next to it, not a link")
+    return base
+
+
+def _load_state(folder: Path, card: ModelCard) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    card = read_card(folder)
     weights = folder / card.weights
     if not weights.is_file():
         raise ModelCardError(f"{folder} has no weights file {card.weights}")
@@ -161,15 +186,56 @@ def load_model(folder: str | os.PathLike[str]) -> LoadedModel:
     if card.weights_sha256 and _sha256(weights) != card.weights_sha256:
         raise ModelCardError(f"{weights} does not match the checksum in its card (corrupt or replaced)")
     try:
-        state = load_file(str(weights))
+        return load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelCardError(f"{weights} is not a safetensors file ({e}); pickled weights are never loaded") from None
+
+
+def load_model(folder: str | os.PathLike[str]) -> LoadedModel:
+    """Validate and load a model version (or an adapter version, with the new model it adapts); raises
+    ``ModelCardError`` with the reason on anything odd."""
+    folder = Path(folder)
+    card = read_card(folder)
+    if card.adapter_of is not None:
+        return _load_adapter(folder, card)
+    weights = folder / card.weights
+    state = _load_state(folder, card)
     try:
         arch = ArchConfig.from_dict(card.arch)
         model = EmbeddingModel(arch, list(card.classes))
         model.load_state_dict(state, strict=True)
     except Exception as e:  # a shape or key mismatch: the weights do not belong to this card
         raise ModelCardError(f"{weights} does not fit the architecture in its card: {str(e).splitlines()[0]}") from None
+    model.eval().requires_grad_(False)
+    return LoadedModel(card=card, model=model, path=folder)
+
+
+def _load_adapter(folder: Path, card: ModelCard) -> LoadedModel:
+    base_dir = adapter_base_folder(folder, card)
+    base = read_card(base_dir)
+    if base.adapter_of is not None:
+        raise ModelCardError(f"adapter {card.version} adapts {base.version}, itself an adapter: chains are not served")
+    if card.adapter_of_sha256 and base.weights_sha256 != card.adapter_of_sha256:
+        raise ModelCardError(f"adapter {card.version} was fitted to other weights of {base.version} than those in "
+                             f"{base_dir} (checksum differs): refit it")
+    if base.preprocess != card.preprocess:
+        raise ModelCardError(f"adapter {card.version}: its input contract differs from {base.version}'s")
+    new = load_model(base_dir)
+    state = _load_state(folder, card)
+    weights = folder / card.weights
+    try:
+        cfg = AdapterConfig.from_dict(card.arch)
+        if cfg.in_dim != new.card.embedding_dim:
+            raise ValueError(f"adapter input {cfg.in_dim}-d, {base.version} writes {new.card.embedding_dim}-d")
+        head = CosineHead(cfg.embedding_dim, len(card.classes), cfg.scale)
+        model = AdaptedModel(new.model, EmbeddingAdapter(cfg), head, list(card.classes))  # type: ignore[arg-type]
+        own = {**{f"adapter.{k}": v for k, v in model.adapter.state_dict().items()}, "head.weight": head.weight}
+        if set(state) != set(own):
+            raise ValueError(f"tensors {sorted(state)}, expected {sorted(own)}")
+        model.adapter.load_state_dict({k[len("adapter."):]: v for k, v in state.items() if k.startswith("adapter.")})
+        head.load_state_dict({"weight": state["head.weight"]})
+    except Exception as e:  # a shape or key mismatch, or a bad arch: the weights do not belong to this card
+        raise ModelCardError(f"{weights} does not fit the adapter in its card: {str(e).splitlines()[0]}") from None
     model.eval().requires_grad_(False)
     return LoadedModel(card=card, model=model, path=folder)
 

@@ -1,4 +1,4 @@
-"""`graceful train`, `graceful eval` (and later `graceful adapt`): argument parsing and printing for people.
+"""`graceful train`, `graceful eval`, `graceful adapt`: argument parsing and printing for people.
 
 Every ``main(argv)`` returns an exit code and never lets a domain error escape as a traceback: a bad
 argument gives one clear line on stderr and exit code 2.
@@ -48,6 +48,14 @@ def train_parser(prog: str = "graceful train") -> argparse.ArgumentParser:
     p.add_argument("--influence-weight", type=float, default=None)
     p.add_argument("--class-mean-weight", type=float, default=None)
     p.add_argument("--old-embedding-weight", type=float, default=None)
+    p.add_argument("--pc", default=None, choices=["kd", "fd-kl", "fd-lm"],
+                   help="positive-congruent training against --old: focal distillation of its logits (KL or logit "
+                        "matching), or plain distillation 'kd'; combinable with --bct")
+    p.add_argument("--pc-alpha", type=float, default=None, help="focal weight on every sample (default 1)")
+    p.add_argument("--pc-beta", type=float, default=None,
+                   help="extra focal weight where the old model is right (default 5; 0 for kd)")
+    p.add_argument("--pc-temperature", type=float, default=None, help="softmax temperature of fd-kl/kd (default 1)")
+    p.add_argument("--pc-weight", type=float, default=None, help="weight of the PC term against the task loss (default 1)")
     p.add_argument("--limit", type=int, default=None, help="train on a seeded slice of N images")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate the card's metrics on N test images")
     p.add_argument("--threads", type=int, default=None)
@@ -64,6 +72,39 @@ def eval_parser(prog: str = "graceful eval") -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a PNG heatmap here")
     p.add_argument("--limit", type=int, default=None, help="evaluate on a seeded slice of N test images")
     p.add_argument("--old-classes", default=None, help="classes counted as old (default: the first model's)")
+    p.add_argument("--show-flips", type=int, default=20,
+                   help="list this many negative flips per pair (the JSON keeps them all)")
+    return p
+
+
+def _sample_size(v: str) -> int | None:
+    if v == "all":
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of items or 'all', got {v!r}") from None
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 items, got {n}")
+    return n
+
+
+def adapt_parser(prog: str = "graceful adapt") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Fit an adapter from a new model's embedding space into an old one's, "
+                                       "saved as a model version that serves over the old gallery.")
+    p.add_argument("--new", required=True, help="the new model version folder (trained without BCT)")
+    p.add_argument("--old", required=True, help="the old model version folder (whose space the gallery is in)")
+    p.add_argument("--out", required=True, help="adapter version folder to write, next to --new (same models dir)")
+    p.add_argument("--kind", default="procrustes", choices=["procrustes", "affine", "mlp"])
+    p.add_argument("--sample", type=_sample_size, default=5000,
+                   help="items embedded by both models to fit on (default 5000; 'all' = the whole split)")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="where the sample comes from")
+    p.add_argument("--data", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=int, default=256, help="hidden units of the mlp adapter")
+    p.add_argument("--steps", type=int, default=3000, help="training steps of the mlp adapter")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate the card's metrics on N test images")
+    p.add_argument("--threads", type=int, default=None)
     return p
 
 
@@ -93,8 +134,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k != "quiet"})
         if cfg.old and not Path(cfg.old).is_dir():
             return _fail(f"old model folder {cfg.old} does not exist")
-        if cfg.old and not cfg.bct:
-            return _fail("--old is only used with --bct (to train independently, leave --old out)")
+        if cfg.old and not (cfg.bct or cfg.pc):
+            return _fail("--old is only used with --bct or --pc (to train independently, leave --old out)")
+        if cfg.pc and not cfg.old:
+            return _fail("--pc needs --old DIR (the model whose right answers to keep)")
         if cfg.classes is not None:
             from trainer.data import parse_classes
 
@@ -117,7 +160,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 def eval_main(argv: Sequence[str] | None = None) -> int:
     from trainer.artifact import load_model
     from trainer.data import load_split, parse_classes
-    from trainer.evaluate import evaluate_models, format_matrix
+    from trainer.evaluate import evaluate_models, format_flips, format_matrix
 
     try:
         args = eval_parser().parse_args(argv)
@@ -143,6 +186,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     for key, f in report.flips.items():
         print(f"flips {key}: err {f['err_old']:.4f} -> {f['err_new']:.4f}, NFR {f['nfr']:.4f}, "
               f"rel. NFR {f['rel_nfr']:.3f} ({f['n_flips']} of {f['n']})")
+        print(format_flips(f, test.class_names, args.show_flips))
     print(f"report written to {args.json}")
     if args.plot:
         from trainer.plot import plot_matrix
@@ -154,3 +198,24 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def adapt_main(argv: Sequence[str] | None = None) -> int:
+    from trainer.adapt import AdaptConfig, adapt
+
+    try:
+        args = adapt_parser().parse_args(argv)
+        for flag in ("new", "old"):
+            if not Path(getattr(args, flag)).is_dir():
+                return _fail(f"--{flag} model folder {getattr(args, flag)} does not exist")
+        result = adapt(AdaptConfig(**vars(args)))
+    except TrainerError as e:
+        return _fail(str(e))
+    card = result.card
+    fit = result.fit
+    print(f"saved adapter {card.version} to {result.path}: {card.adapter_of} -> space {card.space} "
+          f"({card.train_config['kind']}, {card.train_config['sample_size']} pairs, fit {result.seconds:.1f}s, "
+          f"sample cosine {fit['sample_cos']:.4f})")
+    for key, cell in card.metrics.get("matrix", {}).items():
+        print(f"  {key:<24} top1 {cell['top1']:.4f}  top5 {cell['top5']:.4f}  mAP {cell['mAP']:.4f}")
+    return 0

@@ -38,7 +38,8 @@ class CompatReport:
         d = asdict(self)
         if not include_flipped:
             for f in d["flips"].values():
-                f.pop("flipped", None)
+                for k in [k for k in f if k.startswith("flipped")]:
+                    f.pop(k)
         return d
 
     def card_metrics(self, version: str) -> dict[str, Any]:
@@ -47,7 +48,7 @@ class CompatReport:
             "protocol": "test split, queries = index % 5 == 0, gallery = the rest",
             "matrix": self.matrix,
             "bct": {k: v for k, v in self.bct.items() if k.startswith(f"{version}/")},
-            "flips": {k: {kk: vv for kk, vv in v.items() if kk != "flipped"}
+            "flips": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("flipped")}
                       for k, v in self.flips.items() if k.endswith(f"->{version}")},
         }
 
@@ -117,3 +118,19 @@ def format_matrix(report: CompatReport, metric: str = "mAP") -> str:
             row += (f"{c[metric]:.4f}" if c else "-").rjust(w)
         lines.append(row)
     return "\n".join(lines)
+
+
+def format_flips(flips: dict[str, Any], class_names: list[str] | None = None, limit: int = 20) -> str:
+    """The first ``limit`` negative flips of one pair as text lines: test index, true label (= the old model's
+    prediction), the new model's prediction."""
+    idx, true, new = flips.get("flipped", []), flips.get("flipped_label", []), flips.get("flipped_new_pred", [])
+
+    def name(c: int) -> str:
+        known = class_names and 0 <= c < len(class_names) and class_names[c] != str(c)
+        return f"{c} ({class_names[c]})" if known else str(c)  # type: ignore[index]
+
+    shown = list(zip(idx, true, new, strict=False))[: max(0, limit)]
+    lines = [f"  test #{i:<6} true {name(t):<18} old {name(t):<18} new {name(n)}" for i, t, n in shown]
+    if len(idx) > len(shown):
+        lines.append(f"  ... and {len(idx) - len(shown)} more (all in the JSON report)")
+    return "\n".join(lines) if lines else "  no negative flips"

@@ -2,17 +2,19 @@
 
 BCT (Shen et al., CVPR 2020): the new model's embedding is fed to the *old* model's frozen classifier, so the
 new embedding must stay where the old classifier expects each class: in the old embedding space.
+PC training (Yan et al., CVPR 2021): focal distillation pulls the new model's logits towards the old
+model's, most on the images the old model classifies right, so the update brings few new mistakes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.errors import IncompatibleModelsError
+from trainer.errors import ConfigError, IncompatibleModelsError
 from trainer.model import CosineHead, EmbeddingModel
 
 
@@ -134,3 +136,94 @@ def bct_losses(
         assert old_emb is not None
         terms["to_old_embedding"] = weights.to_old_embedding * (new_emb - old_emb).pow(2).sum(1).mean()
     return terms
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Positive-congruent training (Yan et al., CVPR 2021): focal distillation towards the old model.
+#
+# The distillation runs over the classes *both* models know (the old model's classes present in the new
+# model's head), softmax renormalised over them on both sides. We do not use the BCT OldHead's synthesised
+# rows for classes the old model never saw: those rows are class means, not a trained classifier, so the
+# old "prediction" over them is no knowledge worth preserving, and a negative flip can only happen on a class
+# the old model knows. A sample of a class the old model does not know is never "old-correct": it gets the
+# base weight alpha (alpha = 0 switches distillation off there).
+
+PC_KINDS = ("kd", "fd-kl", "fd-lm")
+
+
+@dataclass(frozen=True)
+class FocalDistillation:
+    """Settings of the PC loss. ``kind``: ``kd`` (KL, weight 1 everywhere), ``fd-kl`` or ``fd-lm``.
+
+    Per-sample weight w = alpha + beta * 1[old model right]; the loss is ``weight * mean_b(w_b * d_b)`` with
+    d the KL divergence at ``temperature`` (times T^2, so its gradient scale does not depend on T) or half
+    the squared L2 distance between the logits.
+    """
+
+    kind: str = "fd-kl"
+    alpha: float = 1.0
+    beta: float = 5.0
+    temperature: float = 1.0
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in PC_KINDS:
+            raise ConfigError(f"unknown PC loss {self.kind!r}: choose one of {', '.join(PC_KINDS)}")
+        if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta <= 0:
+            raise ConfigError(f"focal weights need alpha, beta >= 0 and alpha + beta > 0, got {self.alpha}, {self.beta}")
+        if self.temperature <= 0 or self.weight <= 0:
+            raise ConfigError(f"PC temperature and weight must be > 0, got {self.temperature}, {self.weight}")
+
+    @classmethod
+    def preset(cls, kind: str, **overrides: float | None) -> FocalDistillation:
+        """``kd`` is plain distillation (alpha 1, beta 0); the focal kinds default to alpha 1, beta 5."""
+        base = cls(kind=kind, alpha=1.0, beta=0.0) if kind == "kd" else cls(kind=kind)
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def term(self) -> str:
+        return self.kind.replace("-", "_")  # the loss term's name in logs: kd, fd_kl, fd_lm
+
+
+def shared_class_rows(old_classes: list[int], new_classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S,) old head rows and (S,) new head rows of the S classes both heads know, in the old head's order."""
+    new_row = {c: i for i, c in enumerate(new_classes)}
+    shared = [(i, new_row[c]) for i, c in enumerate(old_classes) if c in new_row]
+    if not shared:
+        raise IncompatibleModelsError(f"the old model's classes {old_classes} and the new model's {new_classes} "
+                                      "have none in common: nothing to distil")
+    old_idx, new_idx = zip(*shared, strict=True)
+    return torch.tensor(old_idx), torch.tensor(new_idx)
+
+
+def focal_weights(old_logits: torch.Tensor, old_rows: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """(B,) weights alpha + beta * 1[old argmax == label] from (B, K_old) old logits and (B,) old-head rows of
+    the labels (-1 for labels the old head does not know, which are never right)."""
+    correct = (old_logits.argmax(1) == old_rows) & (old_rows >= 0)  # (B,) bool
+    return alpha + beta * correct.to(old_logits.dtype)
+
+
+def focal_distillation(
+    new_logits: torch.Tensor,
+    old_logits: torch.Tensor,
+    old_rows: torch.Tensor,
+    shared: tuple[torch.Tensor, torch.Tensor],
+    cfg: FocalDistillation,
+) -> dict[str, torch.Tensor]:
+    """The PC term for (B, K_new) new logits and (B, K_old) frozen old logits of the same images.
+
+    ``old_rows`` (B,) are the labels' rows in the old head (-1 if unknown to it); ``shared`` comes from
+    ``shared_class_rows``. Returns ``{cfg.term: loss}``.
+    """
+    old_idx, new_idx = shared
+    old_s = old_logits.detach()[:, old_idx]  # (B, S): the old model is a fixed target
+    new_s = new_logits[:, new_idx]  # (B, S)
+    w = focal_weights(old_logits.detach(), old_rows, cfg.alpha, cfg.beta)  # (B,)
+    if cfg.kind == "fd-lm":
+        d = 0.5 * (new_s - old_s).pow(2).sum(1)  # (B,)
+    else:
+        t = cfg.temperature
+        log_p_new = F.log_softmax(new_s / t, dim=1)  # (B, S)
+        log_p_old = F.log_softmax(old_s / t, dim=1)  # (B, S)
+        d = (log_p_old.exp() * (log_p_old - log_p_new)).sum(1) * t * t  # (B,) KL(p_old || p_new)
+    return {cfg.term: cfg.weight * (w * d).mean()}

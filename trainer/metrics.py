@@ -62,6 +62,8 @@ def negative_flips(old_pred: np.ndarray, new_pred: np.ndarray, labels: np.ndarra
 
     NFR = flips / N. Relative NFR = NFR / ((1 - err_old) * err_new): the flips one would expect if the two
     models erred independently are (1 - err_old) * err_new, so rel. NFR < 1 means fewer than by chance.
+    The ``flipped*`` lists name every flipped example: its index, true label, and the new (wrong) prediction
+    (the old prediction is the true label by definition).
     """
     old_ok, new_ok = old_pred == labels, new_pred == labels
     flips = np.flatnonzero(old_ok & ~new_ok)
@@ -77,6 +79,8 @@ def negative_flips(old_pred: np.ndarray, new_pred: np.ndarray, labels: np.ndarra
         "n_flips": len(flips),
         "n": n,
         "flipped": flips.tolist(),
+        "flipped_label": labels[flips].tolist(),
+        "flipped_new_pred": new_pred[flips].tolist(),
     }
 
 

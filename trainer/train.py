@@ -1,4 +1,5 @@
-"""The training loop: task loss, optionally BCT against an old model; saves a model version folder."""
+"""The training loop: task loss, optionally BCT and/or PC (focal distillation) against an old model; saves a
+model version folder."""
 
 from __future__ import annotations
 
@@ -16,7 +17,17 @@ import torch
 from trainer.artifact import LoadedModel, ModelCard, check_version_name, load_model, save_model
 from trainer.data import Dataset, load_split, parse_classes
 from trainer.errors import ConfigError, IncompatibleModelsError
-from trainer.losses import BCTWeights, bct_losses, build_old_head, class_mean_embeddings, task_loss
+from trainer.losses import (
+    PC_KINDS,
+    BCTWeights,
+    FocalDistillation,
+    bct_losses,
+    build_old_head,
+    class_mean_embeddings,
+    focal_distillation,
+    shared_class_rows,
+    task_loss,
+)
 from trainer.model import build_model
 from trainer.preprocess import Preprocess, augment
 
@@ -45,6 +56,11 @@ class TrainConfig:
     influence_weight: float | None = None
     class_mean_weight: float | None = None
     old_embedding_weight: float | None = None
+    pc: str | None = None  # None, "kd", "fd-kl" or "fd-lm": distil the old model's logits (PC training)
+    pc_alpha: float | None = None  # None = the preset's (FocalDistillation.preset)
+    pc_beta: float | None = None
+    pc_temperature: float | None = None
+    pc_weight: float | None = None
     limit: int | None = None  # train on a seeded slice of this many images (tests, quick runs)
     eval_limit: int | None = None  # evaluate the card's metrics on a slice of the test split
     threads: int | None = None
@@ -57,6 +73,12 @@ class TrainConfig:
             to_class_mean=base.to_class_mean if self.class_mean_weight is None else self.class_mean_weight,
             to_old_embedding=base.to_old_embedding if self.old_embedding_weight is None else self.old_embedding_weight,
         )
+
+    def pc_loss(self) -> FocalDistillation | None:
+        if self.pc is None:
+            return None
+        return FocalDistillation.preset(self.pc, alpha=self.pc_alpha, beta=self.pc_beta,
+                                        temperature=self.pc_temperature, weight=self.pc_weight)
 
 
 @dataclass
@@ -83,10 +105,16 @@ def _batches(ds: Dataset, batch_size: int, gen: torch.Generator | None) -> Itera
         yield images[idx], labels[idx]
 
 
-def _check_bct(cfg: TrainConfig, old: LoadedModel | None) -> None:
+def _check_old(cfg: TrainConfig, old: LoadedModel | None) -> None:
     if cfg.bct and old is None:
         raise ConfigError("--bct needs --old DIR (the model whose embedding space to stay compatible with)")
-    if old is not None and old.card.embedding_dim != cfg.embedding_dim:
+    if cfg.pc and old is None:
+        raise ConfigError("--pc needs --old DIR (the model whose right answers to keep)")
+    if old is not None and old.card.adapter_of is not None:
+        raise ConfigError(f"--old {old.version} is an adapter version: train against the model it adapts to "
+                          f"(its compatible_with, {old.card.compatible_with})")
+    # PC alone distils logits, so only BCT needs equal embedding sizes.
+    if cfg.bct and old is not None and old.card.embedding_dim != cfg.embedding_dim:
         raise IncompatibleModelsError(
             f"embedding size mismatch: old model {old.version} writes {old.card.embedding_dim}-d embeddings, "
             f"the new model {cfg.embedding_dim}-d; BCT needs the same size (pass --embedding-dim {old.card.embedding_dim})"
@@ -102,10 +130,13 @@ def train(cfg: TrainConfig, progress: Callable[[int, int, dict[str, float]], Non
         raise ConfigError("epochs and batch size must be >= 1 and lr > 0")
     if cfg.bct not in (None, "full", "plain"):
         raise ConfigError(f"unknown BCT recipe {cfg.bct!r}: 'full' or 'plain'")
+    if cfg.pc not in (None, *PC_KINDS):
+        raise ConfigError(f"unknown PC loss {cfg.pc!r}: choose one of {', '.join(PC_KINDS)}")
+    pc = cfg.pc_loss()
     out = Path(cfg.out)
     version = check_version_name(out.name)
     old = load_model(cfg.old) if cfg.old else None
-    _check_bct(cfg, old)
+    _check_old(cfg, old)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     gen = seed_everything(cfg.seed)
@@ -131,6 +162,12 @@ def train(cfg: TrainConfig, progress: Callable[[int, int, dict[str, float]], Non
         log.info("BCT against %s: %d old rows, %d synthesised rows", old.version,
                  int((old_head.old_index >= 0).sum()), old_head.synthesized.shape[0])
 
+    pc_rows = None
+    if pc is not None and old is not None:
+        pc_rows = shared_class_rows(old.model.classes, classes)
+        log.info("PC %s against %s over %d shared classes (alpha %g, beta %g, T %g, weight %g)", pc.kind,
+                 old.version, len(pc_rows[0]), pc.alpha, pc.beta, pc.temperature, pc.weight)
+
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
@@ -150,12 +187,14 @@ def train(cfg: TrainConfig, progress: Callable[[int, int, dict[str, float]], Non
             emb, logits = model(prep(x8))  # (B, D), (B, K)
             rows = model.label_to_row(yb)
             terms = {"task": task_loss(logits, rows)}
-            if old_head is not None and old is not None:
-                old_emb = None
-                if weights.to_old_embedding:
-                    with torch.no_grad():
-                        old_emb = old.model.embed(old.preprocess(x8))  # (B, D)
+            old_emb = old_logits = None
+            if old is not None and (pc_rows is not None or (old_head is not None and weights.to_old_embedding)):
+                with torch.no_grad():
+                    old_emb, old_logits = old.model(old.preprocess(x8))  # (B, D_old), (B, K_old)
+            if old_head is not None:
                 terms.update(bct_losses(emb, rows, old_head, weights, class_means, old_emb))
+            if pc is not None and pc_rows is not None and old is not None and old_logits is not None:
+                terms.update(focal_distillation(logits, old_logits, old.model.label_to_row(yb), pc_rows, pc))
             loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[union-attr]
