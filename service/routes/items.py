@@ -23,6 +23,24 @@ from service.state import AppState, State
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
 
+def _inline(schema: dict) -> dict:
+    """A pydantic JSON schema with its ``$defs`` inlined: the OpenAPI document has no such components, so a
+    ``$ref`` to them would dangle (clients and fuzzers could not build a valid body)."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
 _MULTIPART_SCHEMA = {
     "type": "object",
     "properties": {
@@ -38,7 +56,7 @@ _INGEST_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": IngestRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+            "application/json": {"schema": _inline(IngestRequest.model_json_schema())},
             "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
         },
     }

@@ -24,11 +24,32 @@ from service.state import AppState, State
 
 router = APIRouter(prefix="/v1", tags=["search"])
 
+_COMMON = {
+    "k": {"type": "integer", "minimum": 1, "default": 10, "description": "hits wanted (at most GRACEFUL_MAX_K)"},
+    "include_metadata": {"type": "boolean", "default": True,
+                         "description": "false skips the metadata lookup (faster for large k)"},
+}
+
+
+def _one_of(required: dict, description: str) -> dict:
+    return {"type": "object", "description": description, "additionalProperties": False,
+            "properties": {**required, **_COMMON}, "required": list(required)}
+
+
+# The JSON body is exactly one of three shapes (SearchRequest checks the same at run time); saying so in the
+# spec lets clients and fuzzers build valid requests.
 _SEARCH_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": SearchRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+            "application/json": {"schema": {"oneOf": [
+                _one_of({"image_base64": {"type": "string", "minLength": 1}},
+                        "by image (PNG or JPEG, base64), embedded by the active model"),
+                _one_of({"vector": {"type": "array", "items": {"type": "number"}, "minItems": 1},
+                         "model_version": {"type": "string", "minLength": 1}},
+                        "by a vector, with the model version that embedded it"),
+                _one_of({"item_id": {"type": "string", "minLength": 1}}, "by a stored item's embedding"),
+            ]}},
             "multipart/form-data": {"schema": {
                 "type": "object",
                 "properties": {"image": {"type": "string", "format": "binary"}, "k": {"type": "integer", "minimum": 1}},
