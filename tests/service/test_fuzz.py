@@ -65,24 +65,24 @@ def test_fuzzed_requests_get_no_5xx_and_every_4xx_has_a_message(make_server, tin
     seen: dict[str, set[int]] = {}
     failures: list[str] = []
 
+    def fuzz(op, mode: GenerationMode, n: int) -> None:
+        @settings(max_examples=n, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=op.as_strategy(generation_mode=mode), real_images=st.sampled_from([True, True, False]))
+        def run(case, real_images: bool) -> None:
+            if real_images:  # reach past image decoding: the rest of the body stays fuzzed
+                _put_real_images(case.body, png)
+            response = case.call(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=30)
+            seen.setdefault(op.label, set()).add(response.status_code)
+            _check(response, f"{mode.value} {case.method} {case.formatted_path} "
+                             f"body={str(case.body)[:200]!r} query={case.query!r}")
+
+        run()
+
     for op in operations:
         for mode in GenerationMode:
-            n = HOT_PATH_EXAMPLES if op.label in ("POST /v1/items", "POST /v1/search") else EXAMPLES
-
-            @settings(max_examples=n, deadline=None, derandomize=True, database=None,
-                      suppress_health_check=list(HealthCheck))
-            @given(case=op.as_strategy(generation_mode=mode), real_images=st.sampled_from([True, True, False]))
-            def run(case, real_images: bool, label: str = op.label, mode: GenerationMode = mode) -> None:
-                if real_images:  # reach past image decoding: the rest of the body stays fuzzed
-                    _put_real_images(case.body, png)
-                headers = {"X-API-Key": API_KEY}
-                response = case.call(base_url=server.url, headers=headers, timeout=30)
-                seen.setdefault(label, set()).add(response.status_code)
-                _check(response, f"{mode.value} {case.method} {case.formatted_path} "
-                                 f"body={str(case.body)[:200]!r} query={case.query!r}")
-
             try:
-                run()
+                fuzz(op, mode, HOT_PATH_EXAMPLES if op.label in ("POST /v1/items", "POST /v1/search") else EXAMPLES)
             except Unsatisfiable:  # nothing to break in this operation (no parameters, no body)
                 assert mode is GenerationMode.NEGATIVE, op.label
             except AssertionError as e:  # go on with the other operations: report every finding at once
