@@ -127,6 +127,12 @@ def read(index_dir: Path, space: str, dim: int, factory: str) -> Loaded | None:
     faiss_path, entries_path, meta_path = paths(index_dir, space)
     if not faiss_path.exists() or not meta_path.exists():
         return None
+    outside = _not_own_files(index_dir, (faiss_path, entries_path, meta_path))
+    if outside:
+        # FAISS deserialises whatever it is given: only files of our own index dir are ever read
+        log.warning("space %r: snapshot file %s is a link or lies outside %s: ignored, rebuilding from SQL",
+                    space, outside, index_dir)
+        return None
     try:
         info = SnapshotInfo(**json.loads(meta_path.read_text()))
     except (OSError, ValueError, TypeError) as e:
@@ -153,6 +159,18 @@ def read(index_dir: Path, space: str, dim: int, factory: str) -> Loaded | None:
             log.warning("space %r: snapshot files are of different generations; listing ids from SQL", space)
             entries = None
     return Loaded(index, info, entries)
+
+
+def _not_own_files(index_dir: Path, files: tuple[Path, ...]) -> Path | None:
+    """The first of ``files`` (or ``index_dir`` itself) that is a symbolic link or resolves outside
+    ``index_dir``; None when all are plain files of it."""
+    if index_dir.is_symlink():
+        return index_dir
+    root = index_dir.resolve()
+    for f in files:
+        if f.is_symlink() or (f.exists() and f.resolve().parent != root):
+            return f
+    return None
 
 
 def _read_entries(path: Path, space: str) -> EntryArrays | None:

@@ -44,6 +44,7 @@ class _Job(Generic[P, R]):
     key: Hashable
     payload: P
     size: int = 1
+    deadline: float | None = None  # time.monotonic() instant past which the job is not started
     future: Future[R] = field(default_factory=Future)
 
 
@@ -108,8 +109,13 @@ class MicroBatcher(Generic[P, R]):
                 self._arriving -= 1
                 self._cond.notify_all()
 
-    def submit(self, key: Hashable, payload: P) -> Future[R]:
-        job: _Job[P, R] = _Job(key, payload, self.size_of(payload) if self.size_of else 1)
+    def submit(self, key: Hashable, payload: P, deadline: float | None = None) -> Future[R]:
+        """Queue a job; ``deadline`` (a ``time.monotonic()`` instant): a job not started by then never runs
+        and gets :class:`Overloaded` (so is one whose deadline has already passed)."""
+        if deadline is not None and time.monotonic() >= deadline:
+            raise Overloaded(f"the {self.name} request reached its deadline (GRACEFUL_REQUEST_TIMEOUT_S) before "
+                             "it could be started: nothing was done, retry later")
+        job: _Job[P, R] = _Job(key, payload, self.size_of(payload) if self.size_of else 1, deadline)
         with self._cond:
             if self._closed:
                 raise Overloaded(f"the {self.name} queue is shut down: the server is stopping")
@@ -154,7 +160,17 @@ class MicroBatcher(Generic[P, R]):
             batch = self._collect()
             if batch is None:
                 return
-            live = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            now = time.monotonic()
+            live = []
+            for j in batch:
+                if not j.future.set_running_or_notify_cancel():
+                    continue  # its request gave up (deadline): it was answered 503 already
+                if j.deadline is not None and now >= j.deadline:
+                    j.future.set_exception(Overloaded(
+                        f"the {self.name} request waited past its deadline (GRACEFUL_REQUEST_TIMEOUT_S) before it "
+                        "could be started: the server is overloaded; nothing was done, retry later"))
+                    continue
+                live.append(j)
             if not live:
                 continue
             groups: dict[Hashable, tuple[Any, list[_Job[P, R]]]] = {}

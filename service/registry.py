@@ -23,6 +23,7 @@ from index import Gallery, VersionInfo
 from index.errors import GalleryError
 from index.rwlock import RWLock
 from service.errors import IncompatibleModel, InvalidModel, ModelNotFound, NoActiveModel, NothingToRollBack
+from service.model_checks import check_weights
 from trainer.artifact import LoadedModel, ModelCard, adapter_base_folder, embed_images, load_model, read_card
 from trainer.errors import ModelCardError
 
@@ -115,6 +116,7 @@ class ModelRegistry:
             for f in (path / "card.json", path / card.weights):
                 if f.is_symlink():
                     raise ModelCardError(f"{f.name} in {path.name} is a symbolic link: refused")
+            check_weights(path, card)  # wrong or corrupt weights are refused now, not at activation
             if card.adapter_of is not None:
                 read_card(adapter_base_folder(path, card))  # its new model must be here (and a valid version)
             self.gallery.register_version(VersionInfo(

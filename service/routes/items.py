@@ -86,7 +86,7 @@ async def ingest(request: Request, state: State) -> IngestResponse:
         rows, upsert = await _read_rows(request)
         _check_rows(state, rows)
         active = state.registry.require_active()  # the model the request starts with (see ingest_pipeline)
-        future = batcher.submit((active, upsert), IngestJob(rows, upsert))
+        future = batcher.submit((active, upsert), IngestJob(rows, upsert), deadline=deadline)
     return await result_within(
         future, deadline, "the ingest",
         outcome_if_late="it is being written as one transaction and will be stored entirely or not at all: "

@@ -109,7 +109,7 @@ async def search(request: Request, state: State) -> SearchResponse:
     with batcher.announce():  # the batcher may wait for this request while its body is read
         job = await _parse(request, state)
         if isinstance(job, tuple):
-            future = batcher.submit(*job)
+            future = batcher.submit(*job, deadline=deadline)
     if isinstance(job, tuple):
         return await result_within(future, deadline, "the search", outcome_if_late="nothing was changed")
     return await run_within(job, deadline=deadline, what="the search")
