@@ -234,6 +234,7 @@ def _load_adapter(folder: Path, card: ModelCard) -> LoadedModel:
             raise ValueError(f"tensors {sorted(state)}, expected {sorted(own)}")
         model.adapter.load_state_dict({k[len("adapter."):]: v for k, v in state.items() if k.startswith("adapter.")})
         head.load_state_dict({"weight": state["head.weight"]})
+        model.fuse()  # a procrustes adapter costs nothing per query once folded into the new model
     except Exception as e:  # a shape or key mismatch, or a bad arch: the weights do not belong to this card
         raise ModelCardError(f"{weights} does not fit the adapter in its card: {str(e).splitlines()[0]}") from None
     model.eval().requires_grad_(False)

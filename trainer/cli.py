@@ -54,8 +54,8 @@ def train_parser(prog: str = "graceful train") -> argparse.ArgumentParser:
     p.add_argument("--pc-alpha", type=float, default=None, help="focal weight on every sample (default 1)")
     p.add_argument("--pc-beta", type=float, default=None,
                    help="extra focal weight where the old model is right (default 5; 0 for kd)")
-    p.add_argument("--pc-temperature", type=float, default=None, help="softmax temperature of fd-kl/kd (default 1)")
-    p.add_argument("--pc-weight", type=float, default=None, help="weight of the PC term against the task loss (default 1)")
+    p.add_argument("--pc-temperature", type=float, default=None, help="softmax temperature of fd-kl/kd (default 4)")
+    p.add_argument("--pc-weight", type=float, default=None, help="weight of the PC term against the task loss (default 1; fd-lm 0.05)")
     p.add_argument("--limit", type=int, default=None, help="train on a seeded slice of N images")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate the card's metrics on N test images")
     p.add_argument("--threads", type=int, default=None)

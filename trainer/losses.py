@@ -156,14 +156,16 @@ class FocalDistillation:
     """Settings of the PC loss. ``kind``: ``kd`` (KL, weight 1 everywhere), ``fd-kl`` or ``fd-lm``.
 
     Per-sample weight w = alpha + beta * 1[old model right]; the loss is ``weight * mean_b(w_b * d_b)`` with
-    d the KL divergence at ``temperature`` (times T^2, so its gradient scale does not depend on T) or half
-    the squared L2 distance between the logits.
+    d the KL divergence at ``temperature`` (times T^2, the usual distillation scaling) or half the squared L2
+    distance between the logits. Cosine-head logits are ``scale * cos`` (scale 16 by default): at T = 1 the
+    old model's softmax is nearly one-hot, so the KL kinds default to T = 4; the squared logit distance is
+    ~K times a high-temperature KL (K classes), hence fd-lm's smaller default weight.
     """
 
     kind: str = "fd-kl"
     alpha: float = 1.0
     beta: float = 5.0
-    temperature: float = 1.0
+    temperature: float = 4.0
     weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -176,8 +178,9 @@ class FocalDistillation:
 
     @classmethod
     def preset(cls, kind: str, **overrides: float | None) -> FocalDistillation:
-        """``kd`` is plain distillation (alpha 1, beta 0); the focal kinds default to alpha 1, beta 5."""
-        base = cls(kind=kind, alpha=1.0, beta=0.0) if kind == "kd" else cls(kind=kind)
+        """``kd`` is plain distillation (alpha 1, beta 0); the focal kinds default to alpha 1, beta 5; fd-lm's
+        term weight defaults to 0.05 (see the class docstring)."""
+        base = {"kd": cls(kind=kind, alpha=1.0, beta=0.0), "fd-lm": cls(kind=kind, weight=0.05)}.get(kind, cls(kind=kind))
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     @property
