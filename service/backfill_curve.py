@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from index import Gallery
-from service.backfill_order import order_by_scores, uncertainty_scores
+from service.backfill_order import margin_scores, order_by_scores, uncertainty_scores
 from service.blobs import BlobStore
 from service.errors import BadImage, TooLarge
 from service.images import decode_image
@@ -199,7 +199,9 @@ def sample_gallery(
     new = embed_images(candidate, np.stack(images))  # (S, D')
     labels = np.asarray([label_by_id[i] for i in ids.tolist()], dtype=np.int64)
     is_done = np.asarray([v == candidate.version for v in versions])
-    scores = uncertainty_scores(versions, old, model_of)
+    # the runner's scores (service.backfill_order.uncertainty_order), on the sample
+    scores = margin_scores(candidate, old) if candidate.card.space == space else uncertainty_scores(
+        versions, old, model_of)
     todo = np.flatnonzero(~is_done)
     done_first = np.flatnonzero(is_done)
     orders = {

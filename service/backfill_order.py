@@ -1,12 +1,14 @@
 """The order in which a backfill re-embeds the gallery.
 
 - ``sequential``: by item id (ingest order).
-- ``uncertainty``: the items whose stored embedding its own model is least sure about go first. Each
-  embedding is classified by the head of the version that made it (for a gallery of v1 embeddings: v1's
-  head); the score is the softmax margin ``p(top1) - p(top2)``, low = uncertain. Under a BCT upgrade those
-  are the items the old model placed badly (ambiguous, or of classes it never saw, which sit between its
-  class centres), so re-embedding them first buys most of the new model's gain in the first fractions.
-  Items whose version has no loadable model keep their id order, after the scored ones.
+- ``uncertainty``: the items whose stored embedding is least confidently classified go first; the score is
+  the softmax margin ``p(top1) - p(top2)`` of a classifier head applied to the stored embedding (low =
+  uncertain). Which head: for a candidate of the same space (a BCT child) the candidate's own head, which
+  is defined on that space and knows the classes the old model never saw; otherwise (another space: its
+  head cannot read the stored embeddings) the head of the version that made each embedding. Measured on
+  Fashion-MNIST (BENCHMARKS.md, "Backfill"): with the old head the order buys no more than sequential on
+  mAP, because it cannot tell the new classes apart; with the candidate's head the first fractions buy
+  most of the gain. Items whose model cannot be loaded keep their id order, after the scored ones.
 
 Computing the order reads every stored embedding of the serving space once (one SQL pass; ~50 MB at 1e5
 items of dim 128) and classifies it in chunks; the order is then stored in SQL by the runner.
@@ -80,11 +82,16 @@ class Order:
     unscored: int
 
 
-def uncertainty_order(gallery: Gallery, space: str, model_of: Callable[[str], LoadedModel | None]) -> Order:
-    """The uncertainty-first order of every item with an embedding in ``space`` (the serving space)."""
+def uncertainty_order(gallery: Gallery, space: str, model_of: Callable[[str], LoadedModel | None],
+                      candidate: LoadedModel | None = None) -> Order:
+    """The uncertainty-first order of every item with an embedding in ``space`` (the serving space), scored
+    by ``candidate``'s head when it writes into ``space``, else by each embedding's own model's head."""
     t0 = time.perf_counter()
     item_ids, versions, vectors = gallery.space_embeddings(space)
-    scores = uncertainty_scores(versions, vectors, model_of)
+    if candidate is not None and candidate.card.space == space:
+        scores = margin_scores(candidate, vectors)
+    else:
+        scores = uncertainty_scores(versions, vectors, model_of)
     perm = order_by_scores(item_ids, scores)
     return Order(item_ids=item_ids[perm], scores=scores[perm], seconds=time.perf_counter() - t0,
                  unscored=int(np.isnan(scores).sum()))

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 ACTIVE = ("pending", "running", "paused")  # a job that may still re-embed items
 RATE_WINDOW_S = 10.0
+PROGRESS_EVERY_S = 1.0  # the job row's counters are rewritten this often (one small commit), not per batch
 
 
 @dataclass
@@ -66,6 +67,15 @@ class _Live:
     active_seconds: float = 0.0
     ordering_seconds: float | None = None
     window: deque[tuple[float, int]] = field(default_factory=deque)  # (monotonic time, items handled)
+    done: int | None = None  # newer than the job row, which is written at most every PROGRESS_EVERY_S
+    total: int | None = None
+    stages: dict[str, float] = field(default_factory=dict)  # seconds spent per stage of a batch
+
+    def timed(self, stage: str, t0: float) -> float:
+        """Add the time since ``t0`` to ``stage``; returns now."""
+        now = time.perf_counter()
+        self.stages[stage] = self.stages.get(stage, 0.0) + now - t0
+        return now
 
     def tick(self, handled: int) -> None:
         now = time.monotonic()
@@ -224,7 +234,10 @@ class BackfillRunner:
         live = self._live.get(job.id) or _Live()
         n_skip, examples = self.gallery.backfill_skips(job.id, 10)
         rate = live.rate() if job.status == "running" else None
-        left = max(job.total - job.done - n_skip, 0)
+        done, total = job.done, job.total
+        if live.done is not None and live.total is not None:  # the thread is in this job: fresher than the row
+            done, total = live.done, live.total
+        left = max(total - done - n_skip, 0)
         can_activate = None
         try:
             card = self.registry.entry(job.candidate).card
@@ -237,13 +250,14 @@ class BackfillRunner:
             "phase": live.phase if job.status == "running" else None,
             "policy": spec.get("order", "sequential"), "rate_limit": spec.get("rate_limit"),
             "batch_size": int(spec.get("batch_size") or self.batch_size), "stop_at": spec.get("stop_at"),
-            "done": job.done, "total": job.total, "skipped": n_skip,
+            "done": done, "total": total, "skipped": n_skip,
             "skipped_examples": [{"external_id": e, "reason": r} for e, r in examples],
-            "fraction": job.done / job.total if job.total else 1.0,
+            "fraction": done / total if total else 1.0,
             "rate": round(rate, 2) if rate else None,
             "eta_seconds": round(left / rate, 2) if rate else (0.0 if left == 0 else None),
             "reembedded": live.reembedded, "active_seconds": round(live.active_seconds, 3),
             "ordering_seconds": None if live.ordering_seconds is None else round(live.ordering_seconds, 3),
+            "seconds_by_stage": {k: round(v, 3) for k, v in live.stages.items()},
             "can_activate": can_activate, "error": job.error,
             "created_at": job.created_at.isoformat(), "updated_at": job.updated_at.isoformat(),
         }
@@ -321,6 +335,7 @@ class BackfillRunner:
         finally:
             live.active_seconds += time.monotonic() - started
             live.phase = None
+            live.done = live.total = None
 
     def _run_batches(self, job: BackfillJobInfo, live: _Live) -> None:
         candidate = job.candidate
@@ -332,7 +347,7 @@ class BackfillRunner:
         if ordered and "ordered_items" not in spec:
             live.phase = "ordering"
             space = self._serving_space()
-            order = uncertainty_order(self.gallery, space, self._model) if space else None
+            order = uncertainty_order(self.gallery, space, self._model, loaded) if space else None
             n = self.gallery.set_backfill_order(job.id, order.item_ids.tolist(), order.scores.tolist()) if order else 0
             live.ordering_seconds = order.seconds if order else 0.0
             spec.update(ordered_items=n, order_space=space, unscored=order.unscored if order else 0)
@@ -342,11 +357,14 @@ class BackfillRunner:
         cursor = _Cursor(self.gallery, job.id, candidate, ordered)
         done, total = self.gallery.backfill_progress(candidate)
         self.gallery.update_backfill_job(job.id, done=done, total=total)
+        live.done, live.total = done, total
+        saved_at = time.monotonic()
         prep = loaded.preprocess
         paced_from, paced_items, paced_rate = time.monotonic(), 0, None
         while True:
             current = self._status(job.id)
-            if current is None:
+            if current is None:  # paused, cancelled or stopping: leave the row's counters exact
+                self.gallery.update_backfill_job(job.id, done=done, total=total)
                 return
             spec = current.policy or {}
             rate = spec.get("rate_limit")
@@ -370,24 +388,30 @@ class BackfillRunner:
                     self._finish(job.id, "paused", done, total)
                     return
                 limit = min(limit, target - done)
+            t0 = time.perf_counter()
             rows = cursor.next(limit)
+            live.timed("list", t0)
             if not rows:
                 done, total = self.gallery.backfill_progress(candidate)
                 log.info("backfill job %d: complete, %d/%d embedded by %s", job.id, done, total, candidate)
                 self._finish(job.id, "done", done, total)
                 return
-            n_ok, n_skip = self._process(job.id, candidate, rows, loaded, prep)
+            n_ok, n_skip = self._process(job.id, candidate, rows, loaded, prep, live)
             done += n_ok
             total = self.gallery.live_counts(job.space)[0]
+            live.done, live.total = done, total
             live.reembedded += n_ok
             live.tick(n_ok + n_skip)
-            self.gallery.update_backfill_job(job.id, done=done, total=total)
+            if time.monotonic() - saved_at >= PROGRESS_EVERY_S:
+                self.gallery.update_backfill_job(job.id, done=done, total=total)
+                saved_at = time.monotonic()
             paced_items += n_ok + n_skip
 
     def _process(self, job_id: int, candidate: str, rows: list[tuple[int, str, str | None]],
-                 loaded: LoadedModel, prep: Any) -> tuple[int, int]:
+                 loaded: LoadedModel, prep: Any, live: _Live) -> tuple[int, int]:
         """Re-embed one batch; returns ``(re-embedded, skipped)``. Items without a usable source are
         recorded as skipped (and leave the job's pending list)."""
+        t0 = time.perf_counter()
         eids: list[str] = []
         images: list[np.ndarray] = []
         skips: list[tuple[int, str]] = []
@@ -406,8 +430,10 @@ class BackfillRunner:
             except (BadImage, TooLarge) as e:
                 skips.append((iid, f"source does not fit {candidate}: {e}"))
         n = 0
+        t0 = live.timed("read_decode", t0)
         if eids:
             vectors = embed_images(loaded, np.stack(images))  # (b, D)
+            t0 = live.timed("embed", t0)
             pairs = list(zip(eids, vectors, strict=True))
             try:
                 self.gallery.reembed(pairs, candidate)
@@ -425,6 +451,7 @@ class BackfillRunner:
             except IntegrityError:  # an item was deleted meanwhile
                 alive = self.gallery.items_by_id([i for i, _ in skips])
                 self.gallery.record_backfill_skips(job_id, [(i, r) for i, r in skips if i in alive])
+        live.timed("write", t0)
         return n, len(skips)
 
 

@@ -53,6 +53,8 @@ class BackfillJobResponse(BaseModel):
     reembedded: int = Field(0, description="items this job re-embedded since the service started")
     active_seconds: float = Field(0.0, description="seconds spent running since the service started")
     ordering_seconds: float | None = Field(None, description="time taken to compute the order (uncertainty)")
+    seconds_by_stage: dict[str, float] = Field(default_factory=dict, description="time spent per stage of the "
+                                               "batches (list, read_decode, embed, write) since the service started")
     can_activate: bool | None = Field(None, description="the candidate may now serve over the gallery")
     error: str | None = None
     created_at: str
