@@ -16,6 +16,15 @@ from trainer.model import build_model
 FAST = ["--epochs", "1", "--batch-size", "64", "--quiet", "--threads", "1"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread, so a busy machine's OpenMP hand-offs do not dominate the test's time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _old_logits_and_rows():
     # Old head over classes [0, 1, 2]; 4 samples: right, wrong, right, and one of class 3 the old head lacks.
     old_logits = torch.tensor([[5.0, 0.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 5.0], [0.0, 5.0, 0.0]])
