@@ -30,6 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -93,21 +94,27 @@ class _Live:
 
 class _Cursor:
     """Walks a job's pending items: its stored order first (if any), then every item by id (items added
-    since the order was made, or re-pended behind the cursor), until a full pass by id finds nothing."""
+    since the order was made, or re-pended behind the cursor), until a full pass by id finds nothing.
+
+    Starting a scan from the beginning (order -> ids, or a new pass) would list the items of a batch still
+    in flight as pending, so it is allowed only when nothing is in flight (``rewind_ok``)."""
 
     def __init__(self, gallery: Gallery, job_id: int, candidate: str, ordered: bool) -> None:
         self.gallery, self.job_id, self.candidate = gallery, job_id, candidate
         self.phase = "order" if ordered else "ids"
         self.position, self.after = -1, 0
 
-    def next(self, limit: int) -> list[tuple[int, str, str | None]]:
-        """Up to ``limit`` pending items ``(item_id, external_id, source_uri)``; [] when none is left."""
+    def next(self, limit: int, rewind_ok: bool = True) -> list[tuple[int, str, str | None]] | None:
+        """Up to ``limit`` pending items ``(item_id, external_id, source_uri)``; [] when none is left;
+        None when a rewind is needed and not allowed (ask again once the batch in flight is stored)."""
         while True:
             if self.phase == "order":
                 rows = self.gallery.pending_backfill_ordered(self.job_id, self.candidate, limit, self.position)
                 if rows:
                     self.position = rows[-1][0]
                     return [(i, e, u) for _, i, e, u in rows]
+                if not rewind_ok:
+                    return None
                 self.phase = "ids"
                 continue
             got = self.gallery.pending_backfill(self.candidate, limit, self.after, job_id=self.job_id)
@@ -116,7 +123,19 @@ class _Cursor:
                 return got
             if self.after == 0:
                 return []
+            if not rewind_ok:
+                return None
             self.after = 0
+
+
+@dataclass
+class _Batch:
+    """Items read and decoded, ready to embed: ``eids[i]`` has ``images[i]``; ``skips`` have no usable source."""
+
+    size: int
+    eids: list[str] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)
+    skips: list[tuple[int, str]] = field(default_factory=list)
 
 
 class BackfillRunner:
@@ -145,6 +164,7 @@ class BackfillRunner:
         self._live: dict[int, _Live] = {}
         self._models: dict[str, LoadedModel | None] = {}
         self.curves = CurveCache()  # the cost report's simulated quality curves
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="backfill-read")  # reads the next batch ahead
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -165,6 +185,7 @@ class BackfillRunner:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("the backfill runner did not stop within %.0fs", timeout)
+        self._pool.shutdown(wait=True)
 
     # ------------------------------------------------------------------ control (any thread)
     def create(self, candidate: str, policy: str = "sequential", *, rate_limit: float | None = None,
@@ -361,80 +382,106 @@ class BackfillRunner:
         saved_at = time.monotonic()
         prep = loaded.preprocess
         paced_from, paced_items, paced_rate = time.monotonic(), 0, None
-        while True:
-            current = self._status(job.id)
-            if current is None:  # paused, cancelled or stopping: leave the row's counters exact
-                self.gallery.update_backfill_job(job.id, done=done, total=total)
-                return
-            spec = current.policy or {}
-            rate = spec.get("rate_limit")
-            if rate != paced_rate:  # a new cap (resume) restarts the pacing clock
-                paced_from, paced_items, paced_rate = time.monotonic(), 0, rate
-            if rate:
-                wait = paced_from + paced_items / rate - time.monotonic()
-                if wait > 0:
-                    with self._cond:
-                        if not self._stopping:
-                            self._cond.wait(wait)  # control calls notify: re-check the status at once
-                    continue
-            limit = int(spec.get("batch_size") or self.batch_size)
-            if rate:
-                limit = min(limit, max(1, int(rate / 4)))  # ~0.25 s of budget per batch: smooth, responsive
-            stop_at = spec.get("stop_at")
-            if stop_at:
-                target = math.ceil(stop_at * total - 1e-9)
-                if done >= target:
-                    log.info("backfill job %d: reached its stop point %.3f (%d/%d)", job.id, stop_at, done, total)
-                    self._finish(job.id, "paused", done, total)
+        ahead: Future[_Batch | None] | None = None  # the next batch, read while this one is embedded
+        try:
+            while True:
+                current = self._status(job.id)
+                if current is None:  # paused, cancelled or stopping: leave the row's counters exact
+                    self.gallery.update_backfill_job(job.id, done=done, total=total)
                     return
-                limit = min(limit, target - done)
-            t0 = time.perf_counter()
-            rows = cursor.next(limit)
-            live.timed("list", t0)
-            if not rows:
-                done, total = self.gallery.backfill_progress(candidate)
-                log.info("backfill job %d: complete, %d/%d embedded by %s", job.id, done, total, candidate)
-                self._finish(job.id, "done", done, total)
-                return
-            n_ok, n_skip = self._process(job.id, candidate, rows, loaded, prep, live)
-            done += n_ok
-            total = self.gallery.live_counts(job.space)[0]
-            live.done, live.total = done, total
-            live.reembedded += n_ok
-            live.tick(n_ok + n_skip)
-            if time.monotonic() - saved_at >= PROGRESS_EVERY_S:
-                self.gallery.update_backfill_job(job.id, done=done, total=total)
-                saved_at = time.monotonic()
-            paced_items += n_ok + n_skip
+                spec = current.policy or {}
+                rate = spec.get("rate_limit")
+                if rate != paced_rate:  # a new cap (resume) restarts the pacing clock
+                    paced_from, paced_items, paced_rate = time.monotonic(), 0, rate
+                if rate:
+                    sleep_s = paced_from + paced_items / rate - time.monotonic()
+                    if sleep_s > 0:
+                        with self._cond:
+                            if not self._stopping:
+                                self._cond.wait(sleep_s)  # control calls notify: re-check the status at once
+                        continue
+                limit = int(spec.get("batch_size") or self.batch_size)
+                if rate:
+                    limit = min(limit, max(1, int(rate / 4)))  # ~0.25 s of budget per batch: smooth, responsive
+                stop_at = spec.get("stop_at")
+                if stop_at:
+                    target = math.ceil(stop_at * total - 1e-9)
+                    if done >= target:
+                        log.info("backfill job %d: reached its stop point %.3f (%d/%d)", job.id, stop_at, done, total)
+                        self._finish(job.id, "paused", done, total)
+                        return
+                    limit = min(limit, target - done)
+                batch = ahead.result() if ahead is not None and ahead.result() is not None else None
+                ahead = None
+                if batch is not None and batch.size > limit:  # a new stop point or rate since it was read ahead
+                    batch = None
+                    cursor = _Cursor(self.gallery, job.id, candidate, ordered)
+                if batch is None:
+                    t0 = time.perf_counter()
+                    rows = cursor.next(limit)
+                    live.timed("list", t0)
+                    batch = self._load(rows, candidate, prep, live)
+                if batch.size == 0:
+                    done, total = self.gallery.backfill_progress(candidate)
+                    log.info("backfill job %d: complete, %d/%d embedded by %s", job.id, done, total, candidate)
+                    self._finish(job.id, "done", done, total)
+                    return
+                next_limit = limit if not stop_at else min(limit, math.ceil(stop_at * total - 1e-9) - done - batch.size)
+                if not rate and next_limit > 0:
+                    # Overlap listing, reading and decoding the next batch with this one's embedding and commit.
+                    ahead = self._pool.submit(self._read_ahead, cursor, next_limit, candidate, prep, live)
+                n_ok, n_skip = self._store(job.id, candidate, batch, loaded, live)
+                done += n_ok
+                total = self.gallery.live_counts(job.space)[0]
+                live.done, live.total = done, total
+                live.reembedded += n_ok
+                live.tick(n_ok + n_skip)
+                if time.monotonic() - saved_at >= PROGRESS_EVERY_S:
+                    self.gallery.update_backfill_job(job.id, done=done, total=total)
+                    saved_at = time.monotonic()
+                paced_items += n_ok + n_skip
+        finally:
+            if ahead is not None:  # a batch read ahead is not committed: drop it, once its reads finish
+                wait([ahead])
 
-    def _process(self, job_id: int, candidate: str, rows: list[tuple[int, str, str | None]],
-                 loaded: LoadedModel, prep: Any, live: _Live) -> tuple[int, int]:
-        """Re-embed one batch; returns ``(re-embedded, skipped)``. Items without a usable source are
-        recorded as skipped (and leave the job's pending list)."""
+    def _read_ahead(self, cursor: _Cursor, limit: int, candidate: str, prep: Any, live: _Live) -> _Batch | None:
         t0 = time.perf_counter()
-        eids: list[str] = []
-        images: list[np.ndarray] = []
-        skips: list[tuple[int, str]] = []
-        for iid, eid, uri in rows:
+        rows = cursor.next(limit, rewind_ok=False)  # never rewinds past the batch in flight
+        live.timed("list", t0)
+        return None if rows is None else self._load(rows, candidate, prep, live)
+
+    def _load(self, rows: list[tuple[int, str, str | None]] | None, candidate: str, prep: Any,
+              live: _Live) -> _Batch:
+        """Read and decode the sources of ``rows`` (``(item_id, external_id, source_uri)``); items without a
+        usable source become skips."""
+        t0 = time.perf_counter()
+        batch = _Batch(size=len(rows or []))
+        for iid, eid, uri in rows or []:
             if uri is None:
-                skips.append((iid, "no source kept (ingested while keep_sources was off)"))
+                batch.skips.append((iid, "no source kept (ingested while keep_sources was off)"))
                 continue
             raw = self.blobs.get(uri)
             if raw is None:
-                skips.append((iid, f"source {uri[:80]} is not in the blob store"))
+                batch.skips.append((iid, f"source {uri[:80]} is not in the blob store"))
                 continue
             try:
-                images.append(decode_image(raw, channels=prep.channels, size=prep.size,
-                                           max_pixels=self.max_image_pixels, what=f"item {eid!r}"))
-                eids.append(eid)
+                batch.images.append(decode_image(raw, channels=prep.channels, size=prep.size,
+                                                 max_pixels=self.max_image_pixels, what=f"item {eid!r}"))
+                batch.eids.append(eid)
             except (BadImage, TooLarge) as e:
-                skips.append((iid, f"source does not fit {candidate}: {e}"))
+                batch.skips.append((iid, f"source does not fit {candidate}: {e}"))
+        live.timed("read_decode", t0)
+        return batch
+
+    def _store(self, job_id: int, candidate: str, batch: _Batch, loaded: LoadedModel, live: _Live) -> tuple[int, int]:
+        """Embed a batch and commit it (``gallery.reembed``: SQL, then FAISS); record its skips (they leave
+        the job's pending list). Returns ``(re-embedded, skipped)``."""
+        t0 = time.perf_counter()
         n = 0
-        t0 = live.timed("read_decode", t0)
-        if eids:
-            vectors = embed_images(loaded, np.stack(images))  # (b, D)
+        if batch.eids:
+            vectors = embed_images(loaded, np.stack(batch.images))  # (b, D)
             t0 = live.timed("embed", t0)
-            pairs = list(zip(eids, vectors, strict=True))
+            pairs = list(zip(batch.eids, vectors, strict=True))
             try:
                 self.gallery.reembed(pairs, candidate)
             except ItemNotFound as e:  # deleted since they were listed: nothing was written, retry without
@@ -445,14 +492,14 @@ class BackfillRunner:
             n = len(pairs)
             if self.on_embedded is not None:
                 self.on_embedded(candidate, n)
-        if skips:
+        if batch.skips:
             try:
-                self.gallery.record_backfill_skips(job_id, skips)
+                self.gallery.record_backfill_skips(job_id, batch.skips)
             except IntegrityError:  # an item was deleted meanwhile
-                alive = self.gallery.items_by_id([i for i, _ in skips])
-                self.gallery.record_backfill_skips(job_id, [(i, r) for i, r in skips if i in alive])
+                alive = self.gallery.items_by_id([i for i, _ in batch.skips])
+                self.gallery.record_backfill_skips(job_id, [(i, r) for i, r in batch.skips if i in alive])
         live.timed("write", t0)
-        return n, len(skips)
+        return n, len(batch.skips)
 
 
 def start_runner(state: AppState) -> BackfillRunner:

@@ -163,6 +163,9 @@ def test_kill_9_mid_job_then_resume_embeds_every_item_exactly_once(make_server, 
         engine.dispose()
 
     server = make_server().start()  # resumes the job left running
+    # uncapped from here: batches are read ahead while the previous one is embedded and committed
+    r = server.client.post(f"/v1/backfill/{job['id']}/resume", json={"rate_limit": 1e6}, headers=H)
+    assert r.status_code == 200 and r.json()["status"] == "running"
     job = _wait(server.client, job["id"], lambda j: j["status"] == "done")
     assert (job["done"], job["total"], job["skipped"]) == (n, n, 0)
     assert job["reembedded"] <= n - done_at_kill + 8  # the new process did only what was left (and a lost batch)
@@ -188,7 +191,8 @@ def test_kill_9_mid_job_then_resume_embeds_every_item_exactly_once(make_server, 
 
 
 @pytest.mark.slow
-def test_pause_resume_cancel_skips_and_cli(make_server, tiny_test, split, tmp_path, monkeypatch, capsys):
+def test_pause_resume_cancel_skips_and_cli(make_server, tiny_test, split, tmp_path, monkeypatch, capsys,
+                                           database_url):
     _, g_idx = split
     server = make_server().start()
     c = server.client
@@ -236,7 +240,8 @@ def test_pause_resume_cancel_skips_and_cli(make_server, tiny_test, split, tmp_pa
 
     # The CLI starts a new job (what the cancelled one did stays done) and waits for it.
     monkeypatch.setenv("GRACEFUL_API_KEY", API_KEY)
-    assert backfill_main(["start", "v2", "--api", server.url, "--policy", "uncertainty", "--wait"]) == 0
+    assert backfill_main(["start", "v2", "--api", server.url, "--policy", "uncertainty", "--batch-size", "8",
+                          "--wait"]) == 0
     out = capsys.readouterr().out
     assert "done" in out and f"{len(g_idx) - 2}/{len(g_idx)}" in out and "2 skipped" in out
     jobs = c.get("/v1/backfill").json()["jobs"]
@@ -249,6 +254,14 @@ def test_pause_resume_cancel_skips_and_cli(make_server, tiny_test, split, tmp_pa
     assert f"job {last['id']} v2 (uncertainty): done" in capsys.readouterr().out
     assert backfill_main(["cancel", str(last["id"]), "--api", server.url]) == 1
     assert "nothing to cancel" in capsys.readouterr().err
+    assert server.stop() == 0
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            counter = conn.execute(select(Counter.value).where(Counter.name == VEC_ID_COUNTER)).scalar_one()
+    finally:
+        engine.dispose()
+    assert counter == len(g_idx) + len(g_idx) - 2  # one ingest per item, one re-embed per item with a source
 
 
 @pytest.mark.slow
