@@ -15,7 +15,7 @@ the request is refused with 409 rather than writing into a space the gallery no 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +71,8 @@ class IngestRunner:
                     f"the active model changed from {captured.version} (space {captured.space!r}) to "
                     f"{active.version} (space {active.space!r}) while this ingest waited; nothing was stored: "
                     f"send it again", candidate=active.version)] * len(jobs)
+            # the source files are written (and fsynced) while the images are decoded and embedded
+            sources = self._keep_sources([raw for job in jobs for _, raw, _ in job.rows])
             images: list[np.ndarray] = []
             ok: list[int] = []
             for i, job in enumerate(jobs):
@@ -85,12 +87,13 @@ class IngestRunner:
                     out[i] = e
             if ok:
                 vectors = captured.embed(np.concatenate(images))  # (sum of rows, d) float32
-                uris = self._keep_sources([raw for i in ok for _, raw, _ in jobs[i].rows])
+                uris = sources()
+                start = np.cumsum([0] + [len(job.rows) for job in jobs])  # each job's first row in ``uris``
                 items: dict[int, list[NewItem]] = {}
                 pos = 0
                 for i in ok:
                     items[i] = [NewItem(external_id=eid, vector=vectors[pos + r], metadata=meta,
-                                        source_uri=uris[pos + r])
+                                        source_uri=uris[start[i] + r])
                                 for r, (eid, _, meta) in enumerate(jobs[i].rows)]
                     pos += len(jobs[i].rows)
                 write = state.gallery.upsert if upsert else state.gallery.add
@@ -113,11 +116,18 @@ class IngestRunner:
                                     stored=[r[0] for r in jobs[i].rows], count=len(jobs[i].rows))
         return out  # type: ignore[return-value]
 
-    def _keep_sources(self, raws: list[bytes]) -> list[str | None]:
+    def _keep_sources(self, raws: list[bytes]) -> Callable[[], list[str | None]]:
+        """Start writing ``raws`` as blobs; returns the function that waits for them and gives their URIs.
+        (A blob of a request that then fails is unreferenced garbage, harmless: see service.blobs.)"""
         if not self.state.settings.keep_sources:
-            return [None] * len(raws)
+            return lambda: [None] * len(raws)
         # one write per distinct content (the store is content-addressed; two writers of one blob would race)
         digests = [hashlib.sha256(r).digest() for r in raws]
         unique = dict(zip(digests, raws, strict=True))
-        uri_of = dict(zip(unique, self._pool.map(self.state.blobs.put, unique.values()), strict=True))
-        return [uri_of[d] for d in digests]
+        futures = {d: self._pool.submit(self.state.blobs.put, r) for d, r in unique.items()}
+
+        def wait() -> list[str | None]:
+            uri_of = {d: f.result() for d, f in futures.items()}
+            return [uri_of[d] for d in digests]
+
+        return wait

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import PurePath
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from index.errors import ItemNotFound
 from service.auth import WRITE
@@ -78,7 +78,7 @@ def _check_rows(state: AppState, rows: list[tuple[str, bytes, dict | None]]) -> 
 
 @router.post("", response_model=IngestResponse, dependencies=WRITE, openapi_extra=_INGEST_BODY,
              summary="Ingest images (JSON with base64 PNG/JPEG, or multipart files), embedded by the active model")
-async def ingest(request: Request, state: State) -> IngestResponse:
+async def ingest(request: Request, state: State) -> Response:
     deadline = deadline_in(state.settings.request_timeout_s)
     batcher = state.ingest_batcher
     assert batcher is not None
@@ -87,10 +87,11 @@ async def ingest(request: Request, state: State) -> IngestResponse:
         _check_rows(state, rows)
         active = state.registry.require_active()  # the model the request starts with (see ingest_pipeline)
         future = batcher.submit((active, upsert), IngestJob(rows, upsert), deadline=deadline)
-    return await result_within(
+    answer = await result_within(
         future, deadline, "the ingest",
         outcome_if_late="it is being written as one transaction and will be stored entirely or not at all: "
                         "check GET /v1/items/{external_id} before sending it again (or send it with upsert)")
+    return Response(answer.model_dump_json(), media_type="application/json")
 
 
 async def _read_rows(request: Request) -> tuple[list[tuple[str, bytes, dict | None]], bool]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import partial
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from index.errors import UnknownVersion
 from service.deadlines import deadline_in, result_within, run_within
@@ -102,7 +102,7 @@ def _image_job(state: AppState, raw: bytes, k: int, include_metadata: bool) -> t
 
 @router.post("/search", response_model=SearchResponse, openapi_extra=_SEARCH_BODY,
              summary="Search by image_base64, by vector + model_version, or by item_id")
-async def search(request: Request, state: State) -> SearchResponse:
+async def search(request: Request, state: State) -> Response:
     deadline = deadline_in(state.settings.request_timeout_s)
     batcher = state.search_batcher
     assert batcher is not None
@@ -111,8 +111,11 @@ async def search(request: Request, state: State) -> SearchResponse:
         if isinstance(job, tuple):
             future = batcher.submit(*job, deadline=deadline)
     if isinstance(job, tuple):
-        return await result_within(future, deadline, "the search", outcome_if_late="nothing was changed")
-    return await run_within(job, deadline=deadline, what="the search")
+        answer = await result_within(future, deadline, "the search", outcome_if_late="nothing was changed")
+    else:
+        answer = await run_within(job, deadline=deadline, what="the search")
+    # serialised here (pydantic, in Rust): the hot path skips FastAPI's re-validation of response_model
+    return Response(answer.model_dump_json(), media_type="application/json")
 
 
 async def _parse(request: Request, state: AppState):
