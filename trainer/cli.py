@@ -37,7 +37,7 @@ def train_parser(prog: str = "graceful train") -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--embedding-dim", type=int, default=128)
-    p.add_argument("--scale", type=float, default=16.0, help="cosine-softmax scale of the head")
+    p.add_argument("--scale", type=float, default=4.0, help="cosine-softmax scale of the head")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.1)

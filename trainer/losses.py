@@ -107,7 +107,9 @@ class BCTWeights:
         if name == "plain":
             return cls(influence=1.0)
         if name == "full":
-            return cls(influence=1.0, to_class_mean=1.0, to_old_embedding=1.0)
+            # Measured on Fashion-MNIST (12 epochs): the pull to the old embedding of the same image is what
+            # lifts top-1 over old/old; larger pulls (to it or to the class mean) cost update gain on mAP.
+            return cls(influence=1.0, to_class_mean=0.1, to_old_embedding=1.0)
         raise ValueError(f"unknown BCT recipe {name!r}: 'full' or 'plain'")
 
 

@@ -45,7 +45,7 @@ class TrainConfig:
     width: int | None = None
     depth: int | None = None
     embedding_dim: int = 128
-    scale: float = 16.0
+    scale: float = 4.0  # see ArchConfig.scale
     epochs: int = 8
     batch_size: int = 256
     lr: float = 0.1
