@@ -17,15 +17,15 @@ class _Strict(BaseModel):
 class BackfillRequest(_Strict):
     candidate: str = Field(min_length=1, max_length=128, description="the version that re-embeds the gallery")
     policy: Policy = Field("sequential", description="order: by item id, or least confident old embeddings first")
-    rate_limit: float | None = Field(None, gt=0, description="items/s cap (unset: the service's default, else none)")
+    rate_limit: float | None = Field(None, gt=0, allow_inf_nan=False, description="items/s cap (unset: the service's default, else none)")
     batch_size: int | None = Field(None, ge=1, le=MAX_BATCH, description="items per transaction (unset: default)")
-    stop_at: float | None = Field(None, gt=0, le=1, description="pause by itself once this share of the gallery "
+    stop_at: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="pause by itself once this share of the gallery "
                                                                 "is embedded by the candidate")
 
 
 class ResumeRequest(_Strict):
-    stop_at: float | None = Field(None, gt=0, le=1, description="a new stop point (unset: run to the end)")
-    rate_limit: float | None = Field(None, gt=0, description="a new items/s cap (unset: keep the job's)")
+    stop_at: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="a new stop point (unset: run to the end)")
+    rate_limit: float | None = Field(None, gt=0, allow_inf_nan=False, description="a new items/s cap (unset: keep the job's)")
 
 
 class SkippedItem(BaseModel):
