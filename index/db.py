@@ -19,6 +19,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
+from .errors import InvalidInput
+
 log = logging.getLogger(__name__)
 
 SQLITE_FILE = "gallery.db"
@@ -69,6 +71,27 @@ def make_engine(
             finally:
                 cur.close()
 
+        _refuse_nul_text(engine)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
-    return create_engine(parsed, **kwargs)
+    engine = create_engine(parsed, **kwargs)
+    _refuse_nul_text(engine)
+    return engine
+
+
+def _refuse_nul_text(engine: Engine) -> None:
+    """Refuse any text parameter holding a NUL character, on every backend, before it reaches the driver.
+
+    PostgreSQL cannot store or even compare such text (the driver raises a DataError, which would surface
+    as a server error); SQLite would store it. Either way no valid id, name or value contains one, so the
+    caller gets :class:`InvalidInput` (a 4xx at the HTTP door) and both backends behave the same.
+    """
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _check(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        rows = parameters if executemany else [parameters]
+        for row in rows:
+            for value in (row.values() if isinstance(row, dict) else row or ()):
+                if isinstance(value, str) and "\x00" in value:
+                    raise InvalidInput(f"text with a NUL character (\\x00) cannot be stored or looked up: "
+                                       f"{value[:80]!r}")

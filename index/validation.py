@@ -48,13 +48,25 @@ def check_external_ids(ids: Sequence[object]) -> list[str]:
 
 
 def check_metadata(meta: Any, external_id: str) -> None:
-    """Metadata must be strict JSON (no NaN: PostgreSQL's json type refuses it)."""
+    """Metadata must be strict JSON (no NaN, no NUL characters: PostgreSQL's json type refuses them)."""
     if meta is None:
         return
     try:
-        json.dumps(meta, allow_nan=False)
+        text = json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise InvalidInput(f"metadata of {external_id!r} is not JSON-serialisable: {e}") from None
+    if "\\u0000" in text and _has_nul(meta):  # PostgreSQL cannot store it (SQLite could: refuse on both)
+        raise InvalidInput(f"metadata of {external_id!r} contains a NUL character (\\u0000), which cannot be stored")
+
+
+def _has_nul(x: Any) -> bool:
+    if isinstance(x, str):
+        return "\x00" in x
+    if isinstance(x, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in x.items())
+    if isinstance(x, list | tuple):
+        return any(_has_nul(v) for v in x)
+    return False
 
 
 def check_k(k: object) -> int:
