@@ -29,7 +29,8 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(1024 * 1024, gt=0, description="decoded images larger than this are refused")
     max_k: int = Field(1000, gt=0, description="largest k a search may ask for")
 
-    torch_threads: int | None = Field(None, description="threads per model forward (unset: all cores)")
+    torch_threads: int | None = Field(1, description="threads per model forward (0: all cores); 1 leaves a "
+                                                    "core to HTTP while batches are embedded (BENCHMARKS.md)")
     faiss_threads: int | None = Field(1, description="OpenMP threads per FAISS search")
     throughput_probe_images: int = Field(512, gt=0, description="images in the timed batch of the cost report")
 
