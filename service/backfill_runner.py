@@ -289,7 +289,13 @@ class BackfillRunner:
             with self._cond:
                 if self._stopping:
                     return
-                job = self._next_job()
+                try:
+                    job = self._next_job()
+                except GalleryClosed:
+                    return
+                except Exception:  # e.g. the database is briefly unreachable: try again later, keep the thread
+                    log.exception("backfill runner: cannot list jobs")
+                    job = None
                 if job is None:
                     self._cond.wait(self.idle_poll_s)
                     continue
