@@ -305,9 +305,15 @@ class BackfillRunner:
                 return
             except Exception as e:
                 log.exception("backfill job %d failed", job.id)
-                with self._cond:
-                    if self.gallery.get_backfill_job(job.id).status == "running":
-                        self.gallery.update_backfill_job(job.id, status="failed", error=f"{type(e).__name__}: {e}")
+                try:
+                    with self._cond:
+                        if self.gallery.get_backfill_job(job.id).status == "running":
+                            self.gallery.update_backfill_job(job.id, status="failed",
+                                                             error=f"{type(e).__name__}: {e}")
+                except Exception:  # the job stays running in SQL: it is retried on the next turn
+                    log.exception("backfill job %d: cannot record the failure", job.id)
+                    with self._cond:
+                        self._cond.wait(self.idle_poll_s)
 
     def _next_job(self) -> BackfillJobInfo | None:
         """The oldest running job, else the oldest pending one (then marked running). Under the lock."""
