@@ -10,7 +10,8 @@ BENCHMARKS.md.
     .venv/bin/python bench/edge.py
     .venv/bin/python bench/edge.py --quick        # 1 epoch on a 5k slice; prints only
 
-The big model is bench/adapter.py's v2-indep when it exists (same settings otherwise: trained here).
+The big model is ``--big DIR`` if given, else bench/pc.py's seed-0 v1 (`resnet`, classes 0-9) when it exists,
+else one trained here.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from trainer.model import count_parameters  # noqa: E402
 from trainer.train import TrainConfig, reusable, train  # noqa: E402
 
 SECTION = "Edge model"
-ADAPTER_BIG = REPO / "bench" / "out" / "adapter" / "models" / "v2-indep"
+PC_BIG = REPO / "bench" / "out" / "pc" / "full" / "seed0" / "v1"
 
 
 def throughput(loaded: LoadedModel, images: np.ndarray, batch: int, seconds: float) -> float:
@@ -58,7 +59,8 @@ def throughput(loaded: LoadedModel, images: np.ndarray, batch: int, seconds: flo
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=12, help="epochs of each model trained here")
+    p.add_argument("--big", type=Path, default=None, help="the big model's folder (classes 0-9)")
+    p.add_argument("--epochs", type=int, default=4, help="epochs of each model trained here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
@@ -74,12 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     root = args.out / ("quick" if args.quick else "full")
     common = dict(seed=args.seed, limit=args.limit, threads=args.threads, epochs=args.epochs)
     big_cfg = TrainConfig(out=str(root / "big"), **common)
-    try:
-        big_dir, source = (ADAPTER_BIG, "bench/adapter.py's v2-indep") if not args.quick and read_card(ADAPTER_BIG) \
-            else (Path(big_cfg.out), "trained here")
-    except ModelCardError:
-        big_dir, source = Path(big_cfg.out), "trained here"
-    cfgs = ([] if big_dir == ADAPTER_BIG else [big_cfg]) + [
+    big_dir, source = Path(big_cfg.out), "trained here"
+    for cand, where in ((args.big, "given with --big"), (None if args.quick else PC_BIG, "bench/pc.py's seed-0 v1")):
+        try:
+            if cand is not None and read_card(cand):
+                big_dir, source = cand, where
+                break
+        except ModelCardError:
+            continue
+    cfgs = ([big_cfg] if big_dir == Path(big_cfg.out) else []) + [
         TrainConfig(out=str(root / "small"), arch="small", old=str(big_dir), bct="full", **common),
         TrainConfig(out=str(root / "small-indep"), arch="small", **{**common, "seed": args.seed + 1}),
     ]

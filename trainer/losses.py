@@ -159,9 +159,10 @@ class FocalDistillation:
 
     Per-sample weight w = alpha + beta * 1[old model right]; the loss is ``weight * mean_b(w_b * d_b)`` with
     d the KL divergence at ``temperature`` (times T^2, the usual distillation scaling) or half the squared L2
-    distance between the logits. Cosine-head logits are ``scale * cos`` (scale 16 by default): at T = 1 the
-    old model's softmax is nearly one-hot, so the KL kinds default to T = 4; the squared logit distance is
-    ~K times a high-temperature KL (K classes), hence fd-lm's smaller default weight.
+    distance between the logits. The KL kinds default to T = 4, which with cosine-head logits (``scale * cos``)
+    is close to Hinton's high-temperature limit, T^2 KL ~ ||centred logit difference||^2 / (2K) for K
+    classes: the whole logit vector is transferred, not only the old model's top class. fd-lm's squared
+    distance is then ~K times larger, hence its smaller default weight (0.05, the same order as 1/K).
     """
 
     kind: str = "fd-kl"
