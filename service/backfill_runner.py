@@ -344,12 +344,12 @@ class BackfillRunner:
         active = self.registry.active
         if active is not None and active.version == version:
             return active.loaded
-        if version not in self._models:
+        if self._models.get(version) is None:  # failures are not remembered: the folder may come back
             try:
                 self._models[version] = load_model(self.registry.entry(version).path)
             except (ServiceError, ModelCardError) as e:
                 log.warning("cannot load model %s: %s", version, e)
-                self._models[version] = None
+                return None
         return self._models[version]
 
     def _serving_space(self) -> str | None:

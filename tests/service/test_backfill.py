@@ -37,13 +37,13 @@ def _job(c: httpx.Client, job_id: int) -> dict:
     return r.json()
 
 
-def _wait(c: httpx.Client, job_id: int, until, timeout: float = 90.0) -> dict:
+def _wait(c: httpx.Client, job_id: int, until, timeout: float = 90.0, allow_failed: bool = False) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         job = _job(c, job_id)
         if until(job):
             return job
-        assert job["status"] not in ("failed",), job
+        assert allow_failed or job["status"] != "failed", job
         assert time.monotonic() < deadline, f"timed out waiting: {job}"
         time.sleep(0.05)
 
@@ -265,7 +265,8 @@ def test_pause_resume_cancel_skips_and_cli(make_server, tiny_test, split, tmp_pa
 
 
 @pytest.mark.slow
-def test_other_space_candidate_is_activated_only_after_its_backfill(make_server, tiny_models, tiny_test, split):
+def test_other_space_candidate_is_activated_only_after_its_backfill(make_server, tiny_models, tiny_test, split,
+                                                                    tmp_path):
     q_idx, g_idx = split
     server = make_server().start()
     c = server.client
@@ -275,7 +276,14 @@ def test_other_space_candidate_is_activated_only_after_its_backfill(make_server,
     pts = rep["curve"]["policies"]["sequential"]
     assert pts[0]["quality"] == pts[-2]["quality"]  # the old model serves until every item is re-embedded
 
+    # A candidate whose weights cannot be read fails its job, with the reason; back in place, it resumes.
+    weights = tmp_path / "models" / "v2-indep" / "weights.safetensors"
+    weights.rename(weights.with_suffix(".away"))
     job = _start(c, candidate="v2-indep", policy="uncertainty", stop_at=0.5)
+    job = _wait(c, job["id"], lambda j: j["status"] == "failed", allow_failed=True)
+    assert "v2-indep" in job["error"] and job["done"] == 0
+    weights.with_suffix(".away").rename(weights)
+    assert c.post(f"/v1/backfill/{job['id']}/resume", json={"stop_at": 0.5}, headers=H).status_code == 200
     job = _wait(c, job["id"], lambda j: j["status"] == "paused")
     assert job["done"] == len(g_idx) // 2 and job["can_activate"] is False
     r = c.post("/v1/models/v2-indep/activate", headers=H)
