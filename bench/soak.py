@@ -48,7 +48,7 @@ def rss_mb(pid: int) -> float:
 
 
 class Soak:
-    def __init__(self, url: str, images: np.ndarray, vectors: np.ndarray, seed: int) -> None:
+    def __init__(self, url: str, images: np.ndarray, vectors: np.ndarray, seed: int, target: int) -> None:
         self.client = GracefulClient(url, KEY, timeout=60)
         self.pngs = [encode_png_base64(im) for im in images]
         self.vectors = vectors  # v1 embeddings of the same images, for searches by vector
@@ -59,6 +59,7 @@ class Soak:
         self.failures: list[str] = []
         self.stop = threading.Event()
         self.seed = seed
+        self.target = target  # the gallery is held around this size: ingests above it turn into deletes
         self.next_id = 0
 
     def _new_ids(self, n: int) -> list[str]:
@@ -83,6 +84,8 @@ class Soak:
         rng = random.Random(self.seed * 1000 + n)
         while not self.stop.is_set():
             op = rng.choices(["image", "vector", "item", "ingest", "delete"], weights=[50, 15, 10, 15, 10])[0]
+            if op == "ingest" and len(self.live) > self.target:
+                op = "delete"
             try:
                 if op == "image":
                     r = self.client.post("/v1/search", json={"image_base64": self.pngs[rng.randrange(len(self.pngs))],
@@ -139,12 +142,12 @@ def run(args) -> dict:
     vectors = embed_images(v1, test.images[pick])
     work = Path(tempfile.mkdtemp(prefix="graceful-soak-"))
     res: dict = {"models": str(models.relative_to(REPO)), "minutes": args.minutes, "clients": args.clients,
-                 "swaps_planned": args.swaps}
+                 "swaps_planned": args.swaps, "target": args.items}
     try:
         server = LocalServer({"GRACEFUL_MODELS_DIR": str(models), "GRACEFUL_DATA_DIR": str(work / "data"),
                               "GRACEFUL_API_KEY": KEY, "GRACEFUL_ACTIVE_MODEL": "v1"}, work / "server.log").start()
         try:
-            soak = Soak(server.url, test.images[pick], vectors, seed=0)
+            soak = Soak(server.url, test.images[pick], vectors, seed=0, target=args.items)
             boot = random.Random(1)
             for _ in range(40):  # a starting gallery of 2,000 items
                 soak.ingest(boot, 50)
@@ -154,13 +157,13 @@ def run(args) -> dict:
                 t.start()
             total = args.minutes * 60
             warmup = min(30.0, total / 10)
-            rss: list[tuple[float, float]] = []
+            rss: list[tuple[float, float, int]] = []  # (seconds, MB, items the clients hold)
             swaps, swap_s = 0, []
             next_swap = total / (args.swaps + 1)
             next_rss = 0.0
             while (now := time.monotonic() - t0) < total:
                 if now >= next_rss:
-                    rss.append((now, rss_mb(server.pid)))
+                    rss.append((now, rss_mb(server.pid), len(soak.live)))
                     next_rss += 10
                 if swaps < args.swaps and now >= next_swap:
                     target = "v2" if swaps % 2 == 0 else "v1"
@@ -175,7 +178,7 @@ def run(args) -> dict:
             for t in threads:
                 t.join(120)
             elapsed = time.monotonic() - t0
-            rss.append((elapsed, rss_mb(server.pid)))
+            rss.append((elapsed, rss_mb(server.pid), len(soak.live)))
             # The end state: DB == index == what the clients left stored.
             c = soak.client
             spaces = {s["space"]: s for s in c.get("/v1/index")["spaces"]}
@@ -184,12 +187,15 @@ def run(args) -> dict:
                                        if ln.startswith("graceful_gallery_items "))))
             sample = random.Random(2).sample(soak.live, min(2000, len(soak.live)))
             missing = [e for e in sample if c.http.get(f"/v1/items/{e}").status_code != 200]
-            start = [m for t, m in rss if t >= warmup]
+            # memory is compared from when the gallery first reached its steady size (after the warm-up)
+            steady = [(t, m) for t, m, n in rss if t >= warmup and n >= args.items]
+            start = steady[0] if steady else (rss[-1][0], rss[-1][1])
             res.update({
                 "seconds": elapsed, "requests": dict(soak.counts), "total_requests": sum(soak.counts.values()),
                 "failures": soak.failures[:20], "failed": len(soak.failures), "swaps": swaps,
                 "swap_s_median": float(np.median(swap_s)) if swap_s else None, "versions": dict(soak.versions),
-                "rss_start_mb": start[0], "rss_end_mb": rss[-1][1], "rss_max_mb": max(m for _, m in rss),
+                "rss_start_mb": start[1], "rss_start_s": start[0], "rss_end_mb": rss[-1][1],
+                "rss_max_mb": max(m for _, m, _ in rss),
                 "rss_series": rss, "faiss_live": spaces["v1"]["live"], "sql_items": sql_items,
                 "client_items": len(soak.live), "missing": len(missing), "checked": len(sample),
             })
@@ -210,22 +216,22 @@ def render(res: dict) -> str:
         f"One `graceful serve` on 127.0.0.1 (default settings, models `{res['models']}`), {res['clients']} client "
         f"threads for {res['seconds'] / 60:.1f} min: searches by image, vector and item id, ingests of 1-32 new "
         f"images, deletes of items they ingested, and {res['swaps_planned']} hot swaps v1 ⇄ v2 at even intervals. "
-        "Started from a gallery of 2,000 ingested images.", "",
+        f"Started from a gallery of 2,000 ingested images; ingests stop while the clients hold more than "
+        f"{res['target']:,} items (deletes go on), so the gallery soon holds steady around that size and memory "
+        "can be compared.", "",
         "| measure | value |", "|---|---|",
         f"| result | **{'PASS' if ok else 'FAIL'}** |",
         f"| requests | {res['total_requests']:,} ({reqs}) |",
         f"| failed requests | **{res['failed']}** |",
         f"| swaps done | {res['swaps']} (median {res['swap_s_median']:.3f} s server-side) |",
         f"| image searches answered by | {res['versions']} |",
-        f"| server RSS after warm-up → end (max) | {res['rss_start_mb']:.0f} MB → {res['rss_end_mb']:.0f} MB "
-        f"({growth:+.0f} MB; max {res['rss_max_mb']:.0f} MB) |",
+        f"| server RSS once the gallery is steady (at {res['rss_start_s'] / 60:.1f} min) → end (max) | "
+        f"{res['rss_start_mb']:.0f} MB → {res['rss_end_mb']:.0f} MB ({growth:+.0f} MB; max {res['rss_max_mb']:.0f} MB) |",
         f"| items at the end: FAISS live / SQL / clients' own count | {res['faiss_live']:,} / {res['sql_items']:,} / "
         f"{res['client_items']:,} ({'agree' if agree else '**disagree**'}; {res['missing']} of {res['checked']:,} sampled "
         "ids not found) |",
         "",
-        "RSS every 10 s (MB): " + ", ".join(f"{m:.0f}" for _, m in res["rss_series"][::3]) + " (every third sample).",
-        "The gallery grows during the run (ingests outnumber deletes), so some RSS growth is the data itself: "
-        f"{res['sql_items'] - 2000:+,} items.",
+        "RSS every 30 s (MB): " + ", ".join(f"{m:.0f}" for _, m, _ in res["rss_series"][::3]) + ".",
     ]
     if res["failures"]:
         lines += ["", "First failures:", *[f"- `{f[:200]}`" for f in res["failures"]]]
@@ -237,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--swaps", type=int, default=20)
+    p.add_argument("--items", type=int, default=20_000, help="gallery size held steady (ingests pause above it)")
     p.add_argument("--models", help="folder with model versions v1 and v2 (v2 a BCT child of v1)")
     p.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)

@@ -527,10 +527,14 @@ class Gallery:
 
         Kept in step with this process's commits (and refreshed by :meth:`reconcile`); :meth:`count`
         asks SQL instead. For policy checks on hot paths, e.g. "may this model serve over the gallery".
+        Read under the mutation mutex: a writer updates the item count at its commit and the index just
+        after, so an unguarded read between the two saw counts that disagree (found by bench/soak.py: a
+        hot swap refused as if the gallery were in another space while deletes ran).
         """
         self._check_open()
-        sidx = self._spaces.get(space)
-        return self._items, (sidx.live_count if sidx is not None else 0)
+        with self._mutex:
+            sidx = self._spaces.get(space)
+            return self._items, (sidx.live_count if sidx is not None else 0)
 
     def counts_by_version(self) -> dict[str, int]:
         """Embeddings per version that made them (all spaces)."""

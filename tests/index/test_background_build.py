@@ -4,6 +4,7 @@ installed index equals the database, and its recall against exact search is meas
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +115,35 @@ def test_open_without_snapshot_serves_exactly_then_builds(database_url: str, tmp
         assert g.rebuild_index("v", "test")  # an explicit rebuild measures again
         assert g.wait_for_index_builds(60)
         assert g.index_info("v")["last_build"]["reason"] == "test"
+
+
+def test_live_counts_never_disagree_while_writers_run(tmp_path: Path) -> None:
+    """The item count and the index's live count are read together: a reader between a writer's commit and
+    its index update saw them disagree, and a hot swap was refused as if the gallery were in another space
+    (found by bench/soak.py)."""
+    x = _clustered(400, 8, seed=2)
+    with Gallery.open(None, tmp_path / "d") as g:
+        g.register_version(VersionInfo("v", space="v", embedding_dim=8))
+        g.add(items(x[:200]), "v")
+        stop = threading.Event()
+        bad: list[tuple[int, int]] = []
+
+        def writer() -> None:
+            i = 200
+            while not stop.is_set():
+                g.add(items(x[i % 400 : i % 400 + 1], start=i), "v")
+                g.delete([f"item{i}"])
+                i += 1
+
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                total, live = g.live_counts("v")
+                if total != live:
+                    bad.append((total, live))
+        finally:
+            stop.set()
+            t.join()
+        assert bad == []
