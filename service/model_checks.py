@@ -9,19 +9,10 @@ and no tensor data is read (only the header and the bytes for the checksum).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-from trainer.artifact import ModelCard
+from trainer.artifact import ModelCard, file_sha256
 from trainer.errors import ModelCardError
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -54,7 +45,7 @@ def check_weights(folder: Path, card: ModelCard) -> None:
         raise ModelCardError(f"{weights} lies outside its model folder: refused")
     if not card.weights_sha256:
         raise ModelCardError(f"the card of {folder.name} states no weights_sha256: its weights cannot be verified")
-    if _sha256(weights) != card.weights_sha256:
+    if file_sha256(weights) != card.weights_sha256:
         raise ModelCardError(f"{weights.name} in {folder.name} does not match the checksum in its card "
                              "(corrupt or replaced): refused")
     shapes = _header_shapes(weights)

@@ -98,7 +98,8 @@ class LoadedModel:
         return Preprocess.from_dict(self.card.preprocess)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -123,7 +124,7 @@ def save_model(folder: str | os.PathLike[str], model: EmbeddingModel | AdaptedMo
     state = {k: v.detach().contiguous().cpu() for k, v in raw.items()}
     save_file(state, str(tmp), metadata={"format": CARD_FORMAT})
     os.replace(tmp, weights)
-    card = card.model_copy(update={"weights_sha256": _sha256(weights)})
+    card = card.model_copy(update={"weights_sha256": file_sha256(weights)})
     tmp_card = folder / (CARD_FILE + ".tmp")
     tmp_card.write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
     os.replace(tmp_card, folder / CARD_FILE)
@@ -183,7 +184,7 @@ def _load_state(folder: Path, card: ModelCard) -> dict[str, torch.Tensor]:
         raise ModelCardError(f"{folder} has no weights file {card.weights}")
     if weights.is_symlink() or weights.resolve().parent != folder.resolve():
         raise ModelCardError(f"{weights} must be a regular file inside {folder}, not a link")
-    if card.weights_sha256 and _sha256(weights) != card.weights_sha256:
+    if card.weights_sha256 and file_sha256(weights) != card.weights_sha256:
         raise ModelCardError(f"{weights} does not match the checksum in its card (corrupt or replaced)")
     try:
         return load_file(str(weights))
