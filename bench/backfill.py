@@ -214,6 +214,7 @@ def run(args) -> dict:
         res["offline"] = simulate_orders(models, test, q_idx, g_idx)
 
         # Throughput: an unthrottled backfill vs raw decode + embed in this process, side by side.
+        print("timing phases: throughput, then latency", flush=True)
         v2 = load_model(models / "v2")
         pngs = [encode_png(test.images[i]) for i in g_idx]
         batch = 256
