@@ -125,7 +125,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="dataset folder (default: Debian's Fashion-MNIST)")
     p.add_argument("--api", default=None, help="use a running API (key from GRACEFUL_API_KEY) instead of starting one")
     p.add_argument("--epochs-old", type=int, default=6)
-    p.add_argument("--epochs-new", type=int, default=4)
+    p.add_argument("--epochs-new", type=int, default=8, help="epochs of v2 (BCT)")
+    p.add_argument("--epochs-indep", type=int, default=2,
+                   help="epochs of the independent v2 (it is only there to be refused and priced)")
+    p.add_argument("--queries", type=int, default=500,
+                   help="query images measured over HTTP, full rankings (the heatmap uses all 2,000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a small slice of the data (smoke tests)")
     p.add_argument("--keep-serving", action="store_true", help="leave the service running at the end (Ctrl-C stops it)")
@@ -145,6 +149,7 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     limit = None
     if args.quick:
         q_idx, g_idx, limit = q_idx[:100], g_idx[:400], 3000
+    q_idx = q_idx[: args.queries] if args.queries else q_idx
     common = dict(data=args.data, seed=args.seed, limit=limit, eval_limit=1000 if args.quick else None)
 
     print(f"[1/6] train v1 on classes {OLD_CLASSES} (the model the gallery is built with)")
@@ -197,7 +202,7 @@ def _story(args, client: GracefulClient, test, q_idx, g_idx, models: Path, work:
     print("[3/6] train v2 on all classes: with BCT against v1, and independently")
     _train(models / "v2", "v2 (BCT)", epochs=1 if args.quick else args.epochs_new, old=str(models / "v1"),
            bct="full", **common)
-    _train(models / "v2-indep", "v2-indep", epochs=1 if args.quick else args.epochs_new, **common)
+    _train(models / "v2-indep", "v2-indep", epochs=1 if args.quick else args.epochs_indep, **common)
 
     print("[4/6] backfill-cost reports")
     reports = {v: client.report(v) for v in ("v2", "v2-indep")}
@@ -251,6 +256,7 @@ def _story(args, client: GracefulClient, test, q_idx, g_idx, models: Path, work:
     }
     gain = (new_old.metrics["mAP"] - old_old.metrics["mAP"]) / max(1e-9, new_new.metrics["mAP"] - old_old.metrics["mAP"])
     table = "\n".join([
+        f"quality from the HTTP answers: {len(q_idx)} query images, full rankings of {len(ids)} gallery images",
         f"{'':34s}top-1    top-5    mAP      items re-embedded",
         f"{'old/old  (v1 queries, v1 gallery)':34s}{_fmt(old_old.metrics)}   -",
         f"{'new/old  (v2 queries, v1 gallery)':34s}{_fmt(new_old.metrics)}   {summary['reembedded_by_swap']} (hot swap, no backfill)",
