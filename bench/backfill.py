@@ -4,6 +4,8 @@ throughput vs raw embedding, search latency during a backfill vs idle, predicted
     .venv/bin/python bench/backfill.py            # full protocol; writes "## Backfill" in BENCHMARKS.md
                                                   # and the curve to bench/backfill_curve.png
     .venv/bin/python bench/backfill.py --quick    # smaller and faster; prints only
+    .venv/bin/python bench/backfill.py --timing-only   # only throughput and latency ("## Backfill: throughput
+                                                       # and latency"), on a quiet machine
 
 Models: v1 and v2 (BCT) of bench/compat.py's seed 0 when present (bench/out/compat/full/seed0), else trained
 here (v1: classes 0-4, 6 epochs; v2: BCT "full" against v1, 12 epochs) into bench/out/backfill/. One
@@ -23,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -129,7 +132,19 @@ def search_load(c: GracefulClient, payloads: list[dict], concurrency: int, secon
 
 
 def raw_throughput(loaded, pngs: list[bytes], batch: int) -> float:
-    """Images/s of decode PNG + embed in this process, batches of ``batch`` (the backfill's own work)."""
+    """Images/s of decode PNG + embed in this process, batches of ``batch`` (the backfill's own work), on the
+    server's default torch threads (the job runs with those)."""
+    from service.settings import Settings
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(Settings().cpu_threads)
+    try:
+        return _raw_throughput(loaded, pngs, batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _raw_throughput(loaded, pngs: list[bytes], batch: int) -> float:
     prep = loaded.preprocess
     embed_images(loaded, np.zeros((8, prep.channels, prep.size, prep.size), np.uint8))  # warm
     t0 = time.perf_counter()
@@ -185,14 +200,15 @@ def run(args) -> dict:
             t0 = time.perf_counter()
             c.ingest_all(ids, test.images[g_idx], test.labels[g_idx], batch=256, threads=2)
             print(f"ingested {len(ids)} in {time.perf_counter() - t0:.1f}s", flush=True)
-            res["old_old"] = evaluate(c, "v1/v1")
+            if not args.timing_only:
+                res["old_old"] = evaluate(c, "v1/v1")
             c.activate("v2")
             res["report"] = c.report("v2")
 
         # Quality after each fraction, per policy: the job pauses itself at each stop point.
         res["curves"] = {}
         res["ordering_seconds"] = {}
-        for policy in POLICIES:
+        for policy in () if args.timing_only else POLICIES:
             print(f"policy {policy}", flush=True)
             with Phase(models, work, base, policy) as c:
                 curve = []
@@ -214,7 +230,8 @@ def run(args) -> dict:
                 res["curves"][policy] = curve
                 res["ordering_seconds"][policy] = job["ordering_seconds"] if job else None
 
-        res["offline"] = simulate_orders(models, test, q_idx, g_idx)
+        if not args.timing_only:
+            res["offline"] = simulate_orders(models, test, q_idx, g_idx)
 
         # Throughput: an unthrottled backfill vs raw decode + embed in this process, side by side.
         print("timing phases: throughput, then latency", flush=True)
@@ -229,6 +246,9 @@ def run(args) -> dict:
             job = wait_job(c, job["id"], ("done",), poll=0.02)
             wall = time.perf_counter() - t0
             raws.append(raw_throughput(v2, pngs, batch))
+        from service.settings import Settings
+
+        res["raw_threads"] = Settings().cpu_threads
         res["throughput"] = {
             "raw_ips": raws, "backfill_ips": job["reembedded"] / job["active_seconds"],
             "active_seconds": job["active_seconds"], "client_wall_seconds": wall,
@@ -238,8 +258,9 @@ def run(args) -> dict:
 
         # Search latency: idle, during a throttled backfill, during an unthrottled one, idle again.
         payloads = [{"image_base64": encode_png_base64(test.images[i]), "k": 10} for i in q_idx[:500]]
-        rate = max(1.0, round(args.rate_share * float(np.mean(raws)), -1))
         secs = args.load_seconds
+        # The capped job must outlast its row: at most half the gallery in the row's seconds.
+        rate = max(1.0, round(min(args.rate_share * float(np.mean(raws)), 0.5 * len(ids) / secs), -1))
         lat: dict[str, dict] = {}
         with Phase(models, work, base, "latency") as c:
             search_load(c, payloads, args.concurrency, 2.0)  # warm
@@ -319,6 +340,9 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+TIMING = "Backfill: throughput and latency"
+
+
 def render(res: dict, args) -> str:
     curves, old = res["curves"], res["old_old"]
     exp = res["report"]["curve"]
@@ -337,18 +361,6 @@ def render(res: dict, args) -> str:
     lowest = {k: min(p[k] for c in curves.values() for p in c) for k in ("mAP", "top1")}
     reach = {p: first_reaching(curves[p], "mAP") for p in POLICIES}
     reach_t1 = {p: first_reaching(curves[p], "top1") for p in POLICIES}
-    tp = res["throughput"]
-    raw = float(np.mean(tp["raw_ips"]))
-    lat = res["latency"]
-    lat_rows = []
-    names = {"idle": "idle (before)", "throttled": f"backfill capped at {res['rate_limit']:.0f} items/s",
-             "idle_between": "idle (job paused)", "unthrottled": "backfill uncapped", "idle_after": "idle (after)"}
-    for key in ("idle", "throttled", "idle_between", "unthrottled", "idle_after"):
-        r = lat[key]
-        bf = f"{r['backfill_ips']:.0f}" if r.get("backfill_ips") else "-"
-        lat_rows.append(f"| {names[key]} | {r['n']} | {r['qps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-                        f"{r['p99_ms'] / lat['idle']['p99_ms']:.2f} | {bf} | {r['failures']} |")
-    pred, meas = tp["predicted_seconds"], tp["active_seconds"]
     ords = ", ".join(f"{p} {s:.2f} s" for p, s in res["ordering_seconds"].items() if s is not None)
     lines = [
         "## Backfill", "", f"Command: {command_line()}", "", machine_line(),
@@ -369,7 +381,7 @@ def render(res: dict, args) -> str:
         f"(interpolated {reach['sequential'][1]:.0%}). Top-1: uncertainty-first {reach_t1['uncertainty'][0]:.0%} "
         f"(interpolated {reach_t1['uncertainty'][1]:.0%}), sequential {reach_t1['sequential'][0]:.0%} "
         f"(interpolated {reach_t1['sequential'][1]:.0%}). Computing the uncertainty order (every stored embedding "
-        f"classified by v1's head, one SQL pass): {ords}.", "",
+        f"classified by v2's head, one SQL pass): {ords}.", "",
         f"The report's expectation (`GET /v1/backfill/report?candidate=v2`, method `{exp['method']}`: "
         f"{exp['sample'].get('simulated', 0)} sampled gallery items, leave-one-out) is in the last column and "
         "dashed in the plot.", "",
@@ -380,9 +392,32 @@ def render(res: dict, args) -> str:
         "head only knows classes 0-4 and cannot tell the new classes apart.", "",
         "| order | " + " | ".join(f"{f:.0%}" for f in FRACTIONS) + " | 90% of gain |",
         "|---|" + "---|" * (len(FRACTIONS) + 1), *off_rows, "",
+        f"Throughput and search latency during a backfill: section \"{TIMING}\" (its own run).", "",
+    ]
+    return "\n".join(lines)
+
+
+def render_timing(res: dict, args) -> str:
+    tp = res["throughput"]
+    raw = float(np.mean(tp["raw_ips"]))
+    lat = res["latency"]
+    lat_rows = []
+    names = {"idle": "idle (before)", "throttled": f"backfill capped at {res['rate_limit']:.0f} items/s",
+             "idle_between": "idle (job paused)", "unthrottled": "backfill uncapped", "idle_after": "idle (after)"}
+    for key in ("idle", "throttled", "idle_between", "unthrottled", "idle_after"):
+        r = lat[key]
+        bf = f"{r['backfill_ips']:.0f}" if r.get("backfill_ips") else "-"
+        lat_rows.append(f"| {names[key]} | {r['n']} | {r['qps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                        f"{r['p99_ms'] / lat['idle']['p99_ms']:.2f} | {bf} | {r['failures']} |")
+    pred, meas = tp["predicted_seconds"], tp["active_seconds"]
+    lines = [
+        f"## {TIMING}", "", f"Command: {command_line()}", "", machine_line(),
+        f"Models: `{res['models']}`. {res['gallery']} gallery images ingested over HTTP with v1, v2 (BCT child) "
+        "activated; each phase on its own `graceful serve` over a copy of that gallery, nothing else running on "
+        "the machine.", "",
         "### Throughput and time", "",
         "| measure | value |", "|---|---|",
-        f"| raw decode + embed in-process (batches of 256; before / after the job) | "
+        f"| raw decode + embed in-process (batches of 256, the server's {res.get('raw_threads', '?')} torch thread(s); before / after the job) | "
         f"{tp['raw_ips'][0]:.0f} / {tp['raw_ips'][1]:.0f} images/s |",
         f"| backfill job, uncapped, idle server (items re-embedded / job's active seconds) | "
         f"{tp['backfill_ips']:.0f} items/s |",
@@ -407,15 +442,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-seconds", type=float, default=15.0)
     p.add_argument("--rate-share", type=float, default=0.25, help="the capped row's rate as a share of raw throughput")
     p.add_argument("--write", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--timing-only", action="store_true",
+                   help="only the throughput and latency phases (their own section; no quality curves)")
     args = p.parse_args(argv)
     res = run(args)
-    text = render(res, args)
-    print(text)
+    timing = render_timing(res, args)
+    text = timing if args.timing_only else render(res, args)
+    print(text if args.timing_only else text + "\n" + timing)
     write = (not args.quick) if args.write is None else args.write
     if write:
-        plot(res, PNG)
-        write_section("Backfill", text)
-        print(f"wrote the section to BENCHMARKS.md and the curve to {PNG}")
+        if not args.timing_only:
+            plot(res, PNG)
+            write_section("Backfill", text)
+        write_section(TIMING, timing)
+        print(f"wrote to BENCHMARKS.md{'' if args.timing_only else f' and the curve to {PNG}'}")
     return 0
 
 
