@@ -206,9 +206,10 @@ def backfill_report(registry: ModelRegistry, probe: ThroughputProbe, candidate: 
         },
         "predicted": {
             "wall_seconds": round(seconds, 2),
-            "wall_hours": round(seconds / 3600.0, 4),
-            "cpu_hours": round(cpu_hours, 4),
-            "cost": round(cpu_hours * price_per_cpu_hour, 4),
+            # significant digits, not decimals: a small gallery's cost must not read as zero
+            "wall_hours": float(f"{seconds / 3600.0:.4g}"),
+            "cpu_hours": float(f"{cpu_hours:.4g}"),
+            "cost": float(f"{cpu_hours * price_per_cpu_hour:.4g}"),
             "price_per_cpu_hour": price_per_cpu_hour,
             "currency": "USD",
         },

@@ -112,6 +112,10 @@ def _search_during_swap(client: GracefulClient, images: np.ndarray, target: str,
     return stats
 
 
+def _usd(x: float) -> str:
+    return f"${x:,.2f}" if x >= 0.01 or x == 0 else f"${x:.1g}"
+
+
 def _fmt(m: dict | None) -> str:
     if not m:
         return "   -        -        -   "
@@ -210,7 +214,7 @@ def _story(args, client: GracefulClient, test, q_idx, g_idx, models: Path, work:
         p = r["predicted"]
         print(f"  {v:9s} needs backfill: {str(r['needs_backfill']):5s}  items to re-embed {r['items_to_reembed']}, "
               f"{r['throughput']['images_per_second']:.0f} img/s -> {p['wall_seconds']:.1f} s, "
-              f"{p['cpu_hours']:.4f} CPU-h, ${p['cost']:.4f}")
+              f"{p['cpu_hours']:.2g} CPU-h, {_usd(p['cost'])}")
 
     print("[5/6] hot-swap to v2 while a client keeps searching; then try the independent v2")
     swap = _search_during_swap(client, test.images[q_idx], "v2")
@@ -225,11 +229,17 @@ def _story(args, client: GracefulClient, test, q_idx, g_idx, models: Path, work:
     counts_after_swap = client.report("v2")["items_per_version"]
     new_old = measure("measure new/old via HTTP (zero backfill)")
 
-    print("[6/6] what a backfill would buy: re-embed the gallery with v2 (measured) and measure new/new")
-    with _bar(len(ids), "  backfill via HTTP (v2)") as bar:
+    print("[6/6] what a backfill would buy: a backfill job re-embeds the gallery with v2 while serving; new/new")
+    job = client.post("/v1/backfill", json={"candidate": "v2", "policy": "sequential"})
+    with _bar(len(ids), "  backfill job (v2)", unit="item") as bar:
         t0 = time.perf_counter()
-        client.ingest_all(ids, test.images[g_idx], test.labels[g_idx], upsert=True, progress=bar.update)
+        while job["status"] not in ("done", "failed", "cancelled"):
+            time.sleep(0.2)
+            job = client.get(f"/v1/backfill/{job['id']}")
+            bar.update(job["done"] - bar.n)
         backfill_s = time.perf_counter() - t0
+    if job["status"] != "done":
+        print(f"  backfill job {job['id']} ended {job['status']}: {job.get('error')}")
     new_new = measure("measure new/new via HTTP")
 
     from trainer.artifact import load_model
@@ -247,26 +257,32 @@ def _story(args, client: GracefulClient, test, q_idx, g_idx, models: Path, work:
         "reembedded_by_swap": swap["activation"]["reembedded"], "items_per_version_after_swap": counts_after_swap,
         "swap": {k: v for k, v in swap.items() if k != "activation"}, "swap_seconds": swap["activation"]["seconds"],
         "independent_refused": refused,
-        "backfill": {"items": len(ids), "measured_seconds": backfill_s, "predicted_seconds": predicted["wall_seconds"],
+        "backfill": {"items": len(ids), "job": job, "measured_seconds": backfill_s, "predicted_seconds": predicted["wall_seconds"],
                      "predicted_cpu_hours": predicted["cpu_hours"], "predicted_cost_usd": predicted["cost"],
                      "independent_v2_cost_usd": reports["v2-indep"]["predicted"]["cost"]},
         "ingest": {"items": len(ids), "seconds": ingest_s, "images_per_second": len(ids) / ingest_s},
         "queries": len(q_idx), "gallery": len(ids), "demo_seconds": time.perf_counter() - t_start,
         "offline_matrix": offline.to_json(include_flipped=False)["matrix"],
     }
+    throughput = reports["v2"]["throughput"]["images_per_second"]
+    cpus = reports["v2"]["throughput"]["threads"]
+    price = predicted["price_per_cpu_hour"]
     gain = (new_old.metrics["mAP"] - old_old.metrics["mAP"]) / max(1e-9, new_new.metrics["mAP"] - old_old.metrics["mAP"])
     table = "\n".join([
         f"quality from the HTTP answers: {len(q_idx)} query images, full rankings of {len(ids)} gallery images",
         f"{'':34s}top-1    top-5    mAP      items re-embedded",
         f"{'old/old  (v1 queries, v1 gallery)':34s}{_fmt(old_old.metrics)}   -",
         f"{'new/old  (v2 queries, v1 gallery)':34s}{_fmt(new_old.metrics)}   {summary['reembedded_by_swap']} (hot swap, no backfill)",
-        f"{'new/new  (after full backfill)':34s}{_fmt(new_new.metrics)}   {len(ids)} "
-        f"(measured {backfill_s:.1f} s, predicted {predicted['wall_seconds']:.1f} s, ${predicted['cost']:.4f})",
+        f"{'new/new  (after full backfill)':34s}{_fmt(new_new.metrics)}   {job['done']} "
+        f"(backfill job: {backfill_s:.1f} s, predicted {predicted['wall_seconds']:.1f} s)",
         "",
         f"update gain on mAP with zero backfill: {gain:.2f} of the full upgrade",
         f"requests during the swap: {swap['requests']}, failed: {swap['failed']}",
+        f"backfill cost here: {predicted['cpu_hours']:.2g} CPU-hours, {_usd(predicted['cost'])}; at the measured "
+        f"{throughput:,.0f} images/s, a gallery of 1 billion items: {1e9 / throughput / 3600 * cpus:,.0f} CPU-hours, "
+        f"{_usd(1e9 / throughput / 3600 * cpus * price)}",
         f"independent v2: {'refused with HTTP ' + str(refused['status']) if refused else 'NOT refused'} "
-        f"(its backfill would cost ${reports['v2-indep']['predicted']['cost']:.4f})",
+        f"(it needs that backfill first: {_usd(reports['v2-indep']['predicted']['cost'])} here)",
     ])
     print("\n" + table + "\n")
     (work / "report.json").write_text(json.dumps(summary, indent=1) + "\n")
