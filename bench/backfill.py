@@ -8,7 +8,7 @@ throughput vs raw embedding, search latency during a backfill vs idle, predicted
                                                        # and latency"), on a quiet machine
 
 Models: v1 and v2 (BCT) of bench/compat.py's seed 0 when present (bench/out/compat/full/seed0), else trained
-here (v1: classes 0-4, 6 epochs; v2: BCT "full" against v1, 12 epochs) into bench/out/backfill/. One
+here (v1: classes 0-4, 6 epochs; v2: BCT "full" against v1, 12 epochs) into bench/out/backfill/full/. One
 `graceful serve` process on 127.0.0.1 per phase, each over a copy of the same ingested gallery; clients are
 threads of this process.
 """
@@ -30,13 +30,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.models import v1_v2_models  # noqa: E402
 from bench.report import command_line, machine_line, write_section  # noqa: E402
 from service.client import GracefulClient  # noqa: E402
 from service.images import decode_image, encode_png, encode_png_base64  # noqa: E402
 from service.local_server import LocalServer  # noqa: E402
 from trainer.artifact import embed_images, load_model  # noqa: E402
 from trainer.data import load_split, query_gallery_split  # noqa: E402
-from trainer.train import TrainConfig, reusable, train  # noqa: E402
 
 KEY = "bench-key"
 FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -45,19 +45,7 @@ PNG = REPO / "bench" / "backfill_curve.png"
 
 
 def models_dir(args) -> Path:
-    compat = REPO / "bench" / "out" / "compat" / "full" / "seed0"
-    if (compat / "v1" / "card.json").exists() and (compat / "v2" / "card.json").exists() and not args.quick:
-        return compat
-    root = REPO / "bench" / "out" / "backfill" / ("quick" if args.quick else "")
-    limit = 5000 if args.quick else None
-    cfgs = [TrainConfig(out=str(root / "v1"), classes="0-4", epochs=1 if args.quick else 6, limit=limit),
-            TrainConfig(out=str(root / "v2"), old=str(root / "v1"), bct="full", epochs=1 if args.quick else 12,
-                        limit=limit)]
-    for cfg in cfgs:
-        if not reusable(cfg):
-            print(f"training {cfg.out}", flush=True)
-            train(cfg)
-    return root
+    return v1_v2_models("backfill", args.quick)
 
 
 class Phase:

@@ -30,6 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.models import v1_v2_models  # noqa: E402
 from bench.report import command_line, machine_line, write_section  # noqa: E402
 from service.client import GracefulClient  # noqa: E402
 from service.images import decode_image, encode_png, encode_png_base64  # noqa: E402
@@ -37,7 +38,6 @@ from service.local_server import LocalServer  # noqa: E402
 from trainer.artifact import embed_images, load_model  # noqa: E402
 from trainer.data import load_split, query_gallery_split  # noqa: E402
 from trainer.evaluate import evaluate_models  # noqa: E402
-from trainer.train import TrainConfig, reusable, train  # noqa: E402
 
 KEY = "bench-key"
 
@@ -45,19 +45,7 @@ KEY = "bench-key"
 def models_dir(args) -> Path:
     if getattr(args, "models", None):
         return Path(args.models).resolve()
-    compat = REPO / "bench" / "out" / "compat" / "full" / "seed0"
-    if (compat / "v1" / "card.json").exists() and (compat / "v2" / "card.json").exists() and not args.quick:
-        return compat
-    root = REPO / "bench" / "out" / "service" / ("quick" if args.quick else "full")
-    limit = 5000 if args.quick else None
-    cfgs = [TrainConfig(out=str(root / "v1"), classes="0-4", epochs=1 if args.quick else 6, limit=limit),
-            TrainConfig(out=str(root / "v2"), old=str(root / "v1"), bct="full", epochs=1 if args.quick else 12,
-                        limit=limit)]
-    for cfg in cfgs:
-        if not reusable(cfg):
-            print(f"training {cfg.out}", flush=True)
-            train(cfg)
-    return root
+    return v1_v2_models("service", args.quick)
 
 
 def percentile(xs: list[float], p: float) -> float:
