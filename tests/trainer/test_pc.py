@@ -16,13 +16,7 @@ from trainer.model import build_model
 FAST = ["--epochs", "1", "--batch-size", "64", "--quiet", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread, so a busy machine's OpenMP hand-offs do not dominate the test's time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/trainer/conftest.py
 
 
 def _old_logits_and_rows():
