@@ -122,17 +122,29 @@ def _fmt(m: dict | None) -> str:
     return f"{m['top1']:.4f}   {m['top5']:.4f}   {m['mAP']:.4f}"
 
 
+def _at_least(low: int):
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return check
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graceful demo", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="demo-state", help="where models, the gallery and the report go")
     p.add_argument("--models-dir", default=None, help="model folders (default: <workdir>/models)")
     p.add_argument("--data", default=None, help="dataset folder (default: Debian's Fashion-MNIST)")
     p.add_argument("--api", default=None, help="use a running API (key from GRACEFUL_API_KEY) instead of starting one")
-    p.add_argument("--epochs-old", type=int, default=6)
-    p.add_argument("--epochs-new", type=int, default=8, help="epochs of v2 (BCT)")
-    p.add_argument("--epochs-indep", type=int, default=2,
+    p.add_argument("--epochs-old", type=_at_least(1), default=6)
+    p.add_argument("--epochs-new", type=_at_least(1), default=8, help="epochs of v2 (BCT)")
+    p.add_argument("--epochs-indep", type=_at_least(1), default=2,
                    help="epochs of the independent v2 (it is only there to be refused and priced)")
-    p.add_argument("--queries", type=int, default=500,
+    p.add_argument("--queries", type=_at_least(0), default=500,
                    help="query images measured over HTTP, full rankings (the heatmap uses all 2,000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a small slice of the data (smoke tests)")

@@ -98,3 +98,13 @@ def test_mutations_need_the_api_key(make_server, tiny_test):
     assert c.get("/v1/models/active").json()["version"] == "v1"
     # Reads need no key.
     assert c.post("/v1/search", json={"image_base64": encode_png_base64(tiny_test.images[0])}).status_code == 200
+
+
+@pytest.mark.parametrize("argv", [["--queries", "-3"], ["--epochs-new", "0"], ["--epochs-old", "x"]])
+def test_demo_refuses_bad_counts_before_doing_anything(argv, tmp_path, capsys):
+    from service.demo import demo_main
+
+    with pytest.raises(SystemExit) as e:
+        demo_main(["--workdir", str(tmp_path / "demo"), *argv])
+    assert e.value.code == 2 and argv[0] in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
