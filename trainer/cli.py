@@ -48,6 +48,10 @@ def train_parser(prog: str = "graceful train") -> argparse.ArgumentParser:
     p.add_argument("--influence-weight", type=float, default=None)
     p.add_argument("--class-mean-weight", type=float, default=None)
     p.add_argument("--old-embedding-weight", type=float, default=None)
+    p.add_argument("--pulls-on", default=None, choices=["all", "old"],
+                   help="images the two L2 pulls apply to: every image, or only those of the old model's classes")
+    p.add_argument("--influence-scale", type=float, default=None,
+                   help="logit scale of the influence loss (default: the old head's own)")
     p.add_argument("--pc", default=None, choices=["kd", "fd-kl", "fd-lm"],
                    help="positive-congruent training against --old: focal distillation of its logits (KL or logit "
                         "matching), or plain distillation 'kd'; combinable with --bct")

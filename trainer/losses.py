@@ -101,6 +101,10 @@ class BCTWeights:
     influence: float = 1.0
     to_class_mean: float = 0.0
     to_old_embedding: float = 0.0
+    # Which images the two pulls apply to: "all", or "old" (classes the old model was trained on; its
+    # embedding and class mean of a class it never saw are no targets worth copying).
+    pulls_on: str = "all"
+    influence_scale: float | None = None  # logit scale of the influence CE; None = the old head's own
 
     @classmethod
     def recipe(cls, name: str) -> BCTWeights:
@@ -129,14 +133,20 @@ def bct_losses(
     """
     if new_emb.shape[1] != old_head.synthesized.shape[1] and new_emb.shape[1] != old_head.old.weight.shape[1]:
         raise IncompatibleModelsError(f"new embedding dim {new_emb.shape[1]} != old {old_head.old.weight.shape[1]}")
-    terms = {"influence": weights.influence * F.cross_entropy(old_head(new_emb), labels_rows)}
+    logits = old_head(new_emb)
+    if weights.influence_scale is not None:
+        logits = logits * (weights.influence_scale / old_head.scale)
+    terms = {"influence": weights.influence * F.cross_entropy(logits, labels_rows)}
+    keep = torch.ones_like(labels_rows, dtype=new_emb.dtype)  # (B,) 1 where the pulls apply
+    if weights.pulls_on == "old":
+        keep = (old_head.old_index[labels_rows] >= 0).to(new_emb.dtype)
     if weights.to_class_mean:
         assert class_means is not None
         centre = F.normalize(class_means, dim=1)[labels_rows]  # (B, D)
-        terms["to_class_mean"] = weights.to_class_mean * (new_emb - centre).pow(2).sum(1).mean()
+        terms["to_class_mean"] = weights.to_class_mean * (keep * (new_emb - centre).pow(2).sum(1)).mean()
     if weights.to_old_embedding:
         assert old_emb is not None
-        terms["to_old_embedding"] = weights.to_old_embedding * (new_emb - old_emb).pow(2).sum(1).mean()
+        terms["to_old_embedding"] = weights.to_old_embedding * (keep * (new_emb - old_emb).pow(2).sum(1)).mean()
     return terms
 
 

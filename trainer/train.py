@@ -56,6 +56,8 @@ class TrainConfig:
     influence_weight: float | None = None
     class_mean_weight: float | None = None
     old_embedding_weight: float | None = None
+    pulls_on: str | None = None
+    influence_scale: float | None = None
     pc: str | None = None  # None, "kd", "fd-kl" or "fd-lm": distil the old model's logits (PC training)
     pc_alpha: float | None = None  # None = the preset's (FocalDistillation.preset)
     pc_beta: float | None = None
@@ -72,6 +74,8 @@ class TrainConfig:
             influence=base.influence if self.influence_weight is None else self.influence_weight,
             to_class_mean=base.to_class_mean if self.class_mean_weight is None else self.class_mean_weight,
             to_old_embedding=base.to_old_embedding if self.old_embedding_weight is None else self.old_embedding_weight,
+            pulls_on=base.pulls_on if self.pulls_on is None else self.pulls_on,
+            influence_scale=base.influence_scale if self.influence_scale is None else self.influence_scale,
         )
 
     def pc_loss(self) -> FocalDistillation | None:
@@ -220,7 +224,7 @@ def train(cfg: TrainConfig, progress: Callable[[int, int, dict[str, float]], Non
         space=old.card.space if (cfg.bct and old is not None) else version,
         compatible_with=old.version if (cfg.bct and old is not None) else None,
         preprocess=prep.to_dict(),
-        train_config={**asdict(cfg), "train_images": len(train_set), "seconds": round(seconds, 1),
+        train_config={**asdict(cfg), **_resolved(cfg), "train_images": len(train_set), "seconds": round(seconds, 1),
                       "images_per_second": round(len(train_set) * cfg.epochs / seconds, 1)},
     )
     card = save_model(out, model, card)
@@ -243,6 +247,11 @@ def _attach_metrics(out: Path, card: ModelCard, old: LoadedModel | None, cfg: Tr
 
 
 
+def _resolved(cfg: TrainConfig) -> dict[str, object]:
+    """The BCT weights a run actually used: a recipe whose defaults change must not reuse older models."""
+    return {"bct_weights": asdict(cfg.bct_weights()) if cfg.bct else None}
+
+
 def reusable(cfg: TrainConfig) -> bool:
     """True when ``cfg.out`` holds a complete model trained with the same settings (threads aside).
 
@@ -251,7 +260,7 @@ def reusable(cfg: TrainConfig) -> bool:
     from trainer.artifact import read_card
     from trainer.errors import ModelCardError
 
-    wanted = {k: v for k, v in asdict(cfg).items() if k not in ("out", "threads")}
+    wanted = {k: v for k, v in {**asdict(cfg), **_resolved(cfg)}.items() if k not in ("out", "threads")}
     try:
         have = read_card(cfg.out).train_config
     except ModelCardError:

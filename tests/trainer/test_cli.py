@@ -79,3 +79,16 @@ def test_bad_arguments_give_one_clear_line(trained, tiny_data, tmp_path, capsys)
     _one_line_error(capsys, ["eval", str(tmp_path / "missing"), "--json", str(tmp_path / "r.json")], "does not exist")
     _one_line_error(capsys, ["frobnicate"], "unknown command")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_model_is_reused_only_while_its_bct_recipe_is_unchanged(trained, tiny_data, monkeypatch):
+    from trainer.losses import BCTWeights
+    from trainer.train import TrainConfig, reusable
+
+    card = json.loads((trained / "v2" / "card.json").read_text())
+    cfg = TrainConfig(**{k: v for k, v in card["train_config"].items() if k in TrainConfig.__dataclass_fields__})
+    assert card["train_config"]["bct_weights"]["influence"] == BCTWeights.recipe("full").influence
+    assert reusable(cfg)
+    changed = BCTWeights(influence=3.0)
+    monkeypatch.setattr(BCTWeights, "recipe", classmethod(lambda cls, name: changed))
+    assert not reusable(cfg)  # same flags, other recipe defaults: retrain

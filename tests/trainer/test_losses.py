@@ -61,3 +61,28 @@ def test_bct_step_leaves_old_model_bit_identical_across_architectures():
 
 def test_plain_recipe_has_only_influence():
     assert BCTWeights.recipe("plain") == BCTWeights(influence=1.0, to_class_mean=0.0, to_old_embedding=0.0)
+
+
+def test_pulls_on_old_classes_skip_images_of_classes_the_old_model_never_saw():
+    torch.manual_seed(0)
+    old = build_model("resnet", [0, 1, 2, 3, 4], width=8).eval().requires_grad_(False)
+    classes = list(range(10))
+    means = class_mean_embeddings(old, _batches(), classes, 128)
+    head = build_old_head(old, classes, means)
+    emb = torch.nn.functional.normalize(torch.randn(8, 128), dim=1)
+    old_emb = torch.nn.functional.normalize(torch.randn(8, 128), dim=1)
+    everywhere = BCTWeights(influence=1.0, to_class_mean=1.0, to_old_embedding=1.0)
+    old_only = BCTWeights(influence=1.0, to_class_mean=1.0, to_old_embedding=1.0, pulls_on="old")
+    new_rows = torch.tensor([5, 6, 7, 8, 9, 5, 6, 7])
+    terms = bct_losses(emb, new_rows, head, old_only, means, old_emb)
+    assert terms["to_class_mean"] == 0 and terms["to_old_embedding"] == 0 and terms["influence"] > 0
+    assert bct_losses(emb, new_rows, head, everywhere, means, old_emb)["to_old_embedding"] > 0
+    old_rows = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])  # only old classes: both scopes give the same terms
+    a = bct_losses(emb, old_rows, head, old_only, means, old_emb)
+    b = bct_losses(emb, old_rows, head, everywhere, means, old_emb)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+    # A mixed batch: the mean over the batch counts the skipped images as zeros.
+    mixed = torch.tensor([0, 5, 1, 6, 2, 7, 3, 8])
+    d = (emb - old_emb).pow(2).sum(1) * (mixed < 5)
+    torch.testing.assert_close(bct_losses(emb, mixed, head, old_only, means, old_emb)["to_old_embedding"], d.mean())
