@@ -27,6 +27,7 @@ from bench.report import command_line, machine_line, write_section  # noqa: E402
 from trainer.artifact import load_model  # noqa: E402
 from trainer.data import load_split  # noqa: E402
 from trainer.evaluate import METRICS, evaluate_models  # noqa: E402
+from trainer.losses import BCTWeights  # noqa: E402
 from trainer.train import TrainConfig, reusable, train  # noqa: E402
 
 MODELS = ("v1", "v2", "v2-indep")
@@ -76,6 +77,9 @@ def mean_sd(xs: list[float]) -> str:
 
 
 def render(reports: list[dict], seeds: list[int], args: argparse.Namespace, seconds: float) -> str:
+    w = BCTWeights.recipe("full")
+    recipe = (f"influence {w.influence:g}, pull to the class mean {w.to_class_mean:g}, pull to the old embedding "
+              f"{w.to_old_embedding:g}, pulls on {'the old classes only' if w.pulls_on == 'old' else 'every image'}")
     out = ["## Compatibility (BCT)", "", f"Command: {command_line()}", "", machine_line(),
            f"Seeds {', '.join(map(str, seeds))}; v1: classes 0-4, {args.epochs_old} epochs, seed s; every v2: classes 0-9, "
            f"{args.epochs_new} epochs (v2 and v2-plain seed s, v2-indep seed s + 1000){'; train slice ' + str(args.limit) if args.limit else ''}. "
@@ -107,6 +111,16 @@ def render(reports: list[dict], seeds: list[int], args: argparse.Namespace, seco
     crit = [criteria(r) for r in reports]
     for name in crit[0]:
         out.append(f"| {name} | " + " | ".join("pass" if c[name] else "**FAIL**" for c in crit) + " |")
+    failed = [f"{name} (seed {', '.join(str(s) for s, c in zip(seeds, crit, strict=True) if not c[name])})"
+              for name in crit[0] if not all(c[name] for c in crit)]
+    per_seed = "; ".join(
+        f"seed {s}: v1/v1 {r['matrix']['v1/v1']['top1']:.4f} / {r['matrix']['v1/v1']['mAP']:.4f}, v2/v1 "
+        f"{r['matrix']['v2/v1']['top1']:.4f} / {r['matrix']['v2/v1']['mAP']:.4f}, gain "
+        f"{r['bct']['v2/v1']['update_gain']['mAP']:.3f}" for s, r in zip(seeds, reports, strict=True))
+    out += ["", ("**Every criterion is met on every seed.**" if not failed else
+                 "**Not met on every seed**: " + "; ".join(failed) + ".")
+            + f" Per seed (top-1 / mAP, update gain on mAP): {per_seed}. The recipe's weights: {recipe}; how it was "
+            "chosen, and what v1's gallery allows, is under \"BCT recipe search\"."]
     plain = [(s, r) for s, r in zip(seeds, reports, strict=True) if "v2-plain/v1" in r["matrix"]]
     if plain:
         out += ["", f"### Plain BCT (influence loss alone) vs the full recipe, seed{'s' if len(plain) > 1 else ''} "

@@ -111,9 +111,12 @@ class BCTWeights:
         if name == "plain":
             return cls(influence=1.0)
         if name == "full":
-            # Measured on Fashion-MNIST (12 epochs): the pull to the old embedding of the same image is what
-            # lifts top-1 over old/old; larger pulls (to it or to the class mean) cost update gain on mAP.
-            return cls(influence=1.0, to_class_mean=0.1, to_old_embedding=1.0)
+            # Measured on Fashion-MNIST, 12 epochs (BENCHMARKS.md, "BCT recipe search"): the pull to the old
+            # embedding of the same image lifts top-1 over old/old; a strong pull to the class mean lifts the
+            # old classes' mAP; on classes the old model never saw both pulls cost mAP (its embedding of them
+            # is poor, their mean is a worse query direction than the one the influence loss finds), so the
+            # pulls apply to the old model's classes only.
+            return cls(influence=1.0, to_class_mean=4.0, to_old_embedding=1.0, pulls_on="old")
         raise ValueError(f"unknown BCT recipe {name!r}: 'full' or 'plain'")
 
 
