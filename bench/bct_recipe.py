@@ -68,7 +68,7 @@ def ceilings(seed: int) -> dict:
     ``class mean``: v1's mean embedding of the class (train set), the full recipe's pull target; ``linear probe``:
     rows of a cosine-softmax classifier (scale 16) fitted on v1's train embeddings of all 10 classes, the most
     discriminative single direction per class. A v2 that classified every query right and put it exactly
-    there would score this; v1/v1 and the compat benchmark's v2 (current recipe) are given for comparison.
+    there would score this; v1/v1 and the compat benchmark's v2 (the default recipe) are given for comparison.
     """
     import numpy as np
     import torch
@@ -97,7 +97,7 @@ def ceilings(seed: int) -> dict:
         loss.backward()
         opt.step()
     probe = F.normalize(rows.detach(), dim=1).numpy()
-    queries = {"v1 (v1/v1)": e1[q], "v2, current recipe (v2/v1)": np.asarray(embed_images(v2, test.images))[q],
+    queries = {"v1 (v1/v1)": e1[q], "v2, the default recipe (v2/v1)": np.asarray(embed_images(v2, test.images))[q],
                "class mean": means.numpy()[ql], "linear probe": probe[ql]}
     old = np.isin(ql, v1.card.classes)
     out = {}

@@ -112,11 +112,10 @@ class BCTWeights:
             return cls(influence=1.0)
         if name == "full":
             # Measured on Fashion-MNIST, 12 epochs (BENCHMARKS.md, "BCT recipe search"): the pull to the old
-            # embedding of the same image lifts top-1 over old/old; a strong pull to the class mean lifts the
-            # old classes' mAP; on classes the old model never saw both pulls cost mAP (its embedding of them
-            # is poor, their mean is a worse query direction than the one the influence loss finds), so the
-            # pulls apply to the old model's classes only.
-            return cls(influence=1.0, to_class_mean=4.0, to_old_embedding=1.0, pulls_on="old")
+            # embedding of the same image lifts top-1 over old/old. Pulls to the class mean at weight 4, on the
+            # old classes' images only (pulls_on="old"), raise the update gain on mAP on every seed, but
+            # lose top-1 against old/old on seed 0 and in the demo (8 epochs), so they stay flags.
+            return cls(influence=1.0, to_class_mean=0.1, to_old_embedding=1.0)
         raise ValueError(f"unknown BCT recipe {name!r}: 'full' or 'plain'")
 
 
