@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.models import compat_seed  # noqa: E402
 from bench.report import machine_line, write_section  # noqa: E402
 from trainer.train import TrainConfig, train  # noqa: E402
 
@@ -45,7 +46,7 @@ def parse_variant(spec: str) -> tuple[str, dict[str, object]]:
 
 
 def run(name: str, kw: dict[str, object], seed: int, epochs: int, threads: int | None) -> dict:
-    v1 = REPO / "bench" / "out" / "compat" / "full" / f"seed{seed}" / "v1"
+    v1 = compat_seed(seed) / "v1"
     if not (v1 / "card.json").exists():
         raise SystemExit(f"{v1} is missing: run `.venv/bin/python bench/compat.py --seeds {seed}` first")
     t0 = time.perf_counter()
@@ -78,7 +79,7 @@ def ceilings(seed: int) -> dict:
     from trainer.data import load_split, query_gallery_split
     from trainer.metrics import retrieval_metrics
 
-    root = REPO / "bench" / "out" / "compat" / "full" / f"seed{seed}"
+    root = compat_seed(seed)
     v1, v2 = load_model(root / "v1"), load_model(root / "v2")
     test, train_set = load_split(None, "test"), load_split(None, "train")
     q, g = query_gallery_split(len(test))
@@ -99,13 +100,15 @@ def ceilings(seed: int) -> dict:
     probe = F.normalize(rows.detach(), dim=1).numpy()
     queries = {"v1 (v1/v1)": e1[q], "v2, the default recipe (v2/v1)": np.asarray(embed_images(v2, test.images))[q],
                "class mean": means.numpy()[ql], "linear probe": probe[ql]}
-    old = np.isin(ql, v1.card.classes)
+    # mAP is a mean over queries, so the overall and old/new figures are the per-class APs weighted by their
+    # query counts: one ranking of the gallery per query instead of three.
+    n = np.array([(ql == c).sum() for c in range(10)])
+    old = np.isin(np.arange(10), v1.card.classes)
     out = {}
     for name, qe in queries.items():
-        out[name] = {"mAP": retrieval_metrics(qe, ql, e1[g], gl)["mAP"],
-                     "old": retrieval_metrics(qe[old], ql[old], e1[g], gl)["mAP"],
-                     "new": retrieval_metrics(qe[~old], ql[~old], e1[g], gl)["mAP"],
-                     "per class": [retrieval_metrics(qe[ql == c], ql[ql == c], e1[g], gl)["mAP"] for c in range(10)]}
+        per = np.array([retrieval_metrics(qe[ql == c], ql[ql == c], e1[g], gl)["mAP"] for c in range(10)])
+        out[name] = {"mAP": float(per @ n / n.sum()), "old": float(per[old] @ n[old] / n[old].sum()),
+                     "new": float(per[~old] @ n[~old] / n[~old].sum()), "per class": per.tolist()}
     return {"seed": seed, "rows": out}
 
 

@@ -7,7 +7,14 @@ from pathlib import Path
 from trainer.train import TrainConfig, reusable, train
 
 REPO = Path(__file__).resolve().parents[1]
-COMPAT_SEED0 = REPO / "bench" / "out" / "compat" / "full" / "seed0"
+
+
+def compat_seed(seed: int) -> Path:
+    """bench/compat.py's model folders of one seed (full protocol, default --out)."""
+    return REPO / "bench" / "out" / "compat" / "full" / f"seed{seed}"
+
+
+COMPAT_SEED0 = compat_seed(0)
 
 
 def v1_v2_models(name: str, quick: bool) -> Path:
