@@ -106,6 +106,15 @@ class BCTWeights:
     pulls_on: str = "all"
     influence_scale: float | None = None  # logit scale of the influence CE; None = the old head's own
 
+    def __post_init__(self) -> None:
+        if min(self.influence, self.to_class_mean, self.to_old_embedding) < 0:
+            raise ConfigError(f"BCT weights must be >= 0, got influence {self.influence}, class mean "
+                              f"{self.to_class_mean}, old embedding {self.to_old_embedding}")
+        if self.pulls_on not in ("all", "old"):
+            raise ConfigError(f"BCT pulls apply to 'all' images or the 'old' classes' only, got {self.pulls_on!r}")
+        if self.influence_scale is not None and self.influence_scale <= 0:
+            raise ConfigError(f"influence scale must be > 0, got {self.influence_scale}")
+
     @classmethod
     def recipe(cls, name: str) -> BCTWeights:
         if name == "plain":

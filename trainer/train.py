@@ -137,6 +137,7 @@ def train(cfg: TrainConfig, progress: Callable[[int, int, dict[str, float]], Non
     if cfg.pc not in (None, *PC_KINDS):
         raise ConfigError(f"unknown PC loss {cfg.pc!r}: choose one of {', '.join(PC_KINDS)}")
     pc = cfg.pc_loss()
+    weights = cfg.bct_weights()
     out = Path(cfg.out)
     version = check_version_name(out.name)
     old = load_model(cfg.old) if cfg.old else None
@@ -155,7 +156,6 @@ def train(cfg: TrainConfig, progress: Callable[[int, int, dict[str, float]], Non
                         scale=cfg.scale, in_channels=prep.channels)
 
     old_head = class_means = None
-    weights = cfg.bct_weights()
     if cfg.bct and old is not None:
         old_prep = old.preprocess
         # Old-model class means over the *new* training set: synthesised rows for unseen classes, and centres.

@@ -74,6 +74,10 @@ def test_bad_arguments_give_one_clear_line(trained, tiny_data, tmp_path, capsys)
     _one_line_error(capsys, [*base, "--old", str(trained / "v1"), "--bct", "--embedding-dim", "64"],
                     "embedding size mismatch")
     _one_line_error(capsys, [*base, "--bct"], "--bct needs --old")
+    bct = [*base, "--old", str(trained / "v1"), "--bct"]
+    _one_line_error(capsys, [*bct, "--influence-scale", "0"], "influence scale must be > 0")
+    _one_line_error(capsys, [*bct, "--class-mean-weight", "-1"], "BCT weights must be >= 0")
+    _one_line_error(capsys, [*bct, "--pulls-on", "new"], "invalid choice")
     _one_line_error(capsys, ["train", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "y")],
                     "dataset-fashion-mnist")
     _one_line_error(capsys, ["eval", str(tmp_path / "missing"), "--json", str(tmp_path / "r.json")], "does not exist")

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
+from trainer.errors import ConfigError
 from trainer.losses import BCTWeights, bct_losses, build_old_head, class_mean_embeddings, task_loss
 from trainer.model import build_model
 
@@ -57,6 +59,12 @@ def test_bct_step_leaves_old_model_bit_identical_across_architectures():
     for k, v in old.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert new.backbone.proj.weight.grad is not None
+
+
+def test_bct_weights_refuse_what_would_train_nonsense():
+    for bad in (dict(to_class_mean=-0.1), dict(pulls_on="new"), dict(influence_scale=0.0)):
+        with pytest.raises(ConfigError):
+            BCTWeights(**bad)
 
 
 def test_plain_recipe_has_only_influence():
