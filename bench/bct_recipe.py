@@ -11,7 +11,7 @@ and the table of every line is written to BENCHMARKS.md.
     .venv/bin/python bench/bct_recipe.py --ceilings --seed 0 1 2   # what v1's gallery allows (no training)
 
 A variant is ``name:key=value,...`` with keys of TrainConfig's BCT fields (influence_weight, class_mean_weight,
-old_embedding_weight, pulls_on, influence_scale); the rest of the full recipe stays as it is in the code.
+old_embedding_weight, pulls_on, influence_scale, new_rows); the rest of the full recipe stays as it is in the code.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from bench.report import machine_line, write_section  # noqa: E402
 from trainer.train import TrainConfig, train  # noqa: E402
 
 FIELDS = {"influence_weight": float, "class_mean_weight": float, "old_embedding_weight": float,
-          "pulls_on": str, "influence_scale": float}
+          "pulls_on": str, "influence_scale": float, "new_rows": str}
 OUT = REPO / "bench" / "out" / "bct_recipe"
 
 

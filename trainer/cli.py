@@ -52,6 +52,9 @@ def train_parser(prog: str = "graceful train") -> argparse.ArgumentParser:
                    help="images the two L2 pulls apply to: every image, or only those of the old model's classes")
     p.add_argument("--influence-scale", type=float, default=None,
                    help="logit scale of the influence loss (default: the old head's own)")
+    p.add_argument("--new-rows", default=None, choices=["mean", "probe", "probe-old-head"],
+                   help="synthesised rows for classes the old model never saw: the old model's class mean, or "
+                        "refined by a linear probe in the old space (all rows free, or the old head's frozen)")
     p.add_argument("--pc", default=None, choices=["kd", "fd-kl", "fd-lm"],
                    help="positive-congruent training against --old: focal distillation of its logits (KL or logit "
                         "matching), or plain distillation 'kd'; combinable with --bct")

@@ -25,6 +25,7 @@ from trainer.losses import (
     build_old_head,
     class_mean_embeddings,
     focal_distillation,
+    probe_new_rows,
     shared_class_rows,
     task_loss,
 )
@@ -58,6 +59,7 @@ class TrainConfig:
     old_embedding_weight: float | None = None
     pulls_on: str | None = None
     influence_scale: float | None = None
+    new_rows: str | None = None
     pc: str | None = None  # None, "kd", "fd-kl" or "fd-lm": distil the old model's logits (PC training)
     pc_alpha: float | None = None  # None = the preset's (FocalDistillation.preset)
     pc_beta: float | None = None
@@ -76,6 +78,7 @@ class TrainConfig:
             to_old_embedding=base.to_old_embedding if self.old_embedding_weight is None else self.old_embedding_weight,
             pulls_on=base.pulls_on if self.pulls_on is None else self.pulls_on,
             influence_scale=base.influence_scale if self.influence_scale is None else self.influence_scale,
+            new_rows=base.new_rows if self.new_rows is None else self.new_rows,
         )
 
     def pc_loss(self) -> FocalDistillation | None:
@@ -162,6 +165,8 @@ def train(cfg: TrainConfig, progress: Callable[[int, int, dict[str, float]], Non
         class_means = class_mean_embeddings(
             old.model, ((old_prep(x), y) for x, y in _batches(train_set, 1024, None)), classes, old.card.embedding_dim
         )
+        if weights.new_rows != "mean":
+            class_means = _probe_targets(old, train_set, classes, class_means, weights.new_rows)
         old_head = build_old_head(old.model, classes, class_means)
         log.info("BCT against %s: %d old rows, %d synthesised rows", old.version,
                  int((old_head.old_index >= 0).sum()), old_head.synthesized.shape[0])
@@ -247,6 +252,26 @@ def _attach_metrics(out: Path, card: ModelCard, old: LoadedModel | None, cfg: Tr
 
 
 
+def _probe_targets(old: LoadedModel, train_set: Dataset, classes: list[int], means: torch.Tensor,
+                   mode: str) -> torch.Tensor:
+    """(K, D) BCT targets with new-class rows refined by a probe on the old model's train-set embeddings."""
+    embs, labels = [], []
+    with torch.inference_mode():
+        for x, y in _batches(train_set, 1024, None):
+            embs.append(old.model.embed(old.preprocess(x)))
+            labels.append(y)
+    pos = {c: i for i, c in enumerate(classes)}
+    rows = torch.tensor([pos[int(v)] for v in torch.cat(labels)])
+    new = torch.tensor([c not in old.model.classes for c in classes])
+    old_row = {c: i for i, c in enumerate(old.model.classes)}
+    head = old.model.head.weight.detach()
+    old_rows = torch.stack([head[old_row[c]] if c in old_row else means[i] for i, c in enumerate(classes)])
+    targets = probe_new_rows(torch.cat(embs).clone(), rows, means, new, mode, old_rows, old.model.head.scale)
+    log.info("new-class rows by %s: cosine to the class mean %s", mode,
+             [round(float(v), 2) for v in torch.nn.functional.cosine_similarity(targets, means)[new]])
+    return targets
+
+
 def _resolved(cfg: TrainConfig) -> dict[str, object]:
     """The BCT weights a run actually used: a recipe whose defaults change must not reuse older models."""
     return {"bct_weights": asdict(cfg.bct_weights()) if cfg.bct else None}
@@ -262,7 +287,13 @@ def reusable(cfg: TrainConfig) -> bool:
 
     wanted = {k: v for k, v in {**asdict(cfg), **_resolved(cfg)}.items() if k not in ("out", "threads")}
     try:
-        have = read_card(cfg.out).train_config
+        have = dict(read_card(cfg.out).train_config)
     except ModelCardError:
         return False
+    if isinstance(have.get("bct_weights"), dict):
+        # A field added to BCTWeights later is at its default in a card written before it existed.
+        try:
+            have["bct_weights"] = asdict(BCTWeights(**have["bct_weights"]))
+        except (TypeError, ConfigError):
+            return False
     return all(have.get(k) == v for k, v in wanted.items())

@@ -96,3 +96,18 @@ def test_a_model_is_reused_only_while_its_bct_recipe_is_unchanged(trained, tiny_
     changed = BCTWeights(influence=3.0)
     monkeypatch.setattr(BCTWeights, "recipe", classmethod(lambda cls, name: changed))
     assert not reusable(cfg)  # same flags, other recipe defaults: retrain
+
+
+def test_a_card_from_before_a_recipe_field_existed_is_reused_at_its_default(trained, tiny_data, tmp_path):
+    import shutil
+
+    from trainer.train import TrainConfig, reusable
+
+    old_card = tmp_path / "v2"
+    shutil.copytree(trained / "v2", old_card)
+    card = json.loads((old_card / "card.json").read_text())
+    del card["train_config"]["bct_weights"]["new_rows"]  # written before the field was added
+    (old_card / "card.json").write_text(json.dumps(card))
+    kw = {k: v for k, v in card["train_config"].items() if k in TrainConfig.__dataclass_fields__}
+    assert reusable(TrainConfig(**{**kw, "out": str(old_card)}))
+    assert not reusable(TrainConfig(**{**kw, "out": str(old_card), "new_rows": "probe"}))

@@ -94,3 +94,48 @@ def test_pulls_on_old_classes_skip_images_of_classes_the_old_model_never_saw():
     mixed = torch.tensor([0, 5, 1, 6, 2, 7, 3, 8])
     d = (emb - old_emb).pow(2).sum(1) * (mixed < 5)
     torch.testing.assert_close(bct_losses(emb, mixed, head, old_only, means, old_emb)["to_old_embedding"], d.mean())
+
+
+def _scattered_new_class(seed=0):
+    """Old space (D=8): old classes on axes 0 and 1, each spread towards the other; the new class spreads over
+    both, told apart only by a small offset on axis 2, so its mean direction ranks many old points first."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.arange(300) % 3
+    u, v, w = (torch.rand(300, generator=g) for _ in range(3))
+    emb = torch.zeros(300, 8)
+    emb[:, 0] = torch.where(rows == 0, 1.0, torch.where(rows == 1, u, 0.3 + 0.7 * v))
+    emb[:, 1] = torch.where(rows == 1, 1.0, torch.where(rows == 0, u, 0.3 + 0.7 * w))
+    emb[:, 2] = torch.where(rows == 2, 0.25, 0.0)
+    emb += 0.03 * torch.randn(300, 8, generator=g)
+    means = torch.stack([emb[rows == k].mean(0) for k in range(3)])
+    return emb, rows, means, torch.tensor([False, False, True])
+
+
+@pytest.mark.parametrize("mode", ["probe", "probe-old-head"])
+def test_probe_rows_separate_a_new_class_better_than_its_mean_and_leave_old_classes(mode):
+    from trainer.losses import probe_new_rows
+
+    emb, rows, means, new = _scattered_new_class()
+    out = probe_new_rows(emb, rows, means, new, mode, old_rows=means.clone(), old_scale=4.0)
+    torch.testing.assert_close(out[:2], means[:2])  # old classes keep their targets
+    assert torch.isclose(out[2].norm(), torch.tensor(1.0))
+
+    def ap_of_new_class(direction):  # average precision of ranking every point by cosine to the direction
+        order = torch.argsort(torch.nn.functional.normalize(emb, dim=1) @ direction, descending=True)
+        hit = (rows[order] == 2).float()
+        return float((hit.cumsum(0) / torch.arange(1, len(hit) + 1) * hit).sum() / hit.sum())
+
+    assert ap_of_new_class(torch.nn.functional.normalize(means[2], dim=0)) < 0.9
+    assert ap_of_new_class(out[2]) > 0.99
+    again = probe_new_rows(emb, rows, means, new, mode, old_rows=means.clone(), old_scale=4.0)
+    torch.testing.assert_close(out, again, rtol=0, atol=0)  # deterministic
+
+
+def test_unknown_new_rows_mode_is_refused():
+    from trainer.losses import probe_new_rows
+
+    with pytest.raises(ConfigError, match="new-class rows"):
+        BCTWeights(new_rows="median")
+    emb, rows, means, new = _scattered_new_class()
+    with pytest.raises(ConfigError, match="new-class rows"):
+        probe_new_rows(emb, rows, means, new, "mean")
