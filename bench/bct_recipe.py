@@ -131,7 +131,7 @@ def render(rows: list[dict]) -> str:
            "Each row: a v2 trained 12 epochs (seed s, on the threads given; runs with 1 thread ran two at a time) against bench/compat.py's v1 of seed s, every other setting "
            "as in the full recipe at the time of the run (`weights` gives what it used). Criteria: v2/v1 top-1 > "
            "v1/v1, top-5 >= v1/v1 - 0.005, gain on mAP >= 0.50.", "",
-           "| variant | seed | threads | weights (influence / class mean / old emb. / pulls on / scale) | v1/v1 top-1 | v2/v1 top-1 "
+           "| variant | seed | threads | weights (influence / class centre / old emb. / pulls on / scale / new-class rows) | v1/v1 top-1 | v2/v1 top-1 "
            "| v2/v1 top-5 | v1/v1 mAP | v2/v1 mAP | old / new classes | v2/v2 mAP | gain mAP |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -140,7 +140,8 @@ def render(rows: list[dict]) -> str:
         top5 = f"{no['top5']:.4f}" if no["top5"] >= oo["top5"] - 0.005 else f"**{no['top5']:.4f}**"
         gain = f"{r['gain mAP']:.3f}" if r["gain mAP"] >= 0.5 else f"**{r['gain mAP']:.3f}**"
         out.append(f"| {r['name']} | {r['seed']} | {r.get('threads') or 'all'} | {w['influence']:g} / {w['to_class_mean']:g} / "
-                   f"{w['to_old_embedding']:g} / {w['pulls_on']} / {w['influence_scale'] or 'old head'} | "
+                   f"{w['to_old_embedding']:g} / {w['pulls_on']} / {w['influence_scale'] or 'old head'} / "
+                   f"{w.get('new_rows', 'mean')} | "
                    f"{oo['top1']:.4f} | {top1} | {top5} | {oo['mAP']:.4f} | {no['mAP']:.4f} | "
                    f"{r['v2/v1 old mAP']:.3f} / {r['v2/v1 new mAP']:.3f} | {r['v2/v2 mAP']:.4f} | {gain} |")
     out += ["", "Bold: the criterion fails."]

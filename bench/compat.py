@@ -78,8 +78,11 @@ def mean_sd(xs: list[float]) -> str:
 
 def render(reports: list[dict], seeds: list[int], args: argparse.Namespace, seconds: float) -> str:
     w = BCTWeights.recipe("full")
-    recipe = (f"influence {w.influence:g}, pull to the class mean {w.to_class_mean:g}, pull to the old embedding "
-              f"{w.to_old_embedding:g}, pulls on {'the old classes only' if w.pulls_on == 'old' else 'every image'}")
+    rows = ("the old model's class means" if w.new_rows == "mean" else
+            f"the old model's class means refined by a linear probe in v1's space ({w.new_rows})")
+    recipe = (f"influence {w.influence:g}, pull to the class centre {w.to_class_mean:g}, pull to the old embedding "
+              f"{w.to_old_embedding:g}, pulls on {'the old classes only' if w.pulls_on == 'old' else 'every image'}; "
+              f"rows and centres of the new classes: {rows}")
     out = ["## Compatibility (BCT)", "", f"Command: {command_line()}", "", machine_line(),
            f"Seeds {', '.join(map(str, seeds))}; v1: classes 0-4, {args.epochs_old} epochs, seed s; every v2: classes 0-9, "
            f"{args.epochs_new} epochs (v2 and v2-plain seed s, v2-indep seed s + 1000){'; train slice ' + str(args.limit) if args.limit else ''}. "

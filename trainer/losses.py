@@ -190,7 +190,8 @@ def bct_losses(
     """BCT terms for (B, D) new embeddings and (B,) rows of the new class list.
 
     influence: CE of the new embedding under the frozen (extended) old head.
-    to_class_mean: squared distance to the old model's normalised class mean (K, D) of the label.
+    to_class_mean: squared distance to the normalised class centre (K, D) of the label: the old model's class
+    mean, or for a new class its probe-refined row when ``weights.new_rows`` says so (the caller's targets).
     to_old_embedding: squared distance to the old model's (B, D) embedding of the same image.
     """
     if new_emb.shape[1] != old_head.synthesized.shape[1] and new_emb.shape[1] != old_head.old.weight.shape[1]:
