@@ -78,6 +78,7 @@ def test_bad_arguments_give_one_clear_line(trained, tiny_data, tmp_path, capsys)
     _one_line_error(capsys, [*bct, "--influence-scale", "0"], "influence scale must be > 0")
     _one_line_error(capsys, [*bct, "--class-mean-weight", "-1"], "BCT weights must be >= 0")
     _one_line_error(capsys, [*bct, "--pulls-on", "new"], "invalid choice")
+    _one_line_error(capsys, [*bct, "--new-rows", "median"], "invalid choice")
     _one_line_error(capsys, ["train", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "y")],
                     "dataset-fashion-mnist")
     _one_line_error(capsys, ["eval", str(tmp_path / "missing"), "--json", str(tmp_path / "r.json")], "does not exist")
@@ -98,16 +99,23 @@ def test_a_model_is_reused_only_while_its_bct_recipe_is_unchanged(trained, tiny_
     assert not reusable(cfg)  # same flags, other recipe defaults: retrain
 
 
-def test_a_card_from_before_a_recipe_field_existed_is_reused_at_its_default(trained, tiny_data, tmp_path):
+def test_a_card_from_before_a_recipe_field_existed_is_reused_at_its_default(trained, tiny_data, tmp_path,
+                                                                             monkeypatch):
     import shutil
 
+    from trainer.losses import BCTWeights
     from trainer.train import TrainConfig, reusable
 
     old_card = tmp_path / "v2"
     shutil.copytree(trained / "v2", old_card)
     card = json.loads((old_card / "card.json").read_text())
-    del card["train_config"]["bct_weights"]["new_rows"]  # written before the field was added
+    # Written before `new_rows` existed: no such key, trained with its dataclass default (class-mean rows).
+    del card["train_config"]["new_rows"]
+    weights = card["train_config"]["bct_weights"]
+    del weights["new_rows"]
     (old_card / "card.json").write_text(json.dumps(card))
-    kw = {k: v for k, v in card["train_config"].items() if k in TrainConfig.__dataclass_fields__}
-    assert reusable(TrainConfig(**{**kw, "out": str(old_card)}))
-    assert not reusable(TrainConfig(**{**kw, "out": str(old_card), "new_rows": "probe"}))
+    cfg = TrainConfig(**{**{k: v for k, v in card["train_config"].items() if k in TrainConfig.__dataclass_fields__},
+                         "out": str(old_card)})
+    assert not reusable(cfg)  # the full recipe now refines the new rows: retrain
+    monkeypatch.setattr(BCTWeights, "recipe", classmethod(lambda cls, name: BCTWeights(**weights)))
+    assert reusable(cfg)  # the same weights, the missing field at its default: reuse
