@@ -60,29 +60,39 @@ class OldHead(nn.Module):
 
 
 @torch.no_grad()
+def embed_rows(model: EmbeddingModel, batches, classes: list[int], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) embeddings of the images in ``batches`` (inputs (B, C, H, W), labels (B,)) whose label is in
+    ``classes``, and (N,) their rows in ``classes``. One pass of the model in eval mode."""
+    pos = {c: i for i, c in enumerate(classes)}
+    embs, rows = [torch.zeros(0, dim)], [torch.zeros(0, dtype=torch.long)]
+    was_training = model.training
+    model.eval()
+    for x, y in batches:
+        keep = torch.tensor([int(v) in pos for v in y], dtype=torch.bool)
+        if keep.any():
+            embs.append(model.embed(x[keep]))
+            rows.append(torch.tensor([pos[int(v)] for v in y[keep]]))
+    model.train(was_training)
+    return torch.cat(embs), torch.cat(rows)
+
+
+def class_means(emb: torch.Tensor, rows: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    """Mean of (N, D) embeddings per row of ``classes``, (K, D). Raises if a class has no example."""
+    sums = torch.zeros(len(classes), emb.shape[1]).index_add_(0, rows, emb)
+    counts = torch.zeros(len(classes)).index_add_(0, rows, torch.ones(len(rows)))
+    if (counts == 0).any():
+        missing = [c for c, n in zip(classes, counts.tolist(), strict=True) if n == 0]
+        raise IncompatibleModelsError(f"no training images of classes {missing} to synthesise old-model rows from")
+    return sums / counts[:, None]
+
+
 def class_mean_embeddings(model: EmbeddingModel, batches, classes: list[int], dim: int) -> torch.Tensor:
     """Mean embedding per class, (K, D), over ``batches`` of (inputs (B, C, H, W), labels (B,)).
 
     Used twice: as synthesised classifier rows for classes the old head never saw, and as the class centres
     the full BCT recipe pulls new embeddings towards. Raises if a class has no example.
     """
-    sums = torch.zeros(len(classes), dim)
-    counts = torch.zeros(len(classes))
-    pos = {c: i for i, c in enumerate(classes)}
-    was_training = model.training
-    model.eval()
-    for x, y in batches:
-        keep = torch.tensor([int(v) in pos for v in y], dtype=torch.bool)
-        if not keep.any():
-            continue
-        rows = torch.tensor([pos[int(v)] for v in y[keep]])
-        sums.index_add_(0, rows, model.embed(x[keep]))
-        counts.index_add_(0, rows, torch.ones(len(rows)))
-    model.train(was_training)
-    if (counts == 0).any():
-        missing = [c for c, n in zip(classes, counts.tolist(), strict=True) if n == 0]
-        raise IncompatibleModelsError(f"no training images of classes {missing} to synthesise old-model rows from")
-    return sums / counts[:, None]
+    return class_means(*embed_rows(model, batches, classes, dim), classes)
 
 
 def build_old_head(old: EmbeddingModel, classes: list[int], means: torch.Tensor) -> OldHead:

@@ -23,7 +23,8 @@ from trainer.losses import (
     FocalDistillation,
     bct_losses,
     build_old_head,
-    class_mean_embeddings,
+    class_means,
+    embed_rows,
     focal_distillation,
     probe_new_rows,
     shared_class_rows,
@@ -158,16 +159,22 @@ def train(cfg: TrainConfig, progress: Callable[[int, int, dict[str, float]], Non
     model = build_model(cfg.arch, classes, width=cfg.width, depth=cfg.depth, embedding_dim=cfg.embedding_dim,
                         scale=cfg.scale, in_channels=prep.channels)
 
-    old_head = class_means = None
+    old_head = centres = None
     if cfg.bct and old is not None:
         old_prep = old.preprocess
         # Old-model class means over the *new* training set: synthesised rows for unseen classes, and centres.
-        class_means = class_mean_embeddings(
-            old.model, ((old_prep(x), y) for x, y in _batches(train_set, 1024, None)), classes, old.card.embedding_dim
-        )
+        old_emb_rows = embed_rows(old.model, ((old_prep(x), y) for x, y in _batches(train_set, 1024, None)),
+                                  classes, old.card.embedding_dim)
+        centres = class_means(*old_emb_rows, classes)
+        old_head = build_old_head(old.model, classes, centres)
         if weights.new_rows != "mean":
-            class_means = _probe_targets(old, train_set, classes, class_means, weights.new_rows)
-        old_head = build_old_head(old.model, classes, class_means)
+            # The same embeddings refine the new classes' rows against the head they are appended to.
+            means, new = centres, old_head.old_index < 0
+            centres = probe_new_rows(*old_emb_rows, means, new, weights.new_rows, old_head.weight().detach(),
+                                     old_head.scale)
+            log.info("new-class rows by %s: cosine to the class mean %s", weights.new_rows,
+                     [round(float(v), 2) for v in torch.nn.functional.cosine_similarity(centres, means)[new]])
+            old_head = build_old_head(old.model, classes, centres)
         log.info("BCT against %s: %d old rows, %d synthesised rows", old.version,
                  int((old_head.old_index >= 0).sum()), old_head.synthesized.shape[0])
 
@@ -201,7 +208,7 @@ def train(cfg: TrainConfig, progress: Callable[[int, int, dict[str, float]], Non
                 with torch.no_grad():
                     old_emb, old_logits = old.model(old.preprocess(x8))  # (B, D_old), (B, K_old)
             if old_head is not None:
-                terms.update(bct_losses(emb, rows, old_head, weights, class_means, old_emb))
+                terms.update(bct_losses(emb, rows, old_head, weights, centres, old_emb))
             if pc is not None and pc_rows is not None and old is not None and old_logits is not None:
                 terms.update(focal_distillation(logits, old_logits, old.model.label_to_row(yb), pc_rows, pc))
             loss = sum(terms.values())
@@ -250,26 +257,6 @@ def _attach_metrics(out: Path, card: ModelCard, old: LoadedModel | None, cfg: Tr
     card = card.model_copy(update={"metrics": report.card_metrics(new.version)})
     return save_model(out, new.model, card)
 
-
-
-def _probe_targets(old: LoadedModel, train_set: Dataset, classes: list[int], means: torch.Tensor,
-                   mode: str) -> torch.Tensor:
-    """(K, D) BCT targets with new-class rows refined by a probe on the old model's train-set embeddings."""
-    embs, labels = [], []
-    with torch.inference_mode():
-        for x, y in _batches(train_set, 1024, None):
-            embs.append(old.model.embed(old.preprocess(x)))
-            labels.append(y)
-    pos = {c: i for i, c in enumerate(classes)}
-    rows = torch.tensor([pos[int(v)] for v in torch.cat(labels)])
-    new = torch.tensor([c not in old.model.classes for c in classes])
-    old_row = {c: i for i, c in enumerate(old.model.classes)}
-    head = old.model.head.weight.detach()
-    old_rows = torch.stack([head[old_row[c]] if c in old_row else means[i] for i, c in enumerate(classes)])
-    targets = probe_new_rows(torch.cat(embs).clone(), rows, means, new, mode, old_rows, old.model.head.scale)
-    log.info("new-class rows by %s: cosine to the class mean %s", mode,
-             [round(float(v), 2) for v in torch.nn.functional.cosine_similarity(targets, means)[new]])
-    return targets
 
 
 def _resolved(cfg: TrainConfig) -> dict[str, object]:
