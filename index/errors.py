@@ -64,6 +64,13 @@ class DuplicateIds(InvalidInput):
         super().__init__(f"duplicate external ids {where}: {_preview(self.ids)}")
 
 
+class RepeatedIds(DuplicateIds):
+    """External ids that repeat inside one batch (the request contradicts itself)."""
+
+    def __init__(self, ids: Iterable[str]) -> None:
+        super().__init__(ids, "inside one batch")
+
+
 class UnknownSpace(GalleryError, LookupError):
     """A space that no registered model version writes into."""
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DimensionMismatch, DuplicateIds, InvalidEmbedding, InvalidInput
+from .errors import DimensionMismatch, InvalidEmbedding, InvalidInput, RepeatedIds
 from .tables import EXTERNAL_ID_LEN, NAME_LEN
 
 # Space names end up in file names (``<data_dir>/index/<space>.faiss``): letters, digits, ``._-``, starting
@@ -43,7 +43,7 @@ def check_external_ids(ids: Sequence[object]) -> list[str]:
         out.append(eid)
     repeats = [eid for eid, n in Counter(out).items() if n > 1]
     if repeats:
-        raise DuplicateIds(repeats, "inside one batch")
+        raise RepeatedIds(repeats)
     return out
 
 
