@@ -1,4 +1,10 @@
 # The two commands of the README: `make demo` and `make test`. Each installs everything it needs first.
+#   make test       the whole suite, as CI runs it: installs the system packages the tests need (PostgreSQL),
+#                   starts a throwaway PostgreSQL on 127.0.0.1, runs every test (slow ones included), stops it.
+#                   A case that cannot run on this machine is skipped, and the summary says why and what to
+#                   install. GRACEFUL_TEST_NO_POSTGRES=1 starts no PostgreSQL (its cases then skip).
+#   make test-fast  the quick loop while editing: no slow tests, no PostgreSQL cases, no servers started.
+# Both pass PYTEST_ARGS on to pytest, e.g. make test PYTEST_ARGS="tests/index -k migration".
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,10 +28,11 @@ demo: install
 	$(VENV)/bin/graceful demo
 
 test: install
-	$(PY) -m pytest
+	bash scripts/install-system.sh --tests
+	PY=$(PY) bash scripts/run-tests.sh $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow and not postgres" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
