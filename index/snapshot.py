@@ -123,7 +123,21 @@ class Loaded:
 
 
 def read(index_dir: Path, space: str, dim: int, factory: str) -> Loaded | None:
-    """Load a space's snapshot if present and made for ``dim`` and ``factory``; else None (logged)."""
+    """Load a space's snapshot if present and made for ``dim`` and ``factory``; else None (logged).
+
+    Never raises: a snapshot only makes reopening faster, so any failure to read one (a damaged file
+    raises whatever its parser raises: ``zipfile.BadZipFile``, ``RuntimeError``, ``MemoryError``...) means
+    rebuilding from SQL, never a failed open.
+    """
+    try:
+        return _read(index_dir, space, dim, factory)
+    except Exception as e:
+        log.warning("space %r: unreadable snapshot under %s (%s: %s); rebuilding from SQL",
+                    space, index_dir, type(e).__name__, e)
+        return None
+
+
+def _read(index_dir: Path, space: str, dim: int, factory: str) -> Loaded | None:
     faiss_path, entries_path, meta_path = paths(index_dir, space)
     if not faiss_path.exists() or not meta_path.exists():
         return None
@@ -183,8 +197,9 @@ def _read_entries(path: Path, space: str) -> EntryArrays | None:
             codes = z["version_codes"]
             versions = json.loads(z["versions"].tobytes().decode())
             blob = z["external_ids"].tobytes().decode()
-    except (OSError, ValueError, KeyError) as e:
-        log.warning("space %r: unreadable snapshot lookup %s (%s); listing ids from SQL", space, path, e)
+    except Exception as e:  # a damaged zip raises zipfile.BadZipFile, neither OSError nor ValueError
+        log.warning("space %r: unreadable snapshot lookup %s (%s: %s); listing ids from SQL",
+                    space, path, type(e).__name__, e)
         return None
     ext_ids = blob.split("\x00") if len(vec_ids) else []
     if not (len(ext_ids) == len(vec_ids) == len(item_ids) == len(codes)) or (
