@@ -20,7 +20,7 @@ class Metrics:
                                 registry=self.registry)
         self.activations = Counter("graceful_activations_total", "model activations", ["version", "outcome"],
                                    registry=self.registry)
-        self.batch_size = Histogram("graceful_batch_size", "requests per micro-batch (service.batching)", ["queue"],
+        self.batch_size = Histogram("graceful_batch_size", "requests per micro-batch (service.serving.batching)", ["queue"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self.items = Gauge("graceful_gallery_items", "items in the gallery", registry=self.registry)
         self.active = Gauge("graceful_active_model_info", "the active model version (value 1)", ["version", "space"],

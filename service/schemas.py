@@ -97,7 +97,6 @@ class ActivationResponse(BaseModel):
     previous: str | None
     space: str
     seconds: float
-    reembedded: int
 
 
 class ErrorResponse(BaseModel):

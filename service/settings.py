@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(1, description="threads per model forward (0: all cores); 1 leaves a "
                                                     "core to HTTP while batches are embedded (BENCHMARKS.md)")
     faiss_threads: int | None = Field(1, description="OpenMP threads per FAISS search")
+    model_cache_size: int = Field(2, ge=0, le=16, description="loaded model versions kept besides the active one "
+                                                              "(backfill candidates, the rollback target)")
     throughput_probe_images: int = Field(512, gt=0, description="images in the timed batch of the cost report")
 
     keep_sources: bool = Field(True, description="keep ingested image bytes so items can be re-embedded later")

@@ -1,0 +1,59 @@
+"""trainer: data, models, losses, training and evaluation, and the model format.
+
+What the server may use is declared here (``__all__``): the model format (cards, loading, embedding a
+batch, verifying a folder's weights) and its errors. Names are imported lazily (PEP 562) so ``import
+trainer`` stays cheap: torch is loaded only when a name that needs it is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "LoadedModel": "trainer.artifact",
+    "ModelCard": "trainer.artifact",
+    "adapter_base_folder": "trainer.artifact",
+    "embed_images": "trainer.artifact",
+    "file_sha256": "trainer.artifact",
+    "load_model": "trainer.artifact",
+    "read_card": "trainer.artifact",
+    "ModelCardError": "trainer.errors",
+    "relevance_metrics": "trainer.metrics",
+    "verify_weights": "trainer.verify",
+}
+__all__ = [
+    "LoadedModel",
+    "ModelCard",
+    "ModelCardError",
+    "adapter_base_folder",
+    "embed_images",
+    "file_sha256",
+    "load_model",
+    "read_card",
+    "relevance_metrics",
+    "verify_weights",
+]
+
+if TYPE_CHECKING:
+    from trainer.artifact import (
+        LoadedModel,
+        ModelCard,
+        adapter_base_folder,
+        embed_images,
+        file_sha256,
+        load_model,
+        read_card,
+    )
+    from trainer.errors import ModelCardError
+    from trainer.metrics import relevance_metrics
+    from trainer.verify import verify_weights
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,4 +1,4 @@
-"""Checking a model folder's weights at registration, without loading them.
+"""Verifying a model folder's weights against its card, without loading them (part of the model format).
 
 A folder is registered (listed as valid, its version written to the catalog) only if its weights file is a
 regular file inside the folder, is safetensors (its header parses), matches the checksum its card states,
@@ -36,7 +36,7 @@ def _expected_shapes(card: ModelCard) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def check_weights(folder: Path, card: ModelCard) -> None:
+def verify_weights(folder: Path, card: ModelCard) -> None:
     """Raise :class:`ModelCardError` saying why ``folder``'s weights do not belong to ``card``."""
     weights = folder / card.weights
     if weights.is_symlink() or not weights.is_file():

@@ -7,13 +7,13 @@ import secrets
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import APIKeyHeader
 
-from service.state import get_state
+from service.api.deps import get_parts
 
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="required when GRACEFUL_API_KEY is set")
 
 
 def require_api_key(request: Request, key: str | None = Depends(_header)) -> None:
-    expected = get_state(request).settings.api_key
+    expected = get_parts(request).settings.api_key
     if expected is None:
         return
     if key is None:

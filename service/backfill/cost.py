@@ -8,7 +8,7 @@ embeddings, full backfill = candidate over candidate.
 The curve (``curve``): expected quality after 0-100% of the items are re-embedded, under each order policy,
 and the time each fraction takes at the measured throughput (or a given items/s cap). Simulated on a sample
 of the gallery's own items when their sources and labels are kept, else a line between the card's cells
-(:mod:`service.backfill_curve` says how). ``cannot_backfill`` counts the items whose source is not kept.
+(:mod:`service.backfill.curve` says how). ``cannot_backfill`` counts the items whose source is not kept.
 """
 
 from __future__ import annotations
@@ -16,19 +16,25 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from service.errors import ServiceError
+from index import Gallery
+from service.backfill.curve import (
+    FRACTIONS,
+    CurveCache,
+    card_line,
+    first_fraction_reaching,
+    sample_gallery,
+    simulate,
+)
+from service.backfill.order import POLICIES
+from service.blobs import BlobStore
 from service.images import decode_image, encode_png
-from service.registry import ModelRegistry, backfill_report_url
-from trainer.artifact import LoadedModel, embed_images, load_model
-from trainer.errors import ModelCardError
-
-if TYPE_CHECKING:
-    from service.backfill_curve import CurveCache
-    from service.blobs import BlobStore
+from service.models.cache import ModelCache
+from service.models.hot_swap import HotSwap, backfill_report_url
+from trainer import LoadedModel, embed_images
 
 QUALITY_KEYS = ("top1", "top5", "mAP")
 
@@ -87,143 +93,128 @@ def _cannot_backfill(gallery: Any, blobs: BlobStore | None, limit: int = 20) -> 
     return {"count": len(missing), "examples": [{"external_id": e, "reason": r} for e, r in missing[:limit]]}
 
 
-def _curve(registry: ModelRegistry, blobs: BlobStore | None, curves: CurveCache | None, loaded: LoadedModel,
-           quality: dict[str, Any], same_space: bool, sample_size: int, to_reembed: int, items_per_second: float,
-           max_pixels: int) -> dict[str, Any]:
-    """The report's curve: quality and time after each fraction, under each policy (see the module doc)."""
-    from service.backfill_curve import FRACTIONS, card_line, first_fraction_reaching, sample_gallery, simulate
-    from service.backfill_order import POLICIES
+class CostReport:
+    """The backfill-cost report of one app (DESIGN.md): what re-embedding costs, and what each fraction buys."""
 
-    gallery = registry.gallery
-    active = registry.active
-    space = _serving_space(registry)
-    models: dict[str, LoadedModel | None] = {}
+    def __init__(self, swap: HotSwap, models: ModelCache, probe: ThroughputProbe, *, blobs: BlobStore | None,
+                 curves: CurveCache | None, price_per_cpu_hour: float, sample_size: int = 1000,
+                 max_pixels: int = 1 << 20) -> None:
+        self.swap, self.models, self.probe = swap, models, probe
+        self.gallery: Gallery = swap.gallery
+        self.blobs, self.curves = blobs, curves
+        self.price_per_cpu_hour, self.sample_size, self.max_pixels = price_per_cpu_hour, sample_size, max_pixels
 
-    def model_of(version: str) -> LoadedModel | None:
-        if active is not None and active.version == version:
-            return active.loaded
-        if version not in models:
-            try:
-                models[version] = load_model(registry.entry(version).path)
-            except (ServiceError, ModelCardError):  # a version without a loadable folder: left unscored
-                models[version] = None
-        return models[version]
+    def report(self, candidate: str, rate_limit: float | None = None) -> dict[str, Any]:
+        """The report for ``candidate`` (a valid version: ModelNotFound / InvalidModel otherwise), with the
+        curve of expected quality per fraction backfilled and the items that cannot be backfilled."""
+        entry = self.swap.registry.entry(candidate)
+        card = entry.card
+        assert card is not None  # entry() raises for refused folders
+        gallery = self.gallery
+        total = gallery.count()
+        by_version = gallery.counts_by_version()
+        in_space = gallery.count(card.space) if card.space in gallery.spaces() else 0
+        done, _ = gallery.backfill_progress(candidate)
+        to_reembed = total - done
+        problem = self.swap.problem(card)
 
-    def compute() -> tuple[dict[str, list[dict]] | None, dict[str, int]]:
-        if blobs is None or space is None or sample_size <= 0:
-            return None, {}
-        sample, counts = sample_gallery(gallery, blobs, loaded, space, sample_size, model_of, max_pixels=max_pixels)
-        return (simulate(sample, same_space) if sample is not None else None), counts
+        loaded = self.models.get(candidate)
+        tp = self.probe.measure(loaded)
+        per_second = min(tp.images_per_second, rate_limit) if rate_limit else tp.images_per_second
+        seconds = to_reembed / per_second if per_second > 0 else float("inf")
+        cpu_hours = seconds * tp.threads / 3600.0
 
-    key = (loaded.version, space, same_space, sample_size, tuple(sorted(gallery.counts_by_version().items())))
-    simulated, counts = curves.get_or_compute(key, compute) if curves is not None else compute()
-    if simulated is not None:
-        method = "simulated"
-        detail = (f"{counts.get('simulated', 0)} sampled gallery items with a kept source and a 'label' in their "
-                  f"metadata: each is a query against the others (leave-one-out), the gallery mixing the "
-                  f"candidate's embeddings (first fraction of the policy's order) and the stored ones")
-        per_policy = simulated
-    else:
-        method = "card"
-        line = card_line(quality.get("no_backfill"), quality.get("full_backfill"), same_space, quality.get("current"),
-                         FRACTIONS)
-        detail = ("not enough sampled items with a kept source and a 'label' to simulate: a straight line between the "
-                  "card's cells (new/old at 0%, new/new at 100%), the same for both policies")
-        if line is None:
-            detail = "not enough labelled items with a kept source to simulate, and the card has no cells for this gallery"
-        per_policy = {p: line for p in POLICIES} if line else {}
-    points = {
-        p: [{"fraction": f, "items": round(f * to_reembed),
-             "seconds": round(f * to_reembed / items_per_second, 2) if items_per_second > 0 else None,
-             "quality": {k: round(v, 4) for k, v in q.items()}}
-            for f, q in zip(FRACTIONS, curve, strict=True)]
-        for p, curve in per_policy.items()
-    }
-    return {
-        "method": method,
-        "detail": detail,
-        "sample": counts,
-        "serving_during_backfill": ("the candidate, over the mixed gallery (same space: activate it first)" if same_space
-                                    else "the current model, until every item is re-embedded (other space)"),
-        "fractions_of": f"the {to_reembed} items still to re-embed",
-        "policies": points,
-        "reaches_90pct_of_gain_at": {p: first_fraction_reaching(c, FRACTIONS) for p, c in per_policy.items()},
-    }
+        # Which version's embeddings a no-backfill search would meet: the one holding most items of the space.
+        space_versions = {v: n for v, n in by_version.items()
+                          if n and v in {x.version for x in gallery.list_versions() if x.space == card.space}}
+        gallery_version = max(space_versions, key=lambda v: space_versions[v]) if space_versions else None
+        matrix = card.metrics.get("matrix", {}) if card.metrics else {}
+        quality = {
+            "source": f"model card of {candidate} (test split of its training data)",
+            "current": _quality(matrix, f"{gallery_version}/{gallery_version}") if gallery_version else None,
+            "no_backfill": None if problem else (
+                _quality(matrix, f"{candidate}/{gallery_version}") if gallery_version else None),
+            "full_backfill": _quality(matrix, f"{candidate}/{candidate}"),
+        }
+        return {
+            "candidate": candidate,
+            "space": card.space,
+            "compatible_with": card.compatible_with,
+            "items_total": total,
+            "items_per_version": by_version,
+            "items_in_candidate_space": in_space,
+            "items_embedded_by_candidate": done,
+            "items_to_reembed": to_reembed,
+            "needs_backfill": problem is not None,
+            "reason": problem,
+            "throughput": {
+                "images_per_second": round(tp.images_per_second, 1),
+                "measured_images": self.probe.n_images,
+                "threads": tp.threads,
+                "what": f"decode PNG + embed, batches of {tp.batch}, on this machine",
+                "rate_limit": rate_limit,
+            },
+            "predicted": {
+                "wall_seconds": round(seconds, 2),
+                # significant digits, not decimals: a small gallery's cost must not read as zero
+                "wall_hours": float(f"{seconds / 3600.0:.4g}"),
+                "cpu_hours": float(f"{cpu_hours:.4g}"),
+                "cost": float(f"{cpu_hours * self.price_per_cpu_hour:.4g}"),
+                "price_per_cpu_hour": self.price_per_cpu_hour,
+                "currency": "USD",
+            },
+            "quality": quality,
+            "curve": self._curve(loaded, quality, card.space == self.swap.serving_space(), to_reembed, per_second),
+            "cannot_backfill": _cannot_backfill(gallery, self.blobs),
+            "report_url": backfill_report_url(candidate),
+        }
 
+    def _curve(self, loaded: LoadedModel, quality: dict[str, Any], same_space: bool, to_reembed: int,
+               items_per_second: float) -> dict[str, Any]:
+        """The report's curve: quality and time after each fraction, under each policy (see the module doc)."""
+        gallery, blobs, sample_size = self.gallery, self.blobs, self.sample_size
+        space = self.swap.serving_space()
 
-def backfill_report(registry: ModelRegistry, probe: ThroughputProbe, candidate: str, price_per_cpu_hour: float, *,
-                    blobs: BlobStore | None = None, curves: CurveCache | None = None, sample_size: int = 1000,
-                    rate_limit: float | None = None, max_pixels: int = 1 << 20) -> dict:
-    """The report of DESIGN.md for ``candidate`` (a registered, valid version), with the curve of
-    expected quality per fraction backfilled and the items that cannot be backfilled."""
-    entry = registry.entry(candidate)
-    card = entry.card
-    assert card is not None
-    gallery = registry.gallery
-    total = gallery.count()
-    by_version = gallery.counts_by_version()
-    in_space = gallery.count(card.space) if card.space in gallery.spaces() else 0
-    done, _ = gallery.backfill_progress(candidate)
-    to_reembed = total - done
-    problem = registry.gallery_space_problem(card)
+        def compute() -> tuple[dict[str, list[dict]] | None, dict[str, int]]:
+            if blobs is None or space is None or sample_size <= 0:
+                return None, {}
+            sample, counts = sample_gallery(gallery, blobs, loaded, space, sample_size, self.models.get_or_none,
+                                            max_pixels=self.max_pixels)
+            return (simulate(sample, same_space) if sample is not None else None), counts
 
-    active = registry.active
-    loaded = active.loaded if active and active.version == candidate else load_model(entry.path)
-    tp = probe.measure(loaded)
-    per_second = min(tp.images_per_second, rate_limit) if rate_limit else tp.images_per_second
-    seconds = to_reembed / per_second if per_second > 0 else float("inf")
-    cpu_hours = seconds * tp.threads / 3600.0
-
-    # Which version's embeddings a no-backfill search would meet: the one holding most items of the space.
-    space_versions = {v: n for v, n in by_version.items()
-                      if n and v in {x.version for x in gallery.list_versions() if x.space == card.space}}
-    gallery_version = max(space_versions, key=lambda v: space_versions[v]) if space_versions else None
-    matrix = card.metrics.get("matrix", {}) if card.metrics else {}
-    quality = {
-        "source": f"model card of {candidate} (test split of its training data)",
-        "current": _quality(matrix, f"{gallery_version}/{gallery_version}") if gallery_version else None,
-        "no_backfill": None if problem else (
-            _quality(matrix, f"{candidate}/{gallery_version}") if gallery_version else None),
-        "full_backfill": _quality(matrix, f"{candidate}/{candidate}"),
-    }
-    return {
-        "candidate": candidate,
-        "space": card.space,
-        "compatible_with": card.compatible_with,
-        "items_total": total,
-        "items_per_version": by_version,
-        "items_in_candidate_space": in_space,
-        "items_embedded_by_candidate": done,
-        "items_to_reembed": to_reembed,
-        "needs_backfill": problem is not None,
-        "reason": problem,
-        "throughput": {
-            "images_per_second": round(tp.images_per_second, 1),
-            "measured_images": probe.n_images,
-            "threads": tp.threads,
-            "what": f"decode PNG + embed, batches of {tp.batch}, on this machine",
-            "rate_limit": rate_limit,
-        },
-        "predicted": {
-            "wall_seconds": round(seconds, 2),
-            # significant digits, not decimals: a small gallery's cost must not read as zero
-            "wall_hours": float(f"{seconds / 3600.0:.4g}"),
-            "cpu_hours": float(f"{cpu_hours:.4g}"),
-            "cost": float(f"{cpu_hours * price_per_cpu_hour:.4g}"),
-            "price_per_cpu_hour": price_per_cpu_hour,
-            "currency": "USD",
-        },
-        "quality": quality,
-        "curve": _curve(registry, blobs, curves, loaded, quality, card.space == _serving_space(registry),
-                        sample_size, to_reembed, per_second, max_pixels),
-        "cannot_backfill": _cannot_backfill(gallery, blobs),
-        "report_url": backfill_report_url(candidate),
-    }
-
-
-def _serving_space(registry: ModelRegistry) -> str | None:
-    active = registry.active
-    if active is not None:
-        return active.space
-    by_space = registry.gallery.counts_by_space()
-    return max(by_space, key=lambda s: by_space[s]) if by_space else None
+        key = (loaded.version, space, same_space, sample_size, tuple(sorted(gallery.counts_by_version().items())))
+        simulated, counts = self.curves.get_or_compute(key, compute) if self.curves is not None else compute()
+        if simulated is not None:
+            method = "simulated"
+            detail = (f"{counts.get('simulated', 0)} sampled gallery items with a kept source and a 'label' in their "
+                      f"metadata: each is a query against the others (leave-one-out), the gallery mixing the "
+                      f"candidate's embeddings (first fraction of the policy's order) and the stored ones")
+            per_policy = simulated
+        else:
+            method = "card"
+            line = card_line(quality.get("no_backfill"), quality.get("full_backfill"), same_space,
+                             quality.get("current"), FRACTIONS)
+            detail = ("not enough sampled items with a kept source and a 'label' to simulate: a straight line between "
+                      "the card's cells (new/old at 0%, new/new at 100%), the same for both policies")
+            if line is None:
+                detail = ("not enough labelled items with a kept source to simulate, and the card has no cells for "
+                          "this gallery")
+            per_policy = {p: line for p in POLICIES} if line else {}
+        points = {
+            p: [{"fraction": f, "items": round(f * to_reembed),
+                 "seconds": round(f * to_reembed / items_per_second, 2) if items_per_second > 0 else None,
+                 "quality": {k: round(v, 4) for k, v in q.items()}}
+                for f, q in zip(FRACTIONS, curve, strict=True)]
+            for p, curve in per_policy.items()
+        }
+        return {
+            "method": method,
+            "detail": detail,
+            "sample": counts,
+            "serving_during_backfill": ("the candidate, over the mixed gallery (same space: activate it first)"
+                                        if same_space else
+                                        "the current model, until every item is re-embedded (other space)"),
+            "fractions_of": f"the {to_reembed} items still to re-embed",
+            "policies": points,
+            "reaches_90pct_of_gain_at": {p: first_fraction_reaching(c, FRACTIONS) for p, c in per_policy.items()},
+        }

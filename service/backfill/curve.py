@@ -24,12 +24,11 @@ from typing import Any
 import numpy as np
 
 from index import Gallery
-from service.backfill_order import margin_scores, order_by_scores, uncertainty_scores
+from service.backfill.order import margin_scores, order_by_scores, uncertainty_scores
 from service.blobs import BlobStore
 from service.errors import BadImage, TooLarge
 from service.images import decode_image
-from trainer.artifact import LoadedModel, embed_images
-from trainer.metrics import relevance_metrics
+from trainer import LoadedModel, embed_images, relevance_metrics
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +198,7 @@ def sample_gallery(
     new = embed_images(candidate, np.stack(images))  # (S, D')
     labels = np.asarray([label_by_id[i] for i in ids.tolist()], dtype=np.int64)
     is_done = np.asarray([v == candidate.version for v in versions])
-    # the runner's scores (service.backfill_order.uncertainty_order), on the sample
+    # the runner's scores (service.backfill.order.uncertainty_order), on the sample
     scores = margin_scores(candidate, old) if candidate.card.space == space else uncertainty_scores(
         versions, old, model_of)
     todo = np.flatnonzero(~is_done)

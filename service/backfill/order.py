@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from index import Gallery
-from trainer.artifact import LoadedModel
+from trainer import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from sqlalchemy.exc import IntegrityError
@@ -40,17 +40,13 @@ from sqlalchemy.exc import IntegrityError
 from index import Gallery
 from index.backfill import BackfillJobInfo
 from index.errors import GalleryClosed, ItemNotFound
-from service.backfill_curve import CurveCache
-from service.backfill_order import POLICIES, uncertainty_order
+from service.backfill.order import POLICIES, uncertainty_order
 from service.blobs import BlobStore
-from service.errors import BackfillConflict, BadImage, BadRequest, ServiceError, TooLarge
+from service.errors import BackfillConflict, BadImage, BadRequest, TooLarge
 from service.images import decode_image
-from service.registry import ModelRegistry
-from trainer.artifact import LoadedModel, embed_images, load_model
-from trainer.errors import ModelCardError
-
-if TYPE_CHECKING:
-    from service.state import AppState
+from service.models.cache import ModelCache
+from service.models.hot_swap import HotSwap, space_problem
+from trainer import LoadedModel, ModelCardError, embed_images
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +140,8 @@ class BackfillRunner:
     def __init__(
         self,
         gallery: Gallery,
-        registry: ModelRegistry,
+        swap: HotSwap,
+        models: ModelCache,
         blobs: BlobStore,
         *,
         batch_size: int = 256,
@@ -153,7 +150,8 @@ class BackfillRunner:
         on_embedded: Callable[[str, int], None] | None = None,
         idle_poll_s: float = 5.0,
     ) -> None:
-        self.gallery, self.registry, self.blobs = gallery, registry, blobs
+        self.gallery, self.swap, self.models, self.blobs = gallery, swap, models, blobs
+        self.registry = swap.registry
         self.batch_size, self.rate_limit = batch_size, rate_limit
         self.max_image_pixels = max_image_pixels
         self.on_embedded = on_embedded
@@ -162,8 +160,6 @@ class BackfillRunner:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._live: dict[int, _Live] = {}
-        self._models: dict[str, LoadedModel | None] = {}
-        self.curves = CurveCache()  # the cost report's simulated quality curves
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="backfill-read")  # reads the next batch ahead
 
     # ------------------------------------------------------------------ lifecycle
@@ -259,13 +255,9 @@ class BackfillRunner:
         if live.done is not None and live.total is not None:  # the thread is in this job: fresher than the row
             done, total = live.done, live.total
         left = max(total - done - n_skip, 0)
-        can_activate = None
-        try:
-            card = self.registry.entry(job.candidate).card
-            if card is not None:
-                can_activate = self.registry.gallery_space_problem(card) is None
-        except ServiceError:
-            pass
+        # what this process last read of the candidate's folder: a poll never re-reads (or re-hashes) it
+        known = self.registry.known(job.candidate)
+        can_activate = None if known is None or known.card is None else space_problem(self.gallery, known.card) is None
         return {
             "id": job.id, "candidate": job.candidate, "space": job.space, "status": job.status,
             "phase": live.phase if job.status == "running" else None,
@@ -339,26 +331,6 @@ class BackfillRunner:
             else:
                 self.gallery.update_backfill_job(job_id, done=done, total=total)
 
-    def _model(self, version: str) -> LoadedModel | None:
-        """A loaded model of ``version`` (the active one when it is), or None if it cannot be loaded."""
-        active = self.registry.active
-        if active is not None and active.version == version:
-            return active.loaded
-        if self._models.get(version) is None:  # failures are not remembered: the folder may come back
-            try:
-                self._models[version] = load_model(self.registry.entry(version).path)
-            except (ServiceError, ModelCardError) as e:
-                log.warning("cannot load model %s: %s", version, e)
-                return None
-        return self._models[version]
-
-    def _serving_space(self) -> str | None:
-        active = self.registry.active
-        if active is not None:
-            return active.space
-        by_space = self.gallery.counts_by_space()
-        return max(by_space, key=lambda s: by_space[s]) if by_space else None
-
     def _run(self, job: BackfillJobInfo) -> None:
         live = self._live.setdefault(job.id, _Live())
         live.window.clear()
@@ -372,15 +344,15 @@ class BackfillRunner:
 
     def _run_batches(self, job: BackfillJobInfo, live: _Live) -> None:
         candidate = job.candidate
-        loaded = self._model(candidate)
+        loaded = self.models.get_or_none(candidate)
         if loaded is None:
             raise ModelCardError(f"the candidate {candidate} cannot be loaded from the models dir")
         spec = dict(job.policy or {})
         ordered = spec.get("order") == "uncertainty"
         if ordered and "ordered_items" not in spec:
             live.phase = "ordering"
-            space = self._serving_space()
-            order = uncertainty_order(self.gallery, space, self._model, loaded) if space else None
+            space = self.swap.serving_space()
+            order = uncertainty_order(self.gallery, space, self.models.get_or_none, loaded) if space else None
             n = self.gallery.set_backfill_order(job.id, order.item_ids.tolist(), order.scores.tolist()) if order else 0
             live.ordering_seconds = order.seconds if order else 0.0
             spec.update(ordered_items=n, order_space=space, unscored=order.unscored if order else 0)
@@ -512,24 +484,3 @@ class BackfillRunner:
                 self.gallery.record_backfill_skips(job_id, [(i, r) for i, r in batch.skips if i in alive])
         live.timed("write", t0)
         return n, len(batch.skips)
-
-
-def start_runner(state: AppState) -> BackfillRunner:
-    """The service's runner, configured from its settings, started (the app's lifespan calls this)."""
-    s, metrics = state.settings, state.metrics
-
-    def embedded(version: str, n: int) -> None:
-        metrics.embedded.labels(version=version, purpose="backfill").inc(n)
-
-    runner = BackfillRunner(state.gallery, state.registry, state.blobs, batch_size=s.backfill_batch_size,
-                            rate_limit=s.backfill_rate_limit, max_image_pixels=s.max_image_pixels,
-                            on_embedded=embedded)
-    runner.start()
-    return runner
-
-
-def stop_runner(state: AppState | None) -> None:
-    """Stop the runner of ``state`` if it has one (at shutdown, before the gallery closes)."""
-    runner = getattr(state, "backfill", None)
-    if runner is not None:
-        runner.stop()

@@ -87,7 +87,7 @@ def backfill_main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import httpx
 
-    from service.client import ApiError, GracefulClient
+    from service.console.client import ApiError, GracefulClient
 
     client = GracefulClient(args.api, os.environ.get("GRACEFUL_API_KEY") or None)
     try:

@@ -28,9 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging("-v" in rest or "--verbose" in rest)
     rest = [a for a in rest if a not in ("-v", "--verbose")]
-    from service.backfill_cli import backfill_main
-    from service.demo import demo_main
-    from service.serve import serve_main
+    from service.console.backfill import backfill_main
+    from service.console.demo import demo_main
+    from service.console.serve import serve_main
 
     commands = {"train": train_main, "eval": eval_main, "adapt": adapt_main, "serve": serve_main, "demo": demo_main,
                 "backfill": backfill_main}

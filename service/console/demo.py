@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.client import ApiError, GracefulClient
-from service.local_server import LocalServer
+from service.console.client import ApiError, GracefulClient
+from service.console.local_server import LocalServer
 from trainer.data import load_split, query_gallery_split
 
 OLD_CLASSES = "0-4"

@@ -23,7 +23,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValidationError as e:
-        from service.routes._body import validation_message
+        from service.api.bodies import validation_message
 
         print(f"graceful: error: bad GRACEFUL_* setting: {validation_message(e.errors())}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@
 A request submits one *job* (a key and a payload) and gets a :class:`concurrent.futures.Future`. The worker
 takes the first waiting job, then keeps collecting until the batch holds ``max_size`` jobs or ``max_wait_s``
 has passed, and runs ``run_batch(key, payloads)`` once per key present (jobs of one key are one group, in
-arrival order). The key is what a batch must share: for search, the :class:`~service.registry.ActiveModel`
+arrival order). The key is what a batch must share: for search, the :class:`~service.models.registry.ActiveModel`
 object the request captured when it started, so a hot swap never mixes models inside one forward and every
 answer names the model that embedded its query.
 
@@ -46,6 +46,17 @@ class _Job(Generic[P, R]):
     size: int = 1
     deadline: float | None = None  # time.monotonic() instant past which the job is not started
     future: Future[R] = field(default_factory=Future)
+
+
+@dataclass(frozen=True)
+class BatchBounds:
+    """How a micro-batcher groups work: most jobs (or items) per batch, longest wait for more, most queued;
+    ``on_start`` runs once in the worker thread (per-thread library settings)."""
+
+    max_size: int
+    max_wait_s: float
+    max_queue: int
+    on_start: Callable[[], None] | None = None
 
 
 class MicroBatcher(Generic[P, R]):

@@ -1,4 +1,4 @@
-"""Ingest as a batch: concurrent ingest requests share one model forward and one SQL transaction.
+"""The ingest path: concurrent ingest requests share one model forward and one SQL transaction.
 
 Each request stays all-or-nothing: its images are decoded first (a bad one fails that request only); the
 grouped write is one transaction, and if it is refused (say two requests in the batch carry the same
@@ -15,20 +15,24 @@ the request is refused with 409 rather than writing into a space the gallery no 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from index import NewItem
+from index import Gallery, NewItem
 from index.errors import GalleryError
+from service.blobs import BlobStore
 from service.errors import IncompatibleModel, NoActiveModel
 from service.images import decode_image
-from service.registry import ActiveModel
+from service.models.hot_swap import ActiveModel, HotSwap
+from service.observability import Metrics
 from service.schemas import IngestResponse
-from service.state import AppState
+from service.serving.batching import BatchBounds, MicroBatcher
+from service.serving.deadlines import result_within
 
 # Parallel fsyncs of source blobs: the file system batches concurrent fsyncs into one journal commit
 # (measured here: 4 ms per file one by one, 0.1 ms per file with 8 in flight).
@@ -46,23 +50,43 @@ class IngestJob:
         return len(self.rows)
 
 
-class IngestRunner:
-    """Runs grouped ingest batches for one app (owns the blob-writer threads)."""
+class IngestPath:
+    """Ingests of one app: owns the ingest micro-batcher and the blob-writer threads."""
 
-    def __init__(self, state: AppState) -> None:
-        self.state = state
+    def __init__(self, gallery: Gallery, swap: HotSwap, blobs: BlobStore, metrics: Metrics, bounds: BatchBounds,
+                 *, max_image_pixels: int, keep_sources: bool) -> None:
+        self.gallery, self.swap, self.blobs, self.metrics = gallery, swap, blobs, metrics
+        self.max_image_pixels, self.keep_sources = max_image_pixels, keep_sources
         self._pool = ThreadPoolExecutor(_BLOB_WRITERS, thread_name_prefix="blob-writer")
+        self.batcher: MicroBatcher = MicroBatcher(
+            "ingest", self._run_batch, max_size=bounds.max_size, max_wait_s=bounds.max_wait_s,
+            max_queue=bounds.max_queue, on_start=bounds.on_start, size_of=len,
+            on_batch=metrics.batch_size.labels(queue="ingest").observe,
+        ).start()
 
     def close(self) -> None:
+        """Stop taking work; queued ingests finish (and commit) first."""
+        self.batcher.close()
         self._pool.shutdown(wait=True)
 
-    def __call__(self, key: tuple[ActiveModel, bool], jobs: Sequence[IngestJob]) -> list[IngestResponse | Exception]:
+    def arriving(self) -> AbstractContextManager[None]:
+        """Around a request from its arrival to :meth:`start` (see :mod:`service.serving.batching`)."""
+        return self.batcher.announce()
+
+    def start(self, job: IngestJob, deadline: float) -> Awaitable[IngestResponse]:
+        """Queue ``job`` with the model active now (the one its answer will name); await the answer."""
+        active = self.swap.require_active()
+        future = self.batcher.submit((active, job.upsert), job, deadline=deadline)
+        return result_within(
+            future, deadline, "the ingest",
+            outcome_if_late="it is being written as one transaction and will be stored entirely or not at all: "
+                            "check GET /v1/items/{external_id} before sending it again (or send it with upsert)")
+
+    def _run_batch(self, key: tuple[ActiveModel, bool], jobs: Sequence[IngestJob]) -> list[IngestResponse | Exception]:
         captured, upsert = key
-        state = self.state
-        settings = state.settings
         out: list[IngestResponse | Exception | None] = [None] * len(jobs)
-        with state.registry.serving():
-            active = state.registry.active
+        with self.swap.serving():
+            active = self.swap.active
             if active is None:
                 return [NoActiveModel("no model is active: activate one with POST /v1/models/{version}/activate")
                         ] * len(jobs)
@@ -79,7 +103,7 @@ class IngestRunner:
                 try:
                     images.append(np.stack([
                         decode_image(raw, channels=captured.channels, size=captured.input_size,
-                                     max_pixels=settings.max_image_pixels, what=f"item {eid!r}")
+                                     max_pixels=self.max_image_pixels, what=f"item {eid!r}")
                         for eid, raw, _ in job.rows
                     ]))
                     ok.append(i)
@@ -96,7 +120,7 @@ class IngestRunner:
                                         source_uri=uris[start[i] + r])
                                 for r, (eid, _, meta) in enumerate(jobs[i].rows)]
                     pos += len(jobs[i].rows)
-                write = state.gallery.upsert if upsert else state.gallery.add
+                write = self.gallery.upsert if upsert else self.gallery.add
                 try:
                     write([it for i in ok for it in items[i]], captured.version)
                 except GalleryError as e:
@@ -109,7 +133,7 @@ class IngestRunner:
                             except GalleryError as e1:
                                 out[i] = e1
         stored = [i for i in range(len(jobs)) if out[i] is None]
-        state.metrics.embedded.labels(version=captured.version, purpose="ingest").inc(
+        self.metrics.embedded.labels(version=captured.version, purpose="ingest").inc(
             sum(len(jobs[i].rows) for i in stored))
         for i in stored:
             out[i] = IngestResponse(model_version=captured.version, space=captured.space,
@@ -119,12 +143,12 @@ class IngestRunner:
     def _keep_sources(self, raws: list[bytes]) -> Callable[[], list[str | None]]:
         """Start writing ``raws`` as blobs; returns the function that waits for them and gives their URIs.
         (A blob of a request that then fails is unreferenced garbage, harmless: see service.blobs.)"""
-        if not self.state.settings.keep_sources:
+        if not self.keep_sources:
             return lambda: [None] * len(raws)
         # one write per distinct content (the store is content-addressed; two writers of one blob would race)
         digests = [hashlib.sha256(r).digest() for r in raws]
         unique = dict(zip(digests, raws, strict=True))
-        futures = {d: self._pool.submit(self.state.blobs.put, r) for d, r in unique.items()}
+        futures = {d: self._pool.submit(self.blobs.put, r) for d, r in unique.items()}
 
         def wait() -> list[str | None]:
             uri_of = {d: f.result() for d, f in futures.items()}

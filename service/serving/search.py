@@ -1,26 +1,67 @@
-"""Search by image as a batch: one model forward and one FAISS search for every query of a micro-batch.
+"""The search path: one call from a parsed query to its answer.
 
-The batch's key is the :class:`~service.registry.ActiveModel` every query in it captured when its request
-started (see :mod:`service.batching`), so the model that embeds a query is the one its answer names, even
-when a hot swap happens while it waits. Metadata of all hits is read in one SQL round trip.
+Image queries go through the search micro-batcher (:mod:`service.serving.batching`): one model forward and
+one FAISS search for every query of a micro-batch. The batch's key is the
+:class:`~service.models.hot_swap.ActiveModel` every query in it captured when its request started, so the
+model that embeds a query is the one its answer names, even when a hot swap happens while it waits.
+Vector and item queries need no forward and run in the thread pool. Metadata of all hits is read in one SQL
+round trip. Every search answers within its deadline or raises 503/504 errors (:mod:`service.serving.deadlines`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from index import Gallery
+from index.errors import UnknownVersion
+from service.errors import IncompatibleModel, ModelNotFound
+from service.images import decode_image
+from service.models.hot_swap import ActiveModel, HotSwap, backfill_report_url
 from service.observability import Metrics
-from service.registry import ActiveModel
 from service.schemas import SearchHit, SearchResponse
+from service.serving.batching import BatchBounds, MicroBatcher
+from service.serving.deadlines import result_within, run_within
+
+
+@dataclass(frozen=True, slots=True)
+class ImageQuery:
+    """Encoded image bytes (PNG/JPEG), embedded by the active model."""
+
+    raw: bytes
+    k: int
+    include_metadata: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class VectorQuery:
+    """A vector with the version that embedded it."""
+
+    vector: list[float]
+    model_version: str
+    k: int
+    include_metadata: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ItemQuery:
+    """A stored item's embedding (the item itself is left out of the hits)."""
+
+    item_id: str
+    k: int
+    include_metadata: bool = True
+
+
+Query = ImageQuery | VectorQuery | ItemQuery
 
 
 @dataclass(frozen=True, slots=True)
 class SearchJob:
-    """One query: ``image`` (C, H, W) uint8 in the model's input format, already validated."""
+    """One image query of a micro-batch: ``image`` (C, H, W) uint8 in the model's input format, validated."""
 
     image: np.ndarray
     k: int
@@ -47,3 +88,75 @@ def run_search_batch(
         ])
         for hs, j in zip(hits, jobs, strict=True)
     ]
+
+
+class SearchPath:
+    """Searches of one app: owns the search micro-batcher."""
+
+    def __init__(self, gallery: Gallery, swap: HotSwap, metrics: Metrics, bounds: BatchBounds,
+                 *, max_image_pixels: int) -> None:
+        self.gallery, self.swap, self.metrics = gallery, swap, metrics
+        self.max_image_pixels = max_image_pixels
+        self.batcher: MicroBatcher = MicroBatcher(
+            "search", self._run_batch, max_size=bounds.max_size, max_wait_s=bounds.max_wait_s,
+            max_queue=bounds.max_queue, on_start=bounds.on_start, on_batch=metrics.batch_size.labels(queue="search").observe,
+        ).start()
+
+    def close(self) -> None:
+        """Stop taking work; queued searches finish first."""
+        self.batcher.close()
+
+    def _run_batch(self, active: ActiveModel, jobs: list[SearchJob]) -> list[SearchResponse]:
+        return run_search_batch(self.gallery, active, jobs, self.metrics)
+
+    def arriving(self) -> AbstractContextManager[None]:
+        """Around a request from its arrival to :meth:`start`: the batcher may wait for it while its body
+        is read (see :mod:`service.serving.batching`)."""
+        return self.batcher.announce()
+
+    def start(self, query: Query, deadline: float) -> Awaitable[SearchResponse]:
+        """Start ``query`` (an image is decoded and queued now, capturing the active model); await the
+        result. Raises the domain errors of a bad query at once."""
+        if isinstance(query, ImageQuery):
+            active = self.swap.require_active()
+            image = decode_image(query.raw, channels=active.channels, size=active.input_size,
+                                 max_pixels=self.max_image_pixels, what="query image")
+            future = self.batcher.submit(active, SearchJob(image, query.k, query.include_metadata), deadline=deadline)
+            return result_within(future, deadline, "the search", outcome_if_late="nothing was changed")
+        run: Callable[[], SearchResponse]
+        if isinstance(query, VectorQuery):
+            run = partial(self._by_vector, query)
+        else:
+            run = partial(self._by_item, query)
+        return run_within(run, deadline=deadline, what="the search")
+
+    def _respond(self, version: str, space: str, hits, include_metadata: bool) -> SearchResponse:
+        meta = self.gallery.get_metadata([h.external_id for h in hits]) if (include_metadata and hits) else {}
+        return SearchResponse(model_version=version, space=space, hits=[
+            SearchHit(external_id=h.external_id, score=h.score, embedded_by=h.embedded_by,
+                      metadata=meta.get(h.external_id) if include_metadata else None)
+            for h in hits
+        ])
+
+    def _by_vector(self, q: VectorQuery) -> SearchResponse:
+        try:
+            info = self.gallery.get_version(q.model_version)
+        except UnknownVersion:
+            raise ModelNotFound(f"unknown model version {q.model_version[:200]!r}") from None
+        active = self.swap.active
+        space = active.space if active else info.space
+        if info.space != space:
+            raise IncompatibleModel(
+                f"the vector comes from {q.model_version}, which embeds into space {info.space!r}, but the gallery "
+                f"serves space {space!r}: the embeddings are not comparable (see "
+                f"{backfill_report_url(q.model_version)})", candidate=q.model_version,
+            )
+        vec = np.asarray(q.vector, dtype=np.float64)[None]
+        hits = self.gallery.search(space, vec, q.k, version=q.model_version)[0]
+        return self._respond(q.model_version, space, hits, q.include_metadata)
+
+    def _by_item(self, q: ItemQuery) -> SearchResponse:
+        active = self.swap.require_active()
+        vec, version = self.gallery.get_embedding(q.item_id, active.space)
+        hits = [h for h in self.gallery.search(active.space, vec[None], q.k + 1)[0] if h.external_id != q.item_id]
+        return self._respond(version, active.space, hits[: q.k], q.include_metadata)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import httpx
 
-from service.local_server import LocalServer
+from service.console.local_server import LocalServer
 
 
 class Server(LocalServer):

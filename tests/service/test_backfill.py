@@ -15,7 +15,7 @@ from sqlalchemy import select
 from index import Gallery
 from index.db import make_engine
 from index.tables import VEC_ID_COUNTER, BackfillJob, Counter, Embedding
-from service.backfill_cli import backfill_main
+from service.console.backfill import backfill_main
 from service.images import encode_png_base64
 from tests.service.conftest import API_KEY, item_payload
 from trainer.artifact import embed_images, load_model

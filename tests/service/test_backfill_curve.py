@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from service.backfill_curve import Sample, card_line, label_of, mixed_gallery_quality, simulate
-from service.backfill_order import margin_scores, order_by_scores
+from service.backfill.curve import Sample, card_line, label_of, mixed_gallery_quality, simulate
+from service.backfill.order import margin_scores, order_by_scores
 from trainer.metrics import retrieval_metrics
 
 
@@ -99,28 +99,37 @@ def test_report_curve_simulated_or_from_the_card(tiny_models, tiny_test, split, 
     import shutil
 
     from index import Gallery, NewItem
-    from service.backfill_curve import CurveCache
+    from service.backfill.cost import CostReport, ThroughputProbe
+    from service.backfill.curve import CurveCache
     from service.blobs import BlobStore
-    from service.cost import ThroughputProbe, backfill_report
     from service.images import encode_png
-    from service.registry import ModelRegistry
+    from service.models.cache import ModelCache
+    from service.models.hot_swap import HotSwap
+    from service.models.registry import ModelRegistry
 
     _, g_idx = split
     shutil.copytree(tiny_models, tmp_path / "models")
     blobs = BlobStore(tmp_path / "blobs")
     with Gallery.open(None, tmp_path / "data") as gallery:
-        registry = ModelRegistry(tmp_path / "models", gallery, torch_threads=1)
+        registry = ModelRegistry(tmp_path / "models", gallery)
         registry.scan()
-        registry.activate("v1")
-        v1 = registry.active
+        models = ModelCache(registry)
+        swap = HotSwap(registry, models)
+        swap.activate("v1")
+        v1 = swap.active
         vecs = v1.embed(tiny_test.images[g_idx])
         items = [NewItem(f"g{i}", v, metadata={"label": int(tiny_test.labels[i])},
                          source_uri=None if n < 3 else blobs.put(encode_png(tiny_test.images[i])))
                  for n, (i, v) in enumerate(zip(g_idx, vecs, strict=True))]
         gallery.add(items, "v1")
-        registry.activate("v2")
+        swap.activate("v2")
         probe = ThroughputProbe(32, 1)
-        rep = backfill_report(registry, probe, "v2", 0.05, blobs=blobs, curves=CurveCache(), sample_size=500)
+
+        def backfill_report(candidate, price, *, blobs, curves, sample_size, rate_limit=None):
+            return CostReport(swap, models, probe, blobs=blobs, curves=curves, price_per_cpu_hour=price,
+                              sample_size=sample_size).report(candidate, rate_limit)
+
+        rep = backfill_report("v2", 0.05, blobs=blobs, curves=CurveCache(), sample_size=500)
         curve = rep["curve"]
         assert curve["method"] == "simulated" and curve["sample"]["simulated"] == len(g_idx) - 3
         assert set(curve["policies"]) == {"sequential", "uncertainty"}
@@ -130,12 +139,12 @@ def test_report_curve_simulated_or_from_the_card(tiny_models, tiny_test, split, 
         last = curve["policies"]["sequential"][-1]
         assert last["items"] == len(g_idx) and abs(last["seconds"] - len(g_idx) / ips) < 0.05 + 0.01 * last["seconds"]
 
-        capped = backfill_report(registry, probe, "v2", 0.05, blobs=blobs, curves=CurveCache(), sample_size=500,
+        capped = backfill_report("v2", 0.05, blobs=blobs, curves=CurveCache(), sample_size=500,
                                  rate_limit=10.0)
         assert capped["curve"]["policies"]["uncertainty"][-1]["seconds"] == pytest.approx(len(g_idx) / 10.0, abs=0.01)
         assert capped["predicted"]["wall_seconds"] == pytest.approx(len(g_idx) / 10.0, abs=0.01)
 
-        card = backfill_report(registry, probe, "v2", 0.05, blobs=blobs, curves=None, sample_size=0)["curve"]
+        card = backfill_report("v2", 0.05, blobs=blobs, curves=None, sample_size=0)["curve"]
         matrix = registry.entry("v2").card.metrics["matrix"]
         assert card["method"] == "card"
         for policy in ("sequential", "uncertainty"):

@@ -102,7 +102,7 @@ def test_mutations_need_the_api_key(make_server, tiny_test):
 
 @pytest.mark.parametrize("argv", [["--queries", "-3"], ["--epochs-new", "0"], ["--epochs-old", "x"]])
 def test_demo_refuses_bad_counts_before_doing_anything(argv, tmp_path, capsys):
-    from service.demo import demo_main
+    from service.console.demo import demo_main
 
     with pytest.raises(SystemExit) as e:
         demo_main(["--workdir", str(tmp_path / "demo"), *argv])

@@ -12,10 +12,10 @@ import httpx
 import numpy as np
 import pytest
 
-from service.batching import MicroBatcher
-from service.deadlines import deadline_in, result_within
 from service.errors import Overloaded, RequestTimeout
 from service.images import encode_png_base64
+from service.serving.batching import MicroBatcher
+from service.serving.deadlines import deadline_in, result_within
 from tests.service.conftest import API_KEY, item_payload
 from trainer.artifact import embed_images, load_model
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
-from service.local_server import free_port
+from service.console.local_server import free_port
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,10 +14,12 @@ import pytest
 
 from index import Gallery, NewItem, VersionInfo
 from index import snapshot as snapshot_mod
-from service import registry as registry_mod
 from service.errors import InvalidModel, ModelNotFound
 from service.images import encode_png_base64
-from service.registry import ModelRegistry
+from service.models import cache as cache_mod
+from service.models.cache import ModelCache
+from service.models.hot_swap import HotSwap
+from service.models.registry import ModelRegistry
 from tests.service.conftest import API_KEY, item_payload
 
 H = {"X-API-Key": API_KEY}
@@ -73,21 +75,22 @@ def test_refused_model_folders_are_never_loaded_or_registered(tiny_models, tmp_p
     outside.mkdir()
     bad = _bad_folders(models, outside)
     loaded: list[str] = []
-    real_load = registry_mod.load_model
-    monkeypatch.setattr(registry_mod, "load_model", lambda folder: loaded.append(Path(folder).name) or real_load(folder))
+    real_load = cache_mod.load_model
+    monkeypatch.setattr(cache_mod, "load_model", lambda folder: loaded.append(Path(folder).name) or real_load(folder))
     with Gallery.open(None, tmp_path / "data") as g:
         reg = ModelRegistry(models, g)
+        swap = HotSwap(reg, ModelCache(reg))
         entries = {e.version: e for e in reg.scan()}
         for version, words in bad.items():
             assert entries[version].card is None and words in entries[version].error, (version, entries[version].error)
             with pytest.raises(InvalidModel, match="refused"):
-                reg.activate(version)
+                swap.activate(version)
         assert {e.version for e in entries.values() if e.card} == {"v1", "v2", "v2-indep"}
         assert {v.version for v in g.list_versions()} == {"v1", "v2", "v2-indep"}  # nothing refused was registered
         assert loaded == []  # nothing was loaded: refusals happen when the folder is read
         with pytest.raises(ModelNotFound):
-            reg.activate("../outside/escaped")
-        reg.activate("v1")
+            swap.activate("../outside/escaped")
+        swap.activate("v1")
         assert loaded == ["v1"]
 
 

@@ -7,12 +7,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 from fastapi.concurrency import run_in_threadpool
 
-from service.auth import WRITE
-from service.backfill_runner import BackfillRunner
-from service.backfill_schemas import BackfillJobResponse, BackfillJobsResponse, BackfillRequest, ResumeRequest
-from service.cost import backfill_report
+from service.api.auth import WRITE
+from service.api.deps import BackfillDep, CostsDep, GalleryDep
+from service.backfill.runner import BackfillRunner
+from service.backfill.schemas import BackfillJobResponse, BackfillJobsResponse, BackfillRequest, ResumeRequest
 from service.schemas import ErrorResponse
-from service.state import AppState, State
 
 router = APIRouter(prefix="/v1/backfill", tags=["backfill"])
 
@@ -21,64 +20,56 @@ _ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse}, 409: 
 JobId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
-def _runner(state: AppState) -> BackfillRunner:
-    assert state.backfill is not None, "the lifespan starts the backfill runner"
-    return state.backfill
-
-
 @router.get("/report", summary="What re-embedding the gallery with a candidate would cost, and what each "
                                "fraction of it buys")
-async def report(state: State, candidate: str = Query(min_length=1, max_length=128),
+async def report(costs: CostsDep, candidate: str = Query(min_length=1, max_length=128),
                  rate_limit: float | None = Query(None, gt=0, description="items/s cap the times assume")
                  ) -> dict[str, Any]:
-    return await run_in_threadpool(backfill_report, state.registry, state.probe, candidate,
-                                   state.settings.price_per_cpu_hour, blobs=state.blobs,
-                                   curves=_runner(state).curves, sample_size=state.settings.backfill_curve_sample,
-                                   rate_limit=rate_limit)
+    return await run_in_threadpool(costs.report, candidate, rate_limit)
 
 
-def _job(state: AppState, job_id: int) -> BackfillJobResponse:
-    return BackfillJobResponse(**_runner(state).describe(job_id))
+def _job(runner: BackfillRunner, job_id: int) -> BackfillJobResponse:
+    return BackfillJobResponse(**runner.describe(job_id))
 
 
 @router.post("", response_model=BackfillJobResponse, status_code=202, dependencies=WRITE, responses=_ERRORS,
              summary="Start re-embedding the gallery with a candidate version, in the background")
-def start(body: BackfillRequest, state: State) -> BackfillJobResponse:
-    job = _runner(state).create(body.candidate, body.policy, rate_limit=body.rate_limit,
-                                batch_size=body.batch_size, stop_at=body.stop_at)
-    return _job(state, job.id)
+def start(body: BackfillRequest, runner: BackfillDep) -> BackfillJobResponse:
+    job = runner.create(body.candidate, body.policy, rate_limit=body.rate_limit,
+                        batch_size=body.batch_size, stop_at=body.stop_at)
+    return _job(runner, job.id)
 
 
 @router.get("", response_model=BackfillJobsResponse, summary="Every backfill job, oldest first")
-def list_jobs(state: State, candidate: str | None = Query(None, max_length=128)) -> BackfillJobsResponse:
-    runner = _runner(state)
+def list_jobs(runner: BackfillDep, gallery: GalleryDep,
+              candidate: str | None = Query(None, max_length=128)) -> BackfillJobsResponse:
     return BackfillJobsResponse(jobs=[BackfillJobResponse(**runner.describe(j))
-                                      for j in state.gallery.list_backfill_jobs(candidate)])
+                                      for j in gallery.list_backfill_jobs(candidate)])
 
 
 @router.get("/{job_id}", response_model=BackfillJobResponse, responses=_ERRORS,
             summary="A job's status, progress (done/total), rate and ETA")
-def get_job(job_id: JobId, state: State) -> BackfillJobResponse:
-    return _job(state, job_id)
+def get_job(job_id: JobId, runner: BackfillDep) -> BackfillJobResponse:
+    return _job(runner, job_id)
 
 
 @router.post("/{job_id}/pause", response_model=BackfillJobResponse, dependencies=WRITE, responses=_ERRORS,
              summary="Pause a job after the batch in flight")
-def pause(job_id: JobId, state: State) -> BackfillJobResponse:
-    _runner(state).pause(job_id)
-    return _job(state, job_id)
+def pause(job_id: JobId, runner: BackfillDep) -> BackfillJobResponse:
+    runner.pause(job_id)
+    return _job(runner, job_id)
 
 
 @router.post("/{job_id}/resume", response_model=BackfillJobResponse, dependencies=WRITE, responses=_ERRORS,
              summary="Resume a paused job (optionally with a new stop point or rate limit)")
-def resume(job_id: JobId, state: State, body: ResumeRequest | None = None) -> BackfillJobResponse:
+def resume(job_id: JobId, runner: BackfillDep, body: ResumeRequest | None = None) -> BackfillJobResponse:
     body = body or ResumeRequest()
-    _runner(state).resume(job_id, stop_at=body.stop_at, rate_limit=body.rate_limit)
-    return _job(state, job_id)
+    runner.resume(job_id, stop_at=body.stop_at, rate_limit=body.rate_limit)
+    return _job(runner, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=BackfillJobResponse, dependencies=WRITE, responses=_ERRORS,
              summary="Stop a job for good (what it re-embedded stays)")
-def cancel(job_id: JobId, state: State) -> BackfillJobResponse:
-    _runner(state).cancel(job_id)
-    return _job(state, job_id)
+def cancel(job_id: JobId, runner: BackfillDep) -> BackfillJobResponse:
+    runner.cancel(job_id)
+    return _job(runner, job_id)

@@ -5,15 +5,16 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
-from service.auth import WRITE
+from index import Gallery
+from service.api.auth import WRITE
+from service.api.deps import GalleryDep
 from service.schemas import ErrorResponse, IndexBuild, IndexResponse, RebuildResponse, SpaceIndexInfo
-from service.state import AppState, State
 
 router = APIRouter(prefix="/v1/index", tags=["index"])
 
 
-def _info(state: AppState, space: str) -> SpaceIndexInfo:
-    i = state.gallery.index_info(space)
+def _info(gallery: Gallery, space: str) -> SpaceIndexInfo:
+    i = gallery.index_info(space)
     exact = i["built_factory"] == "Flat"
     last = i["last_build"]
     return SpaceIndexInfo(
@@ -26,13 +27,13 @@ def _info(state: AppState, space: str) -> SpaceIndexInfo:
 
 @router.get("", response_model=IndexResponse,
             summary="Each space's index: its factory, whether it is exact, its recall vs exact, builds")
-def index_status(state: State) -> IndexResponse:
-    return IndexResponse(spaces=[_info(state, s) for s in state.gallery.spaces()])
+def index_status(gallery: GalleryDep) -> IndexResponse:
+    return IndexResponse(spaces=[_info(gallery, s) for s in gallery.spaces()])
 
 
 @router.post("/{space}/rebuild", response_model=RebuildResponse, dependencies=WRITE, status_code=202,
              responses={404: {"model": ErrorResponse}},
              summary="Rebuild a space's index from the database (in the background; measures its recall)")
-async def rebuild(space: str, state: State) -> RebuildResponse:
-    started = await run_in_threadpool(state.gallery.rebuild_index, space, "asked for over HTTP")
+async def rebuild(space: str, gallery: GalleryDep) -> RebuildResponse:
+    started = await run_in_threadpool(gallery.rebuild_index, space, "asked for over HTTP")
     return RebuildResponse(space=space, started=started)

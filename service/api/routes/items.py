@@ -1,6 +1,6 @@
 """Ingest and delete gallery items.
 
-Ingest goes through the ingest micro-batcher (:mod:`service.ingest_pipeline`): concurrent requests share
+Ingest goes through the ingest micro-batcher (:mod:`service.serving.ingest`): concurrent requests share
 one model forward and one SQL transaction, each request still all-or-nothing.
 """
 
@@ -12,14 +12,15 @@ from pathlib import PurePath
 from fastapi import APIRouter, Request, Response
 
 from index.errors import ItemNotFound
-from service.auth import WRITE
-from service.deadlines import deadline_in, result_within
+from service.api.auth import WRITE
+from service.api.bodies import is_multipart, read_form, read_json
+from service.api.deps import GalleryDep, IngestDep, SettingsDep
 from service.errors import BadRequest, TooLarge
 from service.images import decode_base64
-from service.ingest_pipeline import IngestJob
-from service.routes._body import is_multipart, read_form, read_json
 from service.schemas import DeleteResponse, IngestRequest, IngestResponse, ItemResponse
-from service.state import AppState, State
+from service.serving.deadlines import deadline_in
+from service.serving.ingest import IngestJob
+from service.settings import Settings
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
 
@@ -63,8 +64,7 @@ _INGEST_BODY = {
 }
 
 
-def _check_rows(state: AppState, rows: list[tuple[str, bytes, dict | None]]) -> None:
-    settings = state.settings
+def _check_rows(settings: Settings, rows: list[tuple[str, bytes, dict | None]]) -> None:
     if not rows:
         raise BadRequest("empty batch: send at least one item")
     if len(rows) > settings.max_batch_items:
@@ -78,19 +78,13 @@ def _check_rows(state: AppState, rows: list[tuple[str, bytes, dict | None]]) -> 
 
 @router.post("", response_model=IngestResponse, dependencies=WRITE, openapi_extra=_INGEST_BODY,
              summary="Ingest images (JSON with base64 PNG/JPEG, or multipart files), embedded by the active model")
-async def ingest(request: Request, state: State) -> Response:
-    deadline = deadline_in(state.settings.request_timeout_s)
-    batcher = state.ingest_batcher
-    assert batcher is not None
-    with batcher.announce():  # the batcher may wait for this request while its body is read
+async def ingest(request: Request, settings: SettingsDep, path: IngestDep) -> Response:
+    deadline = deadline_in(settings.request_timeout_s)
+    with path.arriving():  # the batcher may wait for this request while its body is read
         rows, upsert = await _read_rows(request)
-        _check_rows(state, rows)
-        active = state.registry.require_active()  # the model the request starts with (see ingest_pipeline)
-        future = batcher.submit((active, upsert), IngestJob(rows, upsert), deadline=deadline)
-    answer = await result_within(
-        future, deadline, "the ingest",
-        outcome_if_late="it is being written as one transaction and will be stored entirely or not at all: "
-                        "check GET /v1/items/{external_id} before sending it again (or send it with upsert)")
+        _check_rows(settings, rows)
+        pending = path.start(IngestJob(rows, upsert), deadline)
+    answer = await pending
     return Response(answer.model_dump_json(), media_type="application/json")
 
 
@@ -129,8 +123,8 @@ async def _read_rows(request: Request) -> tuple[list[tuple[str, bytes, dict | No
 
 
 @router.get("/{external_id}", response_model=ItemResponse, summary="One stored item: metadata and who embedded it")
-def get_item(external_id: str, state: State) -> ItemResponse:
-    rec = state.gallery.get_items([external_id]).get(external_id)
+def get_item(external_id: str, gallery: GalleryDep) -> ItemResponse:
+    rec = gallery.get_items([external_id]).get(external_id)
     if rec is None:
         raise ItemNotFound([external_id])
     return ItemResponse(external_id=rec.external_id, metadata=rec.metadata, embedded_by=rec.embedded_by,
@@ -139,6 +133,6 @@ def get_item(external_id: str, state: State) -> ItemResponse:
 
 
 @router.delete("/{external_id}", response_model=DeleteResponse, dependencies=WRITE, summary="Delete one item")
-def delete_item(external_id: str, state: State) -> DeleteResponse:
-    state.gallery.delete([external_id])
+def delete_item(external_id: str, gallery: GalleryDep) -> DeleteResponse:
+    gallery.delete([external_id])
     return DeleteResponse(deleted=external_id)

@@ -1,0 +1,171 @@
+"""Hot swap: which model serves, and switching it while queries keep flowing.
+
+Activation loads and warms the new model *first* (through the model cache), checks it may serve over the
+gallery (every stored item has an embedding in the model's space), persists it, and only then swaps one
+reference: a request captures :attr:`HotSwap.active` once, so requests in flight finish on the model they
+started with. Ingest writes under the swap's read lock, an activation's check-and-swap under its write
+lock, so no item lands in the old space between "the gallery is compatible" and the swap.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import numpy as np
+
+from index import Gallery
+from index.rwlock import RWLock
+from service.errors import IncompatibleModel, NoActiveModel, NothingToRollBack
+from service.models.cache import ModelCache
+from service.models.registry import ModelRegistry
+from trainer import LoadedModel, ModelCard, embed_images
+
+log = logging.getLogger(__name__)
+
+WARM_IMAGES = 8
+
+
+@dataclass(frozen=True)
+class ActiveModel:
+    """An immutable snapshot of the serving model; swapping replaces the whole object."""
+
+    version: str
+    space: str
+    loaded: LoadedModel
+    activated_at: float
+
+    @property
+    def card(self) -> ModelCard:
+        return self.loaded.card
+
+    @property
+    def input_size(self) -> int:
+        return int(self.loaded.preprocess.size)
+
+    @property
+    def channels(self) -> int:
+        return int(self.loaded.preprocess.channels)
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) uint8 -> (N, D) float32 unit-norm embeddings (for an adapter version: the new model's,
+        mapped into the old space by the adapter)."""
+        return embed_images(self.loaded, images)
+
+
+@dataclass(frozen=True)
+class ActivationResult:
+    version: str
+    previous: str | None
+    space: str
+    seconds: float
+    warm_images: int = 0
+
+
+def backfill_report_url(candidate: str) -> str:
+    return f"/v1/backfill/report?candidate={candidate}"
+
+
+def space_problem(gallery: Gallery, card: ModelCard) -> str | None:
+    """Why ``card``'s model may not serve over ``gallery``, or None if it may.
+
+    It may when every stored item has an embedding in the model's space (trivially so for an empty
+    gallery, or a BCT child of the gallery's model). O(1): activation must not scale with the gallery.
+    """
+    total, in_space = gallery.live_counts(card.space)
+    if total == 0 or in_space == total:
+        return None
+    spaces = {s: n for s, n in gallery.counts_by_space().items() if n}
+    where = ", ".join(f"{n} in space {s!r}" for s, n in sorted(spaces.items()))
+    return (
+        f"model {card.version} writes embeddings into space {card.space!r}, but the gallery's {total} items "
+        f"are embedded in another space ({where}): its queries would be compared with incompatible "
+        f"embeddings. Train it with BCT against the gallery's model, or re-embed the gallery first "
+        f"(cost: {backfill_report_url(card.version)})"
+    )
+
+
+class HotSwap:
+    """The active model and activations. Thread-safe; activations are serialised."""
+
+    def __init__(self, registry: ModelRegistry, models: ModelCache) -> None:
+        self.registry = registry
+        self.models = models
+        self.gallery = registry.gallery
+        self._active: ActiveModel | None = None
+        self._lock = threading.Lock()  # one activation at a time
+        self._swap = RWLock()
+
+    @property
+    def active(self) -> ActiveModel | None:
+        return self._active
+
+    def require_active(self) -> ActiveModel:
+        active = self._active
+        if active is None:
+            raise NoActiveModel("no model is active: activate one with POST /v1/models/{version}/activate")
+        return active
+
+    def serving(self) -> AbstractContextManager[None]:
+        """Context for a request that writes embeddings with the active model (ingest)."""
+        return self._swap.read()
+
+    def serving_space(self) -> str | None:
+        """The space searches use: the active model's, else the space holding most items."""
+        active = self._active
+        if active is not None:
+            return active.space
+        by_space = self.gallery.counts_by_space()
+        return max(by_space, key=lambda s: by_space[s]) if by_space else None
+
+    def problem(self, card: ModelCard) -> str | None:
+        return space_problem(self.gallery, card)
+
+    def _load_and_warm(self, version: str) -> tuple[LoadedModel, int]:
+        loaded = self.models.get(version)
+        prep = loaded.preprocess
+        # Warm-up: the first forward allocates buffers and picks kernels; do it before taking traffic.
+        embed_images(loaded, np.zeros((WARM_IMAGES, prep.channels, prep.size, prep.size), dtype=np.uint8))
+        return loaded, WARM_IMAGES
+
+    def activate(self, version: str, *, rollback: bool = False) -> ActivationResult:
+        """Load, warm, check and swap to ``version``. Raises IncompatibleModel (nothing changes) if refused."""
+        t0 = time.perf_counter()
+        card = self.registry.entry(version).card
+        assert card is not None  # entry() raises for refused folders
+        problem = self.problem(card)
+        if problem:
+            raise IncompatibleModel(problem, candidate=version)
+        loaded, warm = self._load_and_warm(version)
+        with self._lock, self._swap.write():
+            # Re-check under the lock: an ingest may have landed meanwhile (cheap; counts only).
+            problem = self.problem(card)
+            if problem:
+                raise IncompatibleModel(problem, candidate=version)
+            previous = self._active.version if self._active else None
+            self.gallery.set_active_version(version, rollback=rollback)
+            self._active = ActiveModel(version=version, space=card.space, loaded=loaded, activated_at=time.time())
+            self.models.set_active(loaded)
+        seconds = time.perf_counter() - t0
+        log.info("activated %s (previous %s) in %.3fs", version, previous, seconds)
+        return ActivationResult(version=version, previous=previous, space=card.space, seconds=seconds,
+                                warm_images=warm)
+
+    def rollback(self) -> ActivationResult:
+        """Re-activate the version active before the current one (same checks as an activation)."""
+        history = self.gallery.activation_history()
+        if len(history) < 2:
+            raise NothingToRollBack("no earlier activation to roll back to")
+        return self.activate(history[-2], rollback=True)
+
+    def restore(self, default: str | None) -> ActivationResult | None:
+        """At start-up: re-activate the persisted version, else ``default``; None if neither is set."""
+        version = self.gallery.active_version() or default
+        if version is None:
+            return None
+        return self.activate(version)
+
+
