@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from service.cli import main
+from service.console.cli import main
 from trainer.adapt import adapted_embeddings
 from trainer.adapter import AdaptedModel, MLPFit, fit_adapter, fit_affine, fit_mlp, fit_procrustes
 from trainer.artifact import embed_images, load_model

@@ -7,7 +7,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from service.cli import main
+from service.console.cli import main
 
 FAST = ["--epochs", "1", "--batch-size", "64", "--quiet", "--threads", "1"]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.cli import main
+from service.console.cli import main
 from trainer.errors import ConfigError, IncompatibleModelsError
 from trainer.losses import FocalDistillation, focal_distillation, focal_weights, shared_class_rows
 from trainer.model import build_model
