@@ -7,8 +7,8 @@ and its queries search the gallery embedded by v1 on the standard protocol (test
 == 0, gallery = the rest). Also measures the adapter's added latency per query. Writes "## Adapters" to
 BENCHMARKS.md.
 
-    .venv/bin/python bench/adapter.py
-    .venv/bin/python bench/adapter.py --quick      # models of 1 epoch on a 5k slice, 1k-sample adapters; prints only
+    .venv/bin/python -m bench.adapter
+    .venv/bin/python -m bench.adapter --quick      # models of 1 epoch on a 5k slice, 1k-sample adapters; prints only
 
 Reuses v1, v2 (BCT full) and v2-indep from bench/out/compat/full/seed0/ when that benchmark has made them
 (copied next to the adapters, which must sit beside their new model); otherwise trains them with the same
@@ -26,18 +26,15 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from bench.report import command_line, machine_line, write_section  # noqa: E402
-from trainer.adapt import AdaptConfig, adapt  # noqa: E402
-from trainer.artifact import load_model, read_card  # noqa: E402
-from trainer.errors import ModelCardError  # noqa: E402
-from trainer.train import TrainConfig, reusable, train  # noqa: E402
+from bench.common import REPO, command_line, machine_line, write_section
+from trainer.adapt import AdaptConfig, adapt
+from trainer.artifact import load_model, read_card
+from trainer.errors import ModelCardError
+from trainer.train import TrainConfig, reusable, train
 
 KINDS = ("procrustes", "affine", "mlp")
 SECTION = "Adapters"

@@ -1,10 +1,10 @@
 """Backfill benchmark: quality over HTTP along a progressive backfill under both order policies, backfill
 throughput vs raw embedding, search latency during a backfill vs idle, predicted vs measured backfill time.
 
-    .venv/bin/python bench/backfill.py            # full protocol; writes "## Backfill" in BENCHMARKS.md
+    .venv/bin/python -m bench.backfill            # full protocol; writes "## Backfill" in BENCHMARKS.md
                                                   # and the curve to bench/backfill_curve.png
-    .venv/bin/python bench/backfill.py --quick    # smaller and faster; prints only
-    .venv/bin/python bench/backfill.py --timing-only   # only throughput and latency ("## Backfill: throughput
+    .venv/bin/python -m bench.backfill --quick    # smaller and faster; prints only
+    .venv/bin/python -m bench.backfill --timing-only   # only throughput and latency ("## Backfill: throughput
                                                        # and latency"), on a quiet machine
 
 Models: v1 and v2 (BCT) of bench/compat.py's seed 0 when present (bench/out/compat/full/seed0), else trained
@@ -27,16 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.models import v1_v2_models  # noqa: E402
-from bench.report import command_line, machine_line, write_section  # noqa: E402
-from service.client import GracefulClient  # noqa: E402
-from service.images import decode_image, encode_png, encode_png_base64  # noqa: E402
-from service.local_server import LocalServer  # noqa: E402
-from trainer.artifact import embed_images, load_model  # noqa: E402
-from trainer.data import load_split, query_gallery_split  # noqa: E402
+from bench.common import REPO, command_line, machine_line, v1_v2_models, write_section
+from service.console.client import GracefulClient
+from service.console.local_server import LocalServer
+from service.images import decode_image, encode_png, encode_png_base64
+from trainer.artifact import embed_images, load_model
+from trainer.data import load_split, query_gallery_split
 
 KEY = "bench-key"
 FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -146,8 +142,8 @@ def _raw_throughput(loaded, pngs: list[bytes], batch: int) -> float:
 def simulate_orders(models: Path, test, q_idx: np.ndarray, g_idx: np.ndarray) -> dict[str, list[dict]]:
     """In-process, exact: the mixed-gallery quality of the same protocol under each order, including the
     uncertainty order scored by the old model's head (the alternative the service does not use)."""
-    from service.backfill_curve import mixed_gallery_quality
-    from service.backfill_order import margin_scores, order_by_scores
+    from service.backfill.curve import mixed_gallery_quality
+    from service.backfill.order import margin_scores, order_by_scores
 
     v1, v2 = load_model(models / "v1"), load_model(models / "v2")
     old, new = embed_images(v1, test.images[g_idx]), embed_images(v2, test.images[g_idx])

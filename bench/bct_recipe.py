@@ -5,10 +5,10 @@ v2/v1 against v1/v1 (overall, old and new classes), v2/v2 and the update gain on
 bench/out/bct_recipe/results.jsonl (one line per variant and seed; a variant already there is not retrained)
 and the table of every line is written to BENCHMARKS.md.
 
-    .venv/bin/python bench/compat.py --seeds 2           # first: the seed's v1 (and the current recipe)
-    .venv/bin/python bench/bct_recipe.py --seed 2 --variant 'pulls-old-cm4:pulls_on=old,class_mean_weight=4'
-    .venv/bin/python bench/bct_recipe.py --table          # rewrite the BENCHMARKS.md table only
-    .venv/bin/python bench/bct_recipe.py --ceilings --seed 0 1 2   # what v1's gallery allows (no training)
+    .venv/bin/python -m bench.compat --seeds 2           # first: the seed's v1 (and the current recipe)
+    .venv/bin/python -m bench.bct_recipe --seed 2 --variant 'pulls-old-cm4:pulls_on=old,class_mean_weight=4'
+    .venv/bin/python -m bench.bct_recipe --table          # rewrite the BENCHMARKS.md table only
+    .venv/bin/python -m bench.bct_recipe --ceilings --seed 0 1 2   # what v1's gallery allows (no training)
 
 A variant is ``name:key=value,...`` with keys of TrainConfig's BCT fields (influence_weight, class_mean_weight,
 old_embedding_weight, pulls_on, influence_scale, new_rows); the rest of the full recipe stays as it is in the code.
@@ -20,14 +20,9 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.models import compat_seed  # noqa: E402
-from bench.report import machine_line, write_section  # noqa: E402
-from trainer.train import TrainConfig, train  # noqa: E402
+from bench.common import REPO, compat_seed, machine_line, write_section
+from trainer.train import TrainConfig, train
 
 FIELDS = {"influence_weight": float, "class_mean_weight": float, "old_embedding_weight": float,
           "pulls_on": str, "influence_scale": float, "new_rows": str}
@@ -48,7 +43,7 @@ def parse_variant(spec: str) -> tuple[str, dict[str, object]]:
 def run(name: str, kw: dict[str, object], seed: int, epochs: int, threads: int | None) -> dict:
     v1 = compat_seed(seed) / "v1"
     if not (v1 / "card.json").exists():
-        raise SystemExit(f"{v1} is missing: run `.venv/bin/python bench/compat.py --seeds {seed}` first")
+        raise SystemExit(f"{v1} is missing: run `.venv/bin/python -m bench.compat --seeds {seed}` first")
     t0 = time.perf_counter()
     r = train(TrainConfig(out=str(OUT / f"{name}-s{seed}" / "v2"), epochs=epochs, old=str(v1), bct="full",
                           seed=seed, threads=threads, **kw))  # type: ignore[arg-type]
@@ -121,7 +116,7 @@ def render_ceilings(results: list[dict]) -> list[str]:
 
 def render(rows: list[dict]) -> str:
     out = ["## BCT recipe search", "",
-           "Command: `.venv/bin/python bench/bct_recipe.py --seed S --variant NAME:KEY=VALUE,...` (one line per run; "
+           "Command: `.venv/bin/python -m bench.bct_recipe --seed S --variant NAME:KEY=VALUE,...` (one line per run; "
            "`--table` rewrites this table from bench/out/bct_recipe/results.jsonl)", "", machine_line(), "",
            "Each row: a v2 trained 12 epochs (seed s, on the threads given; runs with 1 thread ran two at a time) against bench/compat.py's v1 of seed s, every other setting "
            "as in the full recipe at the time of the run (`weights` gives what it used). Criteria: v2/v1 top-1 > "

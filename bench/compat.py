@@ -5,8 +5,8 @@ classes 0-9; for the first --plain seeds (default 1) also v2-plain (plain BCT: t
 the test split (queries = index % 5 == 0, gallery = the rest), then writes mean and spread of every cell,
 update gain and negative flips, and the pass/fail of each criterion per seed to BENCHMARKS.md.
 
-    .venv/bin/python bench/compat.py                 # 3 seeds, plain BCT on seed 0 (about 70 min on 2 cores)
-    .venv/bin/python bench/compat.py --seeds 0 --quick   # a smoke run on a slice; prints only
+    .venv/bin/python -m bench.compat                 # 3 seeds, plain BCT on seed 0 (about 70 min on 2 cores)
+    .venv/bin/python -m bench.compat --seeds 0 --quick   # a smoke run on a slice; prints only
 
 Trained models are kept under bench/out/compat/ and reused when their settings match.
 """
@@ -20,15 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.report import command_line, machine_line, write_section  # noqa: E402
-from trainer.artifact import load_model  # noqa: E402
-from trainer.data import load_split  # noqa: E402
-from trainer.evaluate import METRICS, evaluate_models  # noqa: E402
-from trainer.losses import BCTWeights  # noqa: E402
-from trainer.train import TrainConfig, reusable, train  # noqa: E402
+from bench.common import REPO, command_line, machine_line, write_section
+from trainer.artifact import load_model
+from trainer.data import load_split
+from trainer.evaluate import METRICS, evaluate_models
+from trainer.losses import BCTWeights
+from trainer.train import TrainConfig, reusable, train
 
 MODELS = ("v1", "v2", "v2-indep")
 LABELS = {"v1": "v1", "v2": "v2 BCT (full)", "v2-plain": "v2 BCT (plain)", "v2-indep": "v2 independent"}

@@ -7,8 +7,8 @@ trained alone. Quality on the standard protocol (test split, queries = index % 5
 parameter counts and embedding throughput (images/s at batch 1 and batch 256). Writes "## Edge model" to
 BENCHMARKS.md.
 
-    .venv/bin/python bench/edge.py
-    .venv/bin/python bench/edge.py --quick        # 1 epoch on a 5k slice; prints only
+    .venv/bin/python -m bench.edge
+    .venv/bin/python -m bench.edge --quick        # 1 epoch on a 5k slice; prints only
 
 The big model is ``--big DIR`` if given, else bench/pc.py's seed-0 v1 (`resnet`, classes 0-9) when it exists,
 else one trained here.
@@ -24,19 +24,16 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bench.report import command_line, machine_line, write_section  # noqa: E402
-from trainer.artifact import LoadedModel, load_model, read_card  # noqa: E402
-from trainer.data import load_split  # noqa: E402
-from trainer.errors import ModelCardError  # noqa: E402
-from trainer.evaluate import METRICS, evaluate_models  # noqa: E402
-from trainer.model import count_parameters  # noqa: E402
-from trainer.train import TrainConfig, reusable, train  # noqa: E402
+from bench.common import REPO, command_line, machine_line, write_section
+from trainer.artifact import LoadedModel, load_model, read_card
+from trainer.data import load_split
+from trainer.errors import ModelCardError
+from trainer.evaluate import METRICS, evaluate_models
+from trainer.model import count_parameters
+from trainer.train import TrainConfig, reusable, train
 
 SECTION = "Edge model"
 PC_BIG = REPO / "bench" / "out" / "pc" / "full" / "seed0" / "v1"

@@ -2,8 +2,8 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/gallery.py            # full run; writes the "## Gallery" section of BENCHMARKS.md
-    .venv/bin/python bench/gallery.py --quick    # small sanity run; prints only (add --write to record it)
+    .venv/bin/python -m bench.gallery            # full run; writes the "## Gallery" section of BENCHMARKS.md
+    .venv/bin/python -m bench.gallery --quick    # small sanity run; prints only (add --write to record it)
 
 What is measured, all in one process and one run so that ratios are side by side on the same noise:
 - add throughput (items/s) into SQLite (WAL, synchronous=FULL) in batches, FAISS add included;
@@ -31,11 +31,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.report import write_section  # noqa: E402
-from index import Gallery, NewItem, VersionInfo  # noqa: E402
+from bench.common import REPO, write_section
+from index import Gallery, NewItem, VersionInfo
 
 log = logging.getLogger("bench.gallery")
 SECTION = "## Gallery"

@@ -6,8 +6,8 @@ plain distillation (``--pc kd``), focal distillation with KL (``--pc fd-kl``) an
 flip rate (NFR: v1 right, v2 wrong), relative NFR, and the NFR cut against the untreated v2 of the same seed.
 Writes mean ± sample standard deviation over seeds to BENCHMARKS.md ("## Positive-congruent training").
 
-    .venv/bin/python bench/pc.py                          # 3 seeds
-    .venv/bin/python bench/pc.py --seeds 0 --quick        # a smoke run on a slice; prints only
+    .venv/bin/python -m bench.pc                          # 3 seeds
+    .venv/bin/python -m bench.pc --seeds 0 --quick        # a smoke run on a slice; prints only
 
 Trained models are kept under bench/out/pc/ and reused when their settings match.
 """
@@ -21,15 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.report import command_line, machine_line, write_section  # noqa: E402
-from trainer.artifact import embed_images, load_model, predict_labels  # noqa: E402
-from trainer.data import load_split  # noqa: E402
-from trainer.losses import FocalDistillation  # noqa: E402
-from trainer.metrics import negative_flips  # noqa: E402
-from trainer.train import TrainConfig, reusable, train  # noqa: E402
+from bench.common import REPO, command_line, machine_line, write_section
+from trainer.artifact import embed_images, load_model, predict_labels
+from trainer.data import load_split
+from trainer.losses import FocalDistillation
+from trainer.metrics import negative_flips
+from trainer.train import TrainConfig, reusable, train
 
 VARIANTS = ("none", "kd", "fd-kl", "fd-lm")
 LABELS = {"none": "no treatment", "kd": "plain distillation (kd)", "fd-kl": "focal distillation, KL (fd-kl)",

@@ -3,8 +3,8 @@
 index (QPS, recall@10 vs exact), activation time at 1e4 vs 1e6 items, and the backfill report's prediction
 vs a measured re-embed.
 
-    .venv/bin/python bench/service.py            # full protocol; writes "## Service" in BENCHMARKS.md
-    .venv/bin/python bench/service.py --quick    # smaller; prints only
+    .venv/bin/python -m bench.service            # full protocol; writes "## Service" in BENCHMARKS.md
+    .venv/bin/python -m bench.service --quick    # smaller; prints only
 
 Models: ``--models DIR`` if given, else v1 and v2 (BCT) of bench/compat.py's seed 0 when present
 (bench/out/compat/full/seed0), else trained here with the same defaults. Everything runs on this machine: one server process on 127.0.0.1, clients in
@@ -27,17 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.models import v1_v2_models  # noqa: E402
-from bench.report import command_line, machine_line, write_section  # noqa: E402
-from service.client import GracefulClient  # noqa: E402
-from service.images import decode_image, encode_png, encode_png_base64  # noqa: E402
-from service.local_server import LocalServer  # noqa: E402
-from trainer.artifact import embed_images, load_model  # noqa: E402
-from trainer.data import load_split, query_gallery_split  # noqa: E402
-from trainer.evaluate import evaluate_models  # noqa: E402
+from bench.common import REPO, command_line, machine_line, v1_v2_models, write_section
+from service.console.client import GracefulClient
+from service.console.local_server import LocalServer
+from service.images import decode_image, encode_png, encode_png_base64
+from trainer.artifact import embed_images, load_model
+from trainer.data import load_split, query_gallery_split
+from trainer.evaluate import evaluate_models
 
 KEY = "bench-key"
 
@@ -352,9 +348,9 @@ def run(args) -> dict:
                                   work / "nobatch.log").start()
             cnb = GracefulClient(nobatch.url, KEY)
             from index import Gallery
-            from service.batching import MicroBatcher
-            from service.registry import ActiveModel
-            from service.search_pipeline import SearchJob, run_search_batch
+            from service.models.registry import ActiveModel
+            from service.serving.batching import MicroBatcher
+            from service.serving.search import SearchJob, run_search_batch
             from service.settings import Settings
 
             defaults = Settings()
@@ -455,8 +451,8 @@ def render(res: dict, args) -> str:
         "### Search latency and throughput: HTTP vs the same pipeline in-process", "",
         f"Search by image, k=10, metadata on, v2 active, over the {res['gallery']:,}-image gallery. Pipeline = decode "
         "PNG, embed, FAISS search, metadata lookup. *Batched* = the service's micro-batcher (concurrent queries share "
-        "one forward and one FAISS search); in-process runs the same code (`service.search_pipeline` behind "
-        "`service.batching`) on a gallery opened on the server's database, with threads as clients. *One by one* = "
+        "one forward and one FAISS search); in-process runs the same code (`service.serving.search` behind "
+        "`service.serving.batching`) on a gallery opened on the server's database, with threads as clients. *One by one* = "
         "HTTP with `GRACEFUL_BATCH_MAX_SIZE=1` (on a copy of the data), and in-process one query per call. "
         f"Medians of {args.rounds} interleaved rounds of {200 if args.quick else 1000} requests.", "",
         "| concurrency, what | HTTP QPS | in-process QPS | ratio | HTTP p50 / p99 ms | in-process p50 / p99 ms |",

@@ -1,7 +1,7 @@
 """Soak: minutes of mixed search, ingest, delete and hot swaps against one server on loopback.
 
-    .venv/bin/python bench/soak.py --minutes 10     # writes "## Soak" in BENCHMARKS.md
-    .venv/bin/python bench/soak.py --minutes 1 --no-write
+    .venv/bin/python -m bench.soak --minutes 10     # writes "## Soak" in BENCHMARKS.md
+    .venv/bin/python -m bench.soak --minutes 1 --no-write
 
 Clients (threads, keep-alive) run a mix of image / vector / item searches, ingests of 1-32 new images and
 deletes of items they ingested, while the active model swaps v1 ⇄ v2 ``--swaps`` times at even intervals.
@@ -26,15 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.report import command_line, machine_line, write_section  # noqa: E402
-from service.client import ApiError, GracefulClient  # noqa: E402
-from service.images import encode_png_base64  # noqa: E402
-from service.local_server import LocalServer  # noqa: E402
-from trainer.artifact import embed_images, load_model  # noqa: E402
-from trainer.data import load_split  # noqa: E402
+from bench.common import REPO, command_line, machine_line, write_section
+from service.console.client import ApiError, GracefulClient
+from service.console.local_server import LocalServer
+from service.images import encode_png_base64
+from trainer.artifact import embed_images, load_model
+from trainer.data import load_split
 
 KEY = "soak-key"
 
