@@ -11,9 +11,10 @@ After :func:`reconcile` the index holds exactly the space's current vec_ids in S
   listing; otherwise the ids are listed (an index-only scan) and compared. Ids at or below the watermark
   that SQL has and the snapshot lacks (only possible if another process wrote to the database) are
   fetched and added too, so the result is exact either way.
-- when the snapshot has no usable id lookup, the whole space is listed from SQL (vectors only above the
-  watermark); with no usable snapshot at all, the index is built from SQL in chunks (a trainable factory
-  is first trained on the space's first vectors, or served by the Flat staging index while too few).
+- a snapshot is used only whole (its files intact, see :mod:`index.snapshot`) and when a sample of it
+  agrees with SQL (:mod:`index.snapshot_check`); otherwise, or with no snapshot at all, the index is built
+  from SQL in chunks (a trainable factory is first trained on the space's first vectors, or served by
+  the Flat staging index while too few). Listing the whole space (:func:`_from_listing`) then adds it.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import faiss
 import numpy as np
 from sqlalchemy import Connection, Engine
 
-from . import store
-from .snapshot import EntryArrays
+from . import snapshot_check, store
+from .snapshot import EntryArrays, Loaded
 from .space_index import Entry, SpaceIndex, can_remove
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ def reconcile(engine: Engine, sidx: SpaceIndex, index_dir: Path | None) -> Recon
     t0 = time.perf_counter()
     loaded = sidx.load_snapshot(index_dir) if index_dir is not None else None
     with engine.connect() as conn:
+        if loaded is not None:
+            loaded = _checked(conn, sidx, loaded)
         index = loaded.index if loaded else None
         # (with background builds the staging index serves instead, and the owner builds off to the side)
         if sidx.trainable and not sidx.background and (
@@ -87,7 +90,7 @@ def reconcile(engine: Engine, sidx: SpaceIndex, index_dir: Path | None) -> Recon
             index = sidx.empty_index(trained=False)
         snap_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
         watermark = int(snap_ids.max()) if len(snap_ids) else 0
-        if loaded is not None and loaded.entries is not None:
+        if loaded is not None:
             entries, replayed = _from_lookup(conn, sidx, index, loaded.entries, watermark)
         else:
             entries, replayed = _from_listing(conn, sidx, index, np.sort(snap_ids), watermark)
@@ -118,6 +121,18 @@ def reconcile(engine: Engine, sidx: SpaceIndex, index_dir: Path | None) -> Recon
     )
     log.info("space %r reconciled: %s", sidx.space, report)
     return report
+
+
+def _checked(conn: Connection, sidx: SpaceIndex, loaded: Loaded) -> Loaded | None:
+    """``loaded`` if a sample of it agrees with SQL (:mod:`index.snapshot_check`), else None (logged)."""
+    try:
+        reason = snapshot_check.mismatch(conn, loaded, sidx.dim)
+    except Exception as e:  # a snapshot that breaks the check is no snapshot to trust
+        reason = f"{type(e).__name__}: {e}"
+    if reason is None:
+        return loaded
+    log.warning("space %r: snapshot disagrees with SQL (%s); rebuilding from SQL", sidx.space, reason)
+    return None
 
 
 def _from_lookup(

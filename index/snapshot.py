@@ -7,21 +7,27 @@ Files, all under the gallery's own ``<data_dir>/index/`` (space names are valida
 - ``<space>.entries.npz``: the live lookup vec_id -> (item_id, external_id, version), as arrays
   (``vec_ids``, ``item_ids`` int64; ``version_codes`` int32 into ``versions``; external ids NUL-joined
   UTF-8), so a reopen need not list the whole space from SQL;
-- ``<space>.json``: format, factory, dim, counts and the *watermark*: the largest vec_id in the snapshot.
+- ``<space>.json``: format, factory, dim, counts, the *watermark* (the largest vec_id in the snapshot) and
+  the sha256 of the two files above; the sidecar carries the sha256 of its own content too.
 
 Each file is written to a temp file, fsynced and moved into place with ``os.replace`` (atomic), the
-sidecar last. A crash between the replaces can leave files of different generations: the loader checks
-that the lookup's ids are a subset of the index's ids and that the sidecar agrees with both, and
-otherwise ignores the stale part (the index alone, or nothing) — reconciling with SQL then repairs it.
+sidecar last: it is the commit point of a snapshot. A snapshot is used whole or not at all: the loader
+checks the sidecar's own checksum (and that its bytes are exactly what the writer renders), then each
+file's checksum *before* handing it to a parser (FAISS deserialises whatever it is given), then that the
+lookup's ids are a subset of the index's ids and that the counts agree. Any failure (a crash between the
+replaces leaves files of different generations; a damaged disk; any exception of a reader) means None,
+logged, and the space is rebuilt from SQL. Checksums cannot tell a snapshot written wrong from a right
+one: :mod:`index.snapshot_check` compares a sample with SQL for that.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import faiss
@@ -29,7 +35,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMAT = 3  # 3: checksums (a format-2 snapshot is rebuilt from SQL once)
 
 # (item_id, external_id, embedded_by version)
 Entry = tuple[int, str, str]
@@ -37,7 +43,9 @@ Entry = tuple[int, str, str]
 
 @dataclass(frozen=True)
 class SnapshotInfo:
-    """The JSON sidecar. ``watermark``: largest vec_id in the snapshot (0 if empty); ``live``: lookup size."""
+    """The JSON sidecar. ``watermark``: largest vec_id in the snapshot (0 if empty); ``live``: lookup size;
+    ``index_sha256``/``entries_sha256``: hex sha256 of the ``.faiss`` and ``.entries.npz`` files (set by
+    :func:`write`)."""
 
     space: str
     factory: str
@@ -48,6 +56,8 @@ class SnapshotInfo:
     watermark: int
     format: int = SNAPSHOT_FORMAT
     created_at: float = 0.0
+    index_sha256: str = ""
+    entries_sha256: str = ""
 
 
 @dataclass
@@ -83,8 +93,9 @@ def paths(index_dir: Path, space: str) -> tuple[Path, Path, Path]:
     return index_dir / f"{space}.faiss", index_dir / f"{space}.entries.npz", index_dir / f"{space}.json"
 
 
-def write(index_dir: Path, index: faiss.IndexIDMap2, entries: EntryArrays, info: SnapshotInfo) -> None:
-    """Write the three files atomically each (temp, fsync, replace), the sidecar last."""
+def write(index_dir: Path, index: faiss.IndexIDMap2, entries: EntryArrays, info: SnapshotInfo) -> SnapshotInfo:
+    """Write the three files atomically each (temp, fsync, replace), the sidecar last; returns ``info``
+    with the files' checksums, as written in the sidecar."""
     index_dir.mkdir(parents=True, exist_ok=True)
     faiss_path, entries_path, meta_path = paths(index_dir, info.space)
     tmp_index = _tmp(faiss_path)
@@ -104,26 +115,63 @@ def write(index_dir: Path, index: faiss.IndexIDMap2, entries: EntryArrays, info:
         )
         f.flush()
         os.fsync(f.fileno())
+    # hashed from the temp files as written (read back from the page cache), not from the objects
+    info = replace(info, format=SNAPSHOT_FORMAT, index_sha256=sha256_file(tmp_index),
+                   entries_sha256=sha256_file(tmp_entries))
     os.replace(tmp_index, faiss_path)
     os.replace(tmp_entries, entries_path)
     tmp_meta = _tmp(meta_path)
     with open(tmp_meta, "wb") as f:
-        f.write(json.dumps(asdict(info), indent=1).encode())
+        f.write(sidecar_bytes(info))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp_meta, meta_path)
     _fsync_dir(index_dir)
+    return info
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in ``chunk``-byte pieces (no second copy of a large index in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _canonical(obj: object) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True).encode()
+
+
+def sidecar_bytes(info: SnapshotInfo) -> bytes:
+    """The sidecar file's exact content: ``{"info": {...}, "sha256": <hex sha256 of the canonical info>}``."""
+    body = asdict(info)
+    return _canonical({"info": body, "sha256": hashlib.sha256(_canonical(body)).hexdigest()})
+
+
+def parse_sidecar(raw: bytes) -> SnapshotInfo:
+    """The :class:`SnapshotInfo` of a sidecar's bytes; ``ValueError`` unless they are exactly what
+    :func:`sidecar_bytes` renders for it (so any changed byte, even blank space, is refused)."""
+    outer = json.loads(raw)
+    if not isinstance(outer, dict) or set(outer) != {"info", "sha256"} or not isinstance(outer["info"], dict):
+        raise ValueError("not a snapshot sidecar of this format")
+    if hashlib.sha256(_canonical(outer["info"])).hexdigest() != outer["sha256"]:
+        raise ValueError("sidecar checksum mismatch")
+    info = SnapshotInfo(**outer["info"])
+    if sidecar_bytes(info) != raw:
+        raise ValueError("sidecar bytes differ from their canonical form")
+    return info
 
 
 @dataclass
 class Loaded:
     index: faiss.IndexIDMap2
     info: SnapshotInfo
-    entries: EntryArrays | None  # None when the lookup file is missing or of another generation
+    entries: EntryArrays
 
 
 def read(index_dir: Path, space: str, dim: int, factory: str) -> Loaded | None:
-    """Load a space's snapshot if present and made for ``dim`` and ``factory``; else None (logged).
+    """Load a space's snapshot if present, intact and made for ``dim`` and ``factory``; else None (logged).
 
     Never raises: a snapshot only makes reopening faster, so any failure to read one (a damaged file
     raises whatever its parser raises: ``zipfile.BadZipFile``, ``RuntimeError``, ``MemoryError``...) means
@@ -147,32 +195,47 @@ def _read(index_dir: Path, space: str, dim: int, factory: str) -> Loaded | None:
         log.warning("space %r: snapshot file %s is a link or lies outside %s: ignored, rebuilding from SQL",
                     space, outside, index_dir)
         return None
+    raw = meta_path.read_bytes()
+    if _is_older_format(raw):
+        log.info("space %r: snapshot of an older format; rebuilding from SQL", space)
+        return None
     try:
-        info = SnapshotInfo(**json.loads(meta_path.read_text()))
-    except (OSError, ValueError, TypeError) as e:
-        log.warning("space %r: unreadable snapshot sidecar %s (%s); rebuilding from SQL", space, meta_path, e)
+        info = parse_sidecar(raw)
+    except (ValueError, TypeError) as e:
+        log.warning("space %r: damaged snapshot sidecar %s (%s); rebuilding from SQL", space, meta_path, e)
         return None
     if info.format != SNAPSHOT_FORMAT or info.dim != dim or info.factory != factory or info.space != space:
         log.info("space %r: snapshot is for factory %r dim %d (format %d), want %r dim %d; rebuilding",
                  space, info.factory, info.dim, info.format, factory, dim)
         return None
-    try:
-        index = faiss.read_index(str(faiss_path))
-    except RuntimeError as e:
-        log.warning("space %r: unreadable snapshot %s (%s); rebuilding from SQL", space, faiss_path, e)
-        return None
+    for path, want in ((faiss_path, info.index_sha256), (entries_path, info.entries_sha256)):
+        # before any parser sees the bytes: a damaged index can deserialise into garbage, or worse
+        got = sha256_file(path) if path.exists() else "missing"
+        if got != want:
+            log.warning("space %r: snapshot file %s does not match its checksum (%s, sidecar says %s): damaged "
+                        "or of another generation; rebuilding from SQL", space, path, got[:16], want[:16])
+            return None
+    index = faiss.read_index(str(faiss_path))
     if not isinstance(index, faiss.IndexIDMap2) or index.d != dim:
         log.warning("space %r: snapshot %s is not an IDMap2 of dim %d; rebuilding", space, faiss_path, dim)
         return None
-    entries = _read_entries(entries_path, space)
-    if entries is not None:
-        index_ids = np.sort(faiss.vector_to_array(index.id_map))
-        pos = np.searchsorted(index_ids, entries.vec_ids).clip(max=max(len(index_ids) - 1, 0))
-        subset = len(entries.vec_ids) == 0 or (len(index_ids) > 0 and bool((index_ids[pos] == entries.vec_ids).all()))
-        if not subset or len(entries.vec_ids) != info.live or index.ntotal != info.ntotal:
-            log.warning("space %r: snapshot files are of different generations; listing ids from SQL", space)
-            entries = None
+    entries = _read_entries(entries_path)
+    index_ids = np.sort(faiss.vector_to_array(index.id_map))
+    pos = np.searchsorted(index_ids, entries.vec_ids).clip(max=max(len(index_ids) - 1, 0))
+    subset = len(entries.vec_ids) == 0 or (len(index_ids) > 0 and bool((index_ids[pos] == entries.vec_ids).all()))
+    if not subset or len(entries.vec_ids) != info.live or index.ntotal != info.ntotal:
+        log.warning("space %r: snapshot files disagree with each other; rebuilding from SQL", space)
+        return None
     return Loaded(index, info, entries)
+
+
+def _is_older_format(raw: bytes) -> bool:
+    """Whether a sidecar parses as the flat JSON of format 2 or earlier (not damage: an upgrade)."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and isinstance(data.get("format"), int) and data["format"] < SNAPSHOT_FORMAT
 
 
 def _not_own_files(index_dir: Path, files: tuple[Path, ...]) -> Path | None:
@@ -187,26 +250,19 @@ def _not_own_files(index_dir: Path, files: tuple[Path, ...]) -> Path | None:
     return None
 
 
-def _read_entries(path: Path, space: str) -> EntryArrays | None:
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            vec_ids = z["vec_ids"].astype(np.int64, copy=False)
-            item_ids = z["item_ids"].astype(np.int64, copy=False)
-            codes = z["version_codes"]
-            versions = json.loads(z["versions"].tobytes().decode())
-            blob = z["external_ids"].tobytes().decode()
-    except Exception as e:  # a damaged zip raises zipfile.BadZipFile, neither OSError nor ValueError
-        log.warning("space %r: unreadable snapshot lookup %s (%s: %s); listing ids from SQL",
-                    space, path, type(e).__name__, e)
-        return None
+def _read_entries(path: Path) -> EntryArrays:
+    """The lookup file as arrays; ``ValueError`` when its arrays disagree (its checksum was checked)."""
+    with np.load(path, allow_pickle=False) as z:
+        vec_ids = z["vec_ids"].astype(np.int64, copy=False)
+        item_ids = z["item_ids"].astype(np.int64, copy=False)
+        codes = z["version_codes"]
+        versions = json.loads(z["versions"].tobytes().decode())
+        blob = z["external_ids"].tobytes().decode()
     ext_ids = blob.split("\x00") if len(vec_ids) else []
     if not (len(ext_ids) == len(vec_ids) == len(item_ids) == len(codes)) or (
         len(codes) and (codes.min() < 0 or codes.max() >= len(versions))
     ):
-        log.warning("space %r: inconsistent snapshot lookup %s; listing ids from SQL", space, path)
-        return None
+        raise ValueError(f"inconsistent snapshot lookup {path}")
     return EntryArrays(vec_ids, item_ids, ext_ids, [versions[c] for c in codes.tolist()])
 
 

@@ -371,7 +371,7 @@ class SpaceIndex:
             info = snapshot.new_info(
                 self.space, self.factory, self.built_factory, self.dim, self._index, len(self._entries)
             )
-            snapshot.write(index_dir, self._index, snapshot.EntryArrays.from_dict(self._entries), info)
+            info = snapshot.write(index_dir, self._index, snapshot.EntryArrays.from_dict(self._entries), info)
         self.changes_since_snapshot = 0
         return info
 
