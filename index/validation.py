@@ -82,8 +82,9 @@ def as_unit_vectors(
 
     Accepts any floating dtype (float16/32/64) of shape (n, dim), or (dim,) for one vector. Normalising on
     input (rather than refusing non-unit vectors) lets callers pass raw model outputs; the stored vectors,
-    and the scores, are then cosine similarities. Refuses, with :class:`InvalidEmbedding`: non-float data,
-    NaN/inf, all-zero vectors, bad shapes; with :class:`DimensionMismatch`: a wrong length. ``labels`` name
+    and the scores, are then cosine similarities. Every finite non-zero vector is normalised, however large
+    or small its components (1e200, 1e-300: scaled by the largest one first, so no square overflows).
+    Refuses, with :class:`InvalidEmbedding`: non-float data, NaN/inf, all-zero vectors, bad shapes; with :class:`DimensionMismatch`: a wrong length. ``labels`` name
     the rows in messages (external ids).
     """
 
@@ -121,13 +122,21 @@ def as_unit_vectors(
     finite = np.isfinite(arr).all(axis=1)
     if not finite.all():
         raise InvalidEmbedding(f"{row(int(np.argmin(finite)))} contains NaN or inf")
-    # float64 norms: squares of large float32 values would overflow to inf
-    arr64 = arr.astype(np.float64, copy=False)
-    norms = np.linalg.norm(arr64, axis=1)
-    bad = norms <= 1e-30
-    if bad.any():
-        raise InvalidEmbedding(f"{row(int(np.argmax(bad)))} has zero norm and cannot be normalised")
-    return np.ascontiguousarray(arr64 / norms[:, None], dtype=np.float32)
+    # Scale each row by its largest magnitude before the norm: the squares of components around 1e155
+    # (float64) overflow to inf, and those of subnormal ones underflow to 0, though every finite non-zero
+    # vector has a direction. Scaled rows have max |x| = 1, so their norm lies in [1, sqrt(dim)].
+    with np.errstate(over="ignore", invalid="ignore"):  # (longdouble beyond float64: inf, refused below)
+        arr64 = arr.astype(np.float64)
+        peak = np.abs(arr64).max(axis=1)
+        zero = peak == 0
+        if zero.any():
+            raise InvalidEmbedding(f"{row(int(np.argmax(zero)))} has zero norm and cannot be normalised")
+        scaled = arr64 / peak[:, None]
+        out = scaled / np.linalg.norm(scaled, axis=1)[:, None]
+    ok = np.isfinite(out).all(axis=1)
+    if not ok.all():
+        raise InvalidEmbedding(f"{row(int(np.argmin(ok)))} cannot be normalised in float64")
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def vectors_of(items: Sequence[Any], dim: int, space: str) -> np.ndarray:
