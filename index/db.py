@@ -80,11 +80,13 @@ def make_engine(
 
 
 def _refuse_nul_text(engine: Engine) -> None:
-    """Refuse any text parameter holding a NUL character, on every backend, before it reaches the driver.
+    """Refuse any text parameter holding a NUL character or a lone surrogate, on every backend, before it
+    reaches the driver.
 
-    PostgreSQL cannot store or even compare such text (the driver raises a DataError, which would surface
-    as a server error); SQLite would store it. Either way no valid id, name or value contains one, so the
-    caller gets :class:`InvalidInput` (a 4xx at the HTTP door) and both backends behave the same.
+    PostgreSQL cannot store or even compare text with NUL (the driver raises a DataError, which would surface
+    as a server error); SQLite would store it. No driver can encode a lone surrogate (UnicodeEncodeError).
+    Either way no valid id, name or value contains one, so the caller gets :class:`InvalidInput` (a 4xx at
+    the HTTP door) and both backends behave the same.
     """
 
     @event.listens_for(engine, "before_cursor_execute")
@@ -95,3 +97,15 @@ def _refuse_nul_text(engine: Engine) -> None:
                 if isinstance(value, str) and "\x00" in value:
                     raise InvalidInput(f"text with a NUL character (\\x00) cannot be stored or looked up: "
                                        f"{value[:80]!r}")
+                if isinstance(value, str) and not value.isascii() and not _is_utf8(value):
+                    raise InvalidInput(f"text with a lone surrogate (not valid UTF-8) cannot be stored or looked "
+                                       f"up: {ascii(value[:80])}")
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (not so with a lone surrogate, e.g. from JSON's ``"\\udfff"``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -52,7 +52,7 @@ from .snapshot import SnapshotInfo
 from .space_index import SpaceIndex
 from .tables import create_schema
 from .types import Hit, NewItem, VersionInfo
-from .validation import as_unit_vectors, check_external_ids, check_k, check_metadata, vectors_of
+from .validation import as_unit_vectors, check_external_ids, check_k, check_metadata, check_text, vectors_of
 
 log = logging.getLogger(__name__)
 
@@ -386,6 +386,8 @@ class Gallery:
             check_metadata(meta, eid)
             if uri is not None and not isinstance(uri, str):
                 raise InvalidInput(f"source_uri of {eid!r} must be a str or None, not {type(uri).__name__}")
+            if uri is not None:
+                check_text(uri, f"source_uri of {eid!r}")
         vectors = vectors_of(items, info.embedding_dim, info.space)
         sidx = self._space_index(info.space)
         if not items:

@@ -32,15 +32,46 @@ def check_name(name: object, what: str) -> str:
     return name
 
 
+METADATA_MAX_DEPTH = 32
+"""Deepest nesting of containers (dicts, lists) accepted in item metadata; a flat dict is depth 1.
+
+Deeper metadata is refused at ingest: JSON encoders and decoders recurse (Python's stops near 1,000
+levels, with a ``RecursionError``, i.e. a server error on every later read of the item)."""
+
+METADATA_MAX_BYTES = 64 * 1024
+"""Largest item metadata accepted, in bytes of its compact UTF-8 JSON form
+(``json.dumps(meta, ensure_ascii=False, separators=(",", ":"))``). Metadata travels with every search hit."""
+
+
+def _utf8_problem(text: str) -> str | None:
+    """Why ``text`` cannot be encoded as UTF-8 (a lone surrogate such as ``"\\udfff"``, which ``json.loads``
+    makes of the escape ``"\\\\udfff"``), or None. ASCII, the common case, costs no encoding."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"a lone surrogate {ascii(text[e.start])} at index {e.start}, which is not valid UTF-8"
+    return None
+
+
+def check_text(value: str, what: str) -> str:
+    """Refuse text that cannot be stored and sent back: a NUL character, or not encodable as UTF-8."""
+    if "\x00" in value:  # PostgreSQL text cannot hold NUL (and snapshots use it as a separator)
+        raise InvalidInput(f"{what} {value!r} is invalid: it contains a NUL character")
+    problem = _utf8_problem(value)
+    if problem:
+        raise InvalidInput(f"{what} {ascii(value[:80])} is invalid: it contains {problem}")
+    return value
+
+
 def check_external_ids(ids: Sequence[object]) -> list[str]:
     """Validate external ids and refuse repeats inside the batch."""
     out: list[str] = []
     for eid in ids:
         if not isinstance(eid, str) or not eid or len(eid) > EXTERNAL_ID_LEN:
             raise InvalidInput(f"external id {eid!r} is invalid: expected a non-empty str of <= {EXTERNAL_ID_LEN} chars")
-        if "\x00" in eid:  # PostgreSQL text cannot hold NUL (and snapshots use it as a separator)
-            raise InvalidInput(f"external id {eid!r} is invalid: it contains a NUL character")
-        out.append(eid)
+        out.append(check_text(eid, "external id"))
     repeats = [eid for eid, n in Counter(out).items() if n > 1]
     if repeats:
         raise RepeatedIds(repeats)
@@ -48,25 +79,58 @@ def check_external_ids(ids: Sequence[object]) -> list[str]:
 
 
 def check_metadata(meta: Any, external_id: str) -> None:
-    """Metadata must be strict JSON (no NaN, no NUL characters: PostgreSQL's json type refuses them)."""
+    """Metadata must be strict JSON that can be stored and sent back in any response: no NaN/inf, every
+    string (keys included, at any depth) encodable as UTF-8 and free of NUL (PostgreSQL's json type refuses
+    it), at most :data:`METADATA_MAX_DEPTH` levels deep and :data:`METADATA_MAX_BYTES` in size."""
     if meta is None:
         return
+    who = f"metadata of {external_id!r}"
+    _walk_metadata(meta, who)
     try:
-        text = json.dumps(meta, allow_nan=False)
+        text = json.dumps(meta, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError) as e:
-        raise InvalidInput(f"metadata of {external_id!r} is not JSON-serialisable: {e}") from None
-    if "\\u0000" in text and _has_nul(meta):  # PostgreSQL cannot store it (SQLite could: refuse on both)
-        raise InvalidInput(f"metadata of {external_id!r} contains a NUL character (\\u0000), which cannot be stored")
+        raise InvalidInput(f"{who} is not JSON-serialisable: {e}") from None
+    size = len(text.encode("utf-8"))  # every str was checked encodable above
+    if size > METADATA_MAX_BYTES:
+        raise InvalidInput(f"{who} is too large: {size} bytes as JSON, at most {METADATA_MAX_BYTES}")
 
 
-def _has_nul(x: Any) -> bool:
-    if isinstance(x, str):
-        return "\x00" in x
-    if isinstance(x, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in x.items())
-    if isinstance(x, list | tuple):
-        return any(_has_nul(v) for v in x)
-    return False
+def _walk_metadata(meta: Any, who: str) -> None:
+    """Check depth and strings without recursion, stopping early on huge metadata.
+
+    ``floor`` is a lower bound of the JSON size (a byte per value, a string's length), so metadata is
+    refused as too large as soon as it provably is, before a huge structure is walked (or serialised)
+    whole. A container that contains itself is refused as too deep.
+    """
+    stack: list[tuple[Any, int]] = [(meta, 0)]
+    floor = 0
+    while stack:
+        node, depth = stack.pop()
+        floor += 1
+        if isinstance(node, str):
+            floor += len(node)
+            _check_meta_str(node, who, "value")
+        elif isinstance(node, dict | list | tuple):
+            if depth + 1 > METADATA_MAX_DEPTH:
+                raise InvalidInput(f"{who} is nested deeper than {METADATA_MAX_DEPTH} levels")
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    if isinstance(key, str):
+                        floor += len(key)
+                        _check_meta_str(key, who, "key")
+                    stack.append((value, depth + 1))
+            else:
+                stack.extend((value, depth + 1) for value in node)
+        if floor > METADATA_MAX_BYTES:
+            raise InvalidInput(f"{who} is too large: more than {METADATA_MAX_BYTES} bytes as JSON")
+
+
+def _check_meta_str(text: str, who: str, what: str) -> None:
+    if "\x00" in text:  # PostgreSQL cannot store it (SQLite could: refuse on both)
+        raise InvalidInput(f"{who} contains a NUL character (\\u0000), which cannot be stored")
+    problem = _utf8_problem(text)
+    if problem:
+        raise InvalidInput(f"{who} has a {what} {ascii(text[:80])} with {problem}")
 
 
 def check_k(k: object) -> int:
