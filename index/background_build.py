@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ import faiss
 import numpy as np
 from sqlalchemy import Engine
 
-from . import store
+from . import atomic, store
 from .reconcile import TRAIN_FACTOR, TRAIN_MAX
 from .space_index import Entry, SpaceIndex, make_faiss_index
 
@@ -60,10 +59,7 @@ def report_path(index_dir: Path, space: str) -> Path:
 
 
 def write_report(index_dir: Path, report: BuildReport) -> None:
-    path = report_path(index_dir, report.space)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(report), indent=1))
-    os.replace(tmp, path)
+    atomic.write_bytes(report_path(index_dir, report.space), json.dumps(asdict(report), indent=1).encode())
 
 
 def read_report(index_dir: Path, space: str, factory: str) -> dict | None:

@@ -23,8 +23,6 @@ Choices callers should know:
 from __future__ import annotations
 
 import logging
-import os
-import re
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -36,7 +34,7 @@ import numpy as np
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
-from . import backfill, catalog, store
+from . import atomic, backfill, catalog, store
 from .background_build import IndexBuilder, read_report
 from .db import default_database_url, make_engine
 from .errors import (
@@ -158,7 +156,7 @@ class Gallery:
 
     def _load(self) -> None:
         self.index_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temp_files(self.index_dir)
+        atomic.remove_stale_temp_files(self.index_dir)
         with self._mutex, self.engine.connect() as conn:
             self._versions = {v.version: v for v in catalog.list_versions(conn)}
             dims = catalog.space_dims(conn)
@@ -681,25 +679,3 @@ class Gallery:
         self._check_open()
         with self.engine.begin() as conn:
             return backfill.update_job(conn, job_id, **changes)
-
-
-_TMP_RE = re.compile(r"^\..+\.(\d+)\.tmp$")
-
-
-def _remove_stale_temp_files(index_dir: Path) -> None:
-    """Remove temp files left by a snapshot writer that died (its pid no longer runs)."""
-    for p in index_dir.glob(".*.tmp"):
-        m = _TMP_RE.match(p.name)
-        if not m:
-            continue
-        pid = int(m.group(1))
-        if pid != os.getpid():
-            try:
-                os.kill(pid, 0)
-                continue  # still running (or pid reused): leave it
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
-        p.unlink(missing_ok=True)
-

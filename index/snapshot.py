@@ -10,7 +10,7 @@ Files, all under the gallery's own ``<data_dir>/index/`` (space names are valida
 - ``<space>.json``: format, factory, dim, counts, the *watermark* (the largest vec_id in the snapshot) and
   the sha256 of the two files above; the sidecar carries the sha256 of its own content too.
 
-Each file is written to a temp file, fsynced and moved into place with ``os.replace`` (atomic), the
+Each file is written to a temp file, fsynced and moved into place with ``os.replace`` (:mod:`index.atomic`), the
 sidecar last: it is the commit point of a snapshot. A snapshot is used whole or not at all: the loader
 checks the sidecar's own checksum (and that its bytes are exactly what the writer renders), then each
 file's checksum *before* handing it to a parser (FAISS deserialises whatever it is given), then that the
@@ -25,13 +25,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from . import atomic
 
 log = logging.getLogger(__name__)
 
@@ -98,35 +99,26 @@ def write(index_dir: Path, index: faiss.IndexIDMap2, entries: EntryArrays, info:
     with the files' checksums, as written in the sidecar."""
     index_dir.mkdir(parents=True, exist_ok=True)
     faiss_path, entries_path, meta_path = paths(index_dir, info.space)
-    tmp_index = _tmp(faiss_path)
-    faiss.write_index(index, str(tmp_index))
-    _fsync_file(tmp_index)
-    tmp_entries = _tmp(entries_path)
+    # checksums are taken of the temp files as written (read back from the page cache), not of the objects
+    with atomic.replacing(faiss_path, sync_dir=False) as tmp:
+        faiss.write_index(index, str(tmp))
+        index_sha256 = sha256_file(tmp)
     versions = sorted(set(entries.versions))
     code = {v: i for i, v in enumerate(versions)}
-    with open(tmp_entries, "wb") as f:
-        np.savez(
-            f,
-            vec_ids=entries.vec_ids,
-            item_ids=entries.item_ids,
-            version_codes=np.fromiter((code[v] for v in entries.versions), dtype=np.int32, count=len(entries.versions)),
-            versions=np.frombuffer(json.dumps(versions).encode(), dtype=np.uint8),
-            external_ids=np.frombuffer("\x00".join(entries.external_ids).encode(), dtype=np.uint8),
-        )
-        f.flush()
-        os.fsync(f.fileno())
-    # hashed from the temp files as written (read back from the page cache), not from the objects
-    info = replace(info, format=SNAPSHOT_FORMAT, index_sha256=sha256_file(tmp_index),
-                   entries_sha256=sha256_file(tmp_entries))
-    os.replace(tmp_index, faiss_path)
-    os.replace(tmp_entries, entries_path)
-    tmp_meta = _tmp(meta_path)
-    with open(tmp_meta, "wb") as f:
-        f.write(sidecar_bytes(info))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_meta, meta_path)
-    _fsync_dir(index_dir)
+    with atomic.replacing(entries_path, sync_dir=False) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                vec_ids=entries.vec_ids,
+                item_ids=entries.item_ids,
+                version_codes=np.fromiter((code[v] for v in entries.versions), dtype=np.int32,
+                                          count=len(entries.versions)),
+                versions=np.frombuffer(json.dumps(versions).encode(), dtype=np.uint8),
+                external_ids=np.frombuffer("\x00".join(entries.external_ids).encode(), dtype=np.uint8),
+            )
+        entries_sha256 = sha256_file(tmp)
+    info = replace(info, format=SNAPSHOT_FORMAT, index_sha256=index_sha256, entries_sha256=entries_sha256)
+    atomic.write_bytes(meta_path, sidecar_bytes(info))  # last: the commit point; fsyncs the dir for all three
     return info
 
 
@@ -272,27 +264,3 @@ def new_info(space: str, factory: str, built_factory: str, dim: int, index: fais
         space=space, factory=factory, built_factory=built_factory, dim=dim, ntotal=int(index.ntotal),
         live=live, watermark=int(ids.max()) if len(ids) else 0, created_at=time.time(),
     )
-
-
-def _tmp(path: Path) -> Path:
-    # the pid lets a later open remove temp files of dead writers only
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported everywhere (Windows)
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
