@@ -2,8 +2,9 @@
 
 Public API (imported lazily, so ``import index.errors`` stays cheap and FAISS loads on first use)::
 
-    from index import Gallery, NewItem, VersionInfo, Hit
-    g = Gallery.open(None, data_dir)            # SQLite at <data_dir>/gallery.db
+    from index import Gallery, IndexConfig, NewItem, VersionInfo, Hit
+    g = Gallery.open(None, data_dir)            # SQLite at <data_dir>/gallery.db, a Flat index per space
+    g = Gallery.open(None, data_dir, config=IndexConfig(factory="HNSW32"))
     g.register_version(VersionInfo("v1", space="v1", embedding_dim=128))
     g.add([NewItem("a", vec)], version="v1")
     g.search("v1", queries, k=10)               # -> list[list[Hit]]
@@ -30,6 +31,7 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .backfill import BackfillJobInfo
+    from .config import IndexConfig
     from .db import default_database_url, make_engine
     from .gallery import Gallery
     from .reconcile import ReconcileReport
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "Gallery": "gallery",
+    "IndexConfig": "config",
     "Hit": "types",
     "NewItem": "types",
     "VersionInfo": "types",
@@ -60,6 +63,7 @@ __all__ = [
     "GalleryClosed",
     "GalleryError",
     "Hit",
+    "IndexConfig",
     "InvalidEmbedding",
     "InvalidInput",
     "ItemNotFound",

@@ -28,6 +28,7 @@ import numpy as np
 from sqlalchemy import Engine
 
 from . import atomic, store
+from .config import IndexConfig
 from .reconcile import TRAIN_FACTOR, TRAIN_MAX
 from .space_index import Entry, SpaceIndex, make_faiss_index
 
@@ -107,9 +108,11 @@ class IndexBuilder:
     """Runs at most one background build per space, in a daemon thread. ``lock`` is the gallery's mutation
     mutex: held only to start the delta and to install (replay + swap), never while reading or building."""
 
-    def __init__(self, engine: Engine, index_dir: Path, lock: threading.RLock, *, recall_sample: int = 1000,
-                 recall_k: int = 10, on_installed: Callable[[SpaceIndex], None] | None = None) -> None:
+    def __init__(self, engine: Engine, index_dir: Path, lock: threading.RLock, config: IndexConfig | None = None,
+                 *, recall_k: int = 10, on_installed: Callable[[SpaceIndex], None] | None = None) -> None:
+        """``config``: the gallery's index options (``recall_sample`` is used here); None: the defaults."""
         self.engine, self.index_dir, self.lock = engine, index_dir, lock
+        recall_sample = (config if config is not None else IndexConfig()).recall_sample
         self.recall_sample, self.recall_k = int(recall_sample), int(recall_k)
         self.on_installed = on_installed
         self._threads: dict[str, threading.Thread] = {}

@@ -36,6 +36,7 @@ from sqlalchemy.exc import IntegrityError
 
 from . import atomic, backfill, catalog, store
 from .background_build import IndexBuilder, read_report
+from .config import UNSET, IndexConfig, Unset
 from .db import default_database_url, make_engine
 from .errors import (
     GalleryClosed,
@@ -54,8 +55,6 @@ from .validation import as_unit_vectors, check_external_ids, check_k, check_meta
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SNAPSHOT_EVERY = 100_000
-
 
 class Gallery:
     """Durable FAISS + SQL store of embeddings that knows which model version made each.
@@ -63,36 +62,19 @@ class Gallery:
     Create with :meth:`open`. Thread-safe: any number of threads may search while others mutate.
     """
 
-    def __init__(
-        self,
-        engine: Engine,
-        data_dir: Path,
-        *,
-        index_factory: str = "Flat",
-        snapshot_every: int | None = DEFAULT_SNAPSHOT_EVERY,
-        index_params: str | None = None,
-        min_train: int | None = None,
-        tombstone_fraction: float = 0.2,
-        background_builds: bool = False,
-        recall_sample: int = 1000,
-    ) -> None:
+    def __init__(self, engine: Engine, data_dir: Path, config: IndexConfig | None = None) -> None:
         """Use :meth:`open`; this constructor neither creates tables nor loads indexes."""
         self.engine = engine
         self.data_dir = Path(data_dir)
         self.index_dir = self.data_dir / "index"
-        self.index_factory = index_factory
-        self.snapshot_every = snapshot_every
-        self.index_params = index_params
-        self.min_train = min_train
-        self.tombstone_fraction = tombstone_fraction
-        self.background_builds = background_builds
+        self.config = config if config is not None else IndexConfig()
         self._mutex = threading.RLock()  # serialises mutations (SQL commit + FAISS apply)
         self._versions: dict[str, VersionInfo] = {}
         self._spaces: dict[str, SpaceIndex] = {}
         self._closed = False
         self._items = 0  # items in SQL, kept in step with this process's commits (O(1) for policy checks)
         self.last_open_reports: list[ReconcileReport] = []
-        self._builder = IndexBuilder(engine, self.index_dir, self._mutex, recall_sample=recall_sample,
+        self._builder = IndexBuilder(engine, self.index_dir, self._mutex, self.config,
                                      on_installed=self._maybe_snapshot)
 
     # ------------------------------------------------------------------ lifecycle
@@ -101,52 +83,43 @@ class Gallery:
         cls,
         database_url: str | None,
         data_dir: Path,
-        index_factory: str = "Flat",
-        snapshot_every: int | None = DEFAULT_SNAPSHOT_EVERY,
+        index_factory: str | Unset = UNSET,
+        snapshot_every: int | None | Unset = UNSET,
         *,
-        index_params: str | None = None,
-        min_train: int | None = None,
-        tombstone_fraction: float = 0.2,
+        config: IndexConfig | None = None,
         sqlite_synchronous: str = "FULL",
-        faiss_threads: int | None = None,
-        background_builds: bool = False,
-        recall_sample: int = 1000,
+        index_params: str | None | Unset = UNSET,
+        min_train: int | None | Unset = UNSET,
+        tombstone_fraction: float | Unset = UNSET,
+        faiss_threads: int | None | Unset = UNSET,
+        background_builds: bool | Unset = UNSET,
+        recall_sample: int | Unset = UNSET,
     ) -> Gallery:
         """Open (creating if needed) the gallery at ``database_url`` with snapshots under ``data_dir``.
 
         - ``database_url``: any SQLAlchemy URL; None means SQLite at ``<data_dir>/gallery.db``.
-        - ``index_factory``: FAISS factory string for every space ("Flat", "HNSW32", "IVF1024,Flat", ...),
-          always wrapped in an ``IndexIDMap2`` with inner product. Changing it rebuilds indexes from SQL.
-        - ``snapshot_every``: write a space's snapshot after this many vector changes (None: only on
-          :meth:`snapshot` and :meth:`close`). Snapshots only make reopening faster; SQL is the truth.
-        - ``index_params``: FAISS ParameterSpace string, e.g. "efSearch=128" or "nprobe=32" (None: nprobe=16
-          for IVF, efSearch=128 for HNSW).
-        - ``min_train``: vectors needed before a trainable (IVF) index is trained; until then the space is
-          served by an exact Flat index. None: 39 x nlist.
-        - ``tombstone_fraction``: rebuild an index that cannot remove ids (HNSW) when this share is stale.
-        - ``background_builds``: build approximate indexes (HNSW, IVF) off to the side while the exact staging
-          index (or the previous build) serves, and measure their recall@10 on ``recall_sample`` stored
-          vectors (:mod:`index.background_build`). Otherwise builds and rebuilds happen in the writing call.
-        - ``faiss_threads``: sets FAISS's OpenMP threads (of the calling thread: OpenMP keeps it per thread). Many concurrent single-query
-          searches run faster with 1 thread each than with all of them fighting over OpenMP.
+        - ``config``: the index options (:class:`IndexConfig`; None: its defaults). The keyword arguments
+          ``index_factory``, ``snapshot_every``, ``index_params``, ``min_train``, ``tombstone_fraction``,
+          ``faiss_threads``, ``background_builds`` and ``recall_sample`` are that config's fields by
+          their older names: each one given replaces the field (``index_factory`` is ``factory``,
+          ``index_params`` is ``params``). Snapshots only make reopening faster; SQL is the truth.
+        - ``sqlite_synchronous``: SQLite's ``synchronous`` pragma (:mod:`index.db`).
+        - ``faiss_threads`` sets FAISS's OpenMP threads of the calling thread (OpenMP keeps it per thread).
+          Many concurrent single-query searches run faster with 1 thread each than with all of them
+          fighting over OpenMP.
         """
+        config = (config or IndexConfig()).overridden(
+            index_factory=index_factory, snapshot_every=snapshot_every, index_params=index_params,
+            min_train=min_train, tombstone_fraction=tombstone_fraction, faiss_threads=faiss_threads,
+            background_builds=background_builds, recall_sample=recall_sample,
+        )
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        if faiss_threads is not None:
-            faiss.omp_set_num_threads(int(faiss_threads))
+        if config.faiss_threads is not None:
+            faiss.omp_set_num_threads(int(config.faiss_threads))
         engine = make_engine(database_url or default_database_url(data_dir), sqlite_synchronous=sqlite_synchronous)
         create_schema(engine)
-        g = cls(
-            engine,
-            data_dir,
-            index_factory=index_factory,
-            snapshot_every=snapshot_every,
-            index_params=index_params,
-            min_train=min_train,
-            tombstone_fraction=tombstone_fraction,
-            background_builds=background_builds,
-            recall_sample=recall_sample,
-        )
+        g = cls(engine, data_dir, config)
         try:
             g._load()
         except BaseException:
@@ -165,22 +138,14 @@ class Gallery:
             sidx = self._new_space_index(space, dim)
             self.last_open_reports.append(reconcile(self.engine, sidx, self.index_dir))
             self._spaces[space] = sidx
-            if self.background_builds and not sidx.staging:
+            if self.config.background_builds and not sidx.staging:
                 sidx.last_build = read_report(self.index_dir, space, sidx.factory)
             self._maybe_snapshot(sidx)
             with self._mutex:
                 self._rebuild_if_needed(sidx)
 
     def _new_space_index(self, space: str, dim: int) -> SpaceIndex:
-        return SpaceIndex(
-            space,
-            dim,
-            self.index_factory,
-            params=self.index_params,
-            min_train=self.min_train,
-            tombstone_fraction=self.tombstone_fraction,
-            background=self.background_builds,
-        )
+        return SpaceIndex(space, dim, self.config)
 
     def close(self) -> None:
         """Stop background builds, snapshot every changed space and release the database. Idempotent."""
@@ -449,7 +414,7 @@ class Gallery:
         reason = sidx.needs_rebuild()
         if not reason:
             return
-        if self.background_builds:
+        if self.config.background_builds:
             self._builder.start(sidx, reason)  # no-op while one runs
         else:
             log.info("space %r: rebuilding from SQL: %s", sidx.space, reason)
@@ -461,7 +426,7 @@ class Gallery:
         self._check_open()
         sidx = self._space_index(space)
         with self._mutex:
-            if self.background_builds:
+            if self.config.background_builds:
                 return self._builder.start(sidx, reason)
             reconcile(self.engine, sidx, None)
             return True
@@ -471,7 +436,8 @@ class Gallery:
         return self._builder.wait(timeout)
 
     def _maybe_snapshot(self, sidx: SpaceIndex) -> None:
-        if self.snapshot_every is not None and sidx.changes_since_snapshot >= self.snapshot_every:
+        every = self.config.snapshot_every
+        if every is not None and sidx.changes_since_snapshot >= every:
             sidx.save(self.index_dir)
 
     # ------------------------------------------------------------------ reads

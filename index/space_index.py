@@ -41,6 +41,7 @@ import faiss
 import numpy as np
 
 from . import snapshot
+from .config import IndexConfig
 from .errors import InvalidInput
 from .rwlock import RWLock
 from .snapshot import Entry
@@ -124,22 +125,17 @@ def _search_params(index: faiss.IndexIDMap2, sel: faiss.IDSelector) -> faiss.Sea
 class SpaceIndex:
     """FAISS index + vec_id lookup + tombstones of one space. See the module docstring."""
 
-    def __init__(
-        self,
-        space: str,
-        dim: int,
-        factory: str = "Flat",
-        *,
-        params: str | None = None,
-        min_train: int | None = None,
-        tombstone_fraction: float = 0.2,
-        background: bool = False,
-    ) -> None:
+    def __init__(self, space: str, dim: int, config: IndexConfig | None = None) -> None:
+        """``config``: the gallery's index options (factory, params, min_train, tombstone_fraction,
+        background_builds are used here); None: the defaults."""
+        config = config if config is not None else IndexConfig()
+        factory, params, min_train = config.factory, config.params, config.min_train
+        self.config = config
         self.space = space
         self.dim = int(dim)
         self.factory = normalize_factory(factory)
         self.params = params
-        self.tombstone_fraction = float(tombstone_fraction)
+        self.tombstone_fraction = float(config.tombstone_fraction)
         self.lock = RWLock()
         try:
             probe = make_faiss_index(self.factory, self.dim, params)
@@ -149,7 +145,7 @@ class SpaceIndex:
                 f"{str(e).strip().splitlines()[-1]}"
             ) from None
         self.trainable = not probe.is_trained
-        self.background = bool(background)
+        self.background = bool(config.background_builds)
         exact = isinstance(faiss.downcast_index(probe.index), faiss.IndexFlat)
         # staged: served by the exact Flat index until the real one is built (trained, or off to the side)
         self.uses_staging = self.trainable or (self.background and not exact)
