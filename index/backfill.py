@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import Connection, and_, delete, func, select, update
+from sqlalchemy import Connection, Table, and_, delete, func, select, update
 
 from .errors import InvalidInput, UnknownBackfillJob
 from .tables import BackfillJob, BackfillOrder, BackfillSkip, Embedding, Item, utcnow
@@ -25,11 +25,11 @@ from .types import VersionInfo
 
 JOB_STATUSES = ("pending", "running", "paused", "cancelled", "done", "failed")
 
-jobs_t = BackfillJob.__table__
-items_t = Item.__table__
-emb_t = Embedding.__table__
-order_t = BackfillOrder.__table__
-skips_t = BackfillSkip.__table__
+jobs_t = cast(Table, BackfillJob.__table__)
+items_t = cast(Table, Item.__table__)
+emb_t = cast(Table, Embedding.__table__)
+order_t = cast(Table, BackfillOrder.__table__)
+skips_t = cast(Table, BackfillSkip.__table__)
 
 _CHUNK = 500  # portable bound on IN-list sizes and rows per executemany
 
@@ -137,7 +137,7 @@ def record_skips(conn: Connection, job_id: int, skips: Sequence[tuple[int, str]]
     if not skips:
         return
     ids = [int(i) for i, _ in skips]
-    have = set()
+    have: set[int] = set()
     for s in range(0, len(ids), _CHUNK):
         have.update(int(i) for (i,) in conn.execute(
             select(skips_t.c.item_id).where(skips_t.c.job_id == job_id, skips_t.c.item_id.in_(ids[s : s + _CHUNK]))

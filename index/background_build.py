@@ -96,7 +96,7 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, self_ids: np.ndar
 
     ``approx_ids`` (m, >= k+1) best first; ``exact_ids`` (m, k+1) in any order; ``self_ids`` (m,).
     """
-    hits = 0
+    hits = 0.0
     for a, e, me in zip(approx_ids.tolist(), exact_ids.tolist(), self_ids.tolist(), strict=True):
         a = [v for v in a if v != me and v >= 0][:k]
         e = set(v for v in e if v != me and v >= 0)

@@ -7,9 +7,9 @@ is persisted (settings row ``active_version``) so that restarts and replicas agr
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, Table, func, insert, select, update
 
 from .errors import DimensionMismatch, InvalidInput, UnknownVersion, VersionConflict
 from .tables import ACTIVE_VERSION_KEY, ModelVersion, Setting, utcnow
@@ -85,7 +85,7 @@ def register_version(conn: Connection, info: VersionInfo) -> VersionInfo:
     if dim is not None and dim != info.embedding_dim:
         raise DimensionMismatch(info.embedding_dim, info.space, dim, what=f"version {info.version!r} embedding")
     conn.execute(
-        ModelVersion.__table__.insert().values(
+        cast(Table, ModelVersion.__table__).insert().values(
             version=info.version,
             space=info.space,
             compatible_with=info.compatible_with,

@@ -21,7 +21,9 @@ def alembic_config() -> Config:
 
 def head() -> str:
     """The newest revision shipped with this code."""
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+    rev = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert rev is not None, "the migrations folder has no head revision"
+    return rev
 
 
 def current(engine: Engine) -> str | None:

@@ -192,6 +192,7 @@ class SpaceIndex:
         trained = train is not None and len(train) >= self.min_train
         index = self.empty_index(trained=trained)
         if self.trainable and trained:
+            assert train is not None  # trained implies it
             t0 = time.perf_counter()
             index.train(np.ascontiguousarray(train, dtype=np.float32))
             log.info("space %r: trained %s on %d vectors in %.2fs", self.space, self.factory, len(train),

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
-from sqlalchemy import Connection, bindparam, case, delete, func, select, update
+from sqlalchemy import Connection, Table, bindparam, case, delete, func, select, update
 
 from .errors import DuplicateIds, ItemNotFound
 from .tables import VEC_ID_COUNTER, Counter, Embedding, Item
@@ -22,9 +22,9 @@ from .tables import VEC_ID_COUNTER, Counter, Embedding, Item
 # Portable bound on IN-list sizes (old SQLite builds allow 999 parameters per statement).
 IN_CHUNK = 500
 
-items_t = Item.__table__
-emb_t = Embedding.__table__
-counters_t = Counter.__table__
+items_t = cast(Table, Item.__table__)
+emb_t = cast(Table, Embedding.__table__)
+counters_t = cast(Table, Counter.__table__)
 
 WriteMode = Literal["add", "upsert", "reembed"]
 

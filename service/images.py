@@ -47,8 +47,8 @@ def decode_image(raw: bytes, *, channels: int, size: int, max_pixels: int, what:
                 raise TooLarge(f"{what}: image of {w}x{h} pixels exceeds the limit of {max_pixels}")
             if (w, h) != (size, size):
                 raise BadImage(f"{what}: image is {w}x{h}, the model expects {size}x{size}")
-            im = im.convert("L" if channels == 1 else "RGB")
-            arr = np.asarray(im, dtype=np.uint8)
+            converted = im.convert("L" if channels == 1 else "RGB")
+            arr = np.asarray(converted, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
             Image.DecompressionBombError) as e:
         raise BadImage(f"{what}: not a decodable PNG or JPEG image ({type(e).__name__})") from None

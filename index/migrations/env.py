@@ -37,6 +37,8 @@ def run_migrations_online() -> None:
     from index.db import make_engine
 
     url = os.environ.get("GRACEFUL_DATABASE_URL") or config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError("no database URL: set GRACEFUL_DATABASE_URL or sqlalchemy.url")
     engine = make_engine(url)
     try:
         with engine.connect() as conn:

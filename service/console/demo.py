@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,7 +81,7 @@ def _wait_api(client: GracefulClient, timeout: float = 300) -> None:
 def _search_during_swap(client: GracefulClient, images: np.ndarray, target: str, threads: int = 2) -> dict:
     """Clients search without pause while ``target`` is activated; counts requests, failures, versions."""
     stop = threading.Event()
-    stats = {"requests": 0, "failed": 0, "versions": {}}
+    stats: dict[str, Any] = {"requests": 0, "failed": 0, "versions": {}}
     lock = threading.Lock()
 
     def loop(n: int) -> None:
@@ -304,6 +305,7 @@ def _story(args, client: GracefulClient, test, q_idx, g_idx, models: Path, work:
     if server is not None and args.keep_serving:
         print(f"the service keeps running at {server.url} (pid {server.pid}); Ctrl-C stops it")
         with contextlib.suppress(KeyboardInterrupt):
-            server.proc.wait()
+            if server.proc is not None:
+                server.proc.wait()
     ok = refused is not None and swap["failed"] == 0 and summary["reembedded_by_swap"] == 0
     return 0 if ok else 1

@@ -106,7 +106,7 @@ class SearchPath:
         """Stop taking work; queued searches finish first."""
         self.batcher.close()
 
-    def _run_batch(self, active: ActiveModel, jobs: list[SearchJob]) -> list[SearchResponse]:
+    def _run_batch(self, active: ActiveModel, jobs: Sequence[SearchJob]) -> list[SearchResponse]:
         return run_search_batch(self.gallery, active, jobs, self.metrics)
 
     def arriving(self) -> AbstractContextManager[None]:
