@@ -4,17 +4,41 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+MAX_EXTERNAL_ID = 256
+# An item is fetched and deleted at /v1/items/{external_id}: an id with '/' would be stored but never reached.
+EXTERNAL_ID_PATTERN = r"^[^/]+$"
+
+
+def external_id_problem(eid: str) -> str | None:
+    """Why ``eid`` cannot be an item's external id, or None."""
+    if not 1 <= len(eid) <= MAX_EXTERNAL_ID:
+        return f"external id must be 1-{MAX_EXTERNAL_ID} characters"
+    if "/" in eid:
+        return (f"external id {eid[:80]!r} contains '/': items are read and deleted at /v1/items/{{external_id}}, "
+                "so ids may not contain '/'")
+    return None
+
+
 class IngestItem(_Strict):
-    external_id: str = Field(min_length=1, max_length=256)
+    external_id: str = Field(min_length=1, max_length=MAX_EXTERNAL_ID,
+                             json_schema_extra={"pattern": EXTERNAL_ID_PATTERN})
     image_base64: str = Field(min_length=1)
     metadata: dict[str, Any] | None = None
+
+    @field_validator("external_id")
+    @classmethod
+    def _reachable(cls, v: str) -> str:
+        problem = external_id_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class IngestRequest(_Strict):

@@ -32,6 +32,18 @@ class ModelEntry:
     error: str | None = None
 
 
+def _plausible(version: str) -> bool:
+    """Whether ``version`` can name a folder of the models dir at all (no path, not too long for a file name)."""
+    return 1 <= len(version) <= 128 and "/" not in version and "\0" not in version and version not in (".", "..")
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir() or path.is_symlink()
+    except (OSError, ValueError):  # a name the file system refuses
+        return False
+
+
 class ModelRegistry:
     """Model versions on disk. Thread-safe."""
 
@@ -122,8 +134,8 @@ class ModelRegistry:
         e = self._entries.get(version)
         if e is None or e.error:
             path = self.models_dir / version
-            if "/" in version or version in ("", ".", "..") or not (path.is_dir() or path.is_symlink()):
-                raise ModelNotFound(f"no model version {version[:200]!r} in the models dir")
+            if not _plausible(version) or not _is_folder(path):
+                raise ModelNotFound(f"no model version {version[:128]!r} in the models dir")
             e = self._read(path)
             with self._lock:
                 self._entries[version] = e

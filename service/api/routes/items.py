@@ -6,18 +6,17 @@ one model forward and one SQL transaction, each request still all-or-nothing.
 
 from __future__ import annotations
 
-import json
 from pathlib import PurePath
 
 from fastapi import APIRouter, Request, Response
 
 from index.errors import ItemNotFound
 from service.api.auth import WRITE
-from service.api.bodies import is_multipart, read_form, read_json
+from service.api.bodies import is_multipart, parse_json, read_form, read_json
 from service.api.deps import GalleryDep, IngestDep, SettingsDep
 from service.errors import BadRequest, TooLarge
 from service.images import decode_base64
-from service.schemas import DeleteResponse, IngestRequest, IngestResponse, ItemResponse
+from service.schemas import DeleteResponse, IngestRequest, IngestResponse, ItemResponse, external_id_problem
 from service.serving.deadlines import deadline_in
 from service.serving.ingest import IngestJob
 from service.settings import Settings
@@ -81,19 +80,20 @@ def _check_rows(settings: Settings, rows: list[tuple[str, bytes, dict | None]]) 
 async def ingest(request: Request, settings: SettingsDep, path: IngestDep) -> Response:
     deadline = deadline_in(settings.request_timeout_s)
     with path.arriving():  # the batcher may wait for this request while its body is read
-        rows, upsert = await _read_rows(request)
+        rows, upsert = await _read_rows(request, settings)
         _check_rows(settings, rows)
         pending = path.start(IngestJob(rows, upsert), deadline)
     answer = await pending
     return Response(answer.model_dump_json(), media_type="application/json")
 
 
-async def _read_rows(request: Request) -> tuple[list[tuple[str, bytes, dict | None]], bool]:
+async def _read_rows(request: Request, settings: Settings) -> tuple[list[tuple[str, bytes, dict | None]], bool]:
     """The (external_id, image bytes, metadata) rows of a JSON or multipart ingest body, and its upsert flag."""
     rows: list[tuple[str, bytes, dict | None]] = []
     upsert = False
     if is_multipart(request):
-        files, fields = await read_form(request)
+        n = settings.max_batch_items  # one external_id and one metadata field per file, upsert, and slack
+        files, fields = await read_form(request, max_files=n, max_fields=2 * n + 4, what="an ingest")
         ids = fields.get("external_id", [])
         metas = fields.get("metadata", [])
         if ids and len(ids) != len(files):
@@ -104,15 +104,13 @@ async def _read_rows(request: Request) -> tuple[list[tuple[str, bytes, dict | No
         for i, (name, raw) in enumerate(files):
             eid = ids[i] if ids else PurePath(name).stem
             meta = None
+            problem = external_id_problem(eid)
+            if problem:
+                raise BadRequest(f"file {i}: {problem}")
             if metas:
-                try:
-                    meta = json.loads(metas[i])
-                except json.JSONDecodeError:
-                    raise BadRequest(f"metadata of item {eid!r} is not valid JSON") from None
+                meta = parse_json(metas[i], f"metadata of item {eid!r}")
                 if meta is not None and not isinstance(meta, dict):
                     raise BadRequest(f"metadata of item {eid!r} must be a JSON object")
-            if not eid or len(eid) > 256:
-                raise BadRequest(f"file {i}: external id must be 1-256 characters")
             rows.append((eid, raw, meta))
     else:
         body = await read_json(request, IngestRequest)

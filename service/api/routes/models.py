@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 from fastapi.concurrency import run_in_threadpool
 
 from service.api.auth import WRITE
@@ -13,6 +15,11 @@ from service.observability import Metrics
 from service.schemas import ActivationResponse, ActiveResponse, ErrorResponse, ModelInfo, ModelsResponse
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+
+# A version is a model folder's name: 1-128 letters, digits, '.', '_' or '-', starting alphanumeric (the rule
+# trainer applies to the cards it writes); anything else is refused before the models dir is looked at.
+Version = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                              description="a model version (the name of its folder in the models dir)")]
 
 # What GET /v1/models/active shows of a card: what a client needs to use the model, not how or where it was
 # trained (the card's train_config holds local paths).
@@ -54,11 +61,11 @@ def _done(metrics: Metrics, r: ActivationResult) -> ActivationResponse:
 @router.post("/{version}/activate", response_model=ActivationResponse, dependencies=WRITE,
              responses={409: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
              summary="Hot-swap to a version (refused with 409 if its embeddings are incompatible with the gallery)")
-async def activate(version: str, swap: SwapDep, metrics: MetricsDep) -> ActivationResponse:
+async def activate(version: Version, swap: SwapDep, metrics: MetricsDep) -> ActivationResponse:
     try:
         result = await run_in_threadpool(swap.activate, version)
     except IncompatibleModel:
-        metrics.activations.labels(version=version[:128], outcome="refused").inc()
+        metrics.activations.labels(version=version, outcome="refused").inc()
         raise
     return _done(metrics, result)
 

@@ -18,6 +18,9 @@ from service.serving.search import ImageQuery, ItemQuery, Query, VectorQuery
 
 router = APIRouter(prefix="/v1", tags=["search"])
 
+# A multipart search is one image and a few fields (k; room for what clients add): parsing stops past these.
+MAX_SEARCH_FIELDS = 8
+
 _COMMON = {
     "k": {"type": "integer", "minimum": 1, "default": 10, "description": "hits wanted (at most GRACEFUL_MAX_K)"},
     "include_metadata": {"type": "boolean", "default": True,
@@ -69,7 +72,7 @@ async def search(request: Request, settings: SettingsDep, path: SearchDep) -> Re
 async def _parse(request: Request, max_k: int) -> Query:
     """The query of a JSON or multipart search body (domain errors name what is wrong)."""
     if is_multipart(request):
-        files, fields = await read_form(request)
+        files, fields = await read_form(request, max_files=1, max_fields=MAX_SEARCH_FIELDS, what="a search")
         if len(files) != 1:
             raise BadRequest(f"multipart search needs exactly one image file, got {len(files)}")
         try:

