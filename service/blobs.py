@@ -29,7 +29,7 @@ class BlobStore:
         digest = hashlib.sha256(data).hexdigest()
         path = self._path(digest)
         if not path.exists():
-            path.parent.mkdir(exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)  # the blobs folder may have been removed
             tmp = path.with_name(f".{digest}.{os.getpid()}.tmp")
             with open(tmp, "wb") as f:
                 f.write(data)

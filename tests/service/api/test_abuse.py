@@ -154,6 +154,15 @@ def test_hostile_json_and_path_parameters_get_4xx_not_500(make_server, tiny_test
 
 
 # ---------------------------------------------------------------------------------------------- finding 6
+def test_ingest_recreates_a_blobs_folder_removed_while_serving(make_server, tiny_test, tmp_path):
+    server = make_server().start()
+    c = server.client
+    assert c.post("/v1/items", json={"items": item_payload(tiny_test, [0])}, headers=H).status_code == 200
+    shutil.rmtree(tmp_path / "data" / "blobs")
+    payload = item_payload(tiny_test, [1])
+    r = c.post("/v1/items", json={"items": payload}, headers=H)
+    assert r.status_code == 200, r.text
+    assert _blob_of(payload[0]["image_base64"], tmp_path / "data").is_file()
 
 
 # ---------------------------------------------------------------------------------------------- finding 7
