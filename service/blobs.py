@@ -2,7 +2,9 @@
 
 Content-addressed files under ``<data_dir>/blobs/ab/abcdef...``; the item's ``source_uri`` is
 ``blob:<sha256>``. A blob is written and fsynced *before* the SQL transaction that references it commits,
-so an acknowledged item always has its source; a blob whose transaction failed is harmless garbage.
+so an acknowledged item always has its source. The ingest path removes the blobs of a write that failed,
+and of deleted items, once no stored item references them (:mod:`service.serving.ingest`). The folders are
+made again when missing (say, removed while serving).
 """
 
 from __future__ import annotations
@@ -37,6 +39,16 @@ class BlobStore:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         return SCHEME + digest
+
+    def delete(self, uri: str) -> bool:
+        """Remove the bytes behind a ``blob:`` URI of ours; False if it is not one or is already gone."""
+        if not uri.startswith(SCHEME) or not _HEX.match(uri[len(SCHEME):]):
+            return False
+        try:
+            self._path(uri[len(SCHEME):]).unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def exists(self, uri: str) -> bool:
         """Whether the bytes behind a ``blob:`` URI of ours are here (a stat, no read)."""

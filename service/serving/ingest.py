@@ -6,6 +6,12 @@ external id, or one collides with a stored item) each request is written on its 
 answer. Every item's source bytes are kept before the transaction that references them commits (see
 :mod:`service.blobs`); their fsyncs are issued in parallel, which the file system commits as a group.
 
+Sources are kept for what is stored and nothing else: the bytes of a request refused at decoding are never
+written, those of a request whose write is refused are removed right after (unless a stored item has the
+same bytes: blobs are content-addressed), and :meth:`IngestPath.delete` removes a deleted item's bytes once
+no other item references them. Blob writes up to the commit, and the check-then-remove, hold one lock, so a
+removal never races an ingest of the same bytes in this process.
+
 Hot swap: the batch's key is the model the requests captured when they started. The writes happen under
 the registry's swap read lock, so an activation's check-and-swap cannot interleave; if the active model
 changed meanwhile to another embedding space (possible only over an empty or fully backfilled gallery),
@@ -15,16 +21,20 @@ the request is refused with 409 rather than writing into a space the gallery no 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable, Sequence
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from sqlalchemy import select
 
 from index import Gallery, NewItem
 from index.errors import GalleryError
+from index.tables import Item
 from service.blobs import BlobStore
 from service.errors import IncompatibleModel, NoActiveModel
 from service.images import decode_image
@@ -33,6 +43,8 @@ from service.observability import Metrics
 from service.schemas import IngestResponse
 from service.serving.batching import BatchBounds, MicroBatcher
 from service.serving.deadlines import result_within
+
+log = logging.getLogger(__name__)
 
 # Parallel fsyncs of source blobs: the file system batches concurrent fsyncs into one journal commit
 # (measured here: 4 ms per file one by one, 0.1 ms per file with 8 in flight).
@@ -58,6 +70,7 @@ class IngestPath:
         self.gallery, self.swap, self.blobs, self.metrics = gallery, swap, blobs, metrics
         self.max_image_pixels, self.keep_sources = max_image_pixels, keep_sources
         self._pool = ThreadPoolExecutor(_BLOB_WRITERS, thread_name_prefix="blob-writer")
+        self._sources = threading.Lock()  # blob writes up to their commit; a blob's check-then-remove
         self.batcher: MicroBatcher = MicroBatcher(
             "ingest", self._run_batch, max_size=bounds.max_size, max_wait_s=bounds.max_wait_s,
             max_queue=bounds.max_queue, on_start=bounds.on_start, size_of=len,
@@ -95,8 +108,6 @@ class IngestPath:
                     f"the active model changed from {captured.version} (space {captured.space!r}) to "
                     f"{active.version} (space {active.space!r}) while this ingest waited; nothing was stored: "
                     f"send it again", candidate=active.version)] * len(jobs)
-            # the source files are written (and fsynced) while the images are decoded and embedded
-            sources = self._keep_sources([raw for job in jobs for _, raw, _ in job.rows])
             images: list[np.ndarray] = []
             ok: list[int] = []
             for i, job in enumerate(jobs):
@@ -107,31 +118,11 @@ class IngestPath:
                         for eid, raw, _ in job.rows
                     ]))
                     ok.append(i)
-                except Exception as e:  # a bad image fails its own request only
+                except Exception as e:  # a bad image fails its own request only (and keeps no bytes)
                     out[i] = e
             if ok:
-                vectors = captured.embed(np.concatenate(images))  # (sum of rows, d) float32
-                uris = sources()
-                start = np.cumsum([0] + [len(job.rows) for job in jobs])  # each job's first row in ``uris``
-                items: dict[int, list[NewItem]] = {}
-                pos = 0
-                for i in ok:
-                    items[i] = [NewItem(external_id=eid, vector=vectors[pos + r], metadata=meta,
-                                        source_uri=uris[start[i] + r])
-                                for r, (eid, _, meta) in enumerate(jobs[i].rows)]
-                    pos += len(jobs[i].rows)
-                write = self.gallery.upsert if upsert else self.gallery.add
-                try:
-                    write([it for i in ok for it in items[i]], captured.version)
-                except GalleryError as e:
-                    if len(ok) == 1:
-                        out[ok[0]] = e
-                    else:  # refused as a group: write each on its own, so each gets its own answer
-                        for i in ok:
-                            try:
-                                write(items[i], captured.version)
-                            except GalleryError as e1:
-                                out[i] = e1
+                with self._sources:
+                    self._write(captured, upsert, jobs, ok, np.concatenate(images), out)
         stored = [i for i in range(len(jobs)) if out[i] is None]
         self.metrics.embedded.labels(version=captured.version, purpose="ingest").inc(
             sum(len(jobs[i].rows) for i in stored))
@@ -140,18 +131,111 @@ class IngestPath:
                                     stored=[r[0] for r in jobs[i].rows], count=len(jobs[i].rows))
         return out  # type: ignore[return-value]
 
-    def _keep_sources(self, raws: list[bytes]) -> Callable[[], list[str | None]]:
-        """Start writing ``raws`` as blobs; returns the function that waits for them and gives their URIs.
-        (A blob of a request that then fails is unreferenced garbage, harmless: see service.blobs.)"""
+    def _write(self, captured: ActiveModel, upsert: bool, jobs: Sequence[IngestJob], ok: list[int],
+               images: np.ndarray, out: list[IngestResponse | Exception | None]) -> None:
+        """Keep the sources of the decoded jobs ``ok`` (written while ``images`` are embedded), write their
+        items, and record each refused job's error in ``out``. Sources no stored item references (a refused
+        job's, an upsert's replaced ones) are removed before returning. Holds the sources lock."""
+        rows = [r for i in ok for r in jobs[i].rows]
+        sources = self._keep_sources([raw for _, raw, _ in rows])
+        uris: list[str | None] = []
+        before: dict[str, str | None] = {}
+        failed = True
+        try:
+            if upsert and self.keep_sources:  # the bytes an upsert replaces may become unreferenced
+                before = {eid: rec.source_uri for eid, rec in self.gallery.get_items([r[0] for r in rows]).items()}
+            vectors = captured.embed(images)  # (rows, d) float32
+            uris = sources()
+            items: dict[int, list[NewItem]] = {}
+            for i, first in _spans(jobs, ok):
+                items[i] = [NewItem(external_id=eid, vector=vectors[first + r], metadata=meta,
+                                    source_uri=uris[first + r])
+                            for r, (eid, _, meta) in enumerate(jobs[i].rows)]
+            write = self.gallery.upsert if upsert else self.gallery.add
+            try:
+                write([it for i in ok for it in items[i]], captured.version)
+            except GalleryError as e:
+                if len(ok) == 1:
+                    out[ok[0]] = e
+                else:  # refused as a group: write each on its own, so each gets its own answer
+                    for i in ok:
+                        try:
+                            write(items[i], captured.version)
+                        except GalleryError as e1:
+                            out[i] = e1
+            failed = False
+        finally:
+            if self.keep_sources:
+                if not uris:  # failed before they were waited for: their writes must settle before removals
+                    uris = sources(missing_ok=True)
+                # what was stored keeps its bytes; after an unexpected error, the SQL check alone decides
+                kept = set() if failed else {u for i, first in _spans(jobs, ok) if out[i] is None
+                                             for u in uris[first : first + len(jobs[i].rows)]}
+                dropped = {u for u in (*uris, *before.values()) if u is not None} - kept
+                if dropped:
+                    self._drop_unreferenced(dropped)
+
+    def _referenced(self, uris: Collection[str]) -> set[str]:
+        """Which of ``uris`` some stored item has as its source (one SQL query; index/ has no lookup by
+        source, so this reads its items table directly)."""
+        found: set[str] = set()
+        listed = list(uris)
+        with self.gallery.engine.connect() as conn:
+            for s in range(0, len(listed), 500):
+                rows = conn.execute(select(Item.source_uri).where(Item.source_uri.in_(listed[s : s + 500])).distinct())
+                found.update(u for (u,) in rows if u is not None)
+        return found
+
+    def _drop_unreferenced(self, uris: Iterable[str]) -> int:
+        """Remove the blobs of ``uris`` that no stored item references. The caller holds the sources lock."""
+        uris = set(uris)
+        gone = 0
+        try:
+            for uri in uris - self._referenced(uris):
+                gone += self.blobs.delete(uri)
+        except Exception:  # a leftover blob is garbage, never an error for the request
+            log.exception("could not remove %d unreferenced source blobs", len(uris))
+        return gone
+
+    def delete(self, external_ids: Sequence[str]) -> int:
+        """Delete items (``Gallery.delete``: unknown ids raise ItemNotFound, nothing deleted), then remove
+        their source bytes that no remaining item references. Returns how many items were deleted."""
+        records = self.gallery.get_items(external_ids)
+        n = self.gallery.delete(external_ids)
+        uris = {rec.source_uri for rec in records.values() if rec.source_uri is not None}
+        if uris:
+            with self._sources:
+                self._drop_unreferenced(uris)
+        return n
+
+    def _keep_sources(self, raws: list[bytes]) -> Callable[..., list[str | None]]:
+        """Start writing ``raws`` as blobs; returns the function that waits for them and gives their URIs
+        (``missing_ok=True``: None for a blob whose write failed, instead of raising)."""
         if not self.keep_sources:
-            return lambda: [None] * len(raws)
+            return lambda missing_ok=False: [None] * len(raws)
         # one write per distinct content (the store is content-addressed; two writers of one blob would race)
         digests = [hashlib.sha256(r).digest() for r in raws]
         unique = dict(zip(digests, raws, strict=True))
         futures = {d: self._pool.submit(self.blobs.put, r) for d, r in unique.items()}
 
-        def wait() -> list[str | None]:
-            uri_of = {d: f.result() for d, f in futures.items()}
+        def wait(missing_ok: bool = False) -> list[str | None]:
+            uri_of: dict[bytes, str | None] = {}
+            for d, f in futures.items():
+                try:
+                    uri_of[d] = f.result()
+                except Exception:
+                    if not missing_ok:
+                        raise
+                    uri_of[d] = None
             return [uri_of[d] for d in digests]
 
         return wait
+
+
+def _spans(jobs: Sequence[IngestJob], ok: list[int]) -> list[tuple[int, int]]:
+    """``(job index, position of its first row)`` of the jobs ``ok``, their rows laid end to end."""
+    out, pos = [], 0
+    for i in ok:
+        out.append((i, pos))
+        pos += len(jobs[i].rows)
+    return out

@@ -130,7 +130,8 @@ def get_item(external_id: str, gallery: GalleryDep) -> ItemResponse:
                         updated_at=rec.updated_at.isoformat())
 
 
-@router.delete("/{external_id}", response_model=DeleteResponse, dependencies=WRITE, summary="Delete one item")
-def delete_item(external_id: str, gallery: GalleryDep) -> DeleteResponse:
-    gallery.delete([external_id])
+@router.delete("/{external_id}", response_model=DeleteResponse, dependencies=WRITE,
+               summary="Delete one item (and its kept source bytes, unless another item has the same bytes)")
+def delete_item(external_id: str, path: IngestDep) -> DeleteResponse:
+    path.delete([external_id])
     return DeleteResponse(deleted=external_id)

@@ -166,6 +166,46 @@ def test_ingest_recreates_a_blobs_folder_removed_while_serving(make_server, tiny
 
 
 # ---------------------------------------------------------------------------------------------- finding 7
+def test_no_source_bytes_are_kept_for_refused_ingests_or_deleted_items(make_server, tiny_test, tmp_path):
+    server = make_server().start()
+    c = server.client
+    data = tmp_path / "data"
+    good = item_payload(tiny_test, [0, 1, 2])
+    bad = {"external_id": "bad", "image_base64": base64.b64encode(b"junk").decode()}
+    # refused: one undecodable image among good ones (422)
+    r = c.post("/v1/items", json={"items": [good[0], bad]}, headers=H)
+    assert r.status_code == 422, r.text
+    # refused: an item with an unreadable image in a multipart body (422)
+    body, headers = _multipart([("files", "m1.png", base64.b64decode(good[1]["image_base64"])),
+                                ("files", "m2.png", b"junk")])
+    assert c.post("/v1/items", content=body, headers={**headers, **H}).status_code == 422
+    assert _blob_files(data) == []
+    # refused: an id that is already stored (409): the new bytes go, the stored item's stay
+    assert c.post("/v1/items", json={"items": [good[0]]}, headers=H).status_code == 200
+    assert _blob_files(data) == [_blob_of(good[0]["image_base64"], data)]
+    dup = {**good[1], "external_id": good[0]["external_id"]}
+    r = c.post("/v1/items", json={"items": [good[2], dup]}, headers=H)
+    assert r.status_code == 409, r.text
+    same_bytes = {**good[0], "external_id": "g0-again"}
+    assert c.post("/v1/items", json={"items": [same_bytes, good[0]]}, headers=H).status_code == 409
+    assert _blob_files(data) == [_blob_of(good[0]["image_base64"], data)]
+    # DELETE removes the item's bytes
+    assert c.delete(f"/v1/items/{good[0]['external_id']}", headers=H).status_code == 200
+    assert _blob_files(data) == []
+    # two items with the same bytes share a blob: it goes with the last of them
+    twins = [{**good[1], "external_id": "twin1"}, {**good[1], "external_id": "twin2"}]
+    assert c.post("/v1/items", json={"items": twins}, headers=H).status_code == 200
+    blob = _blob_of(good[1]["image_base64"], data)
+    assert _blob_files(data) == [blob]
+    assert c.delete("/v1/items/twin1", headers=H).status_code == 200
+    assert blob.is_file()
+    assert c.delete("/v1/items/twin2", headers=H).status_code == 200
+    assert not blob.exists()
+    # an upsert that replaces an item's bytes drops the old ones
+    assert c.post("/v1/items", json={"items": [good[2]]}, headers=H).status_code == 200
+    replaced = {**good[1], "external_id": good[2]["external_id"]}
+    assert c.post("/v1/items", json={"items": [replaced], "upsert": True}, headers=H).status_code == 200
+    assert _blob_files(data) == [_blob_of(good[1]["image_base64"], data)]
 
 
 # ---------------------------------------------------------------------------------------------- finding 8
