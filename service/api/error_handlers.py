@@ -8,6 +8,7 @@ answer is ``{"detail": "..."}``; an unexpected error is logged and answered 500 
 from __future__ import annotations
 
 import logging
+import os
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -55,9 +56,23 @@ def status_of(exc: Exception) -> int:
     return 500
 
 
+def redact(request: Request, detail: str) -> str:
+    """``detail`` without the server's own folders (models dir, data dir): a client learns names, not where
+    they live. The registry already words its errors so; this catches any other error quoting a path."""
+    parts = getattr(request.app.state, "parts", None)
+    if parts is None:
+        return detail
+    roots: set[str] = set()
+    for folder in (parts.settings.models_dir, parts.settings.data_dir):
+        roots.update({str(folder.resolve()), str(folder.absolute())})
+    for root in sorted(roots, key=len, reverse=True):
+        detail = detail.replace(root + os.sep, "").replace(root, "<server folder>")
+    return detail
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def domain_error(request: Request, exc: Exception) -> JSONResponse:
-        body: dict = {"detail": str(exc)}
+        body: dict = {"detail": redact(request, str(exc))}
         if isinstance(exc, serr.IncompatibleModel) and exc.candidate:
             body["backfill_report"] = backfill_report_url(exc.candidate)
         return JSONResponse(body, status_code=status_of(exc))

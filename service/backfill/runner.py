@@ -300,8 +300,8 @@ class BackfillRunner:
                 try:
                     with self._cond:
                         if self.gallery.get_backfill_job(job.id).status == "running":
-                            self.gallery.update_backfill_job(job.id, status="failed",
-                                                             error=f"{type(e).__name__}: {e}")
+                            self.gallery.update_backfill_job(
+                                job.id, status="failed", error=self.registry.public(f"{type(e).__name__}: {e}"))
                 except Exception:  # the job stays running in SQL: it is retried on the next turn
                     log.exception("backfill job %d: cannot record the failure", job.id)
                     with self._cond:
@@ -324,10 +324,10 @@ class BackfillRunner:
             job = self.gallery.get_backfill_job(job_id)
             return job if job.status == "running" else None
 
-    def _finish(self, job_id: int, status: str, done: int, total: int) -> None:
+    def _finish(self, job_id: int, status: str, done: int, total: int, error: str | None = None) -> None:
         with self._cond:
             if self.gallery.get_backfill_job(job_id).status == "running":
-                self.gallery.update_backfill_job(job_id, status=status, done=done, total=total)
+                self.gallery.update_backfill_job(job_id, status=status, done=done, total=total, error=error)
             else:
                 self.gallery.update_backfill_job(job_id, done=done, total=total)
 
@@ -407,6 +407,15 @@ class BackfillRunner:
                     batch = self._load(rows, candidate, prep, live)
                 if batch.size == 0:
                     done, total = self.gallery.backfill_progress(candidate)
+                    n_skip = self.gallery.backfill_skips(job.id, 0)[0]
+                    if n_skip and not live.reembedded:
+                        # nothing was re-embedded though items were pending: not "done" (nothing was)
+                        why = (f"no item had a usable source ({n_skip} skipped): nothing was re-embedded; "
+                               "see skipped_examples, ingest the items again (or keep sources), then start a "
+                               "new job")
+                        log.warning("backfill job %d: %s", job.id, why)
+                        self._finish(job.id, "failed", done, total, error=why)
+                        return
                     log.info("backfill job %d: complete, %d/%d embedded by %s", job.id, done, total, candidate)
                     self._finish(job.id, "done", done, total)
                     return

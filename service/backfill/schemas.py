@@ -37,7 +37,8 @@ class BackfillJobResponse(BaseModel):
     id: int
     candidate: str
     space: str
-    status: str = Field(description="pending, running, paused, cancelled, done or failed")
+    status: str = Field(description="pending, running, paused, cancelled, done or failed (also when every item "
+                                    "it had to re-embed was skipped: then error says so)")
     phase: str | None = Field(None, description="while running: ordering or embedding")
     policy: Policy
     rate_limit: float | None

@@ -10,6 +10,7 @@ next to it. Reads (``survey``, ``known``) never write to the catalog; ``scan`` a
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,16 @@ class ModelRegistry:
         self._registered: set[str] = set()
         self._lock = threading.Lock()
 
+    def public(self, message: str) -> str:
+        """``message`` without the models dir's location: a client learns folder names, not where they live
+        (trainer's errors name whole paths)."""
+        roots = {str(self.models_dir.resolve()), str(self.models_dir.absolute())}
+        for root in sorted(roots, key=len, reverse=True):
+            message = message.replace(root + os.sep, "").replace(root, "the models dir")
+        if not self.models_dir.is_absolute() and str(self.models_dir) not in ("", "."):
+            message = message.replace(str(self.models_dir) + os.sep, "")
+        return message
+
     def _inside_models_dir(self, path: Path) -> bool:
         root = self.models_dir.resolve()
         try:
@@ -79,7 +90,7 @@ class ModelRegistry:
                 read_card(adapter_base_folder(path, card))  # its new model must be here (and a valid version)
             entry.card = card
         except ModelCardError as e:
-            entry.error = str(e)
+            entry.error = self.public(str(e))
         return entry
 
     def _register(self, entry: ModelEntry) -> ModelEntry:
@@ -94,7 +105,7 @@ class ModelRegistry:
             ))
             self._registered.add(entry.version)
         except GalleryError as e:
-            entry.card, entry.error = None, str(e)
+            entry.card, entry.error = None, self.public(str(e))
         return entry
 
     def _folders(self) -> list[Path]:

@@ -209,5 +209,40 @@ def test_no_source_bytes_are_kept_for_refused_ingests_or_deleted_items(make_serv
 
 
 # ---------------------------------------------------------------------------------------------- finding 8
+def test_error_details_do_not_show_the_models_dir(make_server, tmp_path):
+    broken = tmp_path / "models" / "broken"
+    broken.mkdir()
+    (broken / "card.json").write_text('{"version": "broken"}')
+    server = make_server().start()
+    c = server.client
+    secret = str(tmp_path)
+    answers = [
+        c.post("/v1/models/broken/activate", headers=H),
+        c.post("/v1/models/nothere/activate", headers=H),
+        c.post("/v1/backfill", json={"candidate": "broken"}, headers=H),
+        c.get("/v1/backfill/report", params={"candidate": "broken"}),
+        c.get("/v1/models"),
+    ]
+    for r in answers[:4]:
+        assert 400 <= r.status_code < 500, r.text
+    for r in answers:
+        assert secret not in r.text, r.text
+    listed = {m["version"]: m for m in answers[4].json()["models"]}
+    assert listed["broken"]["valid"] is False and "card.json" in listed["broken"]["error"]
 
 
+def test_a_backfill_that_re_embedded_nothing_does_not_end_done(make_server, tiny_test, tmp_path):
+    server = make_server().start()
+    c = server.client
+    payload = item_payload(tiny_test, [0, 1, 2])
+    assert c.post("/v1/items", json={"items": payload}, headers=H).status_code == 200
+    # nothing pending: done
+    job = c.post("/v1/backfill", json={"candidate": "v1"}, headers=H).json()
+    assert _wait_job(c, job["id"])["status"] == "done"
+    for p in payload:  # every source is lost
+        _blob_of(p["image_base64"], tmp_path / "data").unlink()
+    job = c.post("/v1/backfill", json={"candidate": "v2"}, headers=H).json()
+    job = _wait_job(c, job["id"])
+    assert job["status"] != "done", job
+    assert job["skipped"] == 3
+    assert "no item had a usable source (3 skipped)" in (job["error"] or ""), job
