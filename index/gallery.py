@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ import numpy as np
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
-from . import atomic, backfill, catalog, store
+from . import atomic, backfill, catalog, filters, store
+from . import items as item_sql
 from .background_build import IndexBuilder, read_report
 from .config import UNSET, IndexConfig, Unset
 from .db import default_database_url, make_engine
@@ -46,6 +47,7 @@ from .errors import (
     UnknownSpace,
     VersionConflict,
 )
+from .filters import MetadataFilter
 from .reconcile import ReconcileReport, reconcile
 from .snapshot import SnapshotInfo
 from .space_index import SpaceIndex
@@ -54,6 +56,11 @@ from .types import Hit, NewItem, VersionInfo
 from .validation import as_unit_vectors, check_external_ids, check_k, check_metadata, check_text, vectors_of
 
 log = logging.getLogger(__name__)
+
+EXACT_FILTERED_MAX = 10_000
+"""A filtered search of an approximate index (HNSW, IVF) whose filter matches at most this many vectors is
+answered exactly from the matching vectors in SQL: an approximate index walked with a selective filter
+visits few allowed vectors and could return fewer than ``k``. Larger matching sets go through FAISS."""
 
 
 class Gallery:
@@ -251,19 +258,26 @@ class Gallery:
         with self.engine.connect() as conn:
             return catalog.get_active(conn)
 
-    def set_active_version(self, version: str, *, rollback: bool = False) -> VersionInfo:
+    def set_active_version(self, version: str, *, rollback: bool = False,
+                           note: dict[str, Any] | None = None) -> VersionInfo:
         """Persist ``version`` as the active one (and in the activation history; ``rollback=True`` pops the
-        current entry instead, ``version`` must be the one before it). Policy (space compatibility) is the
-        caller's."""
+        current entry instead, ``version`` must be the one before it). ``note`` (JSON-able) is kept in the
+        activation log with it. Policy (space compatibility) is the caller's."""
         self._check_open()
         with self._mutex:
             with self.engine.begin() as conn:
                 previous = catalog.get_active(conn)
-                info = catalog.set_active(conn, version, rollback=rollback)
+                info = catalog.set_active(conn, version, rollback=rollback, note=note)
             self._versions[version] = info
             if previous is not None and previous != version and previous in self._versions:
                 self.get_version(previous)
             return info
+
+    def activation_log(self) -> list[dict[str, Any]]:
+        """Every activation, oldest first: version, time (ISO), rollback, and the note it was given."""
+        self._check_open()
+        with self.engine.connect() as conn:
+            return catalog.activation_log(conn)
 
     def activation_history(self) -> list[str]:
         """Versions activated so far, oldest first (the last is the active one); persisted in SQL."""
@@ -442,13 +456,25 @@ class Gallery:
 
     # ------------------------------------------------------------------ reads
     def search(
-        self, space: str, vectors: np.ndarray, k: int, *, version: str | None = None
+        self,
+        space: str,
+        vectors: np.ndarray,
+        k: int,
+        *,
+        version: str | None = None,
+        filter: MetadataFilter | Mapping[str, Any] | None = None,  # noqa: A002 - the API's word
     ) -> list[list[Hit]]:
         """Top-``k`` items of ``space`` for each query, best first (cosine score, the item's ``embedded_by``).
 
         ``vectors``: (n, d) or (d,) floats, L2-normalised here. ``version``, if given, is the model that
         embedded the queries: its space must be ``space`` (else :class:`SpaceMismatch`). Returns n lists
-        of at most ``k`` hits (fewer when the space holds fewer items). Never touches SQL.
+        of at most ``k`` hits (fewer when the space holds fewer items). Without a filter, never touches SQL.
+
+        ``filter``: a :class:`~index.filters.MetadataFilter` or its JSON form (``{"label": 3, "color":
+        {"in": ["red", "blue"]}}``; bad ones raise :class:`InvalidInput`). The matching vec_ids are read
+        from SQL (one query) and FAISS searches only those (an ``IDSelector``), so an exact index returns
+        ``min(k, matching items)`` hits. An approximate index answers a filter matching at most
+        :data:`EXACT_FILTERED_MAX` vectors exactly from their stored vectors, a larger one through FAISS.
         """
         self._check_open()
         sidx = self._space_index(space)
@@ -457,8 +483,82 @@ class Gallery:
             if info.space != space:
                 raise SpaceMismatch(version, info.space, space)
         k = check_k(k)
+        flt = MetadataFilter.parse(filter)
         queries = as_unit_vectors(vectors, sidx.dim, space, what="query")
-        return sidx.search(queries, k)
+        if flt is None:
+            return sidx.search(queries, k)
+        return self._search_filtered(sidx, queries, k, flt)
+
+    def _search_filtered(self, sidx: SpaceIndex, queries: np.ndarray, k: int, flt: MetadataFilter) -> list[list[Hit]]:
+        """See :meth:`search`: FAISS over the allowed vec_ids; exact from SQL for small matching sets of an
+        approximate index, and for any query an approximate index answered with fewer than k hits."""
+        with self.engine.connect() as conn:
+            allowed = filters.matching_vec_ids(conn, sidx.space, flt)
+            if len(allowed) == 0 or len(queries) == 0:
+                return [[] for _ in range(len(queries))]
+            if not sidx.exact and len(allowed) <= EXACT_FILTERED_MAX:
+                _, entries, vectors = filters.matching_rows(conn, sidx.space, flt, sidx.dim)
+                return _exact_hits(queries, k, entries, vectors)
+        hits = sidx.search(queries, k, allowed=allowed)
+        want = min(k, len(allowed))
+        short = [i for i, row in enumerate(hits) if len(row) < want]
+        if short and not sidx.exact:
+            log.debug("space %r: %d filtered queries short of %d hits: answered exactly", sidx.space, len(short), want)
+            with self.engine.connect() as conn:
+                _, entries, vectors = filters.matching_rows(conn, sidx.space, flt, sidx.dim)
+            for i, row in zip(short, _exact_hits(queries[short], k, entries, vectors), strict=True):
+                hits[i] = row
+        return hits
+
+    def scroll(self, after: str | None = None, limit: int = 100) -> list[store.ItemRecord]:
+        """One page of items in external-id order (the database's): up to ``limit`` (1 to
+        :data:`index.items.MAX_SCROLL`) items whose external id sorts after ``after`` (None: from the first).
+        Pass the last id of a page as the next page's ``after``; a page shorter than ``limit`` is the last."""
+        self._check_open()
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= item_sql.MAX_SCROLL:
+            raise InvalidInput(f"limit must be an integer in 1-{item_sql.MAX_SCROLL}, not {limit!r}")
+        if after is not None and (not isinstance(after, str) or len(after) > 4096):
+            raise InvalidInput("after must be an external id (a str)")
+        if after is not None:
+            check_text(after, "after")
+        with self.engine.connect() as conn:
+            return item_sql.scroll(conn, after, limit)
+
+    def delete_many(self, external_ids: Iterable[str]) -> tuple[list[str], list[str]]:
+        """Delete the items that exist among ``external_ids`` (one transaction); unknown ids are no error.
+        Returns ``(deleted, missing)``, each in input order."""
+        self._check_open()
+        ids = check_external_ids(list(external_ids))
+        if not ids:
+            return [], []
+        with self._mutex:
+            self._check_open()
+            with self.engine.begin() as conn:
+                deleted, missing, removed = item_sql.delete_found(conn, ids)
+            self._items -= len(deleted)
+            by_space: dict[str, list[int]] = defaultdict(list)
+            for sp, vid in removed:
+                by_space[sp].append(vid)
+            for sp, vids in by_space.items():
+                if sp in self._spaces:
+                    self._apply(self._spaces[sp], vids, None, None, None)
+            return deleted, missing
+
+    def update_metadata(
+        self, external_id: str, metadata: Mapping[str, Any] | None, *, merge: bool = True
+    ) -> store.ItemRecord:
+        """Change one item's metadata and return its stored record. ``merge=True``: keys whose value is None
+        are removed, the others set; ``merge=False``: ``metadata`` replaces it. The result is validated like
+        an ingest's (:class:`InvalidInput`, nothing changed); :class:`ItemNotFound` for an unknown id. Only
+        SQL changes: vectors, FAISS and filters' next reads see the new metadata at once."""
+        self._check_open()
+        (eid,) = check_external_ids([external_id])
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise InvalidInput(f"metadata of {eid!r} must be an object, not {type(metadata).__name__}")
+        with self._mutex:
+            self._check_open()
+            with self.engine.begin() as conn:
+                return item_sql.update_metadata(conn, eid, metadata, merge)
 
     def get_items(self, external_ids: Iterable[str]) -> dict[str, store.ItemRecord]:
         """Stored records (metadata, source_uri, timestamps, embedded_by per space) of the ids that exist."""
@@ -645,3 +745,21 @@ class Gallery:
         self._check_open()
         with self.engine.begin() as conn:
             return backfill.update_job(conn, job_id, **changes)
+
+
+def _exact_hits(
+    queries: np.ndarray, k: int, entries: Sequence[tuple[int, str, str]], vectors: np.ndarray
+) -> list[list[Hit]]:
+    """Exact top-``k`` of ``queries`` (n, d) over ``vectors`` (m, d) whose rows are ``entries`` (item_id,
+    external_id, version), best first."""
+    scores = queries @ vectors.T  # (n, m) cosine similarities
+    kk = min(k, len(entries))
+    if kk < scores.shape[1]:
+        top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+    else:
+        top = np.broadcast_to(np.arange(scores.shape[1]), (len(scores), scores.shape[1]))
+    out = []
+    for row, idx in zip(scores, top, strict=True):
+        order = idx[np.argsort(-row[idx], kind="stable")]
+        out.append([Hit(entries[j][1], float(row[j]), entries[j][2], entries[j][0]) for j in order.tolist()])
+    return out

@@ -32,6 +32,7 @@ one without the other. Rebuilding is done on a separate index off to the side an
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Iterable
@@ -107,18 +108,29 @@ def can_remove(index: faiss.IndexIDMap2) -> bool:
     return isinstance(faiss.downcast_index(index.index), faiss.IndexFlatCodes)
 
 
-def _search_params(index: faiss.IndexIDMap2, sel: faiss.IDSelector) -> faiss.SearchParameters:
+def _search_params(
+    index: faiss.IndexIDMap2, sel: faiss.IDSelector, share: float = 1.0, k: int = 1
+) -> faiss.SearchParameters:
     """Per-call search parameters carrying ``sel`` and the index's own tuning.
 
     A fresh object per call on purpose: ``IndexIDMap2.search`` temporarily rewrites ``params.sel`` in
     place (const_cast) to translate ids, so one params object shared by concurrent searches would race.
+
+    ``share`` < 1 is the fraction of the index ``sel`` allows (a filter): an approximate index then looks
+    wider in proportion (``nprobe / share`` lists, an HNSW candidate list of ``max(efSearch, k) / share``,
+    both capped by the index's size), so about as many allowed vectors are visited as without a filter.
     """
     inner = faiss.downcast_index(index.index)
     ivf = faiss.try_extract_index_ivf(inner)
+    widen = 1.0 / max(share, 1e-9)
     if ivf is not None:
-        return faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe)
+        nprobe = ivf.nprobe if share >= 1.0 else min(int(ivf.nlist), math.ceil(ivf.nprobe * widen))
+        return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
     if hasattr(inner, "hnsw"):
-        return faiss.SearchParametersHNSW(sel=sel, efSearch=inner.hnsw.efSearch)
+        ef = inner.hnsw.efSearch
+        if share < 1.0:
+            ef = max(ef, min(int(index.ntotal), math.ceil(max(ef, k) * widen)))
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=ef)
     return faiss.SearchParameters(sel=sel)
 
 
@@ -301,20 +313,34 @@ class SpaceIndex:
         return None
 
     # ----------------------------------------------------------------- reading
-    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[list[Hit]]:
         """Top-``k`` live hits for each row of ``queries`` (n, d) float32 unit rows, best first.
 
-        Fewer than ``k`` hits when the space holds fewer live vectors.
+        Fewer than ``k`` hits when the space holds fewer live vectors. ``allowed`` (m,) int64 vec_ids, if
+        given, restricts the search to those ids *inside* FAISS (an ``IDSelectorBatch``, and-ed with the
+        tombstone selector), so an exact index returns ``min(k, live allowed)`` hits; an approximate one
+        (HNSW, IVF) looks wider in proportion to the share allowed (:func:`_search_params`) but may still
+        return fewer (the gallery then answers those queries exactly).
         """
         n = len(queries)
+        if allowed is not None and len(allowed) == 0:
+            return [[] for _ in range(n)]
         lock = self.lock
         lock.acquire_read()  # (not ``with``: this is the hot path)
         try:
             index, entries, selector = self._index, self._entries, self._selector
             kk = min(k, len(entries))
+            if allowed is not None:
+                kk = min(kk, len(allowed))
             if kk == 0 or n == 0:
                 return [[] for _ in range(n)]
-            if selector is None:
+            if allowed is not None:
+                batch = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+                # IDSelectorAnd does not own its parts: ``batch`` and ``selector`` stay referenced meanwhile
+                sel = batch if selector is None else faiss.IDSelectorAnd(batch, selector[0])
+                share = len(allowed) / max(len(entries), 1)
+                scores, labels = index.search(queries, kk, params=_search_params(index, sel, share, kk))
+            elif selector is None:
                 scores, labels = index.search(queries, kk)
             else:
                 scores, labels = index.search(queries, kk, params=_search_params(index, selector[0]))
@@ -345,6 +371,11 @@ class SpaceIndex:
     @property
     def ntotal(self) -> int:
         return self._index.ntotal
+
+    @property
+    def exact(self) -> bool:
+        """Whether searches are exact now (the serving index is Flat)."""
+        return isinstance(faiss.downcast_index(self._index.index), faiss.IndexFlat)
 
     @property
     def tombstone_count(self) -> int:
