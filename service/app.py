@@ -119,6 +119,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for r in (items.router, search.router, models.router, backfill.router, health.router, index.router):
         app.include_router(r)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.http_body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -50,6 +50,16 @@ class Settings(BaseSettings):
     ingest_batch_max_items: int = Field(1024, gt=0, description="most images in one grouped ingest forward")
     batch_max_queue: int = Field(1024, gt=0, description="requests waiting per queue before 503 (backpressure)")
     request_timeout_s: float = Field(30.0, gt=0, description="a request not answered within this gets 503/504")
+    # Connections of `graceful serve` (service/console/connections.py says what bounds them).
+    http_header_timeout_s: float = Field(10.0, gt=0, le=3600, description="a connection that has not sent a "
+                                         "request's complete headers this long after it opened (or after the "
+                                         "request's first byte) is closed")
+    http_body_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request whose body has not fully "
+                                       "arrived this long after its headers gets 408 and its connection closes")
+    http_timeout_keep_alive_s: int = Field(5, ge=1, le=3600, description="an idle keep-alive connection is "
+                                           "closed after this")
+    http_limit_concurrency: int | None = Field(1024, gt=0, description="open connections or requests in flight "
+                                               "past which new requests get 503 (unset: no limit)")
     index_background_build: bool = Field(
         True, description="build approximate indexes (HNSW, IVF) off to the side, served by exact search meanwhile")
     index_recall_sample: int = Field(1000, ge=0, description="queries sampled to measure recall@k at build time")

@@ -12,6 +12,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
+from service.api.limits import BodyTooLarge, BodyTooSlow
 from service.errors import BadRequest, TooLarge
 
 M = TypeVar("M", bound=BaseModel)
@@ -127,6 +128,8 @@ async def read_form(request: Request, *, max_files: int, max_fields: int, what: 
     """
     try:
         form = await request.form(max_files=max_files, max_fields=max_fields)
+    except (BodyTooLarge, BodyTooSlow):  # the body middleware answers these (413, 408)
+        raise
     except Exception as e:  # starlette raises several types for broken multipart bodies
         text = str(getattr(e, "detail", "") or e)
         if "Too many files" in text:

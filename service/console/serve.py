@@ -30,6 +30,14 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     import logging
 
     logging.getLogger().setLevel(args.log_level.upper())
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    from service.console.connections import header_deadline
+
+    # What bounds a connection: service/console/connections.py.
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=10,
+                http=header_deadline(AutoHTTPProtocol, settings.http_header_timeout_s),
+                timeout_keep_alive=settings.http_timeout_keep_alive_s,
+                limit_concurrency=settings.http_limit_concurrency)
     return 0

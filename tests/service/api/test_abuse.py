@@ -148,6 +148,53 @@ def test_hostile_json_and_path_parameters_get_4xx_not_500(make_server, tiny_test
 
 
 # ---------------------------------------------------------------------------------------------- finding 4
+@pytest.mark.slow
+def test_connections_that_never_finish_their_headers_are_closed(tiny_models, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    env = {"GRACEFUL_MODELS_DIR": str(models), "GRACEFUL_DATA_DIR": str(tmp_path / "data"),
+           "GRACEFUL_ACTIVE_MODEL": "v1", "GRACEFUL_TORCH_THREADS": "1", "GRACEFUL_HTTP_HEADER_TIMEOUT_S": "2",
+           "GRACEFUL_HTTP_BODY_TIMEOUT_S": "2"}
+    server = LocalServer(env, tmp_path / "server.log").start()
+    socks: list[socket.socket] = []
+    try:
+        for i in range(50):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            if i % 5:  # most send a partial request line and headers, some send nothing at all
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            socks.append(s)
+        # complete headers, then a body that never finishes: 408, and the connection closes
+        trickle = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        trickle.sendall(b"POST /v1/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 100\r\n\r\n{\"item_id\": ")
+        socks.append(trickle)
+        import httpx
+
+        with httpx.Client(base_url=server.url, timeout=5) as c:
+            end = time.monotonic() + 4.0  # the timeout (2 s) and a margin
+            while time.monotonic() < end:
+                t0 = time.perf_counter()
+                assert c.get("/healthz").status_code == 200
+                assert time.perf_counter() - t0 < 1.0
+                time.sleep(0.2)
+        answer = trickle.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in answer, answer
+        closed = 0
+        for s in socks:
+            s.settimeout(3)
+            try:
+                while data := s.recv(4096):  # the 408 of the trickled body, then the close
+                    assert s is trickle, data
+                closed += 1
+            except ConnectionResetError:
+                closed += 1
+            except TimeoutError:
+                pass
+        assert closed == len(socks), f"{len(socks) - closed} of {len(socks)} slow connections are still open"
+    finally:
+        for s in socks:
+            s.close()
+        server.kill()
 
 
 # ---------------------------------------------------------------------------------------------- finding 5
