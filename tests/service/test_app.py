@@ -1,14 +1,13 @@
-"""The story end to end against a real uvicorn server on 127.0.0.1."""
+"""The story end to end against the app (create_app and its lifespan, in-process), across a restart over the
+same data dir and database."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tests.service.conftest import API_KEY, item_payload
+from tests.support.payloads import H, item_payload
 from trainer.artifact import embed_images, load_model
-
-H = {"X-API-Key": API_KEY}
 
 
 def _ingest(server, ds, idx, batch=50):

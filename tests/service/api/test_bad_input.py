@@ -11,9 +11,7 @@ import pytest
 from PIL import Image
 
 from service.images import encode_png_base64
-from tests.service.conftest import API_KEY, item_payload
-
-H = {"X-API-Key": API_KEY}
+from tests.support.payloads import H, item_payload
 
 
 def _png(size: int, fmt: str = "PNG") -> str:
@@ -82,29 +80,3 @@ def test_bad_inputs_get_4xx_with_a_message_and_store_nothing(make_server, tiny_t
     assert c.get("/v1/backfill/report?candidate=v1").json()["items_total"] == 2
     models = {m["version"]: m for m in c.get("/v1/models").json()["models"]}
     assert models["broken"]["valid"] is False and "card" in models["broken"]["error"]
-
-
-@pytest.mark.slow
-def test_mutations_need_the_api_key(make_server, tiny_test):
-    c = make_server().start().client
-    payload = {"items": item_payload(tiny_test, [1])}
-    for headers in ({}, {"X-API-Key": "wrong"}):
-        for method, path, kw in [("post", "/v1/items", {"json": payload}), ("delete", "/v1/items/g1", {}),
-                                 ("post", "/v1/models/v2/activate", {}), ("post", "/v1/models/rollback", {})]:
-            r = getattr(c, method)(path, headers=headers, **kw)
-            assert r.status_code == 401, (method, path, r.text)
-            assert "API key" in r.json()["detail"]
-    assert c.get("/v1/items/g1").status_code == 404
-    assert c.get("/v1/models/active").json()["version"] == "v1"
-    # Reads need no key.
-    assert c.post("/v1/search", json={"image_base64": encode_png_base64(tiny_test.images[0])}).status_code == 200
-
-
-@pytest.mark.parametrize("argv", [["--queries", "-3"], ["--epochs-new", "0"], ["--epochs-old", "x"]])
-def test_demo_refuses_bad_counts_before_doing_anything(argv, tmp_path, capsys):
-    from service.console.demo import demo_main
-
-    with pytest.raises(SystemExit) as e:
-        demo_main(["--workdir", str(tmp_path / "demo"), *argv])
-    assert e.value.code == 2 and argv[0] in capsys.readouterr().err
-    assert not (tmp_path / "demo").exists()

@@ -2,12 +2,12 @@
 
 Every operation of the served ``/openapi.json`` gets a bounded, derandomized number of generated requests,
 valid ones (positive) and schema-breaking ones (negative), with the API key so mutating endpoints are reached
-past the key check, against a real server on 127.0.0.1 holding a small gallery.
+past the key check, against an in-process server (the app under a TestClient, its lifespan running) holding a
+small gallery; schemathesis's requests are delivered to it by tests.support.fuzz.TestClientSession.
 """
 
 from __future__ import annotations
 
-import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -16,7 +16,8 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from service.images import encode_png_base64
-from tests.service.conftest import API_KEY, item_payload
+from tests.support.fuzz import TestClientSession
+from tests.support.payloads import API_KEY, item_payload
 
 EXAMPLES = 12  # per operation and generation mode: about 500 requests in all, under a minute here
 HOT_PATH_EXAMPLES = 40  # ingest and search, where the batching is
@@ -58,10 +59,11 @@ def test_fuzzed_requests_get_no_5xx_and_every_4xx_has_a_message(make_server, tin
                            headers={"X-API-Key": API_KEY})
     assert r.status_code == 200, r.text
     png = encode_png_base64(tiny_test.images[q_idx[0]])
-    spec = httpx.get(server.url + "/openapi.json").json()
+    spec = server.client.get("/openapi.json").json()
     schema = schemathesis.openapi.from_dict(spec)
     operations = [op.ok() for op in schema.get_all_operations()]
     assert len(operations) >= 10, [o.label for o in operations]
+    session = TestClientSession(server.client)
     seen: dict[str, set[int]] = {}
     failures: list[str] = []
 
@@ -72,7 +74,7 @@ def test_fuzzed_requests_get_no_5xx_and_every_4xx_has_a_message(make_server, tin
         def run(case, real_images: bool) -> None:
             if real_images:  # reach past image decoding: the rest of the body stays fuzzed
                 _put_real_images(case.body, png)
-            response = case.call(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=30)
+            response = case.call(base_url=server.url, session=session, headers={"X-API-Key": API_KEY}, timeout=30)
             seen.setdefault(op.label, set()).add(response.status_code)
             _check(response, f"{mode.value} {case.method} {case.formatted_path} "
                              f"body={str(case.body)[:200]!r} query={case.query!r}")

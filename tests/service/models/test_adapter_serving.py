@@ -9,10 +9,8 @@ import numpy as np
 
 from service.console.cli import main
 from service.images import encode_png_base64
-from tests.service.conftest import API_KEY, item_payload
+from tests.support.payloads import H, item_payload
 from trainer.artifact import embed_images, load_model
-
-H = {"X-API-Key": API_KEY}
 
 
 def test_adapter_activates_with_no_backfill_and_answers_as_itself(make_server, tiny_data, tiny_test, split, tmp_path):

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from service.images import encode_png_base64
-from tests.service.conftest import API_KEY, item_payload
+from tests.support.payloads import API_KEY, item_payload
 
 
 @pytest.mark.slow
@@ -26,7 +26,7 @@ def test_swaps_under_load_fail_no_request(make_server, tiny_test, split):
     lock = threading.Lock()
 
     def client(n: int) -> None:
-        with httpx.Client(base_url=server.url, timeout=30) as c:
+        with server.connect() as c:
             i = n
             while not stop.is_set():
                 try:

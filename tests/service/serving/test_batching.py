@@ -8,7 +8,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import pytest
 
@@ -16,7 +15,7 @@ from service.errors import Overloaded, RequestTimeout
 from service.images import encode_png_base64
 from service.serving.batching import MicroBatcher
 from service.serving.deadlines import deadline_in, result_within
-from tests.service.conftest import API_KEY, item_payload
+from tests.support.payloads import API_KEY, item_payload
 from trainer.artifact import embed_images, load_model
 
 
@@ -192,7 +191,7 @@ def test_batched_answers_name_the_model_that_embedded_them_during_swaps(make_ser
     lock = threading.Lock()
 
     def client(n: int) -> None:
-        with httpx.Client(base_url=server.url, timeout=30) as c:
+        with server.connect() as c:
             i = n
             while not stop.is_set():
                 r = c.post("/v1/search", json=payloads[i % len(payloads)])

@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from service.console.local_server import free_port
 from service.settings import Settings
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 COMPOSE = REPO / "docker" / "docker-compose.yml"
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 SECRETS = {"GRACEFUL_API_KEY": "compose-test-key", "POSTGRES_PASSWORD": "unused-with-trust-auth"}

@@ -1,4 +1,4 @@
-"""Fault: SIGKILL the server while clients ingest (and search) at full speed, then restart it on the same
+"""Fault: SIGKILL the server (a real uvicorn process) while clients ingest (and search) at full speed, then restart it on the same
 data. Every acknowledged item is there, every request is all-or-nothing, and the index equals the database."""
 
 from __future__ import annotations
@@ -9,15 +9,13 @@ import time
 import httpx
 import pytest
 
-from tests.service.conftest import API_KEY, item_payload
-
-H = {"X-API-Key": API_KEY}
+from tests.support.payloads import H, item_payload
 
 
 @pytest.mark.slow
-def test_sigkill_during_ingest_loses_no_acknowledged_item(make_server, tiny_test, split):
+def test_sigkill_during_ingest_loses_no_acknowledged_item(make_real_server, tiny_test, split):
     q_idx, g_idx = split
-    server = make_server().start()
+    server = make_real_server().start()
     images = [int(i) for i in g_idx[:40]]
     acked: list[list[str]] = []
     sent: list[list[str]] = []  # every request sent, acknowledged or not
@@ -64,7 +62,7 @@ def test_sigkill_during_ingest_loses_no_acknowledged_item(make_server, tiny_test
         t.join(30)
     assert len(acked) >= 30, "the load never got going"
 
-    server = make_server().start()
+    server = make_real_server().start()
     c = server.client
     acked_ids = {e for ids in acked for e in ids}
     present = set()
