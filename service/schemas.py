@@ -116,11 +116,18 @@ class ActiveResponse(BaseModel):
     card: dict[str, Any]
 
 
+class RollbackNote(BaseModel):
+    note: str = Field(description="what a rollback to the previous version will need once items are ingested")
+    backfill_report: str = Field(description="what re-embedding with the previous version costs")
+
+
 class ActivationResponse(BaseModel):
     active: str
     previous: str | None
     space: str
     seconds: float
+    rollback: RollbackNote | None = Field(None, description="set when the swap changed the embedding space: a "
+                                          "rollback will need a backfill of the items ingested from now on")
 
 
 class ErrorResponse(BaseModel):

@@ -7,12 +7,21 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 from fastapi.concurrency import run_in_threadpool
 
+from index import Gallery
 from service.api.auth import WRITE
-from service.api.deps import MetricsDep, RegistryDep, SwapDep
+from service.api.deps import GalleryDep, MetricsDep, RegistryDep, SwapDep
 from service.errors import IncompatibleModel
 from service.models.hot_swap import ActivationResult
+from service.models.rollback import rollback_note, rollback_refusal
 from service.observability import Metrics
-from service.schemas import ActivationResponse, ActiveResponse, ErrorResponse, ModelInfo, ModelsResponse
+from service.schemas import (
+    ActivationResponse,
+    ActiveResponse,
+    ErrorResponse,
+    ModelInfo,
+    ModelsResponse,
+    RollbackNote,
+)
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -52,25 +61,31 @@ def active_model(swap: SwapDep) -> ActiveResponse:
                           card={k: card[k] for k in _PUBLIC_CARD_KEYS if k in card})
 
 
-def _done(metrics: Metrics, r: ActivationResult) -> ActivationResponse:
+def _done(metrics: Metrics, r: ActivationResult, gallery: Gallery) -> ActivationResponse:
     metrics.activations.labels(version=r.version, outcome="ok").inc()
     metrics.set_active(r.version, r.space)
-    return ActivationResponse(active=r.version, previous=r.previous, space=r.space, seconds=round(r.seconds, 4))
+    note = rollback_note(gallery, r.version, r.previous)
+    return ActivationResponse(active=r.version, previous=r.previous, space=r.space, seconds=round(r.seconds, 4),
+                              rollback=RollbackNote(note=note[0], backfill_report=note[1]) if note else None)
 
 
 @router.post("/{version}/activate", response_model=ActivationResponse, dependencies=WRITE,
              responses={409: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
              summary="Hot-swap to a version (refused with 409 if its embeddings are incompatible with the gallery)")
-async def activate(version: Version, swap: SwapDep, metrics: MetricsDep) -> ActivationResponse:
+async def activate(version: Version, swap: SwapDep, metrics: MetricsDep, gallery: GalleryDep) -> ActivationResponse:
     try:
         result = await run_in_threadpool(swap.activate, version)
     except IncompatibleModel:
         metrics.activations.labels(version=version, outcome="refused").inc()
         raise
-    return _done(metrics, result)
+    return _done(metrics, result, gallery)
 
 
 @router.post("/rollback", response_model=ActivationResponse, dependencies=WRITE,
              responses={409: {"model": ErrorResponse}}, summary="Re-activate the version active before this one")
-async def rollback(swap: SwapDep, metrics: MetricsDep) -> ActivationResponse:
-    return _done(metrics, await run_in_threadpool(swap.rollback))
+async def rollback(swap: SwapDep, metrics: MetricsDep, gallery: GalleryDep) -> ActivationResponse:
+    try:
+        result = await run_in_threadpool(swap.rollback)
+    except IncompatibleModel as e:  # say which items the previous space lacks, and the backfill that adds them
+        raise await run_in_threadpool(rollback_refusal, gallery, e) from None
+    return _done(metrics, result, gallery)

@@ -198,6 +198,33 @@ def test_connections_that_never_finish_their_headers_are_closed(tiny_models, tmp
 
 
 # ---------------------------------------------------------------------------------------------- finding 5
+@pytest.mark.slow
+def test_rollback_after_a_cross_space_swap_says_how_and_works_after_a_backfill(make_server, tiny_test, split):
+    server = make_server().start()
+    c = server.client
+    _, g_idx = split
+    r = c.post("/v1/items", json={"items": item_payload(tiny_test, g_idx[:20])}, headers=H)
+    assert r.status_code == 200, r.text
+    job = c.post("/v1/backfill", json={"candidate": "v2-indep"}, headers=H).json()
+    assert _wait_job(c, job["id"])["status"] == "done"
+    r = c.post("/v1/models/v2-indep/activate", headers=H)
+    assert r.status_code == 200, r.text
+    note = r.json()["rollback"]
+    assert note and "backfill" in note["note"] and note["backfill_report"] == "/v1/backfill/report?candidate=v1"
+    new = item_payload(tiny_test, g_idx[20:21], prefix="new")
+    assert c.post("/v1/items", json={"items": new}, headers=H).status_code == 200
+    r = c.post("/v1/models/rollback", headers=H)
+    assert r.status_code == 409, r.text
+    detail = r.json()["detail"]
+    assert new[0]["external_id"] in detail and "POST /v1/backfill" in detail and '"candidate": "v1"' in detail
+    job = c.post("/v1/backfill", json={"candidate": "v1"}, headers=H)
+    assert job.status_code == 202, job.text
+    assert _wait_job(c, job.json()["id"])["status"] == "done"
+    r = c.post("/v1/models/rollback", headers=H)
+    assert r.status_code == 200 and r.json()["active"] == "v1", r.text
+    # a same-space activation says nothing about rollback: there is nothing to prepare
+    r = c.post("/v1/models/v2/activate", headers=H)
+    assert r.status_code == 200 and r.json()["rollback"] is None, r.text
 
 
 # ---------------------------------------------------------------------------------------------- finding 6
