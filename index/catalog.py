@@ -115,6 +115,7 @@ def get_active(conn: Connection) -> str | None:
 
 HISTORY_KEY = "active_history"
 HISTORY_LIMIT = 100
+LOG_KEY = "activation_log"  # what each activation was: when, rollback or not, and the caller's note
 
 
 def get_setting(conn: Connection, key: str) -> str | None:
@@ -134,7 +135,14 @@ def activation_history(conn: Connection) -> list[str]:
     return list(json.loads(raw)) if raw else []
 
 
-def set_active(conn: Connection, version: str, *, rollback: bool = False) -> VersionInfo:
+def activation_log(conn: Connection) -> list[dict[str, Any]]:
+    """Every activation, oldest first (the last ``HISTORY_LIMIT``): version, time, rollback, note."""
+    raw = get_setting(conn, LOG_KEY)
+    return list(json.loads(raw)) if raw else []
+
+
+def set_active(conn: Connection, version: str, *, rollback: bool = False,
+               note: dict[str, Any] | None = None) -> VersionInfo:
     """Make ``version`` the active one; the previous active version goes back to ``registered``.
 
     The activation is appended to the persisted history; with ``rollback=True`` the current entry is popped
@@ -150,6 +158,9 @@ def set_active(conn: Connection, version: str, *, rollback: bool = False) -> Ver
     elif not history or history[-1] != version:
         history.append(version)
     put_setting(conn, HISTORY_KEY, json.dumps(history[-HISTORY_LIMIT:]))
+    log = activation_log(conn)
+    log.append({"version": version, "at": utcnow().isoformat(), "rollback": rollback, **(note or {})})
+    put_setting(conn, LOG_KEY, json.dumps(log[-HISTORY_LIMIT:]))
     info = get_version(conn, version)
     if info.status == "retired":
         raise VersionConflict(f"version {version!r} is retired and cannot be activated")

@@ -35,6 +35,14 @@ class IncompatibleModel(ServiceError):
         self.candidate = candidate
 
 
+class CheckFailed(IncompatibleModel):
+    """Activation refused because the measured compatibility check failed (``check`` holds the figures)."""
+
+    def __init__(self, message: str, candidate: str, check: dict) -> None:
+        super().__init__(message, candidate=candidate)
+        self.check = check
+
+
 class NoActiveModel(ServiceError):
     """A request needs a model to embed with, and none is active."""
 

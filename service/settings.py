@@ -36,6 +36,16 @@ class Settings(BaseSettings):
                                                               "(backfill candidates, the rollback target)")
     throughput_probe_images: int = Field(512, gt=0, description="images in the timed batch of the cost report")
 
+    check_sample: int = Field(300, ge=0, le=100_000, description="gallery items whose sources the compatibility "
+                              "check embeds with the candidate and the active model (0: no check, the card decides)")
+    check_label_key: str = Field("label", min_length=1, max_length=128,
+                                 description="metadata key holding an item's class, for the check's labelled figures")
+    check_tolerance: float = Field(0.01, ge=0, le=1, description="how much lower top-1 / mAP than the active "
+                                                                "model's a candidate may measure and still activate")
+    check_min_overlap_gain: float = Field(0.2, ge=0, le=1, description="without labels: overlap@10 a candidate "
+                                          "needs above its random baseline's")
+    check_max_gallery: int = Field(200_000, gt=1, description="stored items the check ranks in full (a seeded "
+                                                              "subsample above)")
     keep_sources: bool = Field(True, description="keep ingested image bytes so items can be re-embedded later")
     backfill_batch_size: int = Field(256, gt=0, le=4096, description="items per backfill transaction (default)")
     backfill_rate_limit: float | None = Field(None, gt=0, description="items/s cap of backfill jobs that set none "

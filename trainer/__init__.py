@@ -17,6 +17,7 @@ _EXPORTS = {
     "embed_images": "trainer.artifact",
     "file_sha256": "trainer.artifact",
     "load_model": "trainer.artifact",
+    "random_twin": "trainer.artifact",
     "read_card": "trainer.artifact",
     "ModelCardError": "trainer.errors",
     "relevance_metrics": "trainer.metrics",
@@ -30,6 +31,7 @@ __all__ = [
     "embed_images",
     "file_sha256",
     "load_model",
+    "random_twin",
     "read_card",
     "relevance_metrics",
     "verify_weights",
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
         embed_images,
         file_sha256,
         load_model,
+        random_twin,
         read_card,
     )
     from trainer.errors import ModelCardError

@@ -260,3 +260,17 @@ def predict_labels(loaded: LoadedModel, embeddings):
     with torch.inference_mode():
         rows = loaded.model.classify(torch.from_numpy(embeddings)).argmax(1).numpy()
     return np.asarray(loaded.card.classes, dtype=np.int64)[rows]
+
+
+def random_twin(loaded: LoadedModel, seed: int = 0) -> LoadedModel | None:
+    """A model of ``loaded``'s architecture and input contract with seeded random weights: the
+    no-information baseline a compatibility measurement is read against. None for an adapter version
+    (its architecture is two models)."""
+    if loaded.card.adapter_of is not None:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = EmbeddingModel(ArchConfig.from_dict(loaded.card.arch), list(loaded.card.classes))
+    model.eval().requires_grad_(False)
+    card = loaded.card.model_copy(update={"version": f"{loaded.card.version}-random"})
+    return LoadedModel(card=card, model=model, path=loaded.path)

@@ -75,6 +75,8 @@ def install_error_handlers(app: FastAPI) -> None:
         body: dict = {"detail": redact(request, str(exc))}
         if isinstance(exc, serr.IncompatibleModel) and exc.candidate:
             body["backfill_report"] = backfill_report_url(exc.candidate)
+        if isinstance(exc, serr.CheckFailed):
+            body["check"] = exc.check
         return JSONResponse(body, status_code=status_of(exc))
 
     for cls in (serr.ServiceError, ierr.GalleryError, ModelCardError):

@@ -14,13 +14,15 @@ import threading
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from index import Gallery
 from index.rwlock import RWLock
-from service.errors import IncompatibleModel, NoActiveModel, NothingToRollBack
+from service.errors import CheckFailed, IncompatibleModel, NoActiveModel, NothingToRollBack
 from service.models.cache import ModelCache
+from service.models.check import CompatibilityCheck
 from service.models.registry import ModelRegistry
 from trainer import LoadedModel, ModelCard, embed_images
 
@@ -63,6 +65,8 @@ class ActivationResult:
     space: str
     seconds: float
     warm_images: int = 0
+    check: dict[str, Any] | None = None  # the measured check the decision rested on (None: not run)
+    forced: bool = False
 
 
 def backfill_report_url(candidate: str) -> str:
@@ -91,9 +95,10 @@ def space_problem(gallery: Gallery, card: ModelCard) -> str | None:
 class HotSwap:
     """The active model and activations. Thread-safe; activations are serialised."""
 
-    def __init__(self, registry: ModelRegistry, models: ModelCache) -> None:
+    def __init__(self, registry: ModelRegistry, models: ModelCache, check: CompatibilityCheck | None = None) -> None:
         self.registry = registry
         self.models = models
+        self.check = check
         self.gallery = registry.gallery
         self._active: ActiveModel | None = None
         self._lock = threading.Lock()  # one activation at a time
@@ -131,28 +136,53 @@ class HotSwap:
         embed_images(loaded, np.zeros((WARM_IMAGES, prep.channels, prep.size, prep.size), dtype=np.uint8))
         return loaded, WARM_IMAGES
 
-    def activate(self, version: str, *, rollback: bool = False) -> ActivationResult:
-        """Load, warm, check and swap to ``version``. Raises IncompatibleModel (nothing changes) if refused."""
+    def measure(self, version: str) -> dict[str, Any]:
+        """The compatibility check of ``version`` against the gallery as the active model serves it."""
+        if self.check is None:
+            return {"candidate": version, "method": "card", "passed": True, "reason": "the check is off",
+                    "detail": "GRACEFUL_CHECK_SAMPLE=0: the decision rests on the card's space"}
+        self.registry.entry(version)  # ModelNotFound / InvalidModel first
+        active = self._active
+        return self.check.measure(version, active.loaded if active else None, active.space if active else None)
+
+    def activate(self, version: str, *, rollback: bool = False, force: bool = False) -> ActivationResult:
+        """Load, warm, check and swap to ``version``. Raises IncompatibleModel (another space) or CheckFailed
+        (measured worse or unrelated; not with ``force``); nothing changes then. A rollback is not measured:
+        its version served this gallery before."""
         t0 = time.perf_counter()
         card = self.registry.entry(version).card
         assert card is not None  # entry() raises for refused folders
         problem = self.problem(card)
         if problem:
             raise IncompatibleModel(problem, candidate=version)
+        active = self._active
+        check: dict[str, Any] | None = None
+        if not rollback and active is not None and active.version != version:
+            check = self.measure(version)
+            if not check["passed"] and not force:
+                raise CheckFailed(
+                    f"model {version} failed the compatibility check against the gallery: {check['reason']} "
+                    f"({check.get('criterion', check.get('detail', ''))}); POST /v1/models/{version}/check shows "
+                    "the figures; activate with force=true (and the API key) to override", candidate=version,
+                    check=check)
         loaded, warm = self._load_and_warm(version)
+        note: dict[str, Any] = {"forced": bool(force and check is not None and not check["passed"])}
+        if check is not None:
+            note["check"] = {k: check.get(k) for k in ("method", "passed", "criterion", "reason")}
         with self._lock, self._swap.write():
             # Re-check under the lock: an ingest may have landed meanwhile (cheap; counts only).
             problem = self.problem(card)
             if problem:
                 raise IncompatibleModel(problem, candidate=version)
             previous = self._active.version if self._active else None
-            self.gallery.set_active_version(version, rollback=rollback)
+            self.gallery.set_active_version(version, rollback=rollback, note=note)
             self._active = ActiveModel(version=version, space=card.space, loaded=loaded, activated_at=time.time())
             self.models.set_active(loaded)
         seconds = time.perf_counter() - t0
-        log.info("activated %s (previous %s) in %.3fs", version, previous, seconds)
+        log.info("activated %s (previous %s) in %.3fs%s", version, previous, seconds,
+                 " (forced past a failed check)" if note["forced"] else "")
         return ActivationResult(version=version, previous=previous, space=card.space, seconds=seconds,
-                                warm_images=warm)
+                                warm_images=warm, check=check, forced=note["forced"])
 
     def rollback(self) -> ActivationResult:
         """Re-activate the version active before the current one (same checks as an activation)."""

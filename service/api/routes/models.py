@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Query
 from fastapi.concurrency import run_in_threadpool
 
 from index import Gallery
@@ -15,7 +15,9 @@ from service.models.hot_swap import ActivationResult
 from service.models.rollback import rollback_note, rollback_refusal
 from service.observability import Metrics
 from service.schemas import (
+    ActivationRecord,
     ActivationResponse,
+    ActivationsResponse,
     ActiveResponse,
     ErrorResponse,
     ModelInfo,
@@ -66,15 +68,19 @@ def _done(metrics: Metrics, r: ActivationResult, gallery: Gallery) -> Activation
     metrics.set_active(r.version, r.space)
     note = rollback_note(gallery, r.version, r.previous)
     return ActivationResponse(active=r.version, previous=r.previous, space=r.space, seconds=round(r.seconds, 4),
-                              rollback=RollbackNote(note=note[0], backfill_report=note[1]) if note else None)
+                              rollback=RollbackNote(note=note[0], backfill_report=note[1]) if note else None,
+                              check=r.check, forced=r.forced)
 
 
 @router.post("/{version}/activate", response_model=ActivationResponse, dependencies=WRITE,
              responses={409: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
-             summary="Hot-swap to a version (refused with 409 if its embeddings are incompatible with the gallery)")
-async def activate(version: Version, swap: SwapDep, metrics: MetricsDep, gallery: GalleryDep) -> ActivationResponse:
+             summary="Hot-swap to a version (refused with 409 if its embeddings are incompatible with the gallery, "
+                     "by space or by the measured check)")
+async def activate(version: Version, swap: SwapDep, metrics: MetricsDep, gallery: GalleryDep,
+                   force: bool = Query(False, description="activate even if the measured check fails (recorded)")
+                   ) -> ActivationResponse:
     try:
-        result = await run_in_threadpool(swap.activate, version)
+        result = await run_in_threadpool(lambda: swap.activate(version, force=force))
     except IncompatibleModel:
         metrics.activations.labels(version=version, outcome="refused").inc()
         raise
@@ -89,3 +95,17 @@ async def rollback(swap: SwapDep, metrics: MetricsDep, gallery: GalleryDep) -> A
     except IncompatibleModel as e:  # say which items the previous space lacks, and the backfill that adds them
         raise await run_in_threadpool(rollback_refusal, gallery, e) from None
     return _done(metrics, result, gallery)
+
+
+@router.post("/{version}/check", dependencies=WRITE, responses={404: {"model": ErrorResponse}},
+             summary="Measure a candidate against the gallery as stored (overlap with the active model's results, "
+                     "and with labels: top-1, top-5, mAP, flip rates), as activation will")
+async def check(version: Version, swap: SwapDep) -> dict[str, Any]:
+    return await run_in_threadpool(swap.measure, version)
+
+
+@router.get("/activations", response_model=ActivationsResponse,
+            summary="Every activation, oldest first: rollbacks, overrides of a failed check")
+def activations(gallery: GalleryDep) -> ActivationsResponse:
+    return ActivationsResponse(activations=[ActivationRecord(**{k: r.get(k) for k in ActivationRecord.model_fields
+                                                                 if k in r}) for r in gallery.activation_log()])
