@@ -103,7 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     from service.api.error_handlers import install_error_handlers
     from service.api.limits import BodyLimitMiddleware
-    from service.api.routes import backfill, health, index, items, models, search
+    from service.api.routes import backfill, health, index, item_images, items, models, page, search
     from service.observability import MetricsMiddleware
 
     metrics = Metrics()
@@ -115,10 +115,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
 
     app = FastAPI(title="graceful", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None,  # served from local files by page.install
                   description="Backward-compatible embedding retrieval: upgrade the model, keep the gallery.")
     install_error_handlers(app)
-    for r in (items.router, search.router, models.router, backfill.router, health.router, index.router):
+    for r in (items.router, item_images.router, search.router, models.router, backfill.router, health.router,
+              index.router):
         app.include_router(r)
+    page.install(app)  # the page at /, /static, and /docs and /redoc that need no internet
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.http_body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from index import Gallery
 from service.backfill.cost import CostReport
 from service.backfill.runner import BackfillRunner
+from service.blobs import BlobStore
 from service.models.hot_swap import HotSwap
 from service.models.registry import ModelRegistry
 from service.observability import Metrics
@@ -32,6 +33,10 @@ def _metrics(request: Request) -> Metrics:
 
 def _gallery(request: Request) -> Gallery:
     return get_parts(request).gallery
+
+
+def _blobs(request: Request) -> BlobStore:
+    return get_parts(request).blobs
 
 
 def _registry(request: Request) -> ModelRegistry:
@@ -61,6 +66,7 @@ def _costs(request: Request) -> CostReport:
 SettingsDep = Annotated[Settings, Depends(_settings)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 GalleryDep = Annotated[Gallery, Depends(_gallery)]
+BlobsDep = Annotated[BlobStore, Depends(_blobs)]
 RegistryDep = Annotated[ModelRegistry, Depends(_registry)]
 SwapDep = Annotated[HotSwap, Depends(_swap)]
 SearchDep = Annotated[SearchPath, Depends(_search)]
