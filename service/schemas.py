@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -66,6 +66,39 @@ class DeleteResponse(BaseModel):
     deleted: str
 
 
+# Metadata filters of a search (index.filters.MetadataFilter checks the same, and names what is wrong).
+FILTER_DESCRIPTION = (
+    'only items whose metadata matches: {"key": value} (equal) or {"key": {"in": [values]}} (any of them), '
+    "on top-level keys, every key must match; values are strings, numbers or booleans of the same JSON kind "
+    "(\"3\" does not match 3, true does not match 1)"
+)
+FilterScalar = (
+    Annotated[str, Field(max_length=1024)]
+    | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+    | Annotated[float, Field(allow_inf_nan=False)]
+    | bool
+)
+FilterKey = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class InFilter(_Strict):
+    """``{"in": [values]}``: the key's value is one of these."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    values: list[FilterScalar] = Field(alias="in", min_length=1, max_length=256)
+
+
+FilterBody = dict[FilterKey, FilterScalar | InFilter]
+
+
+def filter_spec(body: FilterBody | None) -> dict[str, Any] | None:
+    """The JSON form of a parsed filter (what :meth:`index.filters.MetadataFilter.parse` takes)."""
+    if body is None:
+        return None
+    return {k: {"in": list(v.values)} if isinstance(v, InFilter) else v for k, v in body.items()}
+
+
 class SearchRequest(_Strict):
     """Exactly one of ``image_base64``, ``vector`` (with ``model_version``) or ``item_id``."""
 
@@ -75,6 +108,15 @@ class SearchRequest(_Strict):
     item_id: str | None = None
     k: int = Field(10, ge=1)
     include_metadata: bool = Field(True, description="false skips the metadata lookup (faster for large k)")
+    filter: FilterBody | None = Field(None, max_length=16, description=FILTER_DESCRIPTION)
+
+
+MAX_BATCH_SEARCHES = 64
+
+
+class BatchSearchRequest(_Strict):
+    searches: list[SearchRequest] = Field(min_length=1, max_length=MAX_BATCH_SEARCHES,
+                                          description=f"1-{MAX_BATCH_SEARCHES} search bodies, answered in order")
 
 
 class SearchHit(BaseModel):
@@ -88,6 +130,39 @@ class SearchResponse(BaseModel):
     model_version: str = Field(description="the version that embedded the query")
     space: str
     hits: list[SearchHit]
+
+
+class BatchSearchResponse(BaseModel):
+    results: list[SearchResponse] = Field(description="one answer per search, in the order asked")
+
+
+MAX_IDS_PER_REQUEST = 1000
+ExternalIdRef = Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class ItemsPage(BaseModel):
+    items: list[ItemResponse]
+    next: str | None = Field(description="pass as `after` for the next page; null on the last page")
+
+
+class ExternalIdsRequest(_Strict):
+    external_ids: list[ExternalIdRef] = Field(min_length=1, max_length=MAX_IDS_PER_REQUEST)
+
+
+class ItemsGetResponse(BaseModel):
+    items: list[ItemResponse] = Field(description="the items found, in the order asked")
+    missing: list[str] = Field(description="the ids asked for that do not exist")
+
+
+class ItemsDeleteResponse(BaseModel):
+    deleted: list[str] = Field(description="the ids deleted (they existed)")
+    missing: list[str] = Field(description="the ids asked for that did not exist (nothing to delete)")
+
+
+class MetadataPatch(_Strict):
+    metadata: dict[str, Any] | None = Field(
+        description="merge: keys with null are removed, the others set; replace: the new metadata (null clears it)")
+    merge: bool = Field(True, description="merge into the stored metadata (true) or replace it (false)")
 
 
 class ModelInfo(BaseModel):

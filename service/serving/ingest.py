@@ -208,6 +208,18 @@ class IngestPath:
                 self._drop_unreferenced(uris)
         return n
 
+    def delete_many(self, external_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Delete the items that exist among ``external_ids`` (``Gallery.delete_many``: unknown ids are no
+        error), then their unreferenced source bytes as :meth:`delete` does. Returns ``(deleted, missing)``."""
+        records = self.gallery.get_items(external_ids)
+        deleted, missing = self.gallery.delete_many(external_ids)
+        gone = set(deleted)
+        uris = {rec.source_uri for e, rec in records.items() if e in gone and rec.source_uri is not None}
+        if uris:
+            with self._sources:
+                self._drop_unreferenced(uris)
+        return deleted, missing
+
     def _keep_sources(self, raws: list[bytes]) -> Callable[..., list[str | None]]:
         """Start writing ``raws`` as blobs; returns the function that waits for them and gives their URIs
         (``missing_ok=True``: None for a blob whose write failed, instead of raising)."""

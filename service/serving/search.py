@@ -1,7 +1,8 @@
 """The search path: one call from a parsed query to its answer.
 
-Image queries go through the search micro-batcher (:mod:`service.serving.batching`): one model forward and
-one FAISS search for every query of a micro-batch. The batch's key is the
+Image queries go through the search micro-batcher (:mod:`service.serving.batching`): one model forward for
+every query of a micro-batch and one FAISS search per metadata filter among them (all the unfiltered ones
+together). The batch's key is the
 :class:`~service.models.hot_swap.ActiveModel` every query in it captured when its request started, so the
 model that embeds a query is the one its answer names, even when a hot swap happens while it waits.
 Vector and item queries need no forward and run in the thread pool. Metadata of all hits is read in one SQL
@@ -19,6 +20,8 @@ import numpy as np
 
 from index import Gallery
 from index.errors import UnknownVersion
+from index.filters import MetadataFilter
+from index.types import Hit
 from service.errors import IncompatibleModel, ModelNotFound
 from service.images import decode_image
 from service.models.hot_swap import ActiveModel, HotSwap, backfill_report_url
@@ -35,6 +38,7 @@ class ImageQuery:
     raw: bytes
     k: int
     include_metadata: bool = True
+    filter: MetadataFilter | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +49,7 @@ class VectorQuery:
     model_version: str
     k: int
     include_metadata: bool = True
+    filter: MetadataFilter | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +59,7 @@ class ItemQuery:
     item_id: str
     k: int
     include_metadata: bool = True
+    filter: MetadataFilter | None = None
 
 
 Query = ImageQuery | VectorQuery | ItemQuery
@@ -66,17 +72,27 @@ class SearchJob:
     image: np.ndarray
     k: int
     include_metadata: bool = True
+    filter: MetadataFilter | None = None
 
 
 def run_search_batch(
     gallery: Gallery, active: ActiveModel, jobs: Sequence[SearchJob], metrics: Metrics | None = None
 ) -> list[SearchResponse]:
-    """Embed ``jobs``' images with ``active`` in one forward, search its space once with the largest k,
-    and cut each answer to its own k. Returns one response per job, in order."""
+    """Embed ``jobs``' images with ``active`` in one forward, search its space once per filter (the
+    unfiltered jobs together, the jobs of one filter together) with the largest k of those jobs, and cut
+    each answer to its own k. Returns one response per job, in order."""
     vectors = active.embed(np.stack([j.image for j in jobs]))  # (n, d) float32, unit rows
     if metrics is not None:
         metrics.embedded.labels(version=active.version, purpose="query").inc(len(jobs))
-    found = gallery.search(active.space, vectors, max(j.k for j in jobs))
+    groups: dict[MetadataFilter | None, list[int]] = {}
+    for i, j in enumerate(jobs):
+        groups.setdefault(j.filter, []).append(i)
+    found: list[list[Hit]] = [[] for _ in jobs]
+    for flt, rows in groups.items():
+        group = vectors if len(rows) == len(jobs) else vectors[rows]
+        for i, h in zip(rows, gallery.search(active.space, group, max(jobs[i].k for i in rows), filter=flt),
+                        strict=True):
+            found[i] = h
     hits = [h[: j.k] for h, j in zip(found, jobs, strict=True)]
     wanted = {h.external_id for hs, j in zip(hits, jobs, strict=True) if j.include_metadata for h in hs}
     meta = gallery.get_metadata(wanted) if wanted else {}
@@ -121,7 +137,8 @@ class SearchPath:
             active = self.swap.require_active()
             image = decode_image(query.raw, channels=active.channels, size=active.input_size,
                                  max_pixels=self.max_image_pixels, what="query image")
-            future = self.batcher.submit(active, SearchJob(image, query.k, query.include_metadata), deadline=deadline)
+            job = SearchJob(image, query.k, query.include_metadata, query.filter)
+            future = self.batcher.submit(active, job, deadline=deadline)
             return result_within(future, deadline, "the search", outcome_if_late="nothing was changed")
         run: Callable[[], SearchResponse]
         if isinstance(query, VectorQuery):
@@ -152,11 +169,12 @@ class SearchPath:
                 f"{backfill_report_url(q.model_version)})", candidate=q.model_version,
             )
         vec = np.asarray(q.vector, dtype=np.float64)[None]
-        hits = self.gallery.search(space, vec, q.k, version=q.model_version)[0]
+        hits = self.gallery.search(space, vec, q.k, version=q.model_version, filter=q.filter)[0]
         return self._respond(q.model_version, space, hits, q.include_metadata)
 
     def _by_item(self, q: ItemQuery) -> SearchResponse:
         active = self.swap.require_active()
         vec, version = self.gallery.get_embedding(q.item_id, active.space)
-        hits = [h for h in self.gallery.search(active.space, vec[None], q.k + 1)[0] if h.external_id != q.item_id]
+        found = self.gallery.search(active.space, vec[None], q.k + 1, filter=q.filter)[0]
+        hits = [h for h in found if h.external_id != q.item_id]
         return self._respond(version, active.space, hits[: q.k], q.include_metadata)

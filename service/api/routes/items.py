@@ -7,16 +7,32 @@ one model forward and one SQL transaction, each request still all-or-nothing.
 from __future__ import annotations
 
 from pathlib import PurePath
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from index.errors import ItemNotFound
+from index.store import ItemRecord
+from index.validation import check_external_ids
 from service.api.auth import WRITE
 from service.api.bodies import is_multipart, parse_json, read_form, read_json
 from service.api.deps import GalleryDep, IngestDep, SettingsDep
 from service.errors import BadRequest, TooLarge
 from service.images import decode_base64
-from service.schemas import DeleteResponse, IngestRequest, IngestResponse, ItemResponse, external_id_problem
+from service.schemas import (
+    MAX_IDS_PER_REQUEST,
+    DeleteResponse,
+    ExternalIdsRequest,
+    IngestRequest,
+    IngestResponse,
+    ItemResponse,
+    ItemsDeleteResponse,
+    ItemsGetResponse,
+    ItemsPage,
+    MetadataPatch,
+    external_id_problem,
+)
 from service.serving.deadlines import deadline_in
 from service.serving.ingest import IngestJob
 from service.settings import Settings
@@ -125,6 +141,10 @@ def get_item(external_id: str, gallery: GalleryDep) -> ItemResponse:
     rec = gallery.get_items([external_id]).get(external_id)
     if rec is None:
         raise ItemNotFound([external_id])
+    return item_response(rec)
+
+
+def item_response(rec: ItemRecord) -> ItemResponse:
     return ItemResponse(external_id=rec.external_id, metadata=rec.metadata, embedded_by=rec.embedded_by,
                         has_source=rec.source_uri is not None, created_at=rec.created_at.isoformat(),
                         updated_at=rec.updated_at.isoformat())
@@ -135,3 +155,55 @@ def get_item(external_id: str, gallery: GalleryDep) -> ItemResponse:
 def delete_item(external_id: str, path: IngestDep) -> DeleteResponse:
     path.delete([external_id])
     return DeleteResponse(deleted=external_id)
+
+
+# ---------------------------------------------------------------------- browsing and batches
+
+
+def _json_body(model: type) -> dict:
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": _inline(model.model_json_schema())}}}}
+
+
+def _unique(ids: list[str]) -> list[str]:
+    return list(dict.fromkeys(ids))
+
+
+@router.get("", response_model=ItemsPage,
+            summary="Scroll the gallery in external-id order: a page of items after `after`, and the next cursor")
+def list_items(
+    gallery: GalleryDep,
+    after: Annotated[str | None, Query(min_length=1, max_length=512,
+                                       description="the last external id of the previous page (omit: first page)")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000, description="items per page")] = 100,
+) -> ItemsPage:
+    records = gallery.scroll(after, limit)
+    return ItemsPage(items=[item_response(r) for r in records],
+                     next=records[-1].external_id if len(records) == limit else None)
+
+
+@router.post("/get", response_model=ItemsGetResponse, openapi_extra=_json_body(ExternalIdsRequest),
+             summary=f"Several items by external id (1-{MAX_IDS_PER_REQUEST}): those found, and the missing ids")
+async def get_items(request: Request, gallery: GalleryDep) -> ItemsGetResponse:
+    ids = check_external_ids(_unique((await read_json(request, ExternalIdsRequest)).external_ids))
+    found = await run_in_threadpool(gallery.get_items, ids)
+    return ItemsGetResponse(items=[item_response(found[e]) for e in ids if e in found],
+                            missing=[e for e in ids if e not in found])
+
+
+@router.post("/delete", response_model=ItemsDeleteResponse, dependencies=WRITE,
+             openapi_extra=_json_body(ExternalIdsRequest),
+             summary=f"Delete several items (1-{MAX_IDS_PER_REQUEST}, one transaction); unknown ids are listed "
+                     "as missing")
+async def delete_items(request: Request, path: IngestDep) -> ItemsDeleteResponse:
+    ids = _unique((await read_json(request, ExternalIdsRequest)).external_ids)
+    deleted, missing = await run_in_threadpool(path.delete_many, ids)
+    return ItemsDeleteResponse(deleted=deleted, missing=missing)
+
+
+@router.patch("/{external_id}", response_model=ItemResponse, dependencies=WRITE,
+              openapi_extra=_json_body(MetadataPatch),
+              summary="Change an item's metadata (merge: null removes a key; or replace); validated like an ingest")
+async def patch_item(external_id: str, request: Request, gallery: GalleryDep) -> ItemResponse:
+    body = await read_json(request, MetadataPatch)
+    return item_response(await run_in_threadpool(gallery.update_metadata, external_id, body.metadata, merge=body.merge))
