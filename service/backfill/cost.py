@@ -1,9 +1,10 @@
 """The backfill-cost report: what re-embedding the gallery with a candidate would cost, and what it buys.
 
 Throughput is measured, not assumed: a short timed batch through the same path a backfill takes (decode a
-PNG, embed), on this machine, cached per version. Quality comes from the candidate's card (its measured
-compatibility matrix against its parent): no backfill = candidate queries over the gallery's current
-embeddings, full backfill = candidate over candidate.
+PNG, embed), on this machine, cached per version. Quality is measured on the gallery where its items keep
+their sources and carry labels: no backfill (candidate queries over the stored embeddings) and today's
+quality by the compatibility check (:mod:`service.models.check`), full backfill by the curve's last point;
+otherwise it comes from the candidate's card (its compatibility matrix against its parent).
 
 The curve (``curve``): expected quality after 0-100% of the items are re-embedded, under each order policy,
 and the time each fraction takes at the measured throughput (or a given items/s cap). Simulated on a sample
@@ -129,13 +130,18 @@ class CostReport:
                           if n and v in {x.version for x in gallery.list_versions() if x.space == card.space}}
         gallery_version = max(space_versions, key=lambda v: space_versions[v]) if space_versions else None
         matrix = card.metrics.get("matrix", {}) if card.metrics else {}
-        quality = {
+        quality: dict[str, Any] = {
             "source": f"model card of {candidate} (test split of its training data)",
             "current": _quality(matrix, f"{gallery_version}/{gallery_version}") if gallery_version else None,
             "no_backfill": None if problem else (
                 _quality(matrix, f"{candidate}/{gallery_version}") if gallery_version else None),
             "full_backfill": _quality(matrix, f"{candidate}/{candidate}"),
         }
+        same_space = card.space == self.swap.serving_space()
+        curve = self._curve(loaded, quality, same_space, to_reembed, per_second)
+        measured = self._measured(candidate, problem, curve, same_space)
+        if measured:
+            quality.update(measured)
         return {
             "candidate": candidate,
             "space": card.space,
@@ -164,10 +170,36 @@ class CostReport:
                 "currency": "USD",
             },
             "quality": quality,
-            "curve": self._curve(loaded, quality, card.space == self.swap.serving_space(), to_reembed, per_second),
+            "curve": curve,
             "cannot_backfill": _cannot_backfill(gallery, self.blobs),
             "report_url": backfill_report_url(candidate),
         }
+
+    def _measured(self, candidate: str, problem: str | None, curve: dict[str, Any],
+                  same_space: bool) -> dict[str, Any] | None:
+        """Quality measured on this gallery, where it can be: no backfill and today's from the compatibility
+        check (candidate and active queries over the stored gallery), full backfill from the simulated
+        curve's last point (every labelled item re-embedded). None when neither was measured."""
+        out: dict[str, Any] = {}
+        sources = []
+        if problem is None and self.swap.active is not None and self.swap.active.version != candidate:
+            check = self.swap.measure(candidate)
+            lab = check.get("labelled")
+            if lab:
+                out["no_backfill"] = dict(lab["candidate"])
+                out["current"] = dict(lab["active"])
+                sources.append(f"no backfill and current: the compatibility check, {lab['queries']} labelled "
+                               f"gallery items as queries over the stored gallery")
+        if curve["method"] == "simulated":
+            points = next(iter(curve["policies"].values()), None)
+            if points:
+                out["full_backfill"] = dict(points[-1]["quality"])
+                sources.append(f"full backfill: the simulated curve at 100% ({curve['sample'].get('sampled', 0)} "
+                               f"queries over {curve['sample'].get('gallery', 0)} re-embedded gallery items)")
+        if not out:
+            return None
+        out["source"] = "measured on this gallery: " + "; ".join(sources) + " (cells not measured: the card)"
+        return out
 
     def _curve(self, loaded: LoadedModel, quality: dict[str, Any], same_space: bool, to_reembed: int,
                items_per_second: float) -> dict[str, Any]:

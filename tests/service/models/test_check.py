@@ -152,3 +152,16 @@ def test_without_labels_the_overlap_with_the_active_model_decides(check_env, che
     assert forged["passed"] is False and child["passed"] is True, (forged, child)
     assert child["unlabelled"]["overlap_at_10"] > forged["unlabelled"]["overlap_at_10"]
     assert forged["unlabelled"]["overlap_at_10"] < forged["threshold"]["overlap_at_10"]
+
+
+def test_the_backfill_report_takes_its_quality_from_the_gallery(gallery_server):
+    c = gallery_server.client
+    check = c.post("/v1/models/v2/check", headers=H).json()
+    report = c.get("/v1/backfill/report", params={"candidate": "v2"}).json()
+    q = report["quality"]
+    assert q["source"].startswith("measured on this gallery")
+    assert q["no_backfill"] == check["labelled"]["candidate"] and q["current"] == check["labelled"]["active"]
+    assert report["curve"]["method"] == "simulated"
+    assert q["full_backfill"] == report["curve"]["policies"]["sequential"][-1]["quality"]
+    # the curve ranks against the whole gallery: its 0% point is the check's protocol on other queries
+    assert report["curve"]["sample"]["gallery"] == check["sample"]["gallery"]
