@@ -35,12 +35,14 @@ def build_parts(settings: Settings, metrics: Metrics, stack: AsyncExitStack | No
     from service.blobs import BlobStore
     from service.errors import ServiceError
     from service.models.cache import ModelCache
+    from service.models.check import CheckOptions, CompatibilityCheck
     from service.models.hot_swap import HotSwap
     from service.models.registry import ModelRegistry
     from service.parts import Parts
     from service.serving.batching import BatchBounds
     from service.serving.ingest import IngestPath
     from service.serving.search import SearchPath
+    from service.serving.shadow import ShadowTraffic
 
     s = settings
     if s.torch_threads:
@@ -54,8 +56,11 @@ def build_parts(settings: Settings, metrics: Metrics, stack: AsyncExitStack | No
     registry = ModelRegistry(s.models_dir, gallery)
     registry.scan()
     models = ModelCache(registry, capacity=s.model_cache_size)
-    swap = HotSwap(registry, models)
     blobs = BlobStore(s.data_dir / "blobs")
+    check = None if s.check_sample == 0 else CompatibilityCheck(gallery, models, blobs, CheckOptions(
+        sample_size=s.check_sample, label_key=s.check_label_key, tolerance=s.check_tolerance,
+        min_overlap_gain=s.check_min_overlap_gain, max_gallery=s.check_max_gallery, max_pixels=s.max_image_pixels))
+    swap = HotSwap(registry, models, check)
 
     def worker_start() -> None:
         # FAISS's OpenMP thread count is per calling thread: setting it once at start-up in the main
@@ -66,8 +71,11 @@ def build_parts(settings: Settings, metrics: Metrics, stack: AsyncExitStack | No
             faiss.omp_set_num_threads(int(s.faiss_threads))
 
     wait_s = s.batch_max_wait_ms / 1e3
+    shadow = ShadowTraffic(gallery, swap, models, max_queue=s.shadow_max_queue, max_pixels=s.max_image_pixels)
+    if stack is not None:
+        stack.callback(shadow.close)
     search = SearchPath(gallery, swap, metrics, BatchBounds(s.batch_max_size, wait_s, s.batch_max_queue, worker_start),
-                        max_image_pixels=s.max_image_pixels)
+                        max_image_pixels=s.max_image_pixels, shadow=shadow)
     ingest = IngestPath(gallery, swap, blobs, metrics,
                         BatchBounds(s.ingest_batch_max_items, wait_s, s.batch_max_queue, worker_start),
                         max_image_pixels=s.max_image_pixels, keep_sources=s.keep_sources)
@@ -95,7 +103,7 @@ def build_parts(settings: Settings, metrics: Metrics, stack: AsyncExitStack | No
                        curves=CurveCache(), price_per_cpu_hour=s.price_per_cpu_hour,
                        sample_size=s.backfill_curve_sample, max_pixels=s.max_image_pixels)
     return Parts(settings=s, metrics=metrics, gallery=gallery, blobs=blobs, registry=registry, models=models,
-                 swap=swap, search=search, ingest=ingest, backfill=backfill, costs=costs)
+                 swap=swap, shadow=shadow, search=search, ingest=ingest, backfill=backfill, costs=costs)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

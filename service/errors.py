@@ -43,6 +43,10 @@ class CheckFailed(IncompatibleModel):
         self.check = check
 
 
+class NoShadow(ServiceError, LookupError):
+    """No shadow comparison of that version is running."""
+
+
 class NoActiveModel(ServiceError):
     """A request needs a model to embed with, and none is active."""
 

@@ -18,6 +18,7 @@ from service.models.registry import ModelRegistry
 from service.observability import Metrics
 from service.serving.ingest import IngestPath
 from service.serving.search import SearchPath
+from service.serving.shadow import ShadowTraffic
 from service.settings import Settings
 
 
@@ -30,6 +31,7 @@ class Parts:
     registry: ModelRegistry
     models: ModelCache
     swap: HotSwap
+    shadow: ShadowTraffic
     search: SearchPath
     ingest: IngestPath
     backfill: BackfillRunner

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
                                           "needs above its random baseline's")
     check_max_gallery: int = Field(200_000, gt=1, description="stored items the check ranks in full (a seeded "
                                                               "subsample above)")
+    shadow_max_queue: int = Field(64, ge=1, le=4096, description="shadow queries waiting for the candidate; more "
+                                                                 "are dropped (live searches come first)")
     keep_sources: bool = Field(True, description="keep ingested image bytes so items can be re-embedded later")
     backfill_batch_size: int = Field(256, gt=0, le=4096, description="items per backfill transaction (default)")
     backfill_rate_limit: float | None = Field(None, gt=0, description="items/s cap of backfill jobs that set none "

@@ -16,6 +16,7 @@ from service.observability import Metrics
 from service.parts import Parts
 from service.serving.ingest import IngestPath
 from service.serving.search import SearchPath
+from service.serving.shadow import ShadowTraffic
 from service.settings import Settings
 
 
@@ -59,6 +60,10 @@ def _backfill(request: Request) -> BackfillRunner:
     return get_parts(request).backfill
 
 
+def _shadow(request: Request) -> ShadowTraffic:
+    return get_parts(request).shadow
+
+
 def _costs(request: Request) -> CostReport:
     return get_parts(request).costs
 
@@ -73,3 +78,4 @@ SearchDep = Annotated[SearchPath, Depends(_search)]
 IngestDep = Annotated[IngestPath, Depends(_ingest)]
 BackfillDep = Annotated[BackfillRunner, Depends(_backfill)]
 CostsDep = Annotated[CostReport, Depends(_costs)]
+ShadowDep = Annotated[ShadowTraffic, Depends(_shadow)]

@@ -29,6 +29,7 @@ from service.observability import Metrics
 from service.schemas import SearchHit, SearchResponse
 from service.serving.batching import BatchBounds, MicroBatcher
 from service.serving.deadlines import result_within, run_within
+from service.serving.shadow import ShadowTraffic
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +74,7 @@ class SearchJob:
     k: int
     include_metadata: bool = True
     filter: MetadataFilter | None = None
+    raw: bytes | None = None  # the encoded image, for a shadow model with another input contract
 
 
 def run_search_batch(
@@ -110,9 +112,10 @@ class SearchPath:
     """Searches of one app: owns the search micro-batcher."""
 
     def __init__(self, gallery: Gallery, swap: HotSwap, metrics: Metrics, bounds: BatchBounds,
-                 *, max_image_pixels: int) -> None:
+                 *, max_image_pixels: int, shadow: ShadowTraffic | None = None) -> None:
         self.gallery, self.swap, self.metrics = gallery, swap, metrics
         self.max_image_pixels = max_image_pixels
+        self.shadow = shadow
         self.batcher: MicroBatcher = MicroBatcher(
             "search", self._run_batch, max_size=bounds.max_size, max_wait_s=bounds.max_wait_s,
             max_queue=bounds.max_queue, on_start=bounds.on_start, on_batch=metrics.batch_size.labels(queue="search").observe,
@@ -123,7 +126,13 @@ class SearchPath:
         self.batcher.close()
 
     def _run_batch(self, active: ActiveModel, jobs: Sequence[SearchJob]) -> list[SearchResponse]:
-        return run_search_batch(self.gallery, active, jobs, self.metrics)
+        answers = run_search_batch(self.gallery, active, jobs, self.metrics)
+        if self.shadow is not None:  # after the answers are made; an offer never blocks
+            busy = self.batcher.queued > 0
+            for job, answer in zip(jobs, answers, strict=True):
+                if job.filter is None:
+                    self.shadow.offer(job.image, job.raw, [h.external_id for h in answer.hits], busy)
+        return answers
 
     def arriving(self) -> AbstractContextManager[None]:
         """Around a request from its arrival to :meth:`start`: the batcher may wait for it while its body
@@ -137,7 +146,7 @@ class SearchPath:
             active = self.swap.require_active()
             image = decode_image(query.raw, channels=active.channels, size=active.input_size,
                                  max_pixels=self.max_image_pixels, what="query image")
-            job = SearchJob(image, query.k, query.include_metadata, query.filter)
+            job = SearchJob(image, query.k, query.include_metadata, query.filter, raw=query.raw)
             future = self.batcher.submit(active, job, deadline=deadline)
             return result_within(future, deadline, "the search", outcome_if_late="nothing was changed")
         run: Callable[[], SearchResponse]

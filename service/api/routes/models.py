@@ -6,10 +6,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
 
 from index import Gallery
 from service.api.auth import WRITE
-from service.api.deps import GalleryDep, MetricsDep, RegistryDep, SwapDep
+from service.api.deps import GalleryDep, MetricsDep, RegistryDep, ShadowDep, SwapDep
 from service.errors import IncompatibleModel
 from service.models.hot_swap import ActivationResult
 from service.models.rollback import rollback_note, rollback_refusal
@@ -109,3 +110,29 @@ async def check(version: Version, swap: SwapDep) -> dict[str, Any]:
 def activations(gallery: GalleryDep) -> ActivationsResponse:
     return ActivationsResponse(activations=[ActivationRecord(**{k: r.get(k) for k in ActivationRecord.model_fields
                                                                  if k in r}) for r in gallery.activation_log()])
+
+
+class ShadowRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fraction: float = Field(0.1, gt=0, le=1, description="share of live image searches the candidate also answers")
+
+
+@router.post("/{version}/shadow", dependencies=WRITE, responses={404: {"model": ErrorResponse},
+                                                                   409: {"model": ErrorResponse}},
+             summary="Let a candidate also answer a fraction of live image searches, for comparison only "
+                     "(clients are answered by the active model)")
+async def shadow_start(version: Version, shadow: ShadowDep, body: ShadowRequest | None = None) -> dict[str, Any]:
+    return await run_in_threadpool(shadow.start, version, (body or ShadowRequest()).fraction)
+
+
+@router.get("/{version}/shadow", responses={404: {"model": ErrorResponse}},
+            summary="The running shadow comparison: overlap@10 with the active answers, lost top-1, latency")
+def shadow_status(version: Version, shadow: ShadowDep) -> dict[str, Any]:
+    return shadow.status(version)
+
+
+@router.delete("/{version}/shadow", dependencies=WRITE, responses={404: {"model": ErrorResponse}},
+               summary="End a shadow; answers its final comparison")
+def shadow_stop(version: Version, shadow: ShadowDep) -> dict[str, Any]:
+    return shadow.stop(version)
