@@ -14,8 +14,22 @@ commands:
   demo      the whole story on Fashion-MNIST
   serve     run the HTTP service
   backfill  start / watch / pause / resume / cancel backfill jobs of a running service
+  check     measure a candidate version against a running service's gallery (as activation will)
+  ingest    ingest image files (folders, files) into a running service
+  search    search a running service by image (or stored item), with metadata filters
 
-`graceful <command> --help` for a command's options."""
+`graceful <command> --help` for a command's options; `graceful --version` for the version."""
+
+
+def version() -> str:
+    """The installed package's version (importlib.metadata), or a note that it is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("graceful")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,17 +37,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("--version", "-V"):
+        print(f"graceful {version()}")
+        return 0
     cmd, rest = argv[0], argv[1:]
     from trainer.cli import adapt_main, eval_main, setup_logging, train_main
 
     setup_logging("-v" in rest or "--verbose" in rest)
     rest = [a for a in rest if a not in ("-v", "--verbose")]
     from service.console.backfill import backfill_main
+    from service.console.check import check_main
     from service.console.demo import demo_main
+    from service.console.items import ingest_main, search_main
     from service.console.serve import serve_main
 
     commands = {"train": train_main, "eval": eval_main, "adapt": adapt_main, "serve": serve_main, "demo": demo_main,
-                "backfill": backfill_main}
+                "backfill": backfill_main, "check": check_main, "ingest": ingest_main, "search": search_main}
     if cmd not in commands:
         print(f"graceful: error: unknown command {cmd!r} (try `graceful --help`)", file=sys.stderr)
         return 2

@@ -165,3 +165,20 @@ def test_the_backfill_report_takes_its_quality_from_the_gallery(gallery_server):
     assert q["full_backfill"] == report["curve"]["policies"]["sequential"][-1]["quality"]
     # the curve ranks against the whole gallery: its 0% point is the check's protocol on other queries
     assert report["curve"]["sample"]["gallery"] == check["sample"]["gallery"]
+
+
+def test_graceful_check_prints_the_verdict(gallery_server, tmp_path, monkeypatch, capsys):
+    from service.console.check import check_main
+    from service.console.client import GracefulClient
+
+    monkeypatch.setenv("GRACEFUL_API_KEY", "test-key")
+    # the CLI's HTTP client talks to the in-process server (a TestClient is an httpx.Client)
+    monkeypatch.setattr(GracefulClient, "http", property(lambda self: gallery_server.client))
+    _forge(tmp_path / "models", "v2-indep", "forged", space="v1", compatible_with="v1")
+    assert check_main(["v2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("v2: PASSES (measured)") and "overlap@10" in out and "candidate" in out
+    assert check_main(["forged"]) == 1
+    assert "FAILS" in capsys.readouterr().out
+    assert check_main(["nope"]) == 1
+    assert "HTTP 404" in capsys.readouterr().err
