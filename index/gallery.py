@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import defaultdict
+import time
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,13 @@ EXACT_FILTERED_MAX = 10_000
 answered exactly from the matching vectors in SQL: an approximate index walked with a selective filter
 visits few allowed vectors and could return fewer than ``k``. Larger matching sets go through FAISS."""
 
+FILTER_CACHE_TTL_S = 1.0
+"""How long the matching vec_ids of a filter (one SQL query) are reused when this process wrote nothing
+meanwhile: any write of this gallery object drops them at once, so its own writes are always seen; writes of
+other processes (replicas) are seen by filters within this many seconds."""
+FILTER_CACHE_BYTES = 128 << 20
+"""Most memory the cached matching sets (ids, and the vectors of small sets) may take."""
+
 
 class Gallery:
     """Durable FAISS + SQL store of embeddings that knows which model version made each.
@@ -80,6 +88,10 @@ class Gallery:
         self._spaces: dict[str, SpaceIndex] = {}
         self._closed = False
         self._items = 0  # items in SQL, kept in step with this process's commits (O(1) for policy checks)
+        # filters: (space, filter) -> (write generation, time, vec_ids, rows of small sets or None)
+        self._generation = 0  # bumped by every write of this object (after its commit)
+        self._filter_cache: OrderedDict[tuple[str, MetadataFilter], _Matching] = OrderedDict()
+        self._filter_lock = threading.Lock()
         self.last_open_reports: list[ReconcileReport] = []
         self._builder = IndexBuilder(engine, self.index_dir, self._mutex, self.config,
                                      on_installed=self._maybe_snapshot)
@@ -197,6 +209,7 @@ class Gallery:
             with self.engine.connect() as conn:
                 self._items = store.item_count(conn)
             targets = [self._space_index(space)] if space is not None else list(self._spaces.values())
+            self._generation += 1
             out = []
             for sidx in targets:
                 if not rebuild:
@@ -416,6 +429,7 @@ class Gallery:
         add_entries: list[tuple[int, str, str]] | None,
     ) -> None:
         """Mutate FAISS after a commit. If that fails, the committed data stands: rebuild from SQL."""
+        self._generation += 1  # (under the mutation mutex) cached filter results are stale now
         try:
             sidx.apply(np.asarray(remove, dtype=np.int64), add_ids, add_vectors, add_entries)
         except Exception:
@@ -492,23 +506,50 @@ class Gallery:
     def _search_filtered(self, sidx: SpaceIndex, queries: np.ndarray, k: int, flt: MetadataFilter) -> list[list[Hit]]:
         """See :meth:`search`: FAISS over the allowed vec_ids; exact from SQL for small matching sets of an
         approximate index, and for any query an approximate index answered with fewer than k hits."""
-        with self.engine.connect() as conn:
-            allowed = filters.matching_vec_ids(conn, sidx.space, flt)
-            if len(allowed) == 0 or len(queries) == 0:
-                return [[] for _ in range(len(queries))]
-            if not sidx.exact and len(allowed) <= EXACT_FILTERED_MAX:
-                _, entries, vectors = filters.matching_rows(conn, sidx.space, flt, sidx.dim)
-                return _exact_hits(queries, k, entries, vectors)
+        if len(queries) == 0:
+            return []
+        allowed = self._matching(sidx, flt, rows=False).vec_ids
+        if len(allowed) == 0:
+            return [[] for _ in range(len(queries))]
+        if not sidx.exact and len(allowed) <= EXACT_FILTERED_MAX:
+            entries, vectors = self._matching(sidx, flt, rows=True).rows  # type: ignore[misc]
+            return _exact_hits(queries, k, entries, vectors)
         hits = sidx.search(queries, k, allowed=allowed)
         want = min(k, len(allowed))
         short = [i for i, row in enumerate(hits) if len(row) < want]
         if short and not sidx.exact:
             log.debug("space %r: %d filtered queries short of %d hits: answered exactly", sidx.space, len(short), want)
-            with self.engine.connect() as conn:
-                _, entries, vectors = filters.matching_rows(conn, sidx.space, flt, sidx.dim)
+            entries, vectors = self._matching(sidx, flt, rows=True).rows  # type: ignore[misc]
             for i, row in zip(short, _exact_hits(queries[short], k, entries, vectors), strict=True):
                 hits[i] = row
         return hits
+
+    def _matching(self, sidx: SpaceIndex, flt: MetadataFilter, *, rows: bool) -> _Matching:
+        """The vec_ids of ``sidx``'s space matching ``flt`` (and with ``rows``, their entries and vectors),
+        from the cache when this object wrote nothing since and they are younger than
+        :data:`FILTER_CACHE_TTL_S`, else from SQL (one query)."""
+        key = (sidx.space, flt)
+        generation, now = self._generation, time.monotonic()  # read before SQL: a later write invalidates
+        with self._filter_lock:
+            got = self._filter_cache.get(key)
+            fresh = got is not None and got.generation == generation and now - got.at <= FILTER_CACHE_TTL_S
+            if got is not None and fresh and (not rows or got.rows is not None):
+                self._filter_cache.move_to_end(key)
+                return got
+        with self.engine.connect() as conn:
+            if rows:
+                vec_ids, entries, vectors = filters.matching_rows(conn, sidx.space, flt, sidx.dim)
+                found = _Matching(generation, now, vec_ids, (entries, vectors))
+            else:
+                found = _Matching(generation, now, filters.matching_vec_ids(conn, sidx.space, flt), None)
+        with self._filter_lock:
+            self._filter_cache[key] = found
+            self._filter_cache.move_to_end(key)
+            total = sum(m.nbytes for m in self._filter_cache.values())
+            while total > FILTER_CACHE_BYTES and len(self._filter_cache) > 1:
+                _, dropped = self._filter_cache.popitem(last=False)
+                total -= dropped.nbytes
+        return found
 
     def scroll(self, after: str | None = None, limit: int = 100) -> list[store.ItemRecord]:
         """One page of items in external-id order (the database's): up to ``limit`` (1 to
@@ -558,7 +599,9 @@ class Gallery:
         with self._mutex:
             self._check_open()
             with self.engine.begin() as conn:
-                return item_sql.update_metadata(conn, eid, metadata, merge)
+                record = item_sql.update_metadata(conn, eid, metadata, merge)
+            self._generation += 1
+            return record
 
     def get_items(self, external_ids: Iterable[str]) -> dict[str, store.ItemRecord]:
         """Stored records (metadata, source_uri, timestamps, embedded_by per space) of the ids that exist."""
@@ -745,6 +788,18 @@ class Gallery:
         self._check_open()
         with self.engine.begin() as conn:
             return backfill.update_job(conn, job_id, **changes)
+
+
+class _Matching:
+    """A filter's matching vec_ids (sorted int64) and, when read, ``rows``: their (item_id, external_id,
+    version) entries and vectors; ``generation`` and ``at`` say when they were read."""
+
+    __slots__ = ("at", "generation", "nbytes", "rows", "vec_ids")
+
+    def __init__(self, generation: int, at: float, vec_ids: np.ndarray,
+                 rows: tuple[list[tuple[int, str, str]], np.ndarray] | None) -> None:
+        self.generation, self.at, self.vec_ids, self.rows = generation, at, vec_ids, rows
+        self.nbytes = int(vec_ids.nbytes) + (0 if rows is None else int(rows[1].nbytes) + 120 * len(rows[0]))
 
 
 def _exact_hits(

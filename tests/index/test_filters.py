@@ -264,3 +264,33 @@ def test_queries_an_approximate_index_answers_short_are_answered_exactly(
     spec = {"label": {"in": [1, 2]}}
     got = [[h.external_id for h in row] for row in hnsw.search("v1", queries, 10, filter=spec)]
     assert got == _brute(data, queries, 10, spec)
+
+
+def test_matching_sets_are_reused_until_a_write_or_the_ttl(
+    filled: Gallery, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One SQL query per filter while nothing changes; this object's writes are seen at once, another
+    process's (another Gallery on the same database) within FILTER_CACHE_TTL_S."""
+    calls: list[int] = []
+    real = gallery_module.filters.matching_vec_ids
+    monkeypatch.setattr(gallery_module.filters, "matching_vec_ids", lambda *a: calls.append(1) or real(*a))
+    q = random_vectors(2, D, seed=8)
+    first = filled.search("v1", q, 5, filter={"label": 4})
+    assert filled.search("v1", q, 5, filter={"label": 4}) == first and len(calls) == 1
+    filled.update_metadata(first[0][0].external_id, {"label": 5})  # this object's write: seen at once
+    again = filled.search("v1", q, 5, filter={"label": 4})
+    assert len(calls) == 2 and first[0][0].external_id not in [h.external_id for h in again[0]]
+
+    monkeypatch.setattr(gallery_module, "FILTER_CACHE_TTL_S", 0.5)
+    other = Gallery.open(database_url, tmp_path / "other")  # another process's view of the same database
+    try:
+        moved = again[0][0].external_id
+        assert moved in [h.external_id for h in filled.search("v1", q, 5, filter={"label": 4})[0]]
+        other.update_metadata(moved, {"label": 6})
+        assert moved in [h.external_id for h in filled.search("v1", q, 5, filter={"label": 4})[0]]  # cached
+        import time
+
+        time.sleep(0.55)
+        assert moved not in [h.external_id for h in filled.search("v1", q, 5, filter={"label": 4})[0]]
+    finally:
+        other.close()
