@@ -78,7 +78,10 @@ def install_error_handlers(app: FastAPI) -> None:
             body["backfill_report"] = backfill_report_url(exc.candidate)
         if isinstance(exc, serr.CheckFailed):
             body["check"] = exc.check
-        return JSONResponse(body, status_code=status_of(exc))
+        status = status_of(exc)
+        # a body refused for its size (say, too many multipart parts) may still be arriving: close the
+        # connection rather than read and drop the rest of it
+        return JSONResponse(body, status_code=status, headers={"connection": "close"} if status == 413 else None)
 
     for cls in (serr.ServiceError, ierr.GalleryError, ModelCardError):
         app.add_exception_handler(cls, domain_error)
