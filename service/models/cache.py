@@ -9,8 +9,10 @@ pair).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
+from pathlib import Path
 
 from service.errors import InvalidModel, ServiceError
 from service.models.registry import ModelRegistry
@@ -27,6 +29,7 @@ class ModelCache:
         self.capacity = max(int(capacity), 0)
         self._active: LoadedModel | None = None
         self._others: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._stamps: dict[str, tuple[int, int] | None] = {}  # version -> (mtime_ns, size) of its weights
         self._lock = threading.Lock()
         self._loading = threading.Lock()  # one load at a time: two threads asking for v2 load it once
 
@@ -41,19 +44,33 @@ class ModelCache:
     def _keep(self, loaded: LoadedModel) -> None:
         if self.capacity == 0:
             return
+        self._stamps[loaded.version] = self._stamp(loaded)
         self._others[loaded.version] = loaded
         self._others.move_to_end(loaded.version)
         while len(self._others) > self.capacity:
             dropped, _ = self._others.popitem(last=False)
             log.debug("model cache: dropped %s", dropped)
 
+    @staticmethod
+    def _stamp(loaded: LoadedModel) -> tuple[int, int] | None:
+        try:
+            st = os.stat(Path(loaded.path) / loaded.card.weights)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
     def _hit(self, version: str) -> LoadedModel | None:
         with self._lock:
             if self._active is not None and self._active.version == version:
-                return self._active
+                return self._active  # serving: never dropped behind the requests' back
             hit = self._others.get(version)
-            if hit is not None:
-                self._others.move_to_end(version)
+            if hit is None:
+                return None
+            # a folder changed or removed on disk since it was loaded: load (and verify) it again
+            if self._stamps.get(version) != self._stamp(hit):
+                del self._others[version]
+                return None
+            self._others.move_to_end(version)
             return hit
 
     def get(self, version: str) -> LoadedModel:
