@@ -203,6 +203,21 @@ class ActivationResponse(BaseModel):
     seconds: float
     rollback: RollbackNote | None = Field(None, description="set when the swap changed the embedding space: a "
                                           "rollback will need a backfill of the items ingested from now on")
+    check: dict[str, Any] | None = Field(None, description="the measured compatibility check the swap rested on "
+                                                           "(null: none ran: a rollback, or no active model)")
+    forced: bool = Field(False, description="activated with force=true past a failed check")
+
+
+class ActivationRecord(BaseModel):
+    version: str
+    at: str
+    rollback: bool
+    forced: bool = False
+    check: dict[str, Any] | None = None
+
+
+class ActivationsResponse(BaseModel):
+    activations: list[ActivationRecord]
 
 
 class ErrorResponse(BaseModel):
