@@ -1,6 +1,6 @@
 #!/bin/sh
 # Entry point of the graceful image. The compose file's services run exactly these commands, and
-# tests/service/test_compose.py runs them outside containers, so a broken command or env name fails CI.
+# tests/service/system/test_compose.py runs them outside containers, so a broken command or env name fails CI.
 #   serve            the HTTP API on 0.0.0.0:${GRACEFUL_PORT:-8000}
 #   demo             the one-shot story against the running API at ${GRACEFUL_API_URL}
 #   anything else    executed as given
