@@ -324,6 +324,7 @@ def matching_rows(
     filtered sets."""
     cols = (emb_t.c.vec_id, emb_t.c.item_id, items_t.c.external_id, emb_t.c.version, emb_t.c.vector)
     where = sql_condition(flt, conn.dialect.name)
+    rows: Sequence[Any]
     if where is not None:
         rows = conn.execute(_space_rows(space, *cols).where(where).order_by(emb_t.c.vec_id)).all()
     else:

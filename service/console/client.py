@@ -291,7 +291,7 @@ class GracefulClient:
             return metadata(f) if callable(metadata) else dict(metadata)
 
         def send(chunk: list[tuple[Path, str]]) -> None:
-            items = []
+            items: list[dict[str, Any]] = []
             for f, eid in chunk:
                 try:
                     items.append({"external_id": eid, "image_base64": _b64(f), "metadata": meta_of(f)})

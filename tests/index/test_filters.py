@@ -294,3 +294,16 @@ def test_matching_sets_are_reused_until_a_write_or_the_ttl(
         assert moved not in [h.external_id for h in filled.search("v1", q, 5, filter={"label": 4})[0]]
     finally:
         other.close()
+
+
+@pytest.mark.parametrize("which", ["filled", "hnsw"])  # Flat through the selector, HNSW exact over the rows
+@pytest.mark.parametrize("spec", SPECS[:4] + SPECS[8:9], ids=lambda s: str(s)[:40])
+def test_databases_without_json_sql_filter_in_python_with_the_same_answers(
+    request: pytest.FixtureRequest, database_url: str, which: str, data, spec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another database than SQLite/PostgreSQL: the items' metadata are read and matched in Python."""
+    g = request.getfixturevalue(which)
+    monkeypatch.setattr(gallery_module.filters, "sql_condition", lambda *a, **k: None)
+    queries = random_vectors(3, D, seed=19)
+    got = [[h.external_id for h in row] for row in g.search("v1", queries, 10, filter=spec)]
+    assert got == _brute(data, queries, 10, spec)

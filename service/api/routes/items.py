@@ -10,6 +10,7 @@ from pathlib import PurePath
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from index.errors import ItemNotFound
@@ -160,7 +161,7 @@ def delete_item(external_id: str, path: IngestDep) -> DeleteResponse:
 # ---------------------------------------------------------------------- browsing and batches
 
 
-def _json_body(model: type) -> dict:
+def _json_body(model: type[BaseModel]) -> dict:
     return {"requestBody": {"required": True,
                             "content": {"application/json": {"schema": _inline(model.model_json_schema())}}}}
 
