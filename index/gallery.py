@@ -508,13 +508,20 @@ class Gallery:
         approximate index, and for any query an approximate index answered with fewer than k hits."""
         if len(queries) == 0:
             return []
-        allowed = self._matching(sidx, flt, rows=False).vec_ids
+        matching = self._matching(sidx, flt, rows=False)
+        allowed = matching.vec_ids
         if len(allowed) == 0:
             return [[] for _ in range(len(queries))]
+        if matching.covers is None:  # once per matching set: does the filter let every live vector through?
+            matching.covers = -1
+            if len(allowed) >= sidx.live_count:
+                live, at = sidx.live_ids()
+                if np.isin(live, allowed).all():
+                    matching.covers = at  # until the index changes, the filter excludes nothing
+        hits = sidx.search(queries, k, allowed=allowed, allows_all_at=matching.covers)
         if not sidx.exact and len(allowed) <= EXACT_FILTERED_MAX:
             entries, vectors = self._matching(sidx, flt, rows=True).rows  # type: ignore[misc]
             return _exact_hits(queries, k, entries, vectors)
-        hits = sidx.search(queries, k, allowed=allowed)
         want = min(k, len(allowed))
         short = [i for i, row in enumerate(hits) if len(row) < want]
         if short and not sidx.exact:
@@ -794,11 +801,13 @@ class _Matching:
     """A filter's matching vec_ids (sorted int64) and, when read, ``rows``: their (item_id, external_id,
     version) entries and vectors; ``generation`` and ``at`` say when they were read."""
 
-    __slots__ = ("at", "generation", "nbytes", "rows", "vec_ids")
+    __slots__ = ("at", "covers", "generation", "nbytes", "rows", "vec_ids")
 
     def __init__(self, generation: int, at: float, vec_ids: np.ndarray,
                  rows: tuple[list[tuple[int, str, str]], np.ndarray] | None) -> None:
         self.generation, self.at, self.vec_ids, self.rows = generation, at, vec_ids, rows
+        # SpaceIndex.mutations at which every live vector of the space matched (-1: not so; None: unknown)
+        self.covers: int | None = None
         self.nbytes = int(vec_ids.nbytes) + (0 if rows is None else int(rows[1].nbytes) + 120 * len(rows[0]))
 
 

@@ -167,6 +167,7 @@ class SpaceIndex:
         self._tombstones: set[int] = set()
         self._selector: tuple[faiss.IDSelector, faiss.IDSelector] | None = None
         self.changes_since_snapshot = 0
+        self.mutations = 0  # bumped (under the write lock) by every change of the index or its lookup
         self._delta: list[tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, list[Entry] | None]] | None = None
         self.last_build: dict | None = None  # the last background build's report (index.background_build)
         self.build_progress: dict | None = None  # while one runs: {"reason", "started_at", "done", "total"}
@@ -220,6 +221,7 @@ class SpaceIndex:
         selector = self._make_selector(tomb)
         with self.lock.write():
             self._index, self._entries, self._tombstones, self._selector = index, entries, tomb, selector
+            self.mutations += 1
 
     # ----------------------------------------------------------------- mutation
     def apply(
@@ -234,6 +236,7 @@ class SpaceIndex:
         Removing an id the index does not hold is a no-op.
         """
         with self.lock.write():
+            self.mutations += 1
             if self._delta is not None:  # a background build is running: it replays this at install
                 self._delta.append((
                     None if remove is None else np.array(remove, dtype=np.int64),
@@ -293,6 +296,7 @@ class SpaceIndex:
                                 entries[vid] = e
             self._index, self._entries, self._tombstones = index, entries, tombstones
             self._selector = self._make_selector(tombstones)
+            self.mutations += 1
             self.changes_since_snapshot = max(self.changes_since_snapshot, len(entries))
         return len(delta)
 
@@ -313,14 +317,18 @@ class SpaceIndex:
         return None
 
     # ----------------------------------------------------------------- reading
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[list[Hit]]:
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, allows_all_at: int | None = None
+    ) -> list[list[Hit]]:
         """Top-``k`` live hits for each row of ``queries`` (n, d) float32 unit rows, best first.
 
         Fewer than ``k`` hits when the space holds fewer live vectors. ``allowed`` (m,) int64 vec_ids, if
         given, restricts the search to those ids *inside* FAISS (an ``IDSelectorBatch``, and-ed with the
         tombstone selector), so an exact index returns ``min(k, live allowed)`` hits; an approximate one
         (HNSW, IVF) looks wider in proportion to the share allowed (:func:`_search_params`) but may still
-        return fewer (the gallery then answers those queries exactly).
+        return fewer (the gallery then answers those queries exactly). ``allows_all_at``: the value of
+        :attr:`mutations` when ``allowed`` was found to hold every live id; while nothing changed since, the
+        search runs without the selector (the same answer, without its cost).
         """
         n = len(queries)
         if allowed is not None and len(allowed) == 0:
@@ -329,6 +337,8 @@ class SpaceIndex:
         lock.acquire_read()  # (not ``with``: this is the hot path)
         try:
             index, entries, selector = self._index, self._entries, self._selector
+            if allowed is not None and allows_all_at is not None and allows_all_at == self.mutations:
+                allowed = None
             kk = min(k, len(entries))
             if allowed is not None:
                 kk = min(kk, len(allowed))
@@ -357,6 +367,12 @@ class SpaceIndex:
             return out
         finally:
             lock.release_read()
+
+    def live_ids(self) -> tuple[np.ndarray, int]:
+        """Every vec_id searches can return (tombstones excluded), int64 (live_count,), unordered, and the
+        value of :attr:`mutations` they are the ids of."""
+        with self.lock.read():
+            return np.fromiter(self._entries.keys(), dtype=np.int64, count=len(self._entries)), self.mutations
 
     def index_ids(self) -> np.ndarray:
         """Every vec_id physically in the FAISS index (tombstones included), int64 (ntotal,)."""

@@ -259,7 +259,7 @@ def test_queries_an_approximate_index_answers_short_are_answered_exactly(
     monkeypatch.setattr(gallery_module, "EXACT_FILTERED_MAX", 0)
     sidx = hnsw._space_index("v1")
     real = sidx.search
-    monkeypatch.setattr(sidx, "search", lambda q, k, allowed=None: [row[: k // 2] for row in real(q, k, allowed)])
+    monkeypatch.setattr(sidx, "search", lambda q, k, allowed=None, allows_all_at=None: [row[: k // 2] for row in real(q, k, allowed)])
     queries = random_vectors(3, D, seed=17)
     spec = {"label": {"in": [1, 2]}}
     got = [[h.external_id for h in row] for row in hnsw.search("v1", queries, 10, filter=spec)]
@@ -307,3 +307,33 @@ def test_databases_without_json_sql_filter_in_python_with_the_same_answers(
     queries = random_vectors(3, D, seed=19)
     got = [[h.external_id for h in row] for row in g.search("v1", queries, 10, filter=spec)]
     assert got == _brute(data, queries, 10, spec)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32"])
+def test_a_filter_matching_everything_is_the_plain_search_until_the_index_changes(
+    database_url: str, tmp_path: Path, factory: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gallery_module, "EXACT_FILTERED_MAX", 0)  # HNSW too through FAISS
+    g = Gallery.open(database_url, tmp_path / "all", config=IndexConfig(factory=factory))
+    try:
+        g.register_version(VersionInfo("v1", space="v1", embedding_dim=D))
+        vecs = random_vectors(300, D, seed=31)
+        g.add([NewItem(f"a{i}", v, metadata={"all": True}) for i, v in enumerate(vecs)], "v1")
+        q = random_vectors(3, D, seed=32)
+        plain = g.search("v1", q, 10)
+        assert g.search("v1", q, 10, filter={"all": True}) == plain
+        assert g._filter_cache[("v1", MetadataFilter.parse({"all": True}))].covers == g._space_index("v1").mutations
+        # a nearer item that does not match: the plain search finds it, the filtered one must not
+        g.add([NewItem("odd", q[0], metadata={"all": False})], "v1")
+        assert g.search("v1", q[:1], 1)[0][0].external_id == "odd"
+        assert "odd" not in [h.external_id for h in g.search("v1", q[:1], 10, filter={"all": True})[0]]
+        # the same, when the cached set is kept but the index changed behind it (mutations differ)
+        monkeypatch.setattr(gallery_module, "FILTER_CACHE_TTL_S", 3600.0)
+        g.search("v1", q[:1], 10, filter={"all": True})
+        entry = g._filter_cache[("v1", MetadataFilter.parse({"all": True}))]
+        g._space_index("v1").apply(None, np.array([10**9]), q[1:2].copy(), [(10**9, "ghost", "v1")])
+        assert entry is g._filter_cache[("v1", MetadataFilter.parse({"all": True}))]
+        got = [h.external_id for h in g.search("v1", q[1:2], 10, filter={"all": True})[0]]
+        assert "ghost" not in got and len(got) == 10
+    finally:
+        g.close()
