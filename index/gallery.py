@@ -37,6 +37,7 @@ from sqlalchemy.exc import IntegrityError
 
 from . import atomic, backfill, catalog, filters, store
 from . import items as item_sql
+from .backfill_book import BackfillBook
 from .background_build import IndexBuilder, read_report
 from .config import UNSET, IndexConfig, Unset
 from .db import default_database_url, make_engine
@@ -84,6 +85,7 @@ class Gallery:
         self.index_dir = self.data_dir / "index"
         self.config = config if config is not None else IndexConfig()
         self._mutex = threading.RLock()  # serialises mutations (SQL commit + FAISS apply)
+        self.backfill = BackfillBook(engine, self._check_open, self._version)  # jobs, pending items, orders
         self._versions: dict[str, VersionInfo] = {}
         self._spaces: dict[str, SpaceIndex] = {}
         self._closed = False
@@ -682,63 +684,7 @@ class Gallery:
             "params": sidx.params, "building": sidx.build_progress, "last_build": sidx.last_build,
         }
 
-    # ------------------------------------------------------------------ backfill bookkeeping
-    def backfill_progress(self, candidate: str) -> tuple[int, int]:
-        """``(done, total)``: items embedded by ``candidate`` in its space, and all items."""
-        self._check_open()
-        info = self._version(candidate)
-        with self.engine.connect() as conn:
-            return backfill.progress(conn, info)
-
-    def pending_backfill(
-        self, candidate: str, limit: int, after_item_id: int = 0, job_id: int | None = None
-    ) -> list[tuple[int, str, str | None]]:
-        """Items not yet embedded by ``candidate``: ``(item_id, external_id, source_uri)``, by item id
-        (with ``job_id``: also not skipped by that job)."""
-        self._check_open()
-        info = self._version(candidate)
-        with self.engine.connect() as conn:
-            return backfill.pending_items(conn, info, int(limit), int(after_item_id), job_id)
-
-    def pending_backfill_ordered(
-        self, job_id: int, candidate: str, limit: int, after_position: int = -1
-    ) -> list[tuple[int, int, str, str | None]]:
-        """Pending, unskipped items of a job's stored order: ``(position, item_id, external_id, source_uri)``."""
-        self._check_open()
-        info = self._version(candidate)
-        with self.engine.connect() as conn:
-            return backfill.pending_in_order(conn, int(job_id), info, int(limit), int(after_position))
-
-    def set_backfill_order(self, job_id: int, item_ids: Sequence[int], scores: Sequence[float] | None = None) -> int:
-        """Store a job's re-embedding order (one transaction; replaces a previous one). Returns its length."""
-        self._check_open()
-        with self.engine.begin() as conn:
-            backfill.get_job(conn, int(job_id))
-            return backfill.write_order(conn, int(job_id), item_ids, scores)
-
-    def backfill_order(self, job_id: int) -> list[int]:
-        """A job's stored order as item ids (empty if it has none)."""
-        self._check_open()
-        with self.engine.connect() as conn:
-            return backfill.read_order(conn, int(job_id))
-
-    def backfill_order_size(self, job_id: int) -> int:
-        self._check_open()
-        with self.engine.connect() as conn:
-            return backfill.order_size(conn, int(job_id))
-
-    def record_backfill_skips(self, job_id: int, skips: Sequence[tuple[int, str]]) -> None:
-        """Remember items (``(item_id, reason)``) a job could not re-embed; they leave its pending list."""
-        self._check_open()
-        with self.engine.begin() as conn:
-            backfill.record_skips(conn, int(job_id), skips)
-
-    def backfill_skips(self, job_id: int, limit: int = 20) -> tuple[int, list[tuple[str, str]]]:
-        """``(count, first `limit` (external_id, reason))`` of the items a job skipped."""
-        self._check_open()
-        with self.engine.connect() as conn:
-            return backfill.skipped(conn, int(job_id), int(limit))
-
+    # ------------------------------------------------------------------ reads for backfill and checks
     def item_sources(self) -> list[tuple[int, str, str | None]]:
         """``(item_id, external_id, source_uri)`` of every item, by item id (one SQL pass)."""
         self._check_open()
@@ -773,28 +719,6 @@ class Gallery:
         if not ids:
             return np.empty(0, np.int64), [], np.empty((0, sidx.dim), np.float32)
         return np.concatenate(ids), versions, np.concatenate(vecs)
-
-    def create_backfill_job(self, candidate: str, policy: Any = None) -> backfill.BackfillJobInfo:
-        self._check_open()
-        info = self._version(candidate)
-        with self.engine.begin() as conn:
-            return backfill.create_job(conn, info, policy)
-
-    def get_backfill_job(self, job_id: int) -> backfill.BackfillJobInfo:
-        self._check_open()
-        with self.engine.connect() as conn:
-            return backfill.get_job(conn, job_id)
-
-    def list_backfill_jobs(self, candidate: str | None = None) -> list[backfill.BackfillJobInfo]:
-        self._check_open()
-        with self.engine.connect() as conn:
-            return backfill.list_jobs(conn, candidate)
-
-    def update_backfill_job(self, job_id: int, **changes: Any) -> backfill.BackfillJobInfo:
-        """Update ``status``, ``done``, ``total``, ``error`` and/or ``policy`` of a job."""
-        self._check_open()
-        with self.engine.begin() as conn:
-            return backfill.update_job(conn, job_id, **changes)
 
 
 class _Matching:

@@ -115,7 +115,7 @@ class CostReport:
         total = gallery.count()
         by_version = gallery.counts_by_version()
         in_space = gallery.count(card.space) if card.space in gallery.spaces() else 0
-        done, _ = gallery.backfill_progress(candidate)
+        done, _ = gallery.backfill.progress(candidate)
         to_reembed = total - done
         problem = self.swap.problem(card)
 

@@ -105,7 +105,7 @@ class _Cursor:
         None when a rewind is needed and not allowed (ask again once the batch in flight is stored)."""
         while True:
             if self.phase == "order":
-                rows = self.gallery.pending_backfill_ordered(self.job_id, self.candidate, limit, self.position)
+                rows = self.gallery.backfill.pending_ordered(self.job_id, self.candidate, limit, self.position)
                 if rows:
                     self.position = rows[-1][0]
                     return [(i, e, u) for _, i, e, u in rows]
@@ -113,7 +113,7 @@ class _Cursor:
                     return None
                 self.phase = "ids"
                 continue
-            got = self.gallery.pending_backfill(self.candidate, limit, self.after, job_id=self.job_id)
+            got = self.gallery.backfill.pending(self.candidate, limit, self.after, job_id=self.job_id)
             if got:
                 self.after = got[-1][0]
                 return got
@@ -165,7 +165,7 @@ class BackfillRunner:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Start the worker thread; jobs left ``running`` by a previous process resume first."""
-        left = [j.id for j in self.gallery.list_backfill_jobs() if j.status == "running"]
+        left = [j.id for j in self.gallery.backfill.list_jobs() if j.status == "running"]
         if left:
             log.info("resuming backfill jobs %s", left)
         self._thread = threading.Thread(target=self._main, name="backfill-runner", daemon=True)
@@ -194,30 +194,30 @@ class BackfillRunner:
         spec = {"order": policy, "rate_limit": rate_limit if rate_limit is not None else self.rate_limit,
                 "batch_size": int(batch_size or self.batch_size), "stop_at": stop_at}
         with self._cond:
-            busy = [j.id for j in self.gallery.list_backfill_jobs(candidate) if j.status in ACTIVE]
+            busy = [j.id for j in self.gallery.backfill.list_jobs(candidate) if j.status in ACTIVE]
             if busy:
                 raise BackfillConflict(f"backfill job {busy[0]} of {candidate} is not finished: resume or cancel it "
                                        f"(GET /v1/backfill/{busy[0]})")
-            job = self.gallery.create_backfill_job(candidate, spec)
+            job = self.gallery.backfill.create_job(candidate, spec)
             self._cond.notify_all()
         log.info("backfill job %d: %s, policy %s", job.id, candidate, spec)
         return job
 
     def pause(self, job_id: int) -> BackfillJobInfo:
         with self._cond:
-            job = self.gallery.get_backfill_job(job_id)
+            job = self.gallery.backfill.get_job(job_id)
             if job.status == "paused":
                 return job
             if job.status not in ("pending", "running"):
                 raise BackfillConflict(f"backfill job {job_id} is {job.status}: only pending or running jobs pause")
-            job = self.gallery.update_backfill_job(job_id, status="paused")
+            job = self.gallery.backfill.update_job(job_id, status="paused")
             self._cond.notify_all()
             return job
 
     def resume(self, job_id: int, *, stop_at: float | None = None, rate_limit: float | None = None) -> BackfillJobInfo:
         """Resume a paused (or failed) job; ``stop_at`` replaces its stop point (None: run to the end)."""
         with self._cond:
-            job = self.gallery.get_backfill_job(job_id)
+            job = self.gallery.backfill.get_job(job_id)
             if job.status not in ("paused", "failed", "pending", "running"):
                 raise BackfillConflict(f"backfill job {job_id} is {job.status}: it cannot be resumed "
                                        "(start a new one: finished items are not re-embedded)")
@@ -225,31 +225,31 @@ class BackfillRunner:
             spec["stop_at"] = stop_at
             if rate_limit is not None:
                 spec["rate_limit"] = rate_limit
-            others = [j for j in self.gallery.list_backfill_jobs() if j.status == "running" and j.id != job_id]
+            others = [j for j in self.gallery.backfill.list_jobs() if j.status == "running" and j.id != job_id]
             status = job.status if job.status in ("pending", "running") else ("pending" if others else "running")
-            job = self.gallery.update_backfill_job(job_id, status=status, policy=spec, error=None)
+            job = self.gallery.backfill.update_job(job_id, status=status, policy=spec, error=None)
             self._cond.notify_all()
             return job
 
     def cancel(self, job_id: int) -> BackfillJobInfo:
         """Stop a job for good; what it re-embedded stays (a later job skips those items)."""
         with self._cond:
-            job = self.gallery.get_backfill_job(job_id)
+            job = self.gallery.backfill.get_job(job_id)
             if job.status == "cancelled":
                 return job
             if job.status not in ACTIVE and job.status != "failed":
                 raise BackfillConflict(f"backfill job {job_id} is {job.status}: nothing to cancel")
-            job = self.gallery.update_backfill_job(job_id, status="cancelled")
+            job = self.gallery.backfill.update_job(job_id, status="cancelled")
             self._cond.notify_all()
             return job
 
     def describe(self, job: BackfillJobInfo | int) -> dict[str, Any]:
         """A job as the API shows it: its row, skips, and (while this process runs it) rate and ETA."""
         if not isinstance(job, BackfillJobInfo):
-            job = self.gallery.get_backfill_job(job)
+            job = self.gallery.backfill.get_job(job)
         spec = job.policy or {}
         live = self._live.get(job.id) or _Live()
-        n_skip, examples = self.gallery.backfill_skips(job.id, 10)
+        n_skip, examples = self.gallery.backfill.skips(job.id, 10)
         rate = live.rate() if job.status == "running" else None
         done, total = job.done, job.total
         if live.done is not None and live.total is not None:  # the thread is in this job: fresher than the row
@@ -299,8 +299,8 @@ class BackfillRunner:
                 log.exception("backfill job %d failed", job.id)
                 try:
                     with self._cond:
-                        if self.gallery.get_backfill_job(job.id).status == "running":
-                            self.gallery.update_backfill_job(
+                        if self.gallery.backfill.get_job(job.id).status == "running":
+                            self.gallery.backfill.update_job(
                                 job.id, status="failed", error=self.registry.public(f"{type(e).__name__}: {e}"))
                 except Exception:  # the job stays running in SQL: it is retried on the next turn
                     log.exception("backfill job %d: cannot record the failure", job.id)
@@ -309,11 +309,11 @@ class BackfillRunner:
 
     def _next_job(self) -> BackfillJobInfo | None:
         """The oldest running job, else the oldest pending one (then marked running). Under the lock."""
-        jobs = self.gallery.list_backfill_jobs()
+        jobs = self.gallery.backfill.list_jobs()
         for status in ("running", "pending"):
             for j in jobs:
                 if j.status == status:
-                    return j if status == "running" else self.gallery.update_backfill_job(j.id, status="running")
+                    return j if status == "running" else self.gallery.backfill.update_job(j.id, status="running")
         return None
 
     def _status(self, job_id: int) -> BackfillJobInfo | None:
@@ -321,15 +321,15 @@ class BackfillRunner:
         with self._cond:
             if self._stopping:
                 return None
-            job = self.gallery.get_backfill_job(job_id)
+            job = self.gallery.backfill.get_job(job_id)
             return job if job.status == "running" else None
 
     def _finish(self, job_id: int, status: str, done: int, total: int, error: str | None = None) -> None:
         with self._cond:
-            if self.gallery.get_backfill_job(job_id).status == "running":
-                self.gallery.update_backfill_job(job_id, status=status, done=done, total=total, error=error)
+            if self.gallery.backfill.get_job(job_id).status == "running":
+                self.gallery.backfill.update_job(job_id, status=status, done=done, total=total, error=error)
             else:
-                self.gallery.update_backfill_job(job_id, done=done, total=total)
+                self.gallery.backfill.update_job(job_id, done=done, total=total)
 
     def _run(self, job: BackfillJobInfo) -> None:
         live = self._live.setdefault(job.id, _Live())
@@ -353,15 +353,15 @@ class BackfillRunner:
             live.phase = "ordering"
             space = self.swap.serving_space()
             order = uncertainty_order(self.gallery, space, self.models.get_or_none, loaded) if space else None
-            n = self.gallery.set_backfill_order(job.id, order.item_ids.tolist(), order.scores.tolist()) if order else 0
+            n = self.gallery.backfill.set_order(job.id, order.item_ids.tolist(), order.scores.tolist()) if order else 0
             live.ordering_seconds = order.seconds if order else 0.0
             spec.update(ordered_items=n, order_space=space, unscored=order.unscored if order else 0)
-            self.gallery.update_backfill_job(job.id, policy=spec)
+            self.gallery.backfill.update_job(job.id, policy=spec)
             log.info("backfill job %d: ordered %d items of space %s in %.2fs", job.id, n, space, live.ordering_seconds)
         live.phase = "embedding"
         cursor = _Cursor(self.gallery, job.id, candidate, ordered)
-        done, total = self.gallery.backfill_progress(candidate)
-        self.gallery.update_backfill_job(job.id, done=done, total=total)
+        done, total = self.gallery.backfill.progress(candidate)
+        self.gallery.backfill.update_job(job.id, done=done, total=total)
         live.done, live.total = done, total
         saved_at = time.monotonic()
         prep = loaded.preprocess
@@ -371,7 +371,7 @@ class BackfillRunner:
             while True:
                 current = self._status(job.id)
                 if current is None:  # paused, cancelled or stopping: leave the row's counters exact
-                    self.gallery.update_backfill_job(job.id, done=done, total=total)
+                    self.gallery.backfill.update_job(job.id, done=done, total=total)
                     return
                 spec = current.policy or {}
                 rate = spec.get("rate_limit")
@@ -406,8 +406,8 @@ class BackfillRunner:
                     live.timed("list", t0)
                     batch = self._load(rows, candidate, prep, live)
                 if batch.size == 0:
-                    done, total = self.gallery.backfill_progress(candidate)
-                    n_skip = self.gallery.backfill_skips(job.id, 0)[0]
+                    done, total = self.gallery.backfill.progress(candidate)
+                    n_skip = self.gallery.backfill.skips(job.id, 0)[0]
                     if n_skip and not live.reembedded:
                         # nothing was re-embedded though items were pending: not "done" (nothing was)
                         why = (f"no item had a usable source ({n_skip} skipped): nothing was re-embedded; "
@@ -430,7 +430,7 @@ class BackfillRunner:
                 live.reembedded += n_ok
                 live.tick(n_ok + n_skip)
                 if time.monotonic() - saved_at >= PROGRESS_EVERY_S:
-                    self.gallery.update_backfill_job(job.id, done=done, total=total)
+                    self.gallery.backfill.update_job(job.id, done=done, total=total)
                     saved_at = time.monotonic()
                 paced_items += n_ok + n_skip
         finally:
@@ -487,9 +487,9 @@ class BackfillRunner:
                 self.on_embedded(candidate, n)
         if batch.skips:
             try:
-                self.gallery.record_backfill_skips(job_id, batch.skips)
+                self.gallery.backfill.record_skips(job_id, batch.skips)
             except IntegrityError:  # an item was deleted meanwhile
                 alive = self.gallery.items_by_id([i for i, _ in batch.skips])
-                self.gallery.record_backfill_skips(job_id, [(i, r) for i, r in batch.skips if i in alive])
+                self.gallery.backfill.record_skips(job_id, [(i, r) for i, r in batch.skips if i in alive])
         live.timed("write", t0)
         return n, len(batch.skips)

@@ -53,7 +53,7 @@ def missing_from_space(gallery: Gallery, version: str) -> tuple[int, int, list[s
     examples: list[str] = []
     after = 0
     for _ in range(_PAGES):
-        rows = gallery.pending_backfill(version, _PAGE, after)  # not embedded by ``version`` (maybe by a child)
+        rows = gallery.backfill.pending(version, _PAGE, after)  # not embedded by ``version`` (maybe by a child)
         if not rows:
             break
         after = rows[-1][0]

@@ -95,18 +95,18 @@ def test_two_spaces_and_backfill_bookkeeping(gallery: Gallery) -> None:
     x = random_vectors(6, 16, seed=6)
     z = random_vectors(6, 8, seed=7)
     gallery.add(items(x), "v1")
-    job = gallery.create_backfill_job("w1", policy={"batch": 2})
+    job = gallery.backfill.create_job("w1", policy={"batch": 2})
     assert (job.status, job.total, job.done, job.space) == ("pending", 6, 0, "w")
-    pending = gallery.pending_backfill("w1", limit=4)
+    pending = gallery.backfill.pending("w1", limit=4)
     assert [e for _, e, _ in pending] == ["item0", "item1", "item2", "item3"]
     assert pending[0][2] == "file:///item0.png"
     gallery.reembed([(e, z[int(e[4:])]) for _, e, _ in pending[:3]], "w1")
-    assert gallery.backfill_progress("w1") == (3, 6)
-    assert [e for _, e, _ in gallery.pending_backfill("w1", limit=10, after_item_id=pending[0][0])] == [
+    assert gallery.backfill.progress("w1") == (3, 6)
+    assert [e for _, e, _ in gallery.backfill.pending("w1", limit=10, after_item_id=pending[0][0])] == [
         "item3", "item4", "item5"]
-    job = gallery.update_backfill_job(job.id, status="running", done=3)
+    job = gallery.backfill.update_job(job.id, status="running", done=3)
     assert (job.status, job.done) == ("running", 3)
-    assert [j.id for j in gallery.list_backfill_jobs("w1")] == [job.id]
+    assert [j.id for j in gallery.backfill.list_jobs("w1")] == [job.id]
     assert gallery.counts_by_space() == {"v1": 6, "w": 3}
     assert gallery.get_items(["item0"])["item0"].embedded_by == {"v1": "v1", "w": "w1"}
     assert gallery.search("w", z[1], 1)[0][0].external_id == "item1"

@@ -44,7 +44,7 @@ def start(body: BackfillRequest, runner: BackfillDep) -> BackfillJobResponse:
 def list_jobs(runner: BackfillDep, gallery: GalleryDep,
               candidate: str | None = Query(None, max_length=128)) -> BackfillJobsResponse:
     return BackfillJobsResponse(jobs=[BackfillJobResponse(**runner.describe(j))
-                                      for j in gallery.list_backfill_jobs(candidate)])
+                                      for j in gallery.backfill.list_jobs(candidate)])
 
 
 @router.get("/{job_id}", response_model=BackfillJobResponse, responses=_ERRORS,

@@ -62,4 +62,4 @@ def test_kill_9_mid_job_then_resume_embeds_every_item_exactly_once(make_real_ser
     with Gallery.open(database_url, tmp_path / "data") as g:
         assert g.consistency("v1") == (n, n)
         # The resumed process followed the stored uncertainty order: re-embedding order == stored order.
-        assert [r.item_id for r in rows] == g.backfill_order(job["id"])
+        assert [r.item_id for r in rows] == g.backfill.order(job["id"])

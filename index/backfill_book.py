@@ -1,0 +1,100 @@
+"""Backfill bookkeeping of a gallery (``Gallery.backfill``): jobs, their progress, pending items, stored
+orders and skips, each call one SQL transaction or read. The SQL itself is in :mod:`index.backfill`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy import Engine
+
+from . import backfill
+from .types import VersionInfo
+
+
+class BackfillBook:
+    """The backfill side of one open gallery."""
+
+    def __init__(self, engine: Engine, check_open: Callable[[], None], version: Callable[[str], VersionInfo]) -> None:
+        self._engine, self._check_open, self._version = engine, check_open, version
+
+    # ------------------------------------------------------------------ jobs
+    def create_job(self, candidate: str, policy: Any = None) -> backfill.BackfillJobInfo:
+        self._check_open()
+        info = self._version(candidate)
+        with self._engine.begin() as conn:
+            return backfill.create_job(conn, info, policy)
+
+    def get_job(self, job_id: int) -> backfill.BackfillJobInfo:
+        self._check_open()
+        with self._engine.connect() as conn:
+            return backfill.get_job(conn, job_id)
+
+    def list_jobs(self, candidate: str | None = None) -> list[backfill.BackfillJobInfo]:
+        self._check_open()
+        with self._engine.connect() as conn:
+            return backfill.list_jobs(conn, candidate)
+
+    def update_job(self, job_id: int, **changes: Any) -> backfill.BackfillJobInfo:
+        """Update ``status``, ``done``, ``total``, ``error`` and/or ``policy`` of a job."""
+        self._check_open()
+        with self._engine.begin() as conn:
+            return backfill.update_job(conn, job_id, **changes)
+
+    # ------------------------------------------------------------------ progress and pending items
+    def progress(self, candidate: str) -> tuple[int, int]:
+        """``(done, total)``: items embedded by ``candidate`` in its space, and all items."""
+        self._check_open()
+        info = self._version(candidate)
+        with self._engine.connect() as conn:
+            return backfill.progress(conn, info)
+
+    def pending(
+        self, candidate: str, limit: int, after_item_id: int = 0, job_id: int | None = None
+    ) -> list[tuple[int, str, str | None]]:
+        """Items not yet embedded by ``candidate``: ``(item_id, external_id, source_uri)``, by item id
+        (with ``job_id``: also not skipped by that job)."""
+        self._check_open()
+        info = self._version(candidate)
+        with self._engine.connect() as conn:
+            return backfill.pending_items(conn, info, int(limit), int(after_item_id), job_id)
+
+    def pending_ordered(
+        self, job_id: int, candidate: str, limit: int, after_position: int = -1
+    ) -> list[tuple[int, int, str, str | None]]:
+        """Pending, unskipped items of a job's stored order: ``(position, item_id, external_id, source_uri)``."""
+        self._check_open()
+        info = self._version(candidate)
+        with self._engine.connect() as conn:
+            return backfill.pending_in_order(conn, int(job_id), info, int(limit), int(after_position))
+
+    # ------------------------------------------------------------------ orders and skips
+    def set_order(self, job_id: int, item_ids: Sequence[int], scores: Sequence[float] | None = None) -> int:
+        """Store a job's re-embedding order (one transaction; replaces a previous one). Returns its length."""
+        self._check_open()
+        with self._engine.begin() as conn:
+            backfill.get_job(conn, int(job_id))
+            return backfill.write_order(conn, int(job_id), item_ids, scores)
+
+    def order(self, job_id: int) -> list[int]:
+        """A job's stored order as item ids (empty if it has none)."""
+        self._check_open()
+        with self._engine.connect() as conn:
+            return backfill.read_order(conn, int(job_id))
+
+    def order_size(self, job_id: int) -> int:
+        self._check_open()
+        with self._engine.connect() as conn:
+            return backfill.order_size(conn, int(job_id))
+
+    def record_skips(self, job_id: int, skips: Sequence[tuple[int, str]]) -> None:
+        """Remember items (``(item_id, reason)``) a job could not re-embed; they leave its pending list."""
+        self._check_open()
+        with self._engine.begin() as conn:
+            backfill.record_skips(conn, int(job_id), skips)
+
+    def skips(self, job_id: int, limit: int = 20) -> tuple[int, list[tuple[str, str]]]:
+        """``(count, first `limit` (external_id, reason))`` of the items a job skipped."""
+        self._check_open()
+        with self._engine.connect() as conn:
+            return backfill.skipped(conn, int(job_id), int(limit))
