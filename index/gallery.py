@@ -514,6 +514,9 @@ class Gallery:
         allowed = matching.vec_ids
         if len(allowed) == 0:
             return [[] for _ in range(len(queries))]
+        if not sidx.exact and len(allowed) <= EXACT_FILTERED_MAX:
+            entries, vectors = self._matching(sidx, flt, rows=True).rows  # type: ignore[misc]
+            return _exact_hits(queries, k, entries, vectors)
         if matching.covers is None:  # once per matching set: does the filter let every live vector through?
             matching.covers = -1
             if len(allowed) >= sidx.live_count:
@@ -521,9 +524,6 @@ class Gallery:
                 if np.isin(live, allowed).all():
                     matching.covers = at  # until the index changes, the filter excludes nothing
         hits = sidx.search(queries, k, allowed=allowed, allows_all_at=matching.covers)
-        if not sidx.exact and len(allowed) <= EXACT_FILTERED_MAX:
-            entries, vectors = self._matching(sidx, flt, rows=True).rows  # type: ignore[misc]
-            return _exact_hits(queries, k, entries, vectors)
         want = min(k, len(allowed))
         short = [i for i, row in enumerate(hits) if len(row) < want]
         if short and not sidx.exact:

@@ -337,3 +337,14 @@ def test_a_filter_matching_everything_is_the_plain_search_until_the_index_change
         assert "ghost" not in got and len(got) == 10
     finally:
         g.close()
+
+
+def test_small_matching_sets_of_an_approximate_index_never_walk_it(
+    hnsw: Gallery, data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exact from the matching rows, without an HNSW walk first (a selective walk is the slow part)."""
+    sidx = hnsw._space_index("v1")
+    monkeypatch.setattr(sidx, "search", lambda *a, **k: pytest.fail("HNSW searched for a small matching set"))
+    queries = random_vectors(2, D, seed=41)
+    got = [[h.external_id for h in row] for row in hnsw.search("v1", queries, 10, filter={"label": 3})]
+    assert got == _brute(data, queries, 10, {"label": 3})
