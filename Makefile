@@ -5,6 +5,7 @@
 #                   install. GRACEFUL_TEST_NO_POSTGRES=1 starts no PostgreSQL (its cases then skip).
 #   make test-fast  the quick loop while editing: no slow tests, no PostgreSQL cases, no servers started.
 # Both pass PYTEST_ARGS on to pytest, e.g. make test PYTEST_ARGS="tests/index -k migration".
+#   make lint       ruff check, ruff format --check and mypy (index/, service/), as CI runs them.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -36,6 +37,8 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) demo-state .pytest_cache

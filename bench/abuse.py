@@ -32,8 +32,10 @@ from bench.common import REPO, command_line, machine_line, write_section
 from service.console.local_server import LocalServer
 
 SECTION = "Abuse"
-ISSUE = ("the probe measured 27-32 s per refusal of such a request (100,000 parts parsed on the event loop) "
-         "and /healthz stalled up to 8 s meanwhile")
+ISSUE = (
+    "the probe measured 27-32 s per refusal of such a request (100,000 parts parsed on the event loop) "
+    "and /healthz stalled up to 8 s meanwhile"
+)
 
 
 def tiny_model(root: Path) -> Path:
@@ -48,12 +50,16 @@ def tiny_model(root: Path) -> Path:
 
 def flood_body(parts: int, boundary: str = "abuse0boundary") -> tuple[bytes, dict[str, str]]:
     """A multipart body of ``parts`` one-byte file parts of 100 bytes each (10 MB for 100,000)."""
+
     def part(name: str) -> bytes:
-        return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
-                "\r\nx\r\n").encode()
+        return (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n\r\nx\r\n'
+        ).encode()
 
     one = part("a" * max(1, 100 - len(part(""))))
-    return one * parts + f"--{boundary}--\r\n".encode(), {"content-type": f"multipart/form-data; boundary={boundary}"}
+    return one * parts + f"--{boundary}--\r\n".encode(), {
+        "content-type": f"multipart/form-data; boundary={boundary}"
+    }
 
 
 def probe(port: int, seconds: float, every_s: float = 0.02) -> list[float]:
@@ -98,13 +104,21 @@ def pct(xs: list[float], p: float) -> float:
     return float(np.percentile(np.asarray(xs), p)) if xs else float("nan")
 
 
-def render(idle: list[float], loaded: list[float], refusals: list[tuple[float, int]], args: argparse.Namespace,
-           body_mb: float, flood_s: float) -> str:
+def render(
+    idle: list[float],
+    loaded: list[float],
+    refusals: list[tuple[float, int]],
+    args: argparse.Namespace,
+    body_mb: float,
+    flood_s: float,
+) -> str:
     ms = [t * 1e3 for t in idle]
     ms_l = [t * 1e3 for t in loaded]
     times = [t for t, _ in refusals]
-    statuses = ", ".join(f"{n} answered {s}" if s else f"{n} closed by the server before the client had sent it all"
-                         for s, n in sorted(Counter(s for _, s in refusals).items()))
+    statuses = ", ".join(
+        f"{n} answered {s}" if s else f"{n} closed by the server before the client had sent it all"
+        for s, n in sorted(Counter(s for _, s in refusals).items())
+    )
     ratio = pct(ms_l, 99) / pct(ms, 99)
     lines = [
         f"## {SECTION}",
@@ -121,9 +135,13 @@ def render(idle: list[float], loaded: list[float], refusals: list[tuple[float, i
         f"| under the flood | {len(ms_l)} | {pct(ms_l, 50):.1f} | {pct(ms_l, 99):.1f} | {max(ms_l):.1f} |",
         "",
         f"/healthz p99 under the flood is {ratio:.2f}x idle (aim: within 2x"
-        + (")." if ratio <= 2 else f"; not met here: no request stalls the event loop any more, what remains is "
-           f"CPU, {len(times) / flood_s:.0f} abusive requests/s from {args.clients} processes on the same "
-           f"{os.cpu_count()} shared cores as the server).")
+        + (
+            ")."
+            if ratio <= 2
+            else f"; not met here: no request stalls the event loop any more, what remains is "
+            f"CPU, {len(times) / flood_s:.0f} abusive requests/s from {args.clients} processes on the same "
+            f"{os.cpu_count()} shared cores as the server)."
+        )
         + f" Each abusive request ended within {max(times):.2f} s (median {statistics.median(times):.2f} s; "
         f"{statuses}): it is refused (413, 'takes at most 1 file') at its second file part and the connection is "
         f"closed, so the rest of the body is never read. Before the fix, {ISSUE}.",
@@ -133,7 +151,9 @@ def render(idle: list[float], loaded: list[float], refusals: list[tuple[float, i
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", help="a models dir holding v1 (default: a tiny v1 trained into bench/out/abuse)")
+    p.add_argument(
+        "--models", help="a models dir holding v1 (default: a tiny v1 trained into bench/out/abuse)"
+    )
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--parts", type=int, default=100_000)
     p.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
@@ -144,9 +164,16 @@ def main(argv: list[str] | None = None) -> int:
 
     models = Path(args.models).resolve() if args.models else tiny_model(REPO / "bench" / "out" / "abuse")
     work = Path(tempfile.mkdtemp(prefix="graceful-abuse-"))
-    server = LocalServer({"GRACEFUL_MODELS_DIR": str(models), "GRACEFUL_DATA_DIR": str(work / "data"),
-                          "GRACEFUL_ACTIVE_MODEL": "v1", "GRACEFUL_API_KEY": "abuse-key",
-                          "GRACEFUL_TORCH_THREADS": "1"}, work / "server.log")
+    server = LocalServer(
+        {
+            "GRACEFUL_MODELS_DIR": str(models),
+            "GRACEFUL_DATA_DIR": str(work / "data"),
+            "GRACEFUL_ACTIVE_MODEL": "v1",
+            "GRACEFUL_API_KEY": "abuse-key",
+            "GRACEFUL_TORCH_THREADS": "1",
+        },
+        work / "server.log",
+    )
     try:
         server.start()
         probe(server.port, 1.0)  # warm-up
@@ -155,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         results: mp.Queue = ctx.Queue()
         flood_s = args.seconds + 1.0
         until = time.time() + flood_s
-        procs = [ctx.Process(target=abuser, args=(server.port, args.parts, until, results), daemon=True)
-                 for _ in range(args.clients)]
+        procs = [
+            ctx.Process(target=abuser, args=(server.port, args.parts, until, results), daemon=True)
+            for _ in range(args.clients)
+        ]
         for proc in procs:
             proc.start()
         time.sleep(0.5)  # the flood is on

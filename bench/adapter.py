@@ -60,9 +60,11 @@ def models(root: Path, args: argparse.Namespace) -> tuple[Path, str]:
                 shutil.copytree(src, root / v)
         return root, f"reused from {COMPAT.relative_to(REPO)} (bench/compat.py, seed 0)"
     common = dict(seed=0, threads=args.threads, limit=args.limit)
-    cfgs = [TrainConfig(out=str(root / "v1"), classes="0-4", epochs=args.epochs_old, **common),
-            TrainConfig(out=str(root / "v2"), epochs=args.epochs_new, old=str(root / "v1"), bct="full", **common),
-            TrainConfig(out=str(root / "v2-indep"), epochs=args.epochs_new, **common)]
+    cfgs = [
+        TrainConfig(out=str(root / "v1"), classes="0-4", epochs=args.epochs_old, **common),
+        TrainConfig(out=str(root / "v2"), epochs=args.epochs_new, old=str(root / "v1"), bct="full", **common),
+        TrainConfig(out=str(root / "v2-indep"), epochs=args.epochs_new, **common),
+    ]
     for cfg in cfgs:
         if not reusable(cfg):
             t0 = time.perf_counter()
@@ -92,8 +94,11 @@ def latency_us(adapter_version: Path, reps: int) -> dict[str, float]:
                 times.append(time.perf_counter_ns() - t0)
         return statistics.median(times) / 1000.0 / len(x)
 
-    return {"batch1_us": timed(x1, reps), "batch256_us_per_query": timed(xb, max(10, reps // 10)),
-            "fused": bool(getattr(model, "fused", False))}
+    return {
+        "batch1_us": timed(x1, reps),
+        "batch256_us_per_query": timed(xb, max(10, reps // 10)),
+        "fused": bool(getattr(model, "fused", False)),
+    }
 
 
 def embed_latency_us(version: Path, reps: int) -> float:
@@ -111,53 +116,86 @@ def embed_latency_us(version: Path, reps: int) -> float:
     return statistics.median(times) / 1000.0
 
 
-def render(rows: list[dict], base: dict, lat: dict, source: str, args: argparse.Namespace, seconds: float,
-           load: str) -> str:
+def render(
+    rows: list[dict], base: dict, lat: dict, source: str, args: argparse.Namespace, seconds: float, load: str
+) -> str:
     m = base["matrix"]
     bct, nn_, oo, raw = m["v2/v1"], m["v2-indep/v2-indep"], m["v1/v1"], m["v2-indep/v1"]
-    out = [f"## {SECTION}", "", f"Command: {command_line()}", "", machine_line(),
-           f"Old model v1 (classes 0-4), new model v2-indep (classes 0-9, trained without BCT), reference v2 "
-           f"(classes 0-9, BCT full against v1); models {source}. Each adapter is fitted on a seeded sample of the "
-           f"Fashion-MNIST train split embedded by both models (`trainer.adapt.adapt`, what `graceful adapt` runs) "
-           f"and saved as its own model version. Quality: test split, 2,000 queries (index % 5 == 0) embedded by "
-           f"the query model against 8,000 gallery images embedded by v1, full ranking, cosine. "
-           f"Total time {seconds / 60:.0f} min.", "",
-           "| query model / gallery v1 | top-1 | top-5 | mAP | mAP ÷ BCT v2/v1 | mAP ÷ v2-indep/v2-indep | fit (s) |",
-           "|---|---|---|---|---|---|---|",
-           f"| v1 (old/old) | {oo['top1']:.4f} | {oo['top5']:.4f} | {oo['mAP']:.4f} | {oo['mAP'] / bct['mAP']:.3f} | "
-           f"{oo['mAP'] / nn_['mAP']:.3f} | — |",
-           f"| v2 BCT (v2/v1) | {bct['top1']:.4f} | {bct['top5']:.4f} | {bct['mAP']:.4f} | 1.000 | "
-           f"{bct['mAP'] / nn_['mAP']:.3f} | — |",
-           f"| v2-indep, no adapter | {raw['top1']:.4f} | {raw['top5']:.4f} | {raw['mAP']:.4f} | "
-           f"{raw['mAP'] / bct['mAP']:.3f} | {raw['mAP'] / nn_['mAP']:.3f} | — |"]
+    out = [
+        f"## {SECTION}",
+        "",
+        f"Command: {command_line()}",
+        "",
+        machine_line(),
+        f"Old model v1 (classes 0-4), new model v2-indep (classes 0-9, trained without BCT), reference v2 "
+        f"(classes 0-9, BCT full against v1); models {source}. Each adapter is fitted on a seeded sample of the "
+        f"Fashion-MNIST train split embedded by both models (`trainer.adapt.adapt`, what `graceful adapt` runs) "
+        f"and saved as its own model version. Quality: test split, 2,000 queries (index % 5 == 0) embedded by "
+        f"the query model against 8,000 gallery images embedded by v1, full ranking, cosine. "
+        f"Total time {seconds / 60:.0f} min.",
+        "",
+        "| query model / gallery v1 | top-1 | top-5 | mAP | mAP ÷ BCT v2/v1 | mAP ÷ v2-indep/v2-indep | fit (s) |",
+        "|---|---|---|---|---|---|---|",
+        f"| v1 (old/old) | {oo['top1']:.4f} | {oo['top5']:.4f} | {oo['mAP']:.4f} | {oo['mAP'] / bct['mAP']:.3f} | "
+        f"{oo['mAP'] / nn_['mAP']:.3f} | — |",
+        f"| v2 BCT (v2/v1) | {bct['top1']:.4f} | {bct['top5']:.4f} | {bct['mAP']:.4f} | 1.000 | "
+        f"{bct['mAP'] / nn_['mAP']:.3f} | — |",
+        f"| v2-indep, no adapter | {raw['top1']:.4f} | {raw['top5']:.4f} | {raw['mAP']:.4f} | "
+        f"{raw['mAP'] / bct['mAP']:.3f} | {raw['mAP'] / nn_['mAP']:.3f} | — |",
+    ]
     for r in rows:
         c = r["cell"]
-        out.append(f"| v2-indep + {r['kind']} adapter, {r['sample']:,} pairs | {c['top1']:.4f} | {c['top5']:.4f} | "
-                   f"**{c['mAP']:.4f}** | {c['mAP'] / bct['mAP']:.3f} | {c['mAP'] / nn_['mAP']:.3f} | {r['fit_s']:.1f} |")
-    out.append(f"| v2-indep/v2-indep (new/new: full re-embedding) | {nn_['top1']:.4f} | {nn_['top5']:.4f} | "
-               f"{nn_['mAP']:.4f} | {nn_['mAP'] / bct['mAP']:.3f} | 1.000 | — |")
+        out.append(
+            f"| v2-indep + {r['kind']} adapter, {r['sample']:,} pairs | {c['top1']:.4f} | {c['top5']:.4f} | "
+            f"**{c['mAP']:.4f}** | {c['mAP'] / bct['mAP']:.3f} | {c['mAP'] / nn_['mAP']:.3f} | {r['fit_s']:.1f} |"
+        )
+    out.append(
+        f"| v2-indep/v2-indep (new/new: full re-embedding) | {nn_['top1']:.4f} | {nn_['top5']:.4f} | "
+        f"{nn_['mAP']:.4f} | {nn_['mAP'] / bct['mAP']:.3f} | 1.000 | — |"
+    )
     best = max(rows, key=lambda r: r["cell"]["mAP"])
     ratio = best["cell"]["mAP"] / bct["mAP"]
-    out += ["", "Split by the query's class (mAP, gallery v1):", "",
-            "| query model | old classes 0-4 | new classes 5-9 |", "|---|---|---|"]
+    out += [
+        "",
+        "Split by the query's class (mAP, gallery v1):",
+        "",
+        "| query model | old classes 0-4 | new classes 5-9 |",
+        "|---|---|---|",
+    ]
     for name, c in (("v1", oo), ("v2 BCT", bct), ("v2-indep, no adapter", raw)):
         out.append(f"| {name} | {c['old_classes']['mAP']:.4f} | {c['new_classes']['mAP']:.4f} |")
     for r in rows:
         c = r["cell"]
-        out.append(f"| + {r['kind']}, {r['sample']:,} | {c['old_classes']['mAP']:.4f} | {c['new_classes']['mAP']:.4f} |")
-    out += ["", "Added latency per query of the adapter alone (a 128-d embedding in, the mapped unit embedding out; "
-            f"torch on CPU, 1 thread; median over {args.reps} calls). For scale: the new "
-            f"model embeds one image in {lat['embed_us']:.0f} µs (batch 1, same conditions). {load}", "",
-            "| adapter | µs per query, batch 1 | µs per query, batch 256 | as served |", "|---|---|---|---|"]
+        out.append(
+            f"| + {r['kind']}, {r['sample']:,} | {c['old_classes']['mAP']:.4f} | {c['new_classes']['mAP']:.4f} |"
+        )
+    out += [
+        "",
+        "Added latency per query of the adapter alone (a 128-d embedding in, the mapped unit embedding out; "
+        f"torch on CPU, 1 thread; median over {args.reps} calls). For scale: the new "
+        f"model embeds one image in {lat['embed_us']:.0f} µs (batch 1, same conditions). {load}",
+        "",
+        "| adapter | µs per query, batch 1 | µs per query, batch 256 | as served |",
+        "|---|---|---|---|",
+    ]
     for kind in KINDS:
         if kind in lat:
-            served = ("0 (folded into the new model's last projection at load: same network, other weights)"
-                      if lat[kind]["fused"] else "as measured")
-            out.append(f"| {kind} | {lat[kind]['batch1_us']:.1f} | {lat[kind]['batch256_us_per_query']:.2f} | {served} |")
-    out += ["", f"Against the aim (best adapter's new/old mAP ≥ 0.95 × BCT's v2/v1): the best is {best['kind']} on "
-            f"{best['sample']:,} pairs, {best['cell']['mAP']:.4f} = {ratio:.3f} × BCT's {bct['mAP']:.4f}: aim "
-            f"{'met' if ratio >= 0.95 else '**not met**'}. Against the anchor (Drift-Adapter: 95-99% of "
-            f"re-embedding quality): {best['cell']['mAP'] / nn_['mAP']:.1%} of v2-indep/v2-indep's mAP.", ""]
+            served = (
+                "0 (folded into the new model's last projection at load: same network, other weights)"
+                if lat[kind]["fused"]
+                else "as measured"
+            )
+            out.append(
+                f"| {kind} | {lat[kind]['batch1_us']:.1f} | {lat[kind]['batch256_us_per_query']:.2f} | {served} |"
+            )
+    out += [
+        "",
+        f"Against the aim (best adapter's new/old mAP ≥ 0.95 × BCT's v2/v1): the best is {best['kind']} on "
+        f"{best['sample']:,} pairs, {best['cell']['mAP']:.4f} = {ratio:.3f} × BCT's {bct['mAP']:.4f}: aim "
+        f"{'met' if ratio >= 0.95 else '**not met**'}. Against the anchor (Drift-Adapter: 95-99% of "
+        f"re-embedding quality): {best['cell']['mAP'] / nn_['mAP']:.1%} of v2-indep/v2-indep's mAP.",
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -170,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5000, help="latency repetitions at batch 1")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="train the models on a slice (smoke runs)")
-    p.add_argument("--quick", action="store_true", help="1-epoch models on a 5k slice, 1k-sample adapters; prints only")
+    p.add_argument(
+        "--quick", action="store_true", help="1-epoch models on a 5k slice, 1k-sample adapters; prints only"
+    )
     p.add_argument("--write", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "adapter")
     args = p.parse_args(argv)
@@ -186,17 +226,37 @@ def main(argv: list[str] | None = None) -> int:
         for s in args.samples.split(","):
             n = None if s == "all" else int(s)
             name = f"v2-indep-to-v1-{kind}-{s}"
-            r = adapt(AdaptConfig(new=str(root / "v2-indep"), old=str(root / "v1"), out=str(root / name), kind=kind,
-                                  sample=n, threads=args.threads))
+            r = adapt(
+                AdaptConfig(
+                    new=str(root / "v2-indep"),
+                    old=str(root / "v1"),
+                    out=str(root / name),
+                    kind=kind,
+                    sample=n,
+                    threads=args.threads,
+                )
+            )
             cell = r.card.metrics["matrix"][f"{name}/v1"]
-            rows.append({"kind": kind, "sample": r.card.train_config["sample_size"], "cell": cell,
-                         "fit_s": r.seconds, "fit": r.fit, "version": name})
-            print(f"{name}: top1 {cell['top1']:.4f} mAP {cell['mAP']:.4f} (fit {r.seconds:.1f}s, {r.fit})", flush=True)
+            rows.append(
+                {
+                    "kind": kind,
+                    "sample": r.card.train_config["sample_size"],
+                    "cell": cell,
+                    "fit_s": r.seconds,
+                    "fit": r.fit,
+                    "version": name,
+                }
+            )
+            print(
+                f"{name}: top1 {cell['top1']:.4f} mAP {cell['mAP']:.4f} (fit {r.seconds:.1f}s, {r.fit})",
+                flush=True,
+            )
     from trainer.data import load_split
     from trainer.evaluate import evaluate_models
 
-    base = evaluate_models([load_model(root / v) for v in ("v1", "v2", "v2-indep")], load_split(None, "test")).to_json(
-        include_flipped=False)
+    base = evaluate_models(
+        [load_model(root / v) for v in ("v1", "v2", "v2-indep")], load_split(None, "test")
+    ).to_json(include_flipped=False)
     busy = os.getloadavg()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one query at a time: one thread is the fastest for a single small matmul
@@ -206,10 +266,17 @@ def main(argv: list[str] | None = None) -> int:
         lat[kind] = latency_us(root / version, args.reps)
     torch.set_num_threads(threads)
     busy_after = os.getloadavg()
-    load = (f"Load average while timing: {busy[0]:.1f} before, {busy_after[0]:.1f} after (2 cores; other "
-            f"benchmarks were running: absolute µs are inflated, the ranking holds).") if max(busy[0], busy_after[0]) > 1.5 \
+    load = (
+        (
+            f"Load average while timing: {busy[0]:.1f} before, {busy_after[0]:.1f} after (2 cores; other "
+            f"benchmarks were running: absolute µs are inflated, the ranking holds)."
+        )
+        if max(busy[0], busy_after[0]) > 1.5
         else f"Load average while timing: {busy[0]:.1f} before, {busy_after[0]:.1f} after (machine otherwise idle)."
-    (args.out / "report.json").write_text(json.dumps({"rows": rows, "base": base, "latency": lat}, indent=1, default=float))
+    )
+    (args.out / "report.json").write_text(
+        json.dumps({"rows": rows, "base": base, "latency": lat}, indent=1, default=float)
+    )
     text = render(rows, base, lat, source, args, time.perf_counter() - t0, load)
     print(text)
     if write:

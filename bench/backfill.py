@@ -51,9 +51,17 @@ class Phase:
         data = work / f"data-{name}"
         if base is not None:
             shutil.copytree(base, data)
-        self.server = LocalServer({"GRACEFUL_MODELS_DIR": str(models), "GRACEFUL_DATA_DIR": str(data),
-                                   "GRACEFUL_API_KEY": KEY, "GRACEFUL_ACTIVE_MODEL": "v1",
-                                   "GRACEFUL_MAX_K": "10000", **env}, work / f"{name}.log")
+        self.server = LocalServer(
+            {
+                "GRACEFUL_MODELS_DIR": str(models),
+                "GRACEFUL_DATA_DIR": str(data),
+                "GRACEFUL_API_KEY": KEY,
+                "GRACEFUL_ACTIVE_MODEL": "v1",
+                "GRACEFUL_MAX_K": "10000",
+                **env,
+            },
+            work / f"{name}.log",
+        )
         self.data = data
 
     def __enter__(self) -> GracefulClient:
@@ -66,8 +74,9 @@ class Phase:
             print(f"server exited with {rc}:\n{self.server.tail()}", flush=True)
 
 
-def wait_job(c: GracefulClient, job_id: int, statuses: tuple[str, ...], poll: float = 0.05,
-             timeout: float = 3600) -> dict:
+def wait_job(
+    c: GracefulClient, job_id: int, statuses: tuple[str, ...], poll: float = 0.05, timeout: float = 3600
+) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         job = c.get(f"/v1/backfill/{job_id}")
@@ -82,8 +91,13 @@ def percentile(xs: list[float], p: float) -> float:
     return float(np.percentile(np.asarray(xs), p)) if xs else float("nan")
 
 
-def search_load(c: GracefulClient, payloads: list[dict], concurrency: int, seconds: float,
-                until: threading.Event | None = None) -> dict:
+def search_load(
+    c: GracefulClient,
+    payloads: list[dict],
+    concurrency: int,
+    seconds: float,
+    until: threading.Event | None = None,
+) -> dict:
     """Closed-loop searches from ``concurrency`` threads for ``seconds`` (or until ``until`` is set)."""
     lat: list[float] = []
     failures = 0
@@ -111,8 +125,13 @@ def search_load(c: GracefulClient, payloads: list[dict], concurrency: int, secon
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(client, range(concurrency)))
     wall = time.perf_counter() - t0
-    return {"n": len(lat), "qps": len(lat) / wall, "p50_ms": 1e3 * percentile(lat, 50),
-            "p99_ms": 1e3 * percentile(lat, 99), "failures": failures}
+    return {
+        "n": len(lat),
+        "qps": len(lat) / wall,
+        "p50_ms": 1e3 * percentile(lat, 50),
+        "p99_ms": 1e3 * percentile(lat, 99),
+        "failures": failures,
+    }
 
 
 def raw_throughput(loaded, pngs: list[bytes], batch: int) -> float:
@@ -133,8 +152,12 @@ def _raw_throughput(loaded, pngs: list[bytes], batch: int) -> float:
     embed_images(loaded, np.zeros((8, prep.channels, prep.size, prep.size), np.uint8))  # warm
     t0 = time.perf_counter()
     for s in range(0, len(pngs), batch):
-        imgs = np.stack([decode_image(p, channels=prep.channels, size=prep.size, max_pixels=1 << 20, what="x")
-                         for p in pngs[s : s + batch]])
+        imgs = np.stack(
+            [
+                decode_image(p, channels=prep.channels, size=prep.size, max_pixels=1 << 20, what="x")
+                for p in pngs[s : s + batch]
+            ]
+        )
         embed_images(loaded, imgs)
     return len(pngs) / (time.perf_counter() - t0)
 
@@ -149,11 +172,16 @@ def simulate_orders(models: Path, test, q_idx: np.ndarray, g_idx: np.ndarray) ->
     old, new = embed_images(v1, test.images[g_idx]), embed_images(v2, test.images[g_idx])
     queries = embed_images(v2, test.images[q_idx])
     ids = np.arange(len(g_idx))
-    orders = {"sequential": ids, "uncertainty (v2 head, the service's)": order_by_scores(ids, margin_scores(v2, old)),
-              "uncertainty (v1 head)": order_by_scores(ids, margin_scores(v1, old))}
+    orders = {
+        "sequential": ids,
+        "uncertainty (v2 head, the service's)": order_by_scores(ids, margin_scores(v2, old)),
+        "uncertainty (v1 head)": order_by_scores(ids, margin_scores(v1, old)),
+    }
     out = {}
     for name, order in orders.items():
-        res = mixed_gallery_quality(queries, test.labels[q_idx], old, new, test.labels[g_idx], order, FRACTIONS)
+        res = mixed_gallery_quality(
+            queries, test.labels[q_idx], old, new, test.labels[g_idx], order, FRACTIONS
+        )
         out[name] = [{"fraction": f, **r} for f, r in zip(FRACTIONS, res, strict=True)]
         print(f"  simulated {name}: {[round(r['mAP'], 4) for r in res]}", flush=True)
     return out
@@ -207,10 +235,14 @@ def run(args) -> dict:
                             c.post(f"/v1/backfill/{job['id']}/resume", json=body)
                         job = wait_job(c, job["id"], ("paused", "done"))
                     done = job["done"] if job else 0
-                    if f == 0 and res["curves"]:  # nothing re-embedded yet: the same gallery under every policy
+                    if (
+                        f == 0 and res["curves"]
+                    ):  # nothing re-embedded yet: the same gallery under every policy
                         curve.append(dict(next(iter(res["curves"].values()))[0]))
                         continue
-                    curve.append({"fraction": f, "done": done, **evaluate(c, f"{policy} {f:.0%} ({done} items)")})
+                    curve.append(
+                        {"fraction": f, "done": done, **evaluate(c, f"{policy} {f:.0%} ({done} items)")}
+                    )
                 res["curves"][policy] = curve
                 res["ordering_seconds"][policy] = job["ordering_seconds"] if job else None
 
@@ -225,7 +257,9 @@ def run(args) -> dict:
         with Phase(models, work, base, "throughput") as c:
             rep = c.report("v2")
             raws = [raw_throughput(v2, pngs, batch)]
-            job = c.post("/v1/backfill", json={"candidate": "v2", "policy": "sequential", "batch_size": batch})
+            job = c.post(
+                "/v1/backfill", json={"candidate": "v2", "policy": "sequential", "batch_size": batch}
+            )
             t0 = time.perf_counter()
             job = wait_job(c, job["id"], ("done",), poll=0.02)
             wall = time.perf_counter() - t0
@@ -234,9 +268,12 @@ def run(args) -> dict:
 
         res["raw_threads"] = Settings().cpu_threads
         res["throughput"] = {
-            "raw_ips": raws, "backfill_ips": job["reembedded"] / job["active_seconds"],
-            "active_seconds": job["active_seconds"], "client_wall_seconds": wall,
-            "predicted_seconds": rep["predicted"]["wall_seconds"], "probe_ips": rep["throughput"]["images_per_second"],
+            "raw_ips": raws,
+            "backfill_ips": job["reembedded"] / job["active_seconds"],
+            "active_seconds": job["active_seconds"],
+            "client_wall_seconds": wall,
+            "predicted_seconds": rep["predicted"]["wall_seconds"],
+            "probe_ips": rep["throughput"]["images_per_second"],
         }
         print(f"throughput: {res['throughput']}", flush=True)
 
@@ -291,8 +328,12 @@ def first_reaching(curve: list[dict], key: str, share: float = 0.9) -> tuple[flo
     prev = curve[0]
     for p in curve[1:]:
         if p[key] >= target - 1e-12:
-            x = prev["fraction"] + (target - prev[key]) / (p[key] - prev[key]) * (p["fraction"] - prev["fraction"]) \
-                if p[key] > prev[key] else p["fraction"]
+            x = (
+                prev["fraction"]
+                + (target - prev[key]) / (p[key] - prev[key]) * (p["fraction"] - prev["fraction"])
+                if p[key] > prev[key]
+                else p["fraction"]
+            )
             return p["fraction"], x
         prev = p
     return 1.0, 1.0
@@ -309,11 +350,22 @@ def plot(res: dict, path: Path) -> None:
     for ax, key in zip(axes, ("mAP", "top1"), strict=True):
         for policy, colour in zip(POLICIES, ("tab:blue", "tab:orange"), strict=True):
             cur = res["curves"][policy]
-            ax.plot([100 * p["fraction"] for p in cur], [p[key] for p in cur], "o-", color=colour,
-                    label=f"{policy} (measured over HTTP)")
+            ax.plot(
+                [100 * p["fraction"] for p in cur],
+                [p[key] for p in cur],
+                "o-",
+                color=colour,
+                label=f"{policy} (measured over HTTP)",
+            )
             if policy in expected:
-                ax.plot([100 * p["fraction"] for p in expected[policy]], [p["quality"][key] for p in expected[policy]],
-                        "--", color=colour, alpha=0.6, label=f"{policy} (report's expectation)")
+                ax.plot(
+                    [100 * p["fraction"] for p in expected[policy]],
+                    [p["quality"][key] for p in expected[policy]],
+                    "--",
+                    color=colour,
+                    alpha=0.6,
+                    label=f"{policy} (report's expectation)",
+                )
         ax.axhline(res["old_old"][key], color="grey", linestyle=":", label="v1/v1 (old/old)")
         ax.set_xlabel("% of the gallery re-embedded by v2")
         ax.set_ylabel(key)
@@ -333,50 +385,77 @@ def render(res: dict, args) -> str:
     seq, unc = curves["sequential"], curves["uncertainty"]
     rows = []
     for i, f in enumerate(FRACTIONS):
-        e = {p: {pt["fraction"]: pt["quality"]["mAP"] for pt in exp["policies"][p]} for p in POLICIES
-             if p in exp["policies"]}
+        e = {
+            p: {pt["fraction"]: pt["quality"]["mAP"] for pt in exp["policies"][p]}
+            for p in POLICIES
+            if p in exp["policies"]
+        }
         ex = " / ".join(f"{e[p][f]:.4f}" if p in e and f in e[p] else "-" for p in POLICIES)
-        rows.append(f"| {f:.0%} | {seq[i]['mAP']:.4f} | {seq[i]['top1']:.4f} | {unc[i]['mAP']:.4f} | "
-                    f"{unc[i]['top1']:.4f} | {ex} |")
+        rows.append(
+            f"| {f:.0%} | {seq[i]['mAP']:.4f} | {seq[i]['top1']:.4f} | {unc[i]['mAP']:.4f} | "
+            f"{unc[i]['top1']:.4f} | {ex} |"
+        )
     off = res["offline"]
-    off_rows = [f"| {name} | " + " | ".join(f"{p['mAP']:.4f}" for p in cur) + " | "
-                + f"{first_reaching(cur, 'mAP')[1]:.0%} |" for name, cur in off.items()]
+    off_rows = [
+        f"| {name} | "
+        + " | ".join(f"{p['mAP']:.4f}" for p in cur)
+        + " | "
+        + f"{first_reaching(cur, 'mAP')[1]:.0%} |"
+        for name, cur in off.items()
+    ]
     floor_ok = all(p[k] >= old[k] for c in curves.values() for p in c for k in ("mAP", "top1"))
     lowest = {k: min(p[k] for c in curves.values() for p in c) for k in ("mAP", "top1")}
     reach = {p: first_reaching(curves[p], "mAP") for p in POLICIES}
     reach_t1 = {p: first_reaching(curves[p], "top1") for p in POLICIES}
     ords = ", ".join(f"{p} {s:.2f} s" for p, s in res["ordering_seconds"].items() if s is not None)
     lines = [
-        "## Backfill", "", f"Command: {command_line()}", "", machine_line(),
+        "## Backfill",
+        "",
+        f"Command: {command_line()}",
+        "",
+        machine_line(),
         f"Models: `{res['models']}` (v1 on classes 0-4, v2 its BCT child on all classes). Protocol: "
         f"{res['queries']} query images against {res['gallery']} gallery images ingested over HTTP with v1; then v2 is "
         "activated (same space, no backfill) and a backfill job re-embeds the gallery with v2 while the server "
         "serves. Quality is measured from HTTP answers (full ranking, k = gallery size) with the job paused at "
-        "each stop point (`stop_at`); each policy runs on its own copy of the same ingested gallery.", "",
-        "### Quality along the backfill", "",
+        "each stop point (`stop_at`); each policy runs on its own copy of the same ingested gallery.",
+        "",
+        "### Quality along the backfill",
+        "",
         "| re-embedded | sequential mAP | sequential top-1 | uncertainty-first mAP | uncertainty-first top-1 | "
         "report's expected mAP (seq / unc) |",
-        "|---|---|---|---|---|---|", *rows, "",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
         f"old/old (v1/v1 over HTTP): mAP {old['mAP']:.4f}, top-1 {old['top1']:.4f}. Lowest point of either curve: "
         f"mAP {lowest['mAP']:.4f}, top-1 {lowest['top1']:.4f}: "
-        + ("**never below old/old**" if floor_ok else "**below old/old at some fraction**") + ".", "",
+        + ("**never below old/old**" if floor_ok else "**below old/old at some fraction**")
+        + ".",
+        "",
         f"90% of the full backfill's mAP gain: uncertainty-first at the **{reach['uncertainty'][0]:.0%}** point "
         f"(interpolated {reach['uncertainty'][1]:.0%}), sequential at the **{reach['sequential'][0]:.0%}** point "
         f"(interpolated {reach['sequential'][1]:.0%}). Top-1: uncertainty-first {reach_t1['uncertainty'][0]:.0%} "
         f"(interpolated {reach_t1['uncertainty'][1]:.0%}), sequential {reach_t1['sequential'][0]:.0%} "
         f"(interpolated {reach_t1['sequential'][1]:.0%}). Computing the uncertainty order (every stored embedding "
-        f"classified by v2's head, one SQL pass): {ords}.", "",
+        f"classified by v2's head, one SQL pass): {ords}.",
+        "",
         f"The report's expectation (`GET /v1/backfill/report?candidate=v2`, method `{exp['method']}`: "
         f"{exp['sample'].get('simulated', 0)} sampled gallery items, leave-one-out) is in the last column and "
-        "dashed in the plot.", "",
-        f"![quality along the backfill]({PNG.relative_to(REPO).as_posix()})", "",
+        "dashed in the plot.",
+        "",
+        f"![quality along the backfill]({PNG.relative_to(REPO).as_posix()})",
+        "",
         "Which head scores the uncertainty order: the same protocol simulated in-process (exact mixed-gallery "
         "rankings on the same embeddings, no HTTP), mAP per fraction re-embedded, and where 90% of the gain is "
         "reached (interpolated). The service scores with the candidate's head (same space); the old model's "
-        "head only knows classes 0-4 and cannot tell the new classes apart.", "",
+        "head only knows classes 0-4 and cannot tell the new classes apart.",
+        "",
         "| order | " + " | ".join(f"{f:.0%}" for f in FRACTIONS) + " | 90% of gain |",
-        "|---|" + "---|" * (len(FRACTIONS) + 1), *off_rows, "",
-        f"Throughput and search latency during a backfill: section \"{TIMING}\" (its own run).", "",
+        "|---|" + "---|" * (len(FRACTIONS) + 1),
+        *off_rows,
+        "",
+        f'Throughput and search latency during a backfill: section "{TIMING}" (its own run).',
+        "",
     ]
     return "\n".join(lines)
 
@@ -386,21 +465,35 @@ def render_timing(res: dict, args) -> str:
     raw = float(np.mean(tp["raw_ips"]))
     lat = res["latency"]
     lat_rows = []
-    names = {"idle": "idle (before)", "throttled": f"backfill capped at {res['rate_limit']:.0f} items/s",
-             "idle_between": "idle (job paused)", "unthrottled": "backfill uncapped", "idle_after": "idle (after)"}
+    names = {
+        "idle": "idle (before)",
+        "throttled": f"backfill capped at {res['rate_limit']:.0f} items/s",
+        "idle_between": "idle (job paused)",
+        "unthrottled": "backfill uncapped",
+        "idle_after": "idle (after)",
+    }
     for key in ("idle", "throttled", "idle_between", "unthrottled", "idle_after"):
         r = lat[key]
         bf = f"{r['backfill_ips']:.0f}" if r.get("backfill_ips") else "-"
-        lat_rows.append(f"| {names[key]} | {r['n']} | {r['qps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-                        f"{r['p99_ms'] / lat['idle']['p99_ms']:.2f} | {bf} | {r['failures']} |")
+        lat_rows.append(
+            f"| {names[key]} | {r['n']} | {r['qps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+            f"{r['p99_ms'] / lat['idle']['p99_ms']:.2f} | {bf} | {r['failures']} |"
+        )
     pred, meas = tp["predicted_seconds"], tp["active_seconds"]
     lines = [
-        f"## {TIMING}", "", f"Command: {command_line()}", "", machine_line(),
+        f"## {TIMING}",
+        "",
+        f"Command: {command_line()}",
+        "",
+        machine_line(),
         f"Models: `{res['models']}`. {res['gallery']} gallery images ingested over HTTP with v1, v2 (BCT child) "
         "activated; each phase on its own `graceful serve` over a copy of that gallery, nothing else running on "
-        "the machine.", "",
-        "### Throughput and time", "",
-        "| measure | value |", "|---|---|",
+        "the machine.",
+        "",
+        "### Throughput and time",
+        "",
+        "| measure | value |",
+        "|---|---|",
         f"| raw decode + embed in-process (batches of 256, the server's {res.get('raw_threads', '?')} torch thread(s); before / after the job) | "
         f"{tp['raw_ips'][0]:.0f} / {tp['raw_ips'][1]:.0f} images/s |",
         f"| backfill job, uncapped, idle server (items re-embedded / job's active seconds) | "
@@ -408,12 +501,17 @@ def render_timing(res: dict, args) -> str:
         f"| backfill / raw | **{tp['backfill_ips'] / raw:.2f}** |",
         f"| predicted time (report, before the job; probe {tp['probe_ips']:.0f} images/s) | {pred:.1f} s |",
         f"| measured time (job's active seconds; client-observed {tp['client_wall_seconds']:.1f} s) | {meas:.1f} s |",
-        f"| measured / predicted | **{meas / pred:.2f}** |", "",
-        "### Search latency during a backfill", "",
+        f"| measured / predicted | **{meas / pred:.2f}** |",
+        "",
+        "### Search latency during a backfill",
+        "",
         f"{args.concurrency} client threads search back to back (image query, k=10) for {args.load_seconds:.0f} s "
-        "per row (shorter for the idle checks in between and after; the uncapped row ends when the job does).", "",
+        "per row (shorter for the idle checks in between and after; the uncapped row ends when the job does).",
+        "",
         "| server state | searches | QPS | p50 ms | p99 ms | p99 / idle p99 | backfill items/s | failures |",
-        "|---|---|---|---|---|---|---|---|", *lat_rows, "",
+        "|---|---|---|---|---|---|---|---|",
+        *lat_rows,
+        "",
     ]
     return "\n".join(lines)
 
@@ -424,10 +522,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=None, help="use the first N queries only")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--load-seconds", type=float, default=15.0)
-    p.add_argument("--rate-share", type=float, default=0.25, help="the capped row's rate as a share of raw throughput")
+    p.add_argument(
+        "--rate-share", type=float, default=0.25, help="the capped row's rate as a share of raw throughput"
+    )
     p.add_argument("--write", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--timing-only", action="store_true",
-                   help="only the throughput and latency phases (their own section; no quality curves)")
+    p.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="only the throughput and latency phases (their own section; no quality curves)",
+    )
     args = p.parse_args(argv)
     res = run(args)
     timing = render_timing(res, args)

@@ -54,8 +54,15 @@ def build_models(root: Path, quick: bool, epochs_indep: int) -> Path:
         print("training v2-indep", flush=True)
         train(cfg)
     if not (root / "v2-indep-adapt" / "card.json").exists():
-        adapt(AdaptConfig(new=str(root / "v2-indep"), old=str(root / "v1"), out=str(root / "v2-indep-adapt"),
-                          kind="procrustes", sample=5000))
+        adapt(
+            AdaptConfig(
+                new=str(root / "v2-indep"),
+                old=str(root / "v1"),
+                out=str(root / "v2-indep-adapt"),
+                kind="procrustes",
+                sample=5000,
+            )
+        )
     forged = root / "v2-indep-forged"
     shutil.rmtree(forged, ignore_errors=True)
     shutil.copytree(root / "v2-indep", forged)
@@ -93,14 +100,18 @@ def latencies(client: GracefulClient, images: np.ndarray, seconds: float, thread
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--epochs-indep", type=int, default=6, help="the independent v2 is only there to be refused")
+    p.add_argument(
+        "--epochs-indep", type=int, default=6, help="the independent v2 is only there to be refused"
+    )
     p.add_argument("--seconds", type=float, default=20.0, help="search load per shadow condition")
     p.add_argument("--write", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "check")
     args = p.parse_args(argv)
     write = (not args.quick) if args.write is None else args.write
     t_start = time.perf_counter()
-    root = build_models(args.out / ("quick" if args.quick else "full") / "models", args.quick, args.epochs_indep)
+    root = build_models(
+        args.out / ("quick" if args.quick else "full") / "models", args.quick, args.epochs_indep
+    )
 
     test = load_split(None, "test")
     q_idx, g_idx = query_gallery_split(len(test))
@@ -108,14 +119,25 @@ def main(argv: list[str] | None = None) -> int:
         q_idx, g_idx = q_idx[:250], g_idx[:1000]
     loaded = {v: load_model(root / v) for v in ("v1", "v2", "v2-indep", "v2-indep-adapt")}
     sub = test if not args.quick else None
-    offline = evaluate_models(list(loaded.values()), sub if sub is not None else test).to_json(include_flipped=False)
+    offline = evaluate_models(list(loaded.values()), sub if sub is not None else test).to_json(
+        include_flipped=False
+    )
     cells = offline["matrix"]
-    offline_of = {"v2": cells["v2/v1"], "v2-indep-forged": cells["v2-indep/v1"],
-                  "v2-indep-adapt": cells["v2-indep-adapt/v1"], "v1": cells["v1/v1"]}
+    offline_of = {
+        "v2": cells["v2/v1"],
+        "v2-indep-forged": cells["v2-indep/v1"],
+        "v2-indep-adapt": cells["v2-indep-adapt/v1"],
+        "v1": cells["v1/v1"],
+    }
 
     work = Path(tempfile.mkdtemp(prefix="graceful-check-"))
-    env = {"GRACEFUL_MODELS_DIR": str(root), "GRACEFUL_DATA_DIR": str(work / "data"), "GRACEFUL_API_KEY": KEY,
-           "GRACEFUL_ACTIVE_MODEL": "v1", "GRACEFUL_MAX_K": "10000"}
+    env = {
+        "GRACEFUL_MODELS_DIR": str(root),
+        "GRACEFUL_DATA_DIR": str(work / "data"),
+        "GRACEFUL_API_KEY": KEY,
+        "GRACEFUL_ACTIVE_MODEL": "v1",
+        "GRACEFUL_MAX_K": "10000",
+    }
     server = LocalServer(env, work / "server.log").start(timeout=300)
     res: dict = {"gallery": len(g_idx), "offline_queries": len(q_idx)}
     try:
@@ -142,8 +164,12 @@ def main(argv: list[str] | None = None) -> int:
             if fraction:
                 client.post("/v1/models/v2/shadow", json={"fraction": fraction})
             lat = latencies(client, qimgs, args.seconds)
-            row = {"requests": len(lat), "p50_ms": float(np.percentile(lat, 50)),
-                   "p99_ms": float(np.percentile(lat, 99)), "qps": len(lat) / args.seconds}
+            row = {
+                "requests": len(lat),
+                "p50_ms": float(np.percentile(lat, 50)),
+                "p99_ms": float(np.percentile(lat, 99)),
+                "qps": len(lat) / args.seconds,
+            }
             if fraction:
                 row["shadow"] = client.http.delete("/v1/models/v2/shadow", headers=client.headers).json()
             shadow[fraction] = row
@@ -162,45 +188,65 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(res: dict, offline_of: dict, seconds: float) -> str:
-    out = [f"## {SECTION}", "", f"Command: {command_line()}", "", machine_line(),
-           f"Whole run {seconds / 60:.1f} min (model training included when not reused).", "",
-           f"v1's gallery: {res['gallery']:,} Fashion-MNIST test images, kept sources and labels, served by "
-           f"`graceful serve` on 127.0.0.1 (SQLite, Flat). The check ({'GRACEFUL_CHECK_SAMPLE'}=300: 300 gallery "
-           f"items as queries over the stored gallery, each left out of its own ranking) beside the offline "
-           f"`graceful eval` figures of the same pair ({res['offline_queries']:,} test queries over the same "
-           f"gallery). Top-1 / mAP:", "",
-           "| candidate | check top-1 | offline top-1 | check mAP | offline mAP | overlap@10 (random twin) | "
-           "NFR / PFR | verdict | activation | check wall time |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"## {SECTION}",
+        "",
+        f"Command: {command_line()}",
+        "",
+        machine_line(),
+        f"Whole run {seconds / 60:.1f} min (model training included when not reused).",
+        "",
+        f"v1's gallery: {res['gallery']:,} Fashion-MNIST test images, kept sources and labels, served by "
+        f"`graceful serve` on 127.0.0.1 (SQLite, Flat). The check ({'GRACEFUL_CHECK_SAMPLE'}=300: 300 gallery "
+        f"items as queries over the stored gallery, each left out of its own ranking) beside the offline "
+        f"`graceful eval` figures of the same pair ({res['offline_queries']:,} test queries over the same "
+        f"gallery). Top-1 / mAP:",
+        "",
+        "| candidate | check top-1 | offline top-1 | check mAP | offline mAP | overlap@10 (random twin) | "
+        "NFR / PFR | verdict | activation | check wall time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     diffs = []
     first = next(iter(res["checks"].values()))
     act = first["labelled"]["active"]
     off = offline_of["v1"]
-    out.append(f"| v1 (active, itself) | {act['top1']:.4f} | {off['top1']:.4f} | {act['mAP']:.4f} | "
-               f"{off['mAP']:.4f} | - | - | - | - | - |")
+    out.append(
+        f"| v1 (active, itself) | {act['top1']:.4f} | {off['top1']:.4f} | {act['mAP']:.4f} | "
+        f"{off['mAP']:.4f} | - | - | - | - | - |"
+    )
     diffs += [abs(act["top1"] - off["top1"]), abs(act["mAP"] - off["mAP"])]
     for v, c in res["checks"].items():
         lab, u, off = c["labelled"], c["unlabelled"], offline_of[v]
         cand = lab["candidate"]
         diffs += [abs(cand["top1"] - off["top1"]), abs(cand["mAP"] - off["mAP"])]
-        out.append(f"| {v} | {cand['top1']:.4f} | {off['top1']:.4f} | {cand['mAP']:.4f} | {off['mAP']:.4f} | "
-                   f"{u['overlap_at_10']:.3f} ({u['baseline']['overlap_at_10']:.3f}) | "
-                   f"{lab['negative_flip_rate']:.3f} / {lab['positive_flip_rate']:.3f} | "
-                   f"{'passes' if c['passed'] else 'fails'} | HTTP {res['activation_status'][v]} | "
-                   f"{c['wall_s']:.1f} s |")
+        out.append(
+            f"| {v} | {cand['top1']:.4f} | {off['top1']:.4f} | {cand['mAP']:.4f} | {off['mAP']:.4f} | "
+            f"{u['overlap_at_10']:.3f} ({u['baseline']['overlap_at_10']:.3f}) | "
+            f"{lab['negative_flip_rate']:.3f} / {lab['positive_flip_rate']:.3f} | "
+            f"{'passes' if c['passed'] else 'fails'} | HTTP {res['activation_status'][v]} | "
+            f"{c['wall_s']:.1f} s |"
+        )
     worst = max(diffs)
-    out += ["", f"Largest gap between the check's labelled figures and the offline ones: **{worst:.4f}** (aim ≤ 0.02: "
-            f"{'met' if worst <= 0.02 else 'missed'}). The forged card claims v1's space; its measured figures "
-            "refuse it (409) whatever the card says.", "",
-            "Search latency at concurrency 4 (image searches, k=10, the 2,000 test queries in turn), with v2 "
-            "shadowing a share of them, in one run:", "",
-            "| shadow | requests | QPS | p50 ms | p99 ms | p99 / none | shadow compared / dropped | shadow overlap@10 |",
-            "|---|---|---|---|---|---|---|---|"]
+    out += [
+        "",
+        f"Largest gap between the check's labelled figures and the offline ones: **{worst:.4f}** (aim ≤ 0.02: "
+        f"{'met' if worst <= 0.02 else 'missed'}). The forged card claims v1's space; its measured figures "
+        "refuse it (409) whatever the card says.",
+        "",
+        "Search latency at concurrency 4 (image searches, k=10, the 2,000 test queries in turn), with v2 "
+        "shadowing a share of them, in one run:",
+        "",
+        "| shadow | requests | QPS | p50 ms | p99 ms | p99 / none | shadow compared / dropped | shadow overlap@10 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     base = res["shadow"]["0.0"]["p99_ms"]
     for k, row in res["shadow"].items():
         sh = row.get("shadow") or {}
-        out.append(f"| {float(k):.0%} | {row['requests']} | {row['qps']:.0f} | {row['p50_ms']:.1f} | "
-                   f"{row['p99_ms']:.1f} | {row['p99_ms'] / base:.2f} | "
-                   f"{sh.get('compared', '-')} / {sh.get('dropped', '-')} | {sh.get('overlap_at_10', '-')} |")
+        out.append(
+            f"| {float(k):.0%} | {row['requests']} | {row['qps']:.0f} | {row['p50_ms']:.1f} | "
+            f"{row['p99_ms']:.1f} | {row['p99_ms'] / base:.2f} | "
+            f"{sh.get('compared', '-')} / {sh.get('dropped', '-')} | {sh.get('overlap_at_10', '-')} |"
+        )
     return "\n".join(out) + "\n"
 
 

@@ -33,8 +33,10 @@ def machine_line() -> str:
     import torch
 
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"Run {now} on {platform.machine()} with {os.cpu_count()} CPUs (shared, noisy), Python "
-            f"{sys.version.split()[0]}, torch {torch.__version__} ({torch.get_num_threads()} threads).")
+    return (
+        f"Run {now} on {platform.machine()} with {os.cpu_count()} CPUs (shared, noisy), Python "
+        f"{sys.version.split()[0]}, torch {torch.__version__} ({torch.get_num_threads()} threads)."
+    )
 
 
 def command_line() -> str:
@@ -56,13 +58,20 @@ def v1_v2_models(name: str, quick: bool) -> Path:
     that asks (``name`` only says who asked)."""
     from trainer.train import TrainConfig, reusable, train
 
-    if (COMPAT_SEED0 / "v1" / "card.json").exists() and (COMPAT_SEED0 / "v2" / "card.json").exists() and not quick:
+    if (
+        (COMPAT_SEED0 / "v1" / "card.json").exists()
+        and (COMPAT_SEED0 / "v2" / "card.json").exists()
+        and not quick
+    ):
         return COMPAT_SEED0
     root = REPO / "bench" / "out" / "pair" / ("quick" if quick else "full")
     limit = 5000 if quick else None
-    cfgs = [TrainConfig(out=str(root / "v1"), classes="0-4", epochs=1 if quick else 6, limit=limit),
-            TrainConfig(out=str(root / "v2"), old=str(root / "v1"), bct="full", epochs=1 if quick else 12,
-                        limit=limit)]
+    cfgs = [
+        TrainConfig(out=str(root / "v1"), classes="0-4", epochs=1 if quick else 6, limit=limit),
+        TrainConfig(
+            out=str(root / "v2"), old=str(root / "v1"), bct="full", epochs=1 if quick else 12, limit=limit
+        ),
+    ]
     for cfg in cfgs:
         if not reusable(cfg):
             print(f"training {cfg.out} (for {name})", flush=True)

@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(seed=args.seed, limit=args.limit, threads=args.threads, epochs=args.epochs)
     big_cfg = TrainConfig(out=str(root / "big"), **common)
     big_dir, source = Path(big_cfg.out), "trained here"
-    for cand, where in ((args.big, "given with --big"), (None if args.quick else PC_BIG, "bench/pc.py's seed-0 v1")):
+    for cand, where in (
+        (args.big, "given with --big"),
+        (None if args.quick else PC_BIG, "bench/pc.py's seed-0 v1"),
+    ):
         try:
             if cand is not None and read_card(cand):
                 big_dir, source = cand, where
@@ -103,41 +106,64 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     busy = os.getloadavg()
     images = test.images[:256]
-    speed = {v.version: {b: throughput(v, images, b, args.timing_seconds) for b in (1, 256)} for v in (big, small)}
+    speed = {
+        v.version: {b: throughput(v, images, b, args.timing_seconds) for b in (1, 256)} for v in (big, small)
+    }
     busy_after = os.getloadavg()
     params = {v.version: count_parameters(v.model) for v in (big, small)}
-    (root / "report.json").write_text(json.dumps({"report": report, "speed": speed, "params": params}, indent=1))
+    (root / "report.json").write_text(
+        json.dumps({"report": report, "speed": speed, "params": params}, indent=1)
+    )
 
     def row(label: str, key: str) -> str:
         c = m[key]
         return f"| {label} | " + " | ".join(f"{c[k]:.4f}" for k in METRICS) + " |"
 
     ratio_map = m[f"{small_v}/{big_v}"]["mAP"] / m[f"{big_v}/{big_v}"]["mAP"]
-    text = "\n".join([
-        f"## {SECTION}", "", f"Command: {command_line()}", "", machine_line(),
-        f"Big model: `{big.card.arch['name']}` (width {big.card.arch['width']}, {big.card.arch['stages']} stages), "
-        f"classes 0-9, no BCT ({source}, {big.card.train_config.get('epochs')} epochs). Small model: `small` (width "
-        f"{small.card.arch['width']}, {small.card.arch['stages']} stages), classes 0-9, {args.epochs} epochs, "
-        f"`graceful train --arch small --old BIG --bct` (full recipe); small alone: same architecture without BCT. "
-        f"Test split: 2,000 queries against 8,000 gallery images, full ranking. Total time "
-        f"{(time.perf_counter() - t0) / 60:.0f} min.", "",
-        "| query model / gallery model | top-1 | top-5 | mAP |", "|---|---|---|---|",
-        row("big / big (the gallery as built)", f"{big_v}/{big_v}"),
-        row("**small (BCT) / big**: device queries, server gallery", f"{small_v}/{big_v}"),
-        row("small (BCT) / small (BCT)", f"{small_v}/{small_v}"),
-        row("small alone / small alone", f"{alone_v}/{alone_v}"),
-        row("small alone / big (no BCT: incompatible)", f"{alone_v}/{big_v}"),
-        "", f"small/big reaches {ratio_map:.1%} of big/big's mAP.", "",
-        "| model | parameters | images/s, batch 1 | images/s, batch 256 |", "|---|---|---|---|",
-        *(f"| {name} | {params[v.version]:,} | {speed[v.version][1]:,.0f} | {speed[v.version][256]:,.0f} |"
-          for name, v in (("big", big), ("small", small))),
-        "", f"The small model has {params[small_v] / params[big_v]:.1%} of the big one's parameters and embeds "
-        f"{speed[small_v][1] / speed[big_v][1]:.1f}x (batch 1) / {speed[small_v][256] / speed[big_v][256]:.1f}x "
-        f"(batch 256) as many images per second (torch on CPU, {torch.get_num_threads()} thread(s), median over "
-        f"{args.timing_seconds:g} s per setting, preprocessing included). Load average while timing: "
-        f"{busy[0]:.1f} before, {busy_after[0]:.1f} after"
-        + (" (other benchmarks were running: absolute rates are deflated, the ratios less so)." if max(busy[0], busy_after[0]) > 1.5
-           else " (machine otherwise idle)."), ""])
+    text = "\n".join(
+        [
+            f"## {SECTION}",
+            "",
+            f"Command: {command_line()}",
+            "",
+            machine_line(),
+            f"Big model: `{big.card.arch['name']}` (width {big.card.arch['width']}, {big.card.arch['stages']} stages), "
+            f"classes 0-9, no BCT ({source}, {big.card.train_config.get('epochs')} epochs). Small model: `small` (width "
+            f"{small.card.arch['width']}, {small.card.arch['stages']} stages), classes 0-9, {args.epochs} epochs, "
+            f"`graceful train --arch small --old BIG --bct` (full recipe); small alone: same architecture without BCT. "
+            f"Test split: 2,000 queries against 8,000 gallery images, full ranking. Total time "
+            f"{(time.perf_counter() - t0) / 60:.0f} min.",
+            "",
+            "| query model / gallery model | top-1 | top-5 | mAP |",
+            "|---|---|---|---|",
+            row("big / big (the gallery as built)", f"{big_v}/{big_v}"),
+            row("**small (BCT) / big**: device queries, server gallery", f"{small_v}/{big_v}"),
+            row("small (BCT) / small (BCT)", f"{small_v}/{small_v}"),
+            row("small alone / small alone", f"{alone_v}/{alone_v}"),
+            row("small alone / big (no BCT: incompatible)", f"{alone_v}/{big_v}"),
+            "",
+            f"small/big reaches {ratio_map:.1%} of big/big's mAP.",
+            "",
+            "| model | parameters | images/s, batch 1 | images/s, batch 256 |",
+            "|---|---|---|---|",
+            *(
+                f"| {name} | {params[v.version]:,} | {speed[v.version][1]:,.0f} | {speed[v.version][256]:,.0f} |"
+                for name, v in (("big", big), ("small", small))
+            ),
+            "",
+            f"The small model has {params[small_v] / params[big_v]:.1%} of the big one's parameters and embeds "
+            f"{speed[small_v][1] / speed[big_v][1]:.1f}x (batch 1) / {speed[small_v][256] / speed[big_v][256]:.1f}x "
+            f"(batch 256) as many images per second (torch on CPU, {torch.get_num_threads()} thread(s), median over "
+            f"{args.timing_seconds:g} s per setting, preprocessing included). Load average while timing: "
+            f"{busy[0]:.1f} before, {busy_after[0]:.1f} after"
+            + (
+                " (other benchmarks were running: absolute rates are deflated, the ratios less so)."
+                if max(busy[0], busy_after[0]) > 1.5
+                else " (machine otherwise idle)."
+            ),
+            "",
+        ]
+    )
     print(text)
     if write:
         write_section(SECTION, text)

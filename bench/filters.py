@@ -51,8 +51,13 @@ def unit_rows(n: int, d: int, seed: int) -> np.ndarray:
 def fill(g: Gallery, x: np.ndarray, batch: int = 10_000) -> float:
     t0 = time.perf_counter()
     for s in range(0, len(x), batch):
-        g.add([NewItem(f"it{i:07d}", x[i], {"b": i % 100, "all": True}) for i in range(s, min(s + batch, len(x)))],
-              "v1")
+        g.add(
+            [
+                NewItem(f"it{i:07d}", x[i], {"b": i % 100, "all": True})
+                for i in range(s, min(s + batch, len(x)))
+            ],
+            "v1",
+        )
     return time.perf_counter() - t0
 
 
@@ -67,8 +72,9 @@ def truth(x: np.ndarray, q: np.ndarray, spec: dict[str, Any]) -> list[set[str]]:
     return [{f"it{rows[j]:07d}" for j in r} for r in top]
 
 
-def measure(g: Gallery, x: np.ndarray, q: np.ndarray, spec: dict[str, Any] | None, per_call: int,
-            repeats: int) -> dict[str, Any]:
+def measure(
+    g: Gallery, x: np.ndarray, q: np.ndarray, spec: dict[str, Any] | None, per_call: int, repeats: int
+) -> dict[str, Any]:
     calls = [q[s : s + per_call] for s in range(0, len(q), per_call)]
     g.search("v1", calls[0], K, filter=spec)  # warm up
     qps = []
@@ -82,8 +88,11 @@ def measure(g: Gallery, x: np.ndarray, q: np.ndarray, spec: dict[str, Any] | Non
     out: dict[str, Any] = {"qps": statistics.median(qps)}
     if spec is None:
         want = truth(x, q, {"all": True})
-        out["recall"] = float(np.mean([len({h.external_id for h in got} & w) / len(w)
-                                       for got, w in zip(hits, want, strict=True)]))
+        out["recall"] = float(
+            np.mean(
+                [len({h.external_id for h in got} & w) / len(w) for got, w in zip(hits, want, strict=True)]
+            )
+        )
     else:
         flt = MetadataFilter.parse(spec)
         assert flt is not None
@@ -96,8 +105,11 @@ def measure(g: Gallery, x: np.ndarray, q: np.ndarray, spec: dict[str, Any] | Non
         out["matching"] = n
         out["sql_ms"] = 1000 * statistics.median(sql)
         want = truth(x, q, spec)
-        out["recall"] = float(np.mean([len({h.external_id for h in got} & w) / len(w)
-                                       for got, w in zip(hits, want, strict=True)]))
+        out["recall"] = float(
+            np.mean(
+                [len({h.external_id for h in got} & w) / len(w) for got, w in zip(hits, want, strict=True)]
+            )
+        )
         out["full"] = all(len(got) == min(K, n) for got in hits)
         exact = g.index_info("v1")["built_factory"] == "Flat"
         if not exact and n <= gallery_module.EXACT_FILTERED_MAX:
@@ -127,51 +139,74 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for factory in args.factories.split(","):
         with tempfile.TemporaryDirectory(prefix="bench-filters-") as tmp:
-            g = Gallery.open(None, Path(tmp), config=IndexConfig(factory=factory, snapshot_every=None),
-                             sqlite_synchronous="OFF")
+            g = Gallery.open(
+                None,
+                Path(tmp),
+                config=IndexConfig(factory=factory, snapshot_every=None),
+                sqlite_synchronous="OFF",
+            )
             try:
                 g.register_version(VersionInfo("v1", space="v1", embedding_dim=D))
                 fill_s = fill(g, x)
                 base = measure(g, x, q, None, per_call, repeats)
-                print(f"{factory}: filled {n} in {fill_s:.1f}s; unfiltered {base['qps']:.0f} QPS, recall@10 "
-                      f"{base['recall']:.4f}", flush=True)
+                print(
+                    f"{factory}: filled {n} in {fill_s:.1f}s; unfiltered {base['qps']:.0f} QPS, recall@10 "
+                    f"{base['recall']:.4f}",
+                    flush=True,
+                )
                 for label, spec in FILTERS:
                     m = measure(g, x, q, spec, per_call, repeats)
-                    print(f"  {label:>4} {m['matching']:>7} matching: {m['qps']:7.0f} QPS, recall@10 {m['recall']:.4f}, "
-                          f"SQL {m['sql_ms']:.1f} ms/call, {m['path']}", flush=True)
+                    print(
+                        f"  {label:>4} {m['matching']:>7} matching: {m['qps']:7.0f} QPS, recall@10 {m['recall']:.4f}, "
+                        f"SQL {m['sql_ms']:.1f} ms/call, {m['path']}",
+                        flush=True,
+                    )
                     rows.append((factory, label, spec, m, base))
             finally:
                 g.close()
     total = time.perf_counter() - started
-    table = ["| index | filter | matching | QPS filtered (unfiltered) | SQL for the allowed ids, ms per call "
-             "| recall@10 filtered (unfiltered) | k hits every time | path |", "|---|---|---|---|---|---|---|---|"]
+    table = [
+        "| index | filter | matching | QPS filtered (unfiltered) | SQL for the allowed ids, ms per call "
+        "| recall@10 filtered (unfiltered) | k hits every time | path |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for factory, label, spec, m, base in rows:
-        shown = json.dumps(spec) if len(str(spec)) < 30 else f'{{"b": {{"in": [0..{len(spec["b"]["in"]) - 1}]}}}}'
-        table.append(f"| {factory} | `{shown}` ({label}) | {m['matching']:,} | {m['qps']:,.0f} ({base['qps']:,.0f}) "
-                     f"| {m['sql_ms']:.1f} | {m['recall']:.4f} ({base['recall']:.4f}) | {'yes' if m['full'] else 'no'} "
-                     f"| {m['path']} |")
-    body = "\n".join([
-        f"## {TITLE}", "",
-        f"Command: {command_line()}", "",
-        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {total:.0f} s in all, on a machine with "
-        f"{faiss.omp_get_max_threads()} OpenMP threads (shared, noisy); faiss {faiss.__version__}, numpy "
-        f"{np.__version__}. {n:,} random unit vectors, d={D}, in SQLite; metadata `{{\"b\": i % 100, \"all\": "
-        f"true}}`. {nq} queries, {per_call} per `Gallery.search` call, k={K}; QPS the median of {repeats} "
-        "passes. Recall@10 against brute-force numpy over the matching items.", "",
-        *table, "",
-        "The filter is applied inside FAISS: one SQL query lists the matching vec_ids (its time is the SQL "
-        "column, measured uncached; the gallery reuses the set while it writes nothing, for at most "
-        f"{gallery_module.FILTER_CACHE_TTL_S:g} s, so in these QPS runs it is read about once a second), an "
-        "`IDSelectorBatch` restricts the search to them, so every query gets k hits whenever k items match. "
-        "On Flat the search is exact at any selectivity; the selector makes FAISS's flat scan check ids "
-        "instead of one BLAS product. A filter found to let every live vector through (checked once per "
-        "matching set) runs as the plain search while the index is unchanged. The SQL query evaluates the JSON condition on every item of the space "
-        "(no index on metadata), so a cold filter costs that scan once. HNSW: a filter matching at most "
-        f"{gallery_module.EXACT_FILTERED_MAX:,} vectors is answered exactly from their stored vectors (an "
-        "HNSW walk with a selective filter visits few allowed nodes); a larger one goes through HNSW with "
-        "the selector and a candidate list widened by 1/selectivity (efSearch 128 / share), and a query "
-        "still short of k hits would be redone exactly.",
-    ])
+        shown = (
+            json.dumps(spec) if len(str(spec)) < 30 else f'{{"b": {{"in": [0..{len(spec["b"]["in"]) - 1}]}}}}'
+        )
+        table.append(
+            f"| {factory} | `{shown}` ({label}) | {m['matching']:,} | {m['qps']:,.0f} ({base['qps']:,.0f}) "
+            f"| {m['sql_ms']:.1f} | {m['recall']:.4f} ({base['recall']:.4f}) | {'yes' if m['full'] else 'no'} "
+            f"| {m['path']} |"
+        )
+    body = "\n".join(
+        [
+            f"## {TITLE}",
+            "",
+            f"Command: {command_line()}",
+            "",
+            f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {total:.0f} s in all, on a machine with "
+            f"{faiss.omp_get_max_threads()} OpenMP threads (shared, noisy); faiss {faiss.__version__}, numpy "
+            f'{np.__version__}. {n:,} random unit vectors, d={D}, in SQLite; metadata `{{"b": i % 100, "all": '
+            f"true}}`. {nq} queries, {per_call} per `Gallery.search` call, k={K}; QPS the median of {repeats} "
+            "passes. Recall@10 against brute-force numpy over the matching items.",
+            "",
+            *table,
+            "",
+            "The filter is applied inside FAISS: one SQL query lists the matching vec_ids (its time is the SQL "
+            "column, measured uncached; the gallery reuses the set while it writes nothing, for at most "
+            f"{gallery_module.FILTER_CACHE_TTL_S:g} s, so in these QPS runs it is read about once a second), an "
+            "`IDSelectorBatch` restricts the search to them, so every query gets k hits whenever k items match. "
+            "On Flat the search is exact at any selectivity; the selector makes FAISS's flat scan check ids "
+            "instead of one BLAS product. A filter found to let every live vector through (checked once per "
+            "matching set) runs as the plain search while the index is unchanged. The SQL query evaluates the JSON condition on every item of the space "
+            "(no index on metadata), so a cold filter costs that scan once. HNSW: a filter matching at most "
+            f"{gallery_module.EXACT_FILTERED_MAX:,} vectors is answered exactly from their stored vectors (an "
+            "HNSW walk with a selective filter visits few allowed nodes); a larger one goes through HNSW with "
+            "the selector and a candidate list widened by 1/selectivity (efSearch 128 / share), and a query "
+            "still short of k hits would be redone exactly.",
+        ]
+    )
     print(body)
     if not args.quick or args.write:
         write_section(TITLE, body)

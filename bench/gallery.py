@@ -52,7 +52,13 @@ def ingest(g: Gallery, x: np.ndarray, batch: int, offset: int = 0) -> float:
     """Add x in batches; returns items/s."""
     t0 = time.perf_counter()
     for i in range(0, len(x), batch):
-        g.add([NewItem(f"img-{offset + i + j:08d}", v, {"n": offset + i + j}) for j, v in enumerate(x[i : i + batch])], "v1")
+        g.add(
+            [
+                NewItem(f"img-{offset + i + j:08d}", v, {"n": offset + i + j})
+                for j, v in enumerate(x[i : i + batch])
+            ],
+            "v1",
+        )
     return len(x) / (time.perf_counter() - t0)
 
 
@@ -135,8 +141,13 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
     raw = faiss.IndexFlatIP(d)
     raw.add(x[:n])
-    log.info("search: %d single queries, %d batched (batches of %d), %d repeats", len(q_single),
-             len(q_batch), args.batch_size, args.repeats)
+    log.info(
+        "search: %d single queries, %d batched (batches of %d), %d repeats",
+        len(q_single),
+        len(q_batch),
+        args.batch_size,
+        args.repeats,
+    )
     res["single"] = compare_search(g, raw, q_single, args.k, 1, args.repeats)
     log.info("single-query: %s", res["single"])
     res["batched"] = compare_search(g, raw, q_batch, args.k, args.batch_size, args.repeats)
@@ -167,7 +178,9 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
 
 def fmt_n(n: int) -> str:
-    return f"{n:.0e}".replace("e+0", "e") if n >= 10_000 and str(n).rstrip("0") in ("1", "2", "5") else f"{n:,}"
+    return (
+        f"{n:.0e}".replace("e+0", "e") if n >= 10_000 and str(n).rstrip("0") in ("1", "2", "5") else f"{n:,}"
+    )
 
 
 def render(res: dict, args: argparse.Namespace, command: str) -> str:
@@ -189,8 +202,10 @@ def render(res: dict, args: argparse.Namespace, command: str) -> str:
         f"| {res['add_per_s']:,.0f} items/s |",
     ]
     if res["big"]:
-        lines.append(f"| add throughput to {fmt_n(res['big'])} (batches of {args.big_batch}) "
-                     f"| {res['add_per_s_big']:,.0f} items/s |")
+        lines.append(
+            f"| add throughput to {fmt_n(res['big'])} (batches of {args.big_batch}) "
+            f"| {res['add_per_s_big']:,.0f} items/s |"
+        )
     lines += [
         f"| single-query QPS at {fmt_n(res['n'])}: store / raw faiss | {s['store']:,.0f} / {s['raw']:,.0f} "
         f"= **{s['ratio']:.3f}** (per-repeat {s['ratio_min']:.3f}-{s['ratio_max']:.3f}) |",
@@ -201,8 +216,10 @@ def render(res: dict, args: argparse.Namespace, command: str) -> str:
     for key, n in (("reopen_n", res["n"]), ("reopen_big", res["big"])):
         if key in res:
             r = res[key]
-            lines.append(f"| reopen at {fmt_n(n)}: snapshot load + reconcile / rebuild from SQL "
-                         f"| {r['snapshot']:.2f} s / {r['rebuild']:.2f} s (snapshot write {r['snapshot_write']:.2f} s) |")
+            lines.append(
+                f"| reopen at {fmt_n(n)}: snapshot load + reconcile / rebuild from SQL "
+                f"| {r['snapshot']:.2f} s / {r['rebuild']:.2f} s (snapshot write {r['snapshot_write']:.2f} s) |"
+            )
     lines += [
         "",
         f"QPS figures are medians of {args.repeats} repeats ({args.single_queries} single queries, "
@@ -222,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sanity run (1e4 / 5e4 vectors, 3 repeats)")
     p.add_argument("--n", type=int, default=100_000, help="vectors for add and search figures")
-    p.add_argument("--big", type=int, default=1_000_000, help="vectors for the second reopen figure (0: skip)")
+    p.add_argument(
+        "--big", type=int, default=1_000_000, help="vectors for the second reopen figure (0: skip)"
+    )
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--batch", type=int, default=1000, help="items per add call")
@@ -231,12 +250,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-queries", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=100, help="queries per batched search call")
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, default=1,
-                   help="FAISS OpenMP threads for both sides (1: the setting for concurrent single-query serving, "
-                        "and stable on a shared machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="FAISS OpenMP threads for both sides (1: the setting for concurrent single-query serving, "
+        "and stable on a shared machine)",
+    )
     p.add_argument("--workdir", type=Path, default=None, help="where the databases go (default: a temp dir)")
-    p.add_argument("--write", action=argparse.BooleanOptionalAction, default=None,
-                   help="write the section into BENCHMARKS.md (default: yes unless --quick)")
+    p.add_argument(
+        "--write",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write the section into BENCHMARKS.md (default: yes unless --quick)",
+    )
     p.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     args = p.parse_args(argv)
     if args.quick:

@@ -29,8 +29,12 @@ from trainer.metrics import negative_flips
 from trainer.train import TrainConfig, reusable, train
 
 VARIANTS = ("none", "kd", "fd-kl", "fd-lm")
-LABELS = {"none": "no treatment", "kd": "plain distillation (kd)", "fd-kl": "focal distillation, KL (fd-kl)",
-          "fd-lm": "focal distillation, logit matching (fd-lm)"}
+LABELS = {
+    "none": "no treatment",
+    "kd": "plain distillation (kd)",
+    "fd-kl": "focal distillation, KL (fd-kl)",
+    "fd-lm": "focal distillation, logit matching (fd-lm)",
+}
 SECTION = "Positive-congruent training"
 
 
@@ -42,11 +46,26 @@ def configs(root: Path, seed: int, args: argparse.Namespace) -> dict[str, TrainC
     return {
         "v1": v1,
         "none": TrainConfig(out=str(root / "v2-none"), **new),
-        "kd": TrainConfig(out=str(root / "v2-kd"), old=v1.out, pc="kd", pc_temperature=args.temperature,
-                          pc_weight=args.kl_weight, **new),
-        "fd-kl": TrainConfig(out=str(root / "v2-fd-kl"), old=v1.out, pc="fd-kl", pc_temperature=args.temperature,
-                             pc_weight=args.kl_weight, **pc, **new),
-        "fd-lm": TrainConfig(out=str(root / "v2-fd-lm"), old=v1.out, pc="fd-lm", pc_weight=args.lm_weight, **pc, **new),
+        "kd": TrainConfig(
+            out=str(root / "v2-kd"),
+            old=v1.out,
+            pc="kd",
+            pc_temperature=args.temperature,
+            pc_weight=args.kl_weight,
+            **new,
+        ),
+        "fd-kl": TrainConfig(
+            out=str(root / "v2-fd-kl"),
+            old=v1.out,
+            pc="fd-kl",
+            pc_temperature=args.temperature,
+            pc_weight=args.kl_weight,
+            **pc,
+            **new,
+        ),
+        "fd-lm": TrainConfig(
+            out=str(root / "v2-fd-lm"), old=v1.out, pc="fd-lm", pc_weight=args.lm_weight, **pc, **new
+        ),
     }
 
 
@@ -61,7 +80,10 @@ def run_seed(root: Path, seed: int, args: argparse.Namespace, test) -> dict:
         print(f"seed {seed}: trained {name} in {time.perf_counter() - t0:.0f} s", flush=True)
     models = {name: load_model(cfg.out) for name, cfg in cfgs.items()}
     preds = {name: predict_labels(m, embed_images(m, test.images)) for name, m in models.items()}
-    out: dict = {"seed": seed, "train_seconds": {n: m.card.train_config.get("seconds") for n, m in models.items()}}
+    out: dict = {
+        "seed": seed,
+        "train_seconds": {n: m.card.train_config.get("seconds") for n, m in models.items()},
+    }
     for v in VARIANTS:
         f = negative_flips(preds["v1"], preds[v], test.labels)
         out[v] = {k: f[k] for k in ("err_old", "err_new", "nfr", "rel_nfr", "n_flips", "n")}
@@ -76,43 +98,70 @@ def mean_sd(xs: list[float], pct: bool = False) -> str:
     fmt = "{:.2f}" if pct else "{:.4f}"
     if len(xs) == 1:
         return fmt.format(k * xs[0]) + ("%" if pct else "")
-    return (fmt.format(k * statistics.mean(xs)) + " ± " + fmt.format(k * statistics.stdev(xs))) + ("%" if pct else "")
+    return (fmt.format(k * statistics.mean(xs)) + " ± " + fmt.format(k * statistics.stdev(xs))) + (
+        "%" if pct else ""
+    )
 
 
 def render(results: list[dict], args: argparse.Namespace, seconds: float) -> str:
     seeds = [r["seed"] for r in results]
-    kl = FocalDistillation.preset("fd-kl", alpha=args.alpha, beta=args.beta, temperature=args.temperature,
-                                  weight=args.kl_weight)
+    kl = FocalDistillation.preset(
+        "fd-kl", alpha=args.alpha, beta=args.beta, temperature=args.temperature, weight=args.kl_weight
+    )
     lm = FocalDistillation.preset("fd-lm", alpha=args.alpha, beta=args.beta, weight=args.lm_weight)
-    out = [f"## {SECTION}", "", f"Command: {command_line()}", "", machine_line(),
-           f"Seeds {', '.join(map(str, seeds))}. Fashion-MNIST, every model on classes 0-9. v1: `resnet`, "
-           f"{args.epochs_old} epochs, seed s. v2: `{args.new_arch}`, {args.epochs_new} epochs, seed s + 100, "
-           f"trained four ways against v1{'; train slice ' + str(args.limit) if args.limit else ''}. "
-           f"Loss settings: focal weight w = {kl.alpha:g} + {kl.beta:g} · 1[v1 right]; fd-kl and kd: KL(p_v1 ‖ p_v2) "
-           f"at T = {kl.temperature:g}, term weight {kl.weight:g} (kd: w = 1 everywhere); fd-lm: ½‖logits_v2 − "
-           f"logits_v1‖², term weight {lm.weight:g}. Classification on the 10,000 test images; "
-           f"mean ± sample standard deviation over seeds. Total time {seconds / 60:.0f} min.", "",
-           "| v2 trained with | error v1 | error v2 | NFR v1→v2 | rel. NFR | NFR cut vs no treatment | "
-           "error change vs no treatment |", "|---|---|---|---|---|---|---|"]
+    out = [
+        f"## {SECTION}",
+        "",
+        f"Command: {command_line()}",
+        "",
+        machine_line(),
+        f"Seeds {', '.join(map(str, seeds))}. Fashion-MNIST, every model on classes 0-9. v1: `resnet`, "
+        f"{args.epochs_old} epochs, seed s. v2: `{args.new_arch}`, {args.epochs_new} epochs, seed s + 100, "
+        f"trained four ways against v1{'; train slice ' + str(args.limit) if args.limit else ''}. "
+        f"Loss settings: focal weight w = {kl.alpha:g} + {kl.beta:g} · 1[v1 right]; fd-kl and kd: KL(p_v1 ‖ p_v2) "
+        f"at T = {kl.temperature:g}, term weight {kl.weight:g} (kd: w = 1 everywhere); fd-lm: ½‖logits_v2 − "
+        f"logits_v1‖², term weight {lm.weight:g}. Classification on the 10,000 test images; "
+        f"mean ± sample standard deviation over seeds. Total time {seconds / 60:.0f} min.",
+        "",
+        "| v2 trained with | error v1 | error v2 | NFR v1→v2 | rel. NFR | NFR cut vs no treatment | "
+        "error change vs no treatment |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for v in VARIANTS:
         rows = [r[v] for r in results]
-        out.append(f"| {LABELS[v]} | {mean_sd([x['err_old'] for x in rows], True)} | "
-                   f"{mean_sd([x['err_new'] for x in rows], True)} | {mean_sd([x['nfr'] for x in rows], True)} | "
-                   f"{mean_sd([x['rel_nfr'] for x in rows])} | "
-                   + ("—" if v == "none" else mean_sd([x['nfr_cut'] for x in rows], True)) + " | "
-                   + ("—" if v == "none" else mean_sd([x['err_delta'] for x in rows], True)) + " |")
-    out += ["", "Per seed (NFR / error v2):", "", "| v2 trained with | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-            "|---|" + "---|" * len(seeds)]
+        out.append(
+            f"| {LABELS[v]} | {mean_sd([x['err_old'] for x in rows], True)} | "
+            f"{mean_sd([x['err_new'] for x in rows], True)} | {mean_sd([x['nfr'] for x in rows], True)} | "
+            f"{mean_sd([x['rel_nfr'] for x in rows])} | "
+            + ("—" if v == "none" else mean_sd([x["nfr_cut"] for x in rows], True))
+            + " | "
+            + ("—" if v == "none" else mean_sd([x["err_delta"] for x in rows], True))
+            + " |"
+        )
+    out += [
+        "",
+        "Per seed (NFR / error v2):",
+        "",
+        "| v2 trained with | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
     for v in VARIANTS:
-        out.append(f"| {v} | " + " | ".join(f"{100 * r[v]['nfr']:.2f}% / {100 * r[v]['err_new']:.2f}%"
-                                             for r in results) + " |")
+        out.append(
+            f"| {v} | "
+            + " | ".join(f"{100 * r[v]['nfr']:.2f}% / {100 * r[v]['err_new']:.2f}%" for r in results)
+            + " |"
+        )
     best = min(VARIANTS[1:], key=lambda v: statistics.mean(r[v]["nfr"] for r in results))
     cut = statistics.mean(r[best]["nfr_cut"] for r in results)
     derr = statistics.mean(r[best]["err_delta"] for r in results)
     aim = cut >= 0.40 and derr <= 0.0
-    out += ["", f"Against the aim (NFR cut ≥ 40% at equal or lower error; published anchor: 38% on CIFAR-100): "
-            f"the lowest NFR is {LABELS[best]}'s, a cut of {100 * cut:.1f}% with an error change of "
-            f"{100 * derr:+.2f} points: aim {'met' if aim else '**not met**'}.", ""]
+    out += [
+        "",
+        f"Against the aim (NFR cut ≥ 40% at equal or lower error; published anchor: 38% on CIFAR-100): "
+        f"the lowest NFR is {LABELS[best]}'s, a cut of {100 * cut:.1f}% with an error change of "
+        f"{100 * derr:+.2f} points: aim {'met' if aim else '**not met**'}.",
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -144,9 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         r = run_seed(args.out / sub / f"seed{seed}", seed, args, test)
         (args.out / sub / f"seed{seed}" / "report.json").write_text(json.dumps(r, indent=1))
         results.append(r)
-        print(f"seed {seed}: " + ", ".join(f"{v} NFR {100 * r[v]['nfr']:.2f}% err {100 * r[v]['err_new']:.2f}%"
-                                           for v in VARIANTS) + f" (v1 err {100 * r['none']['err_old']:.2f}%)",
-              flush=True)
+        print(
+            f"seed {seed}: "
+            + ", ".join(
+                f"{v} NFR {100 * r[v]['nfr']:.2f}% err {100 * r[v]['err_new']:.2f}%" for v in VARIANTS
+            )
+            + f" (v1 err {100 * r['none']['err_old']:.2f}%)",
+            flush=True,
+        )
     text = render(results, args, time.perf_counter() - t0)
     print(text)
     if write:

@@ -73,8 +73,12 @@ def load_test(client: GracefulClient, payloads: list[dict], concurrency: int, n:
             conn = local.conn = http.client.HTTPConnection(host.hostname, host.port, timeout=120)
         t0 = time.perf_counter()
         try:
-            conn.request("POST", "/v1/search", body=bodies[i % len(bodies)],
-                         headers={"content-type": "application/json"})
+            conn.request(
+                "POST",
+                "/v1/search",
+                body=bodies[i % len(bodies)],
+                headers={"content-type": "application/json"},
+            )
             r = conn.getresponse()
             body = r.read()
             if r.status != 200 or "hits" not in json.loads(body):
@@ -91,22 +95,36 @@ def load_test(client: GracefulClient, payloads: list[dict], concurrency: int, n:
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(n)))
     wall = time.perf_counter() - t0
-    return {"qps": n / wall, "p50_ms": 1e3 * percentile(lat, 50), "p99_ms": 1e3 * percentile(lat, 99),
-            "failures": failures}
+    return {
+        "qps": n / wall,
+        "p50_ms": 1e3 * percentile(lat, 50),
+        "p99_ms": 1e3 * percentile(lat, 99),
+        "failures": failures,
+    }
 
 
-def ingest_test(client: GracefulClient, ids: list[str], images: np.ndarray, labels: np.ndarray, batch: int,
-                threads: int) -> float:
+def ingest_test(
+    client: GracefulClient, ids: list[str], images: np.ndarray, labels: np.ndarray, batch: int, threads: int
+) -> float:
     """Images/s acknowledged by ``POST /v1/items`` from ``threads`` lean clients (bodies encoded beforehand:
     the clients share the cores with the server, and encoding PNGs is the client's cost, not the service's)."""
     import http.client
     import json
     from urllib.parse import urlsplit
 
-    bodies = [json.dumps({"items": [{"external_id": e, "image_base64": encode_png_base64(im), "metadata": {"label": int(y)}}
-                                    for e, im, y in zip(ids[s : s + batch], images[s : s + batch],
-                                                        labels[s : s + batch], strict=True)]}).encode()
-              for s in range(0, len(ids), batch)]
+    bodies = [
+        json.dumps(
+            {
+                "items": [
+                    {"external_id": e, "image_base64": encode_png_base64(im), "metadata": {"label": int(y)}}
+                    for e, im, y in zip(
+                        ids[s : s + batch], images[s : s + batch], labels[s : s + batch], strict=True
+                    )
+                ]
+            }
+        ).encode()
+        for s in range(0, len(ids), batch)
+    ]
     host = urlsplit(client.url)
     headers = {"content-type": "application/json", **client.headers}
 
@@ -156,7 +174,11 @@ def synthetic_vectors(v1, n: int, seed: int = 0) -> np.ndarray:
         m = min(100_000, n - s)
         i, j = rng.integers(0, len(centers), m), rng.integers(0, len(centers), m)
         t = rng.uniform(0, 0.5, (m, 1)).astype(np.float32)
-        x = centers[i] + t * (centers[j] - centers[i]) + 0.05 * rng.standard_normal((m, d), np.float32) / np.sqrt(d)
+        x = (
+            centers[i]
+            + t * (centers[j] - centers[i])
+            + 0.05 * rng.standard_normal((m, d), np.float32) / np.sqrt(d)
+        )
         out[s : s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
@@ -170,8 +192,15 @@ def make_gallery(models: Path, data: Path, vectors: np.ndarray) -> float:
     t0 = time.perf_counter()
     g = Gallery.open(None, data)
     card = read_card(models / "v1")
-    g.register_version(VersionInfo(version="v1", space=card.space, embedding_dim=card.embedding_dim,
-                                   compatible_with=card.compatible_with, card=card.model_dump(mode="json")))
+    g.register_version(
+        VersionInfo(
+            version="v1",
+            space=card.space,
+            embedding_dim=card.embedding_dim,
+            compatible_with=card.compatible_with,
+            card=card.model_dump(mode="json"),
+        )
+    )
     for s in range(0, len(vectors), 20_000):
         g.add([NewItem(f"s{s + i}", v) for i, v in enumerate(vectors[s : s + 20_000])], "v1")
     g.close()
@@ -191,8 +220,13 @@ def timed_activations(c: GracefulClient, repeats: int) -> list[float]:
 
 
 def server_env(models: Path, data: Path, **extra: str) -> dict[str, str]:
-    return {"GRACEFUL_MODELS_DIR": str(models), "GRACEFUL_DATA_DIR": str(data), "GRACEFUL_API_KEY": KEY,
-            "GRACEFUL_ACTIVE_MODEL": "v1", **extra}
+    return {
+        "GRACEFUL_MODELS_DIR": str(models),
+        "GRACEFUL_DATA_DIR": str(data),
+        "GRACEFUL_API_KEY": KEY,
+        "GRACEFUL_ACTIVE_MODEL": "v1",
+        **extra,
+    }
 
 
 def wait_for_index(c: GracefulClient, factory: str, timeout: float) -> dict:
@@ -232,13 +266,19 @@ def large_gallery(args, models: Path, work: Path, test, q_idx: np.ndarray) -> di
 
     # The approximate index: configured by settings, built in the background at start-up.
     t0 = time.perf_counter()
-    server = LocalServer(server_env(models, work / "large", GRACEFUL_INDEX_FACTORY=args.factory,
-                                    GRACEFUL_INDEX_PARAMS=args.params), work / "large.log").start(timeout=900)
+    server = LocalServer(
+        server_env(
+            models, work / "large", GRACEFUL_INDEX_FACTORY=args.factory, GRACEFUL_INDEX_PARAMS=args.params
+        ),
+        work / "large.log",
+    ).start(timeout=900)
     res["start_s"] = time.perf_counter() - t0
     c = GracefulClient(server.url, KEY)
     try:
-        payloads = [{"image_base64": encode_png_base64(test.images[i]), "k": 10, "include_metadata": False}
-                    for i in q_idx[:500]]
+        payloads = [
+            {"image_base64": encode_png_base64(test.images[i]), "k": 10, "include_metadata": False}
+            for i in q_idx[:500]
+        ]
         sp = c.get("/v1/index")["spaces"][0]
         res["serving_at_start"] = sp["built_factory"]
         during = load_test(c, payloads, 16, 200)  # exact search over all n while the index is built
@@ -273,18 +313,29 @@ def thread_sweep(models: Path, data_src: Path, work: Path, payloads: list[dict],
             data = work / "sweep"
             shutil.rmtree(data, ignore_errors=True)
             shutil.copytree(data_src, data)
-            server = LocalServer(server_env(models, data, GRACEFUL_TORCH_THREADS=str(cfg[0]),
-                                            GRACEFUL_FAISS_THREADS=str(cfg[1])), work / "sweep.log").start()
+            server = LocalServer(
+                server_env(
+                    models, data, GRACEFUL_TORCH_THREADS=str(cfg[0]), GRACEFUL_FAISS_THREADS=str(cfg[1])
+                ),
+                work / "sweep.log",
+            ).start()
             try:
                 c = GracefulClient(server.url, KEY)
                 load_test(c, payloads, 16, 100)  # warm
-                out[cfg].append({"c1": load_test(c, payloads, 1, n // 4), "c16": load_test(c, payloads, 16, n)})
+                out[cfg].append(
+                    {"c1": load_test(c, payloads, 1, n // 4), "c16": load_test(c, payloads, 16, n)}
+                )
             finally:
                 server.stop()
-    return {f"{t}/{f}": {"c1_p50_ms": statistics.median(x["c1"]["p50_ms"] for x in v),
-                         "c1_p99_ms": statistics.median(x["c1"]["p99_ms"] for x in v),
-                         "c16_qps": statistics.median(x["c16"]["qps"] for x in v),
-                         "c16_p99_ms": statistics.median(x["c16"]["p99_ms"] for x in v)} for (t, f), v in out.items()}
+    return {
+        f"{t}/{f}": {
+            "c1_p50_ms": statistics.median(x["c1"]["p50_ms"] for x in v),
+            "c1_p99_ms": statistics.median(x["c1"]["p99_ms"] for x in v),
+            "c16_qps": statistics.median(x["c16"]["qps"] for x in v),
+            "c16_p99_ms": statistics.median(x["c16"]["p99_ms"] for x in v),
+        }
+        for (t, f), v in out.items()
+    }
 
 
 def run(args) -> dict:
@@ -303,37 +354,58 @@ def run(args) -> dict:
         order = np.argsort(idx)
         sub = Dataset(test.images[idx[order]], test.labels[idx[order]], test.class_names)
     offline = evaluate_models([v1, v2], test)  # the trainer's matrix on the full protocol
-    res["offline"] = {k: {m: offline.matrix[k][m] for m in ("top1", "top5", "mAP")} for k in ("v1/v1", "v2/v1")}
+    res["offline"] = {
+        k: {m: offline.matrix[k][m] for m in ("top1", "top5", "mAP")} for k in ("v1/v1", "v2/v1")
+    }
 
     work = Path(tempfile.mkdtemp(prefix="graceful-bench-"))
     try:
         data = work / "data"
-        server = LocalServer({"GRACEFUL_MODELS_DIR": str(models), "GRACEFUL_DATA_DIR": str(data),
-                              "GRACEFUL_API_KEY": KEY, "GRACEFUL_ACTIVE_MODEL": "v1", "GRACEFUL_MAX_K": "10000"},
-                             work / "server.log").start()
+        server = LocalServer(
+            {
+                "GRACEFUL_MODELS_DIR": str(models),
+                "GRACEFUL_DATA_DIR": str(data),
+                "GRACEFUL_API_KEY": KEY,
+                "GRACEFUL_ACTIVE_MODEL": "v1",
+                "GRACEFUL_MAX_K": "10000",
+            },
+            work / "server.log",
+        ).start()
         c = GracefulClient(server.url, KEY)
         try:
             ids = [f"t{i}" for i in g_idx]
             label_of = {e: int(test.labels[i]) for e, i in zip(ids, g_idx, strict=True)}
-            res["ingest"] = {"images_per_s": ingest_test(c, ids, test.images[g_idx], test.labels[g_idx],
-                                                         args.ingest_batch, args.ingest_threads),
-                             "batch": args.ingest_batch, "threads": args.ingest_threads, "images": len(ids)}
+            res["ingest"] = {
+                "images_per_s": ingest_test(
+                    c, ids, test.images[g_idx], test.labels[g_idx], args.ingest_batch, args.ingest_threads
+                ),
+                "batch": args.ingest_batch,
+                "threads": args.ingest_threads,
+                "images": len(ids),
+            }
             print(f"ingested {len(ids)}: {res['ingest']}", flush=True)
 
             http = {}
-            http["v1/v1"] = c.evaluate(test.images[q_idx], test.labels[q_idx], label_of, k=len(ids), threads=4)
+            http["v1/v1"] = c.evaluate(
+                test.images[q_idx], test.labels[q_idx], label_of, k=len(ids), threads=4
+            )
             print(f"v1/v1 over HTTP in {http['v1/v1'].seconds:.0f}s: {http['v1/v1'].metrics}", flush=True)
             act = c.activate("v2")
             res["activation_8k_s"] = act["seconds"]
-            http["v2/v1"] = c.evaluate(test.images[q_idx], test.labels[q_idx], label_of, k=len(ids), threads=4)
+            http["v2/v1"] = c.evaluate(
+                test.images[q_idx], test.labels[q_idx], label_of, k=len(ids), threads=4
+            )
             print(f"v2/v1 over HTTP in {http['v2/v1'].seconds:.0f}s: {http['v2/v1'].metrics}", flush=True)
             if args.quick:  # the offline matrix above is on the full test split; compare on the same subset
                 from trainer.metrics import retrieval_metrics
 
                 for key, qm in (("v1/v1", v1), ("v2/v1", v2)):
                     res["offline"][key] = retrieval_metrics(
-                        embed_images(qm, test.images[q_idx]), test.labels[q_idx],
-                        embed_images(v1, test.images[g_idx]), test.labels[g_idx])
+                        embed_images(qm, test.images[q_idx]),
+                        test.labels[q_idx],
+                        embed_images(v1, test.images[g_idx]),
+                        test.labels[g_idx],
+                    )
             res["http"] = {k: v.metrics for k, v in http.items()}
             res["http_versions"] = {k: v.versions for k, v in http.items()}
 
@@ -343,9 +415,15 @@ def run(args) -> dict:
             shutil.copytree(data, work / "data-nobatch")
             server.start()
             c = GracefulClient(server.url, KEY)
-            nobatch = LocalServer({"GRACEFUL_MODELS_DIR": str(models), "GRACEFUL_DATA_DIR": str(work / "data-nobatch"),
-                                   "GRACEFUL_API_KEY": KEY, "GRACEFUL_BATCH_MAX_SIZE": "1"},
-                                  work / "nobatch.log").start()
+            nobatch = LocalServer(
+                {
+                    "GRACEFUL_MODELS_DIR": str(models),
+                    "GRACEFUL_DATA_DIR": str(work / "data-nobatch"),
+                    "GRACEFUL_API_KEY": KEY,
+                    "GRACEFUL_BATCH_MAX_SIZE": "1",
+                },
+                work / "nobatch.log",
+            ).start()
             cnb = GracefulClient(nobatch.url, KEY)
             from index import Gallery
             from service.models.registry import ActiveModel
@@ -367,13 +445,20 @@ def run(args) -> dict:
 
                 faiss.omp_set_num_threads(defaults.faiss_threads or 1)
 
-            batcher = MicroBatcher("bench", lambda key, jobs: run_search_batch(local, key, jobs),
-                                   max_size=defaults.batch_max_size, max_wait_s=defaults.batch_max_wait_ms / 1e3,
-                                   max_queue=defaults.batch_max_queue, on_start=faiss_threads).start()
+            batcher = MicroBatcher(
+                "bench",
+                lambda key, jobs: run_search_batch(local, key, jobs),
+                max_size=defaults.batch_max_size,
+                max_wait_s=defaults.batch_max_wait_ms / 1e3,
+                max_queue=defaults.batch_max_queue,
+                on_start=faiss_threads,
+            ).start()
 
             def batched(png: bytes) -> None:
                 with batcher.announce():
-                    img = decode_image(png, channels=prep.channels, size=prep.size, max_pixels=1 << 20, what="q")
+                    img = decode_image(
+                        png, channels=prep.channels, size=prep.size, max_pixels=1 << 20, what="q"
+                    )
                     future = batcher.submit(active, SearchJob(img, 10, True))
                 future.result()
 
@@ -395,22 +480,33 @@ def run(args) -> dict:
             batcher.close()
             local.close()
             nobatch.stop()
-            res["latency"] = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in lat.items()}
-            res["batch_defaults"] = {"max_size": defaults.batch_max_size, "max_wait_ms": defaults.batch_max_wait_ms,
-                                     "torch_threads": defaults.torch_threads, "faiss_threads": defaults.faiss_threads}
+            res["latency"] = {
+                k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in lat.items()
+            }
+            res["batch_defaults"] = {
+                "max_size": defaults.batch_max_size,
+                "max_wait_ms": defaults.batch_max_wait_ms,
+                "torch_threads": defaults.torch_threads,
+                "faiss_threads": defaults.faiss_threads,
+            }
             print(f"latency: {res['latency']}", flush=True)
 
             # The backfill report's prediction next to a measured re-embed of the gallery with v2.
             rep = c.report("v2")
-            res["report_v2"] = {"predicted_s": rep["predicted"]["wall_seconds"], "items": rep["items_to_reembed"],
-                                "throughput": rep["throughput"]["images_per_second"]}
+            res["report_v2"] = {
+                "predicted_s": rep["predicted"]["wall_seconds"],
+                "items": rep["items_to_reembed"],
+                "throughput": rep["throughput"]["images_per_second"],
+            }
             t0 = time.perf_counter()
             c.ingest_all(ids, test.images[g_idx], test.labels[g_idx], batch=256, threads=2, upsert=True)
             res["report_v2"]["measured_s"] = time.perf_counter() - t0
         finally:
             server.stop()
         if args.sweep_rounds:
-            res["sweep"] = thread_sweep(models, data, work, payloads, args.sweep_rounds, 200 if args.quick else 600)
+            res["sweep"] = thread_sweep(
+                models, data, work, payloads, args.sweep_rounds, 200 if args.quick else 600
+            )
             print(f"sweep: {res['sweep']}", flush=True)
         if args.large:
             res["large"] = large_gallery(args, models, work, test, q_idx)
@@ -420,8 +516,10 @@ def run(args) -> dict:
 
 
 def _ratio_row(label: str, a: dict, b: dict) -> str:
-    return (f"| {label} | {a['qps']:.0f} | {b['qps']:.0f} | **{a['qps'] / b['qps']:.2f}** | "
-            f"{a['p50_ms']:.1f} / {a['p99_ms']:.1f} | {b['p50_ms']:.1f} / {b['p99_ms']:.1f} |")
+    return (
+        f"| {label} | {a['qps']:.0f} | {b['qps']:.0f} | **{a['qps'] / b['qps']:.2f}** | "
+        f"{a['p50_ms']:.1f} / {a['p99_ms']:.1f} | {b['p50_ms']:.1f} / {b['p99_ms']:.1f} |"
+    )
 
 
 def render(res: dict, args) -> str:
@@ -431,30 +529,45 @@ def render(res: dict, args) -> str:
     for key in ("v1/v1", "v2/v1"):
         for m in ("top1", "top5", "mAP"):
             d = h[key][m] - o[key][m]
-            rows.append(f"| {key} | {m} | {o[key][m]:.4f} | {h[key][m]:.4f} | {d:+.4f} | {'ok' if abs(d) <= 0.01 else '**>0.01**'} |")
+            rows.append(
+                f"| {key} | {m} | {o[key][m]:.4f} | {h[key][m]:.4f} | {d:+.4f} | {'ok' if abs(d) <= 0.01 else '**>0.01**'} |"
+            )
     rep = res["report_v2"]
     bd = res["batch_defaults"]
     ing = res["ingest"]
     lines = [
-        "## Service", "", f"Command: {command_line()}", "", machine_line(),
+        "## Service",
+        "",
+        f"Command: {command_line()}",
+        "",
+        machine_line(),
         f"Models: `{res['models']}` (v1 and its BCT child v2). One `graceful serve` process on 127.0.0.1 with default "
         f"settings (SQLite, Flat index, micro-batching: at most {bd['max_size']} queries per batch, waiting at most "
         f"{bd['max_wait_ms']} ms and only while more requests are being read; torch_threads={bd['torch_threads']}, "
         f"faiss_threads={bd['faiss_threads']}); clients are threads of the benchmark process (httpx, keep-alive), "
         f"sharing the machine's 2 cores with the server. "
         f"Protocol: {res['queries']} query images (PNG, base64 JSON) against {res['gallery']} gallery images "
-        f"ingested over HTTP with v1.", "",
-        "### Quality from the HTTP answers vs the trainer's matrix", "",
-        "Full rankings over HTTP (k = gallery size, metadata off), metrics computed from the returned ids.", "",
-        "| query/gallery | metric | trainer | HTTP | difference | within 0.01 |", "|---|---|---|---|---|---|", *rows, "",
-        f"Versions that answered: {res['http_versions']}.", "",
-        "### Search latency and throughput: HTTP vs the same pipeline in-process", "",
+        f"ingested over HTTP with v1.",
+        "",
+        "### Quality from the HTTP answers vs the trainer's matrix",
+        "",
+        "Full rankings over HTTP (k = gallery size, metadata off), metrics computed from the returned ids.",
+        "",
+        "| query/gallery | metric | trainer | HTTP | difference | within 0.01 |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Versions that answered: {res['http_versions']}.",
+        "",
+        "### Search latency and throughput: HTTP vs the same pipeline in-process",
+        "",
         f"Search by image, k=10, metadata on, v2 active, over the {res['gallery']:,}-image gallery. Pipeline = decode "
         "PNG, embed, FAISS search, metadata lookup. *Batched* = the service's micro-batcher (concurrent queries share "
         "one forward and one FAISS search); in-process runs the same code (`service.serving.search` behind "
         "`service.serving.batching`) on a gallery opened on the server's database, with threads as clients. *One by one* = "
         "HTTP with `GRACEFUL_BATCH_MAX_SIZE=1` (on a copy of the data), and in-process one query per call. "
-        f"Medians of {args.rounds} interleaved rounds of {200 if args.quick else 1000} requests.", "",
+        f"Medians of {args.rounds} interleaved rounds of {200 if args.quick else 1000} requests.",
+        "",
         "| concurrency, what | HTTP QPS | in-process QPS | ratio | HTTP p50 / p99 ms | in-process p50 / p99 ms |",
         "|---|---|---|---|---|---|",
     ]
@@ -463,28 +576,39 @@ def render(res: dict, args) -> str:
         lines.append(_ratio_row(f"{conc}, one by one", lat[f"httpnb_c{conc}"], lat[f"inprocnb_c{conc}"]))
     gain = lat["http_c16"]["qps"] / lat["httpnb_c16"]["qps"]
     lines += [
-        "", f"Micro-batching over HTTP at concurrency 16: **{gain:.2f}x** the throughput of batches of one "
+        "",
+        f"Micro-batching over HTTP at concurrency 16: **{gain:.2f}x** the throughput of batches of one "
         f"({lat['http_c16']['qps']:.0f} vs {lat['httpnb_c16']['qps']:.0f} QPS, same run). HTTP vs in-process at "
         f"concurrency 16, both batched: **{lat['http_c16']['qps'] / lat['inproc_c16']['qps']:.2f}**; vs the in-process "
-        f"pipeline one query at a time: **{lat['http_c16']['qps'] / lat['inprocnb_c16']['qps']:.2f}**.", "",
-        f"HTTP failures during the load: {sum(lat[k]['failures'] for k in lat if k.startswith('http'))}.", "",
+        f"pipeline one query at a time: **{lat['http_c16']['qps'] / lat['inprocnb_c16']['qps']:.2f}**.",
+        "",
+        f"HTTP failures during the load: {sum(lat[k]['failures'] for k in lat if k.startswith('http'))}.",
+        "",
     ]
     if "sweep" in res:
         lines += [
-            "### Thread settings", "",
+            "### Thread settings",
+            "",
             "HTTP search by image on a copy of the same data, one server per setting, settings alternated over "
             f"{args.sweep_rounds} rounds (medians). `torch_threads` = intra-op threads of a forward; `faiss_threads` "
-            "= OpenMP threads of a FAISS search (set in the batch worker thread: OpenMP keeps it per thread).", "",
-            "| torch / faiss threads | c=1 p50 / p99 ms | c=16 QPS | c=16 p99 ms |", "|---|---|---|---|",
-            *[f"| {k} | {v['c1_p50_ms']:.1f} / {v['c1_p99_ms']:.1f} | {v['c16_qps']:.0f} | {v['c16_p99_ms']:.1f} |"
-              for k, v in res["sweep"].items()], "",
+            "= OpenMP threads of a FAISS search (set in the batch worker thread: OpenMP keeps it per thread).",
+            "",
+            "| torch / faiss threads | c=1 p50 / p99 ms | c=16 QPS | c=16 p99 ms |",
+            "|---|---|---|---|",
+            *[
+                f"| {k} | {v['c1_p50_ms']:.1f} / {v['c1_p99_ms']:.1f} | {v['c16_qps']:.0f} | {v['c16_p99_ms']:.1f} |"
+                for k, v in res["sweep"].items()
+            ],
+            "",
         ]
     lines += [
-        "### Ingest over HTTP", "",
+        "### Ingest over HTTP",
+        "",
         f"**{ing['images_per_s']:,.0f} images/s**: {ing['images']:,} images as JSON base64 PNG in requests of "
         f"{ing['batch']} from {ing['threads']} client threads, acknowledged after the SQL commit; sources kept "
         "(one fsynced file per image, fsyncs issued in parallel); concurrent requests share one forward and one "
-        "transaction. Request bodies were encoded before the clock started (the clients share the cores).", "",
+        "transaction. Request bodies were encoded before the clock started (the clients share the cores).",
+        "",
     ]
     if "large" in res:
         lg = res["large"]
@@ -493,7 +617,8 @@ def render(res: dict, args) -> str:
         (ns, ts), (nb, tb) = sorted(act.items())
         q1, q16 = lg["qps"][1], lg["qps"][16]
         lines += [
-            f"### A gallery of {lg['n']:,} items", "",
+            f"### A gallery of {lg['n']:,} items",
+            "",
             f"{lg['n']:,} synthetic vectors in v1's space (each a point up to halfway from one real v1 embedding of a "
             "Fashion-MNIST train image towards another, plus noise of norm ~0.05: they lie where real embeddings "
             f"do), written to the gallery directly in {lg['write_s']:.0f} s. The server is started with "
@@ -502,32 +627,42 @@ def render(res: dict, args) -> str:
             f"background; meanwhile search by image at concurrency 16 ran at {lg['during_build']['qps']:.1f} QPS "
             f"(p99 {lg['during_build']['p99_ms']:.0f} ms, {lg['during_build']['failures']} failures) on "
             f"`{lg['during_build']['built_factory']}`. The build took {b['seconds']:.0f} s ({b['replayed']} writes "
-            "replayed) and was swapped in.", "",
-            "| measure | value |", "|---|---|",
+            "replayed) and was swapped in.",
+            "",
+            "| measure | value |",
+            "|---|---|",
             f"| recall@10 vs exact, stated by the service (`GET /v1/index`, {b['sample']} stored vectors as queries) | "
             f"**{lg['stated_recall']:.4f}** |",
             f"| recall@10 vs exact of the HTTP answers, 500 real query images (v1) | **{lg['http_recall']:.4f}** |",
             f"| search by image, concurrency 1: QPS, p50 / p99 ms | {q1['qps']:.0f}, {q1['p50_ms']:.1f} / "
             f"{q1['p99_ms']:.1f} |",
             f"| search by image, concurrency 16: QPS, p50 / p99 ms | {q16['qps']:.0f}, {q16['p50_ms']:.1f} / "
-            f"{q16['p99_ms']:.1f} |", "",
-            "### Activation time vs gallery size", "",
+            f"{q16['p99_ms']:.1f} |",
+            "",
+            "### Activation time vs gallery size",
+            "",
             f"Hot swap v1 ⇄ v2 over galleries of the synthetic v1 vectors (Flat index), {len(ts)} activations each, timed "
-            "by the client.", "",
-            "| items | median s | max s |", "|---|---|---|",
+            "by the client.",
+            "",
+            "| items | median s | max s |",
+            "|---|---|---|",
             f"| {ns:,} | {statistics.median(ts):.3f} | {max(ts):.3f} |",
-            f"| {nb:,} | {statistics.median(tb):.3f} | {max(tb):.3f} |", "",
+            f"| {nb:,} | {statistics.median(tb):.3f} | {max(tb):.3f} |",
+            "",
             f"Ratio {nb:,} / {ns:,} items: **{statistics.median(tb) / statistics.median(ts):.2f}** (it loads and warms "
             f"the model, then checks counts; it reads no embeddings). Activation of v2 over the "
-            f"{res['gallery']:,}-image gallery: {res['activation_8k_s']:.3f} s (server-side).", "",
+            f"{res['gallery']:,}-image gallery: {res['activation_8k_s']:.3f} s (server-side).",
+            "",
         ]
     lines += [
-        "### Backfill report: predicted vs measured", "",
+        "### Backfill report: predicted vs measured",
+        "",
         f"The report for v2 predicted {rep['predicted_s']:.1f} s to re-embed {rep['items']} items "
         f"({rep['throughput']:.0f} img/s measured by its probe: decode + embed). Re-embedding the gallery with v2 "
         f"through the API (upsert, 2 client threads) took **{rep['measured_s']:.1f} s** "
         f"(measured / predicted = {rep['measured_s'] / rep['predicted_s']:.2f}); the difference is HTTP, base64 and "
-        f"SQL writes, which the probe does not include.", "",
+        f"SQL writes, which the probe does not include.",
+        "",
     ]
     return "\n".join(lines)
 
@@ -540,8 +675,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", help="folder with model versions v1 and v2 (v2 a BCT child of v1)")
     p.add_argument("--ingest-batch", type=int, default=256, help="images per ingest request")
     p.add_argument("--ingest-threads", type=int, default=4, help="ingest client threads")
-    p.add_argument("--sweep-rounds", type=int, default=2, help="rounds of the thread-settings sweep (0: skip)")
-    p.add_argument("--large", type=int, default=None, help="items of the large gallery (default 1e6; quick 50k; 0: skip)")
+    p.add_argument(
+        "--sweep-rounds", type=int, default=2, help="rounds of the thread-settings sweep (0: skip)"
+    )
+    p.add_argument(
+        "--large", type=int, default=None, help="items of the large gallery (default 1e6; quick 50k; 0: skip)"
+    )
     p.add_argument("--factory", default="IVF1024,Flat", help="GRACEFUL_INDEX_FACTORY of the large gallery")
     p.add_argument("--params", default="nprobe=32", help="GRACEFUL_INDEX_PARAMS of the large gallery")
     p.add_argument("--write", action=argparse.BooleanOptionalAction, default=None)

@@ -71,8 +71,10 @@ class Soak:
 
     def ingest(self, rng: random.Random, n: int) -> None:
         ids = self._new_ids(n)
-        items = [{"external_id": e, "image_base64": self.pngs[rng.randrange(len(self.pngs))], "metadata": {"n": i}}
-                 for i, e in enumerate(ids)]
+        items = [
+            {"external_id": e, "image_base64": self.pngs[rng.randrange(len(self.pngs))], "metadata": {"n": i}}
+            for i, e in enumerate(ids)
+        ]
         self.client.post("/v1/items", json={"items": items})
         with self.lock:
             self.live.extend(ids)
@@ -85,16 +87,24 @@ class Soak:
                 op = "delete"
             try:
                 if op == "image":
-                    r = self.client.post("/v1/search", json={"image_base64": self.pngs[rng.randrange(len(self.pngs))],
-                                                             "k": 10})
+                    r = self.client.post(
+                        "/v1/search", json={"image_base64": self.pngs[rng.randrange(len(self.pngs))], "k": 10}
+                    )
                     if r["model_version"] not in ("v1", "v2") or len(r["hits"]) != 10:
                         raise AssertionError(f"odd answer: {r['model_version']}, {len(r['hits'])} hits")
                     with self.lock:
                         self.versions[r["model_version"]] += 1
                 elif op == "vector":
                     v = self.vectors[rng.randrange(len(self.vectors))]
-                    self.client.post("/v1/search", json={"vector": v.tolist(), "model_version": "v1", "k": 10,
-                                                         "include_metadata": False})
+                    self.client.post(
+                        "/v1/search",
+                        json={
+                            "vector": v.tolist(),
+                            "model_version": "v1",
+                            "k": 10,
+                            "include_metadata": False,
+                        },
+                    )
                 elif op == "item":
                     with self.lock:
                         eid = self.live[rng.randrange(len(self.live))] if self.live else None
@@ -138,17 +148,31 @@ def run(args) -> dict:
     v1 = load_model(models / "v1")
     vectors = embed_images(v1, test.images[pick])
     work = Path(tempfile.mkdtemp(prefix="graceful-soak-"))
-    res: dict = {"models": str(models.relative_to(REPO)), "minutes": args.minutes, "clients": args.clients,
-                 "swaps_planned": args.swaps, "target": args.items}
+    res: dict = {
+        "models": str(models.relative_to(REPO)),
+        "minutes": args.minutes,
+        "clients": args.clients,
+        "swaps_planned": args.swaps,
+        "target": args.items,
+    }
     try:
-        server = LocalServer({"GRACEFUL_MODELS_DIR": str(models), "GRACEFUL_DATA_DIR": str(work / "data"),
-                              "GRACEFUL_API_KEY": KEY, "GRACEFUL_ACTIVE_MODEL": "v1"}, work / "server.log").start()
+        server = LocalServer(
+            {
+                "GRACEFUL_MODELS_DIR": str(models),
+                "GRACEFUL_DATA_DIR": str(work / "data"),
+                "GRACEFUL_API_KEY": KEY,
+                "GRACEFUL_ACTIVE_MODEL": "v1",
+            },
+            work / "server.log",
+        ).start()
         try:
             soak = Soak(server.url, test.images[pick], vectors, seed=0, target=args.items)
             boot = random.Random(1)
             for _ in range(40):  # a starting gallery of 2,000 items
                 soak.ingest(boot, 50)
-            threads = [threading.Thread(target=soak.worker, args=(n,), daemon=True) for n in range(args.clients)]
+            threads = [
+                threading.Thread(target=soak.worker, args=(n,), daemon=True) for n in range(args.clients)
+            ]
             t0 = time.monotonic()
             for t in threads:
                 t.start()
@@ -180,22 +204,42 @@ def run(args) -> dict:
             c = soak.client
             spaces = {s["space"]: s for s in c.get("/v1/index")["spaces"]}
             metrics = c.http.get("/metrics").text
-            sql_items = int(float(next(ln.split()[-1] for ln in metrics.splitlines()
-                                       if ln.startswith("graceful_gallery_items "))))
+            sql_items = int(
+                float(
+                    next(
+                        ln.split()[-1]
+                        for ln in metrics.splitlines()
+                        if ln.startswith("graceful_gallery_items ")
+                    )
+                )
+            )
             sample = random.Random(2).sample(soak.live, min(2000, len(soak.live)))
             missing = [e for e in sample if c.http.get(f"/v1/items/{e}").status_code != 200]
             # memory is compared from when the gallery first reached its steady size (after the warm-up)
             steady = [(t, m) for t, m, n in rss if t >= warmup and n >= args.items]
             start = steady[0] if steady else (rss[-1][0], rss[-1][1])
-            res.update({
-                "seconds": elapsed, "requests": dict(soak.counts), "total_requests": sum(soak.counts.values()),
-                "failures": soak.failures[:20], "failed": len(soak.failures), "swaps": swaps,
-                "swap_s_median": float(np.median(swap_s)) if swap_s else None, "versions": dict(soak.versions),
-                "rss_start_mb": start[1], "rss_start_s": start[0], "rss_end_mb": rss[-1][1],
-                "rss_max_mb": max(m for _, m, _ in rss),
-                "rss_series": rss, "faiss_live": spaces["v1"]["live"], "sql_items": sql_items,
-                "client_items": len(soak.live), "missing": len(missing), "checked": len(sample),
-            })
+            res.update(
+                {
+                    "seconds": elapsed,
+                    "requests": dict(soak.counts),
+                    "total_requests": sum(soak.counts.values()),
+                    "failures": soak.failures[:20],
+                    "failed": len(soak.failures),
+                    "swaps": swaps,
+                    "swap_s_median": float(np.median(swap_s)) if swap_s else None,
+                    "versions": dict(soak.versions),
+                    "rss_start_mb": start[1],
+                    "rss_start_s": start[0],
+                    "rss_end_mb": rss[-1][1],
+                    "rss_max_mb": max(m for _, m, _ in rss),
+                    "rss_series": rss,
+                    "faiss_live": spaces["v1"]["live"],
+                    "sql_items": sql_items,
+                    "client_items": len(soak.live),
+                    "missing": len(missing),
+                    "checked": len(sample),
+                }
+            )
         finally:
             res["server_exit"] = server.stop()
     finally:
@@ -209,14 +253,20 @@ def render(res: dict) -> str:
     growth = res["rss_end_mb"] - res["rss_start_mb"]
     reqs = ", ".join(f"{k} {v:,}" for k, v in sorted(res["requests"].items()))
     lines = [
-        "## Soak", "", f"Command: {command_line()}", "", machine_line(),
+        "## Soak",
+        "",
+        f"Command: {command_line()}",
+        "",
+        machine_line(),
         f"One `graceful serve` on 127.0.0.1 (default settings, models `{res['models']}`), {res['clients']} client "
         f"threads for {res['seconds'] / 60:.1f} min: searches by image, vector and item id, ingests of 1-32 new "
         f"images, deletes of items they ingested, and {res['swaps_planned']} hot swaps v1 ⇄ v2 at even intervals. "
         f"Started from a gallery of 2,000 ingested images; ingests stop while the clients hold more than "
         f"{res['target']:,} items (deletes go on), so the gallery soon holds steady around that size and memory "
-        "can be compared.", "",
-        "| measure | value |", "|---|---|",
+        "can be compared.",
+        "",
+        "| measure | value |",
+        "|---|---|",
         f"| result | **{'PASS' if ok else 'FAIL'}** |",
         f"| requests | {res['total_requests']:,} ({reqs}) |",
         f"| failed requests | **{res['failed']}** |",
@@ -240,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--swaps", type=int, default=20)
-    p.add_argument("--items", type=int, default=20_000, help="gallery size held steady (ingests pause above it)")
+    p.add_argument(
+        "--items", type=int, default=20_000, help="gallery size held steady (ingests pause above it)"
+    )
     p.add_argument("--models", help="folder with model versions v1 and v2 (v2 a BCT child of v1)")
     p.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)

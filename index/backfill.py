@@ -50,17 +50,25 @@ class BackfillJobInfo:
 
 def _info(r: Any) -> BackfillJobInfo:
     return BackfillJobInfo(
-        id=int(r.id), candidate=r.candidate, space=r.space, status=r.status, policy=r.policy,
-        total=int(r.total), done=int(r.done), error=r.error, created_at=r.created_at, updated_at=r.updated_at,
+        id=int(r.id),
+        candidate=r.candidate,
+        space=r.space,
+        status=r.status,
+        policy=r.policy,
+        total=int(r.total),
+        done=int(r.done),
+        error=r.error,
+        created_at=r.created_at,
+        updated_at=r.updated_at,
     )
 
 
 def progress(conn: Connection, candidate: VersionInfo) -> tuple[int, int]:
     """``(done, total)``: items embedded by ``candidate`` in its space, and all items."""
     done = conn.execute(
-        select(func.count()).select_from(emb_t).where(
-            emb_t.c.space == candidate.space, emb_t.c.version == candidate.version
-        )
+        select(func.count())
+        .select_from(emb_t)
+        .where(emb_t.c.space == candidate.space, emb_t.c.version == candidate.version)
     ).scalar_one()
     total = conn.execute(select(func.count()).select_from(items_t)).scalar_one()
     return int(done), int(total)
@@ -71,7 +79,12 @@ def _not_done(stmt, candidate: VersionInfo, job_id: int | None):
     with ``job_id``, not skipped by that job (anti-joins on the unique (item, space) / (job, item) keys)."""
     done = emb_t.alias("done")
     stmt = stmt.outerjoin(
-        done, and_(done.c.item_id == items_t.c.id, done.c.space == candidate.space, done.c.version == candidate.version)
+        done,
+        and_(
+            done.c.item_id == items_t.c.id,
+            done.c.space == candidate.space,
+            done.c.version == candidate.version,
+        ),
     ).where(done.c.id.is_(None))
     if job_id is not None:
         skip = skips_t.alias("skip")
@@ -89,15 +102,29 @@ def pending_items(
     With ``job_id``, items that job skipped are left out too.
     """
     stmt = select(items_t.c.id, items_t.c.external_id, items_t.c.source_uri).select_from(items_t)
-    stmt = _not_done(stmt, candidate, job_id).where(items_t.c.id > after_item_id).order_by(items_t.c.id).limit(limit)
+    stmt = (
+        _not_done(stmt, candidate, job_id)
+        .where(items_t.c.id > after_item_id)
+        .order_by(items_t.c.id)
+        .limit(limit)
+    )
     return [(int(i), e, u) for i, e, u in conn.execute(stmt)]
 
 
-def write_order(conn: Connection, job_id: int, item_ids: Sequence[int], scores: Sequence[float] | None = None) -> int:
+def write_order(
+    conn: Connection, job_id: int, item_ids: Sequence[int], scores: Sequence[float] | None = None
+) -> int:
     """Store a job's order: ``item_ids[p]`` is re-embedded p-th. Replaces any previous order of the job."""
     conn.execute(delete(order_t).where(order_t.c.job_id == job_id))
-    rows = [{"job_id": job_id, "position": p, "item_id": int(i), "score": None if scores is None else float(scores[p])}
-            for p, i in enumerate(item_ids)]
+    rows = [
+        {
+            "job_id": job_id,
+            "position": p,
+            "item_id": int(i),
+            "score": None if scores is None else float(scores[p]),
+        }
+        for p, i in enumerate(item_ids)
+    ]
     for s in range(0, len(rows), _CHUNK * 10):
         conn.execute(order_t.insert(), rows[s : s + _CHUNK * 10])
     return len(rows)
@@ -105,7 +132,9 @@ def write_order(conn: Connection, job_id: int, item_ids: Sequence[int], scores: 
 
 def order_size(conn: Connection, job_id: int) -> int:
     """Rows of a job's order (0: the job has none yet, or follows item ids)."""
-    return int(conn.execute(select(func.count()).select_from(order_t).where(order_t.c.job_id == job_id)).scalar_one())
+    return int(
+        conn.execute(select(func.count()).select_from(order_t).where(order_t.c.job_id == job_id)).scalar_one()
+    )
 
 
 def pending_in_order(
@@ -113,9 +142,8 @@ def pending_in_order(
 ) -> list[tuple[int, int, str, str | None]]:
     """Pending, unskipped items of a job's order after ``after_position``:
     ``(position, item_id, external_id, source_uri)`` by position, paged."""
-    stmt = (
-        select(order_t.c.position, items_t.c.id, items_t.c.external_id, items_t.c.source_uri)
-        .select_from(order_t.join(items_t, items_t.c.id == order_t.c.item_id))
+    stmt = select(order_t.c.position, items_t.c.id, items_t.c.external_id, items_t.c.source_uri).select_from(
+        order_t.join(items_t, items_t.c.id == order_t.c.item_id)
     )
     stmt = (
         _not_done(stmt, candidate, job_id)
@@ -128,7 +156,9 @@ def pending_in_order(
 
 def read_order(conn: Connection, job_id: int) -> list[int]:
     """A job's order as item ids, first to last (items deleted since are gone from it)."""
-    rows = conn.execute(select(order_t.c.item_id).where(order_t.c.job_id == job_id).order_by(order_t.c.position))
+    rows = conn.execute(
+        select(order_t.c.item_id).where(order_t.c.job_id == job_id).order_by(order_t.c.position)
+    )
     return [int(i) for (i,) in rows]
 
 
@@ -139,9 +169,14 @@ def record_skips(conn: Connection, job_id: int, skips: Sequence[tuple[int, str]]
     ids = [int(i) for i, _ in skips]
     have: set[int] = set()
     for s in range(0, len(ids), _CHUNK):
-        have.update(int(i) for (i,) in conn.execute(
-            select(skips_t.c.item_id).where(skips_t.c.job_id == job_id, skips_t.c.item_id.in_(ids[s : s + _CHUNK]))
-        ))
+        have.update(
+            int(i)
+            for (i,) in conn.execute(
+                select(skips_t.c.item_id).where(
+                    skips_t.c.job_id == job_id, skips_t.c.item_id.in_(ids[s : s + _CHUNK])
+                )
+            )
+        )
     rows = [{"job_id": job_id, "item_id": int(i), "reason": r[:256]} for i, r in skips if int(i) not in have]
     if rows:
         conn.execute(skips_t.insert(), rows)
@@ -177,8 +212,9 @@ def vectors_of_items(
     ids = [int(i) for i in item_ids]
     for s in range(0, len(ids), _CHUNK):
         rows = conn.execute(
-            select(emb_t.c.item_id, emb_t.c.version, emb_t.c.vector)
-            .where(emb_t.c.space == space, emb_t.c.item_id.in_(ids[s : s + _CHUNK]))
+            select(emb_t.c.item_id, emb_t.c.version, emb_t.c.vector).where(
+                emb_t.c.space == space, emb_t.c.item_id.in_(ids[s : s + _CHUNK])
+            )
         )
         got.update({int(i): (v, bytes(b)) for i, v, b in rows})
     keep = [i for i in ids if i in got]
@@ -192,8 +228,9 @@ def items_by_id(conn: Connection, item_ids: Sequence[int]) -> dict[int, tuple[st
     ids = [int(i) for i in item_ids]
     for s in range(0, len(ids), _CHUNK):
         rows = conn.execute(
-            select(items_t.c.id, items_t.c.external_id, items_t.c.source_uri, items_t.c.metadata)
-            .where(items_t.c.id.in_(ids[s : s + _CHUNK]))
+            select(items_t.c.id, items_t.c.external_id, items_t.c.source_uri, items_t.c.metadata).where(
+                items_t.c.id.in_(ids[s : s + _CHUNK])
+            )
         )
         out.update({int(i): (e, u, m) for i, e, u, m in rows})
     return out
@@ -204,9 +241,17 @@ def create_job(conn: Connection, candidate: VersionInfo, policy: Any = None) -> 
     done, total = progress(conn, candidate)
     now = utcnow()
     job_id = conn.execute(
-        jobs_t.insert().returning(jobs_t.c.id).values(
-            candidate=candidate.version, space=candidate.space, status="pending", policy=policy,
-            total=total, done=done, created_at=now, updated_at=now,
+        jobs_t.insert()
+        .returning(jobs_t.c.id)
+        .values(
+            candidate=candidate.version,
+            space=candidate.space,
+            status="pending",
+            policy=policy,
+            total=total,
+            done=done,
+            created_at=now,
+            updated_at=now,
         )
     ).scalar_one()
     return get_job(conn, int(job_id))
@@ -240,10 +285,15 @@ def update_job(
     if status is not None and status not in JOB_STATUSES:
         raise InvalidInput(f"backfill status must be one of {JOB_STATUSES}, not {status!r}")
     values: dict[str, Any] = {"updated_at": utcnow()}
-    for key, val in (("status", status), ("done", done), ("total", total), ("error", error), ("policy", policy)):
+    for key, val in (
+        ("status", status),
+        ("done", done),
+        ("total", total),
+        ("error", error),
+        ("policy", policy),
+    ):
         if val is not None:
             values[key] = val
     get_job(conn, job_id)
     conn.execute(update(jobs_t).where(jobs_t.c.id == job_id).values(**values))
     return get_job(conn, job_id)
-

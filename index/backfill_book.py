@@ -15,7 +15,9 @@ from .types import VersionInfo
 class BackfillBook:
     """The backfill side of one open gallery."""
 
-    def __init__(self, engine: Engine, check_open: Callable[[], None], version: Callable[[str], VersionInfo]) -> None:
+    def __init__(
+        self, engine: Engine, check_open: Callable[[], None], version: Callable[[str], VersionInfo]
+    ) -> None:
         self._engine, self._check_open, self._version = engine, check_open, version
 
     # ------------------------------------------------------------------ jobs

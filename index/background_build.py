@@ -69,7 +69,11 @@ def read_report(index_dir: Path, space: str, factory: str) -> dict | None:
         data = json.loads(report_path(index_dir, space).read_text())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and data.get("factory") == factory and data.get("space") == space else None
+    return (
+        data
+        if isinstance(data, dict) and data.get("factory") == factory and data.get("space") == space
+        else None
+    )
 
 
 class _ExactTopK:
@@ -108,8 +112,16 @@ class IndexBuilder:
     """Runs at most one background build per space, in a daemon thread. ``lock`` is the gallery's mutation
     mutex: held only to start the delta and to install (replay + swap), never while reading or building."""
 
-    def __init__(self, engine: Engine, index_dir: Path, lock: threading.RLock, config: IndexConfig | None = None,
-                 *, recall_k: int = 10, on_installed: Callable[[SpaceIndex], None] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        index_dir: Path,
+        lock: threading.RLock,
+        config: IndexConfig | None = None,
+        *,
+        recall_k: int = 10,
+        on_installed: Callable[[SpaceIndex], None] | None = None,
+    ) -> None:
         """``config``: the gallery's index options (``recall_sample`` is used here); None: the defaults."""
         self.engine, self.index_dir, self.lock = engine, index_dir, lock
         recall_sample = (config if config is not None else IndexConfig()).recall_sample
@@ -128,7 +140,9 @@ class IndexBuilder:
             return False
         sidx.begin_delta()  # under the mutex: every commit from here on is read by the build or recorded
         sidx.build_progress = {"reason": reason, "started_at": time.time(), "done": 0, "total": None}
-        t = threading.Thread(target=self._run, args=(sidx, reason), name=f"index-build-{sidx.space}", daemon=True)
+        t = threading.Thread(
+            target=self._run, args=(sidx, reason), name=f"index-build-{sidx.space}", daemon=True
+        )
         self._threads[sidx.space] = t
         log.info("space %r: background build of %s started: %s", sidx.space, sidx.factory, reason)
         t.start()
@@ -160,9 +174,16 @@ class IndexBuilder:
                     return
                 replayed = sidx.install(index, entries)
                 report = BuildReport(
-                    space=sidx.space, factory=sidx.factory, params=sidx.params, reason=reason,
-                    vectors=len(entries), seconds=round(time.perf_counter() - t0, 3), replayed=replayed,
-                    recall=None if recall is None else round(recall, 4), k=self.recall_k, sample=sample,
+                    space=sidx.space,
+                    factory=sidx.factory,
+                    params=sidx.params,
+                    reason=reason,
+                    vectors=len(entries),
+                    seconds=round(time.perf_counter() - t0, 3),
+                    replayed=replayed,
+                    recall=None if recall is None else round(recall, 4),
+                    k=self.recall_k,
+                    sample=sample,
                     finished_at=time.time(),
                 )
                 sidx.last_build = asdict(report)
@@ -179,19 +200,30 @@ class IndexBuilder:
         finally:
             sidx.build_progress = None
 
-    def _build(self, sidx: SpaceIndex) -> tuple[faiss.IndexIDMap2, dict[int, Entry], float | None, int] | None:
+    def _build(
+        self, sidx: SpaceIndex
+    ) -> tuple[faiss.IndexIDMap2, dict[int, Entry], float | None, int] | None:
         progress = sidx.build_progress or {}
         with self.engine.connect() as conn:
             total = store.space_count(conn, sidx.space)
             progress["total"] = total
             index = make_faiss_index(sidx.factory, sidx.dim, sidx.params)
-            pool = store.training_sample(conn, sidx.space, min(max(TRAIN_FACTOR * sidx.min_train, RECALL_POOL),
-                                                               TRAIN_MAX, total), sidx.dim)
+            pool = store.training_sample(
+                conn,
+                sidx.space,
+                min(max(TRAIN_FACTOR * sidx.min_train, RECALL_POOL), TRAIN_MAX, total),
+                sidx.dim,
+            )
             if sidx.trainable:
                 t = time.perf_counter()
                 index.train(np.ascontiguousarray(pool[: min(TRAIN_FACTOR * sidx.min_train, TRAIN_MAX)]))
-                log.info("space %r: trained %s on %d vectors in %.1fs", sidx.space, sidx.factory,
-                         min(len(pool), TRAIN_FACTOR * sidx.min_train), time.perf_counter() - t)
+                log.info(
+                    "space %r: trained %s on %d vectors in %.1fs",
+                    sidx.space,
+                    sidx.factory,
+                    min(len(pool), TRAIN_FACTOR * sidx.min_train),
+                    time.perf_counter() - t,
+                )
             rng = np.random.default_rng(0)
             m = min(self.recall_sample, len(pool))
             queries = pool[rng.choice(len(pool), size=m, replace=False)] if m > self.recall_k else pool[:0]

@@ -38,7 +38,9 @@ def _validate(info: VersionInfo) -> None:
         check_name(info.compatible_with, "compatible_with version")
     dim = info.embedding_dim
     if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= 65_536:
-        raise InvalidInput(f"embedding_dim of version {info.version!r} must be an int in [1, 65536], not {dim!r}")
+        raise InvalidInput(
+            f"embedding_dim of version {info.version!r} must be an int in [1, 65536], not {dim!r}"
+        )
     if not isinstance(info.card, dict):
         raise InvalidInput(f"card of version {info.version!r} must be a dict, not {type(info.card).__name__}")
     try:
@@ -55,13 +57,17 @@ def get_version(conn: Connection, version: str) -> VersionInfo:
 
 
 def list_versions(conn: Connection) -> list[VersionInfo]:
-    rows = conn.execute(select(ModelVersion.__table__).order_by(ModelVersion.created_at, ModelVersion.version))
+    rows = conn.execute(
+        select(ModelVersion.__table__).order_by(ModelVersion.created_at, ModelVersion.version)
+    )
     return [_info(r) for r in rows]
 
 
 def space_dims(conn: Connection) -> dict[str, int]:
     """Every known space and its dimension (from its versions; all versions of a space share it)."""
-    rows = conn.execute(select(ModelVersion.space, func.min(ModelVersion.embedding_dim)).group_by(ModelVersion.space))
+    rows = conn.execute(
+        select(ModelVersion.space, func.min(ModelVersion.embedding_dim)).group_by(ModelVersion.space)
+    )
     return {space: int(dim) for space, dim in rows}
 
 
@@ -72,7 +78,9 @@ def register_version(conn: Connection, info: VersionInfo) -> VersionInfo:
     :class:`DimensionMismatch` if its space already exists with another dimension.
     """
     _validate(info)
-    existing = conn.execute(select(ModelVersion.__table__).where(ModelVersion.version == info.version)).first()
+    existing = conn.execute(
+        select(ModelVersion.__table__).where(ModelVersion.version == info.version)
+    ).first()
     if existing is not None:
         old = _info(existing)
         if not old.same_definition(info):
@@ -83,9 +91,13 @@ def register_version(conn: Connection, info: VersionInfo) -> VersionInfo:
         return old
     dim = space_dims(conn).get(info.space)
     if dim is not None and dim != info.embedding_dim:
-        raise DimensionMismatch(info.embedding_dim, info.space, dim, what=f"version {info.version!r} embedding")
+        raise DimensionMismatch(
+            info.embedding_dim, info.space, dim, what=f"version {info.version!r} embedding"
+        )
     conn.execute(
-        cast(Table, ModelVersion.__table__).insert().values(
+        cast(Table, ModelVersion.__table__)
+        .insert()
+        .values(
             version=info.version,
             space=info.space,
             compatible_with=info.compatible_with,
@@ -101,10 +113,14 @@ def register_version(conn: Connection, info: VersionInfo) -> VersionInfo:
 def set_version_status(conn: Connection, version: str, status: str) -> VersionInfo:
     """Set a version's status to ``registered`` or ``retired`` (``active`` only via :func:`set_active`)."""
     if status not in ("registered", "retired"):
-        raise InvalidInput(f"status must be 'registered' or 'retired' (use set_active to activate), not {status!r}")
+        raise InvalidInput(
+            f"status must be 'registered' or 'retired' (use set_active to activate), not {status!r}"
+        )
     current = get_version(conn, version)
     if current.status == "active":
-        raise VersionConflict(f"version {version!r} is active: activate another version before changing its status")
+        raise VersionConflict(
+            f"version {version!r} is active: activate another version before changing its status"
+        )
     conn.execute(update(ModelVersion).where(ModelVersion.version == version).values(status=status))
     return get_version(conn, version)
 
@@ -141,8 +157,9 @@ def activation_log(conn: Connection) -> list[dict[str, Any]]:
     return list(json.loads(raw)) if raw else []
 
 
-def set_active(conn: Connection, version: str, *, rollback: bool = False,
-               note: dict[str, Any] | None = None) -> VersionInfo:
+def set_active(
+    conn: Connection, version: str, *, rollback: bool = False, note: dict[str, Any] | None = None
+) -> VersionInfo:
     """Make ``version`` the active one; the previous active version goes back to ``registered``.
 
     The activation is appended to the persisted history; with ``rollback=True`` the current entry is popped
@@ -168,5 +185,7 @@ def set_active(conn: Connection, version: str, *, rollback: bool = False,
     if previous is not None and previous != version:
         conn.execute(update(ModelVersion).where(ModelVersion.version == previous).values(status="registered"))
     conn.execute(update(ModelVersion).where(ModelVersion.version == version).values(status="active"))
-    conn.execute(update(Setting).where(Setting.key == ACTIVE_VERSION_KEY).values(value=version, updated_at=utcnow()))
+    conn.execute(
+        update(Setting).where(Setting.key == ACTIVE_VERSION_KEY).values(value=version, updated_at=utcnow())
+    )
     return get_version(conn, version)

@@ -52,7 +52,9 @@ def make_engine(
     """
     sync = sqlite_synchronous.upper()
     if sync not in _SYNC_MODES:
-        raise ValueError(f"sqlite_synchronous must be one of {sorted(_SYNC_MODES)}, not {sqlite_synchronous!r}")
+        raise ValueError(
+            f"sqlite_synchronous must be one of {sorted(_SYNC_MODES)}, not {sqlite_synchronous!r}"
+        )
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database in (None, "", ":memory:") or "mode=memory" in str(parsed.query):
@@ -90,16 +92,21 @@ def _refuse_nul_text(engine: Engine) -> None:
     """
 
     @event.listens_for(engine, "before_cursor_execute")
-    def _check(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+    def _check(
+        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+    ) -> None:
         rows = parameters if executemany else [parameters]
         for row in rows:
-            for value in (row.values() if isinstance(row, dict) else row or ()):
+            for value in row.values() if isinstance(row, dict) else row or ():
                 if isinstance(value, str) and "\x00" in value:
-                    raise InvalidInput(f"text with a NUL character (\\x00) cannot be stored or looked up: "
-                                       f"{value[:80]!r}")
+                    raise InvalidInput(
+                        f"text with a NUL character (\\x00) cannot be stored or looked up: {value[:80]!r}"
+                    )
                 if isinstance(value, str) and not value.isascii() and not _is_utf8(value):
-                    raise InvalidInput(f"text with a lone surrogate (not valid UTF-8) cannot be stored or looked "
-                                       f"up: {ascii(value[:80])}")
+                    raise InvalidInput(
+                        f"text with a lone surrogate (not valid UTF-8) cannot be stored or looked "
+                        f"up: {ascii(value[:80])}"
+                    )
 
 
 def _is_utf8(text: str) -> bool:

@@ -76,7 +76,9 @@ class UnknownSpace(GalleryError, LookupError):
 
     def __init__(self, space: str, known: Iterable[str] = ()) -> None:
         known = sorted(known)
-        super().__init__(f"unknown embedding space {space!r} (known: {', '.join(map(repr, known)) or 'none'})")
+        super().__init__(
+            f"unknown embedding space {space!r} (known: {', '.join(map(repr, known)) or 'none'})"
+        )
         self.space = space
 
 

@@ -99,7 +99,7 @@ def _check_value(key: str, value: Any) -> Scalar:
     where = f"filter value of {key!r}"
     if kind is None:
         raise InvalidInput(
-            f"{where} must be a string, number or boolean (or {{\"in\": [...]}} of those), not "
+            f'{where} must be a string, number or boolean (or {{"in": [...]}} of those), not '
             f"{type(value).__name__}"
         )
     if kind == "number":
@@ -131,7 +131,9 @@ class Condition:
         if not isinstance(self.values, tuple) or not self.values:
             raise InvalidInput(f"filter of {self.key!r} needs at least one value")
         if len(self.values) > MAX_FILTER_VALUES:
-            raise InvalidInput(f"filter of {self.key!r} has {len(self.values)} values, at most {MAX_FILTER_VALUES}")
+            raise InvalidInput(
+                f"filter of {self.key!r} has {len(self.values)} values, at most {MAX_FILTER_VALUES}"
+            )
         for v in self.values:
             _check_value(self.key, v)
 
@@ -191,7 +193,9 @@ class MetadataFilter:
         if spec is None or isinstance(spec, MetadataFilter):
             return spec if spec is None or spec.conditions else None
         if not isinstance(spec, Mapping):
-            raise InvalidInput(f"a filter must be a JSON object of metadata key -> value, not {type(spec).__name__}")
+            raise InvalidInput(
+                f"a filter must be a JSON object of metadata key -> value, not {type(spec).__name__}"
+            )
         if len(spec) > MAX_FILTER_KEYS:
             raise InvalidInput(f"filter has {len(spec)} keys, at most {MAX_FILTER_KEYS}")
         conditions = []
@@ -201,19 +205,19 @@ class MetadataFilter:
             if isinstance(value, Mapping):
                 if set(value) != {"in"}:
                     raise InvalidInput(
-                        f"filter of {key[:80]!r}: an object must be {{\"in\": [values]}}, not with keys "
+                        f'filter of {key[:80]!r}: an object must be {{"in": [values]}}, not with keys '
                         f"{sorted(map(str, value))[:5]}"
                     )
                 values = value["in"]
                 if not isinstance(values, list | tuple):
-                    raise InvalidInput(f"filter of {key[:80]!r}: \"in\" takes a list of values")
+                    raise InvalidInput(f'filter of {key[:80]!r}: "in" takes a list of values')
                 if len(values) > MAX_FILTER_VALUES:
                     raise InvalidInput(
                         f"filter of {key[:80]!r} has {len(values)} values, at most {MAX_FILTER_VALUES}"
                     )
                 checked = [_check_value(key, v) for v in values]
                 if not checked:
-                    raise InvalidInput(f"filter of {key[:80]!r}: \"in\" needs at least one value")
+                    raise InvalidInput(f'filter of {key[:80]!r}: "in" needs at least one value')
             else:
                 checked = [_check_value(key, value)]
             conditions.append(Condition(key, _dedup(checked)))
@@ -329,7 +333,8 @@ def matching_rows(
         rows = conn.execute(_space_rows(space, *cols).where(where).order_by(emb_t.c.vec_id)).all()
     else:
         rows = [
-            r[:-1] for r in conn.execute(_space_rows(space, *cols, items_t.c.metadata).order_by(emb_t.c.vec_id))
+            r[:-1]
+            for r in conn.execute(_space_rows(space, *cols, items_t.c.metadata).order_by(emb_t.c.vec_id))
             if flt.matches(r[-1])
         ]
     if not rows:
@@ -338,4 +343,3 @@ def matching_rows(
     entries = [(int(r[1]), r[2], r[3]) for r in rows]
     vectors = np.frombuffer(b"".join(bytes(r[4]) for r in rows), dtype="<f4").reshape(len(rows), dim)
     return vec_ids, entries, vectors.astype(np.float32)
-

@@ -95,8 +95,9 @@ class Gallery:
         self._filter_cache: OrderedDict[tuple[str, MetadataFilter], _Matching] = OrderedDict()
         self._filter_lock = threading.Lock()
         self.last_open_reports: list[ReconcileReport] = []
-        self._builder = IndexBuilder(engine, self.index_dir, self._mutex, self.config,
-                                     on_installed=self._maybe_snapshot)
+        self._builder = IndexBuilder(
+            engine, self.index_dir, self._mutex, self.config, on_installed=self._maybe_snapshot
+        )
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -130,15 +131,22 @@ class Gallery:
           fighting over OpenMP.
         """
         config = (config or IndexConfig()).overridden(
-            index_factory=index_factory, snapshot_every=snapshot_every, index_params=index_params,
-            min_train=min_train, tombstone_fraction=tombstone_fraction, faiss_threads=faiss_threads,
-            background_builds=background_builds, recall_sample=recall_sample,
+            index_factory=index_factory,
+            snapshot_every=snapshot_every,
+            index_params=index_params,
+            min_train=min_train,
+            tombstone_fraction=tombstone_fraction,
+            faiss_threads=faiss_threads,
+            background_builds=background_builds,
+            recall_sample=recall_sample,
         )
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         if config.faiss_threads is not None:
             faiss.omp_set_num_threads(int(config.faiss_threads))
-        engine = make_engine(database_url or default_database_url(data_dir), sqlite_synchronous=sqlite_synchronous)
+        engine = make_engine(
+            database_url or default_database_url(data_dir), sqlite_synchronous=sqlite_synchronous
+        )
         create_schema(engine)
         g = cls(engine, data_dir, config)
         try:
@@ -229,7 +237,11 @@ class Gallery:
         self._check_open()
         with self._mutex:
             new_space = None
-            if info.space not in self._spaces and isinstance(info.embedding_dim, int) and info.embedding_dim > 0:
+            if (
+                info.space not in self._spaces
+                and isinstance(info.embedding_dim, int)
+                and info.embedding_dim > 0
+            ):
                 # before committing: refuses a factory that cannot index this dim (e.g. PQ sizes)
                 new_space = self._new_space_index(info.space, info.embedding_dim)
             try:
@@ -273,8 +285,9 @@ class Gallery:
         with self.engine.connect() as conn:
             return catalog.get_active(conn)
 
-    def set_active_version(self, version: str, *, rollback: bool = False,
-                           note: dict[str, Any] | None = None) -> VersionInfo:
+    def set_active_version(
+        self, version: str, *, rollback: bool = False, note: dict[str, Any] | None = None
+    ) -> VersionInfo:
         """Persist ``version`` as the active one (and in the activation history; ``rollback=True`` pops the
         current entry instead, ``version`` must be the one before it). ``note`` (JSON-able) is kept in the
         activation log with it. Policy (space compatibility) is the caller's."""
@@ -363,7 +376,9 @@ class Gallery:
         items = [NewItem(external_id=e, vector=v) for e, v in pairs]
         return self._write("reembed", items, version, space)
 
-    def _write(self, mode: store.WriteMode, items: Sequence[Any], version: str, space: str | None) -> list[int]:
+    def _write(
+        self, mode: store.WriteMode, items: Sequence[Any], version: str, space: str | None
+    ) -> list[int]:
         self._check_open()
         info = self._version(version)
         if space is not None and space != info.space:
@@ -389,8 +404,14 @@ class Gallery:
             try:
                 with self.engine.begin() as conn:
                     res = store.write_embeddings(
-                        conn, mode, external_ids=ext_ids, vectors=vectors, version=info.version,
-                        space=info.space, metadata=metas, source_uris=uris,
+                        conn,
+                        mode,
+                        external_ids=ext_ids,
+                        vectors=vectors,
+                        version=info.version,
+                        space=info.space,
+                        metadata=metas,
+                        source_uris=uris,
                     )
             except IntegrityError as e:  # only reachable through a concurrent writer in another process
                 raise VersionConflict(f"concurrent write conflict, retry: {e.orig}") from e
@@ -505,7 +526,9 @@ class Gallery:
             return sidx.search(queries, k)
         return self._search_filtered(sidx, queries, k, flt)
 
-    def _search_filtered(self, sidx: SpaceIndex, queries: np.ndarray, k: int, flt: MetadataFilter) -> list[list[Hit]]:
+    def _search_filtered(
+        self, sidx: SpaceIndex, queries: np.ndarray, k: int, flt: MetadataFilter
+    ) -> list[list[Hit]]:
         """See :meth:`search`: FAISS over the allowed vec_ids; exact from SQL for small matching sets of an
         approximate index, and for any query an approximate index answered with fewer than k hits."""
         if len(queries) == 0:
@@ -527,7 +550,12 @@ class Gallery:
         want = min(k, len(allowed))
         short = [i for i, row in enumerate(hits) if len(row) < want]
         if short and not sidx.exact:
-            log.debug("space %r: %d filtered queries short of %d hits: answered exactly", sidx.space, len(short), want)
+            log.debug(
+                "space %r: %d filtered queries short of %d hits: answered exactly",
+                sidx.space,
+                len(short),
+                want,
+            )
             entries, vectors = self._matching(sidx, flt, rows=True).rows  # type: ignore[misc]
             for i, row in zip(short, _exact_hits(queries[short], k, entries, vectors), strict=True):
                 hits[i] = row
@@ -677,11 +705,19 @@ class Gallery:
         """Diagnostics of a space's index: factory, built factory, ntotal, tombstones, staging."""
         sidx = self._space_index(space)
         return {
-            "space": space, "dim": sidx.dim, "factory": sidx.factory, "built_factory": sidx.built_factory,
-            "ntotal": sidx.ntotal, "live": sidx.live_count, "tombstones": sidx.tombstone_count,
-            "removable": sidx.removable, "staging": sidx.staging,
+            "space": space,
+            "dim": sidx.dim,
+            "factory": sidx.factory,
+            "built_factory": sidx.built_factory,
+            "ntotal": sidx.ntotal,
+            "live": sidx.live_count,
+            "tombstones": sidx.tombstone_count,
+            "removable": sidx.removable,
+            "staging": sidx.staging,
             "changes_since_snapshot": sidx.changes_since_snapshot,
-            "params": sidx.params, "building": sidx.build_progress, "last_build": sidx.last_build,
+            "params": sidx.params,
+            "building": sidx.build_progress,
+            "last_build": sidx.last_build,
         }
 
     # ------------------------------------------------------------------ reads for backfill and checks
@@ -727,8 +763,13 @@ class _Matching:
 
     __slots__ = ("at", "covers", "generation", "nbytes", "rows", "vec_ids")
 
-    def __init__(self, generation: int, at: float, vec_ids: np.ndarray,
-                 rows: tuple[list[tuple[int, str, str]], np.ndarray] | None) -> None:
+    def __init__(
+        self,
+        generation: int,
+        at: float,
+        vec_ids: np.ndarray,
+        rows: tuple[list[tuple[int, str, str]], np.ndarray] | None,
+    ) -> None:
         self.generation, self.at, self.vec_ids, self.rows = generation, at, vec_ids, rows
         # SpaceIndex.mutations at which every live vector of the space matched (-1: not so; None: unknown)
         self.covers: int | None = None

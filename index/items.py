@@ -28,7 +28,9 @@ def scroll(conn: Connection, after: str | None, limit: int) -> list[ItemRecord]:
     return [found[e] for e in ids if e in found]
 
 
-def delete_found(conn: Connection, external_ids: Sequence[str]) -> tuple[list[str], list[str], list[tuple[str, int]]]:
+def delete_found(
+    conn: Connection, external_ids: Sequence[str]
+) -> tuple[list[str], list[str], list[tuple[str, int]]]:
     """Delete the items of ``external_ids`` that exist: ``(deleted ids, missing ids, [(space, vec_id)
     removed])``, both lists in input order. Takes the writer lock first, so what it reports is exact."""
     store.allocate_vec_ids(conn, 0)  # serialise with other writers before looking
@@ -57,7 +59,9 @@ def merged_metadata(current: Any, changes: Mapping[str, Any], external_id: str) 
     return out
 
 
-def update_metadata(conn: Connection, external_id: str, metadata: Mapping[str, Any] | None, merge: bool) -> ItemRecord:
+def update_metadata(
+    conn: Connection, external_id: str, metadata: Mapping[str, Any] | None, merge: bool
+) -> ItemRecord:
     """Replace (``merge=False``) or merge into (``merge=True``, see :func:`merged_metadata`) the metadata of
     one item; validated like an ingest's (:func:`~index.validation.check_metadata`). Returns the record as
     stored. :class:`ItemNotFound` for an unknown id. Takes the writer lock first (read-modify-write)."""
@@ -73,6 +77,8 @@ def update_metadata(conn: Connection, external_id: str, metadata: Mapping[str, A
         new = dict(metadata) if metadata is not None else None
     check_metadata(new, external_id)
     conn.execute(
-        update(items_t).where(items_t.c.id == row[0]).values({items_t.c.metadata: new, items_t.c.updated_at: func.now()})
+        update(items_t)
+        .where(items_t.c.id == row[0])
+        .values({items_t.c.metadata: new, items_t.c.updated_at: func.now()})
     )
     return store.get_items(conn, [external_id])[external_id]

@@ -77,8 +77,10 @@ def reconcile(engine: Engine, sidx: SpaceIndex, index_dir: Path | None) -> Recon
             loaded = _checked(conn, sidx, loaded)
         index = loaded.index if loaded else None
         # (with background builds the staging index serves instead, and the owner builds off to the side)
-        if sidx.trainable and not sidx.background and (
-            index is None or isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)
+        if (
+            sidx.trainable
+            and not sidx.background
+            and (index is None or isinstance(faiss.downcast_index(index.index), faiss.IndexFlat))
         ):
             n_sql = store.space_count(conn, sidx.space)
             if n_sql >= sidx.min_train:

@@ -85,8 +85,13 @@ class EntryArrays:
     def to_dict(self) -> dict[int, Entry]:
         interned: dict[str, str] = {}
         versions = list(map(interned.setdefault, self.versions, self.versions))  # share version strings
-        return dict(zip(self.vec_ids.tolist(), zip(self.item_ids.tolist(), self.external_ids, versions, strict=True),
-                        strict=True))
+        return dict(
+            zip(
+                self.vec_ids.tolist(),
+                zip(self.item_ids.tolist(), self.external_ids, versions, strict=True),
+                strict=True,
+            )
+        )
 
 
 def paths(index_dir: Path, space: str) -> tuple[Path, Path, Path]:
@@ -94,7 +99,9 @@ def paths(index_dir: Path, space: str) -> tuple[Path, Path, Path]:
     return index_dir / f"{space}.faiss", index_dir / f"{space}.entries.npz", index_dir / f"{space}.json"
 
 
-def write(index_dir: Path, index: faiss.IndexIDMap2, entries: EntryArrays, info: SnapshotInfo) -> SnapshotInfo:
+def write(
+    index_dir: Path, index: faiss.IndexIDMap2, entries: EntryArrays, info: SnapshotInfo
+) -> SnapshotInfo:
     """Write the three files atomically each (temp, fsync, replace), the sidecar last; returns ``info``
     with the files' checksums, as written in the sidecar."""
     index_dir.mkdir(parents=True, exist_ok=True)
@@ -111,8 +118,9 @@ def write(index_dir: Path, index: faiss.IndexIDMap2, entries: EntryArrays, info:
                 f,
                 vec_ids=entries.vec_ids,
                 item_ids=entries.item_ids,
-                version_codes=np.fromiter((code[v] for v in entries.versions), dtype=np.int32,
-                                          count=len(entries.versions)),
+                version_codes=np.fromiter(
+                    (code[v] for v in entries.versions), dtype=np.int32, count=len(entries.versions)
+                ),
                 versions=np.frombuffer(json.dumps(versions).encode(), dtype=np.uint8),
                 external_ids=np.frombuffer("\x00".join(entries.external_ids).encode(), dtype=np.uint8),
             )
@@ -172,8 +180,13 @@ def read(index_dir: Path, space: str, dim: int, factory: str) -> Loaded | None:
     try:
         return _read(index_dir, space, dim, factory)
     except Exception as e:
-        log.warning("space %r: unreadable snapshot under %s (%s: %s); rebuilding from SQL",
-                    space, index_dir, type(e).__name__, e)
+        log.warning(
+            "space %r: unreadable snapshot under %s (%s: %s); rebuilding from SQL",
+            space,
+            index_dir,
+            type(e).__name__,
+            e,
+        )
         return None
 
 
@@ -184,8 +197,12 @@ def _read(index_dir: Path, space: str, dim: int, factory: str) -> Loaded | None:
     outside = _not_own_files(index_dir, (faiss_path, entries_path, meta_path))
     if outside:
         # FAISS deserialises whatever it is given: only files of our own index dir are ever read
-        log.warning("space %r: snapshot file %s is a link or lies outside %s: ignored, rebuilding from SQL",
-                    space, outside, index_dir)
+        log.warning(
+            "space %r: snapshot file %s is a link or lies outside %s: ignored, rebuilding from SQL",
+            space,
+            outside,
+            index_dir,
+        )
         return None
     raw = meta_path.read_bytes()
     if _is_older_format(raw):
@@ -197,15 +214,28 @@ def _read(index_dir: Path, space: str, dim: int, factory: str) -> Loaded | None:
         log.warning("space %r: damaged snapshot sidecar %s (%s); rebuilding from SQL", space, meta_path, e)
         return None
     if info.format != SNAPSHOT_FORMAT or info.dim != dim or info.factory != factory or info.space != space:
-        log.info("space %r: snapshot is for factory %r dim %d (format %d), want %r dim %d; rebuilding",
-                 space, info.factory, info.dim, info.format, factory, dim)
+        log.info(
+            "space %r: snapshot is for factory %r dim %d (format %d), want %r dim %d; rebuilding",
+            space,
+            info.factory,
+            info.dim,
+            info.format,
+            factory,
+            dim,
+        )
         return None
     for path, want in ((faiss_path, info.index_sha256), (entries_path, info.entries_sha256)):
         # before any parser sees the bytes: a damaged index can deserialise into garbage, or worse
         got = sha256_file(path) if path.exists() else "missing"
         if got != want:
-            log.warning("space %r: snapshot file %s does not match its checksum (%s, sidecar says %s): damaged "
-                        "or of another generation; rebuilding from SQL", space, path, got[:16], want[:16])
+            log.warning(
+                "space %r: snapshot file %s does not match its checksum (%s, sidecar says %s): damaged "
+                "or of another generation; rebuilding from SQL",
+                space,
+                path,
+                got[:16],
+                want[:16],
+            )
             return None
     index = faiss.read_index(str(faiss_path))
     if not isinstance(index, faiss.IndexIDMap2) or index.d != dim:
@@ -214,7 +244,9 @@ def _read(index_dir: Path, space: str, dim: int, factory: str) -> Loaded | None:
     entries = _read_entries(entries_path)
     index_ids = np.sort(faiss.vector_to_array(index.id_map))
     pos = np.searchsorted(index_ids, entries.vec_ids).clip(max=max(len(index_ids) - 1, 0))
-    subset = len(entries.vec_ids) == 0 or (len(index_ids) > 0 and bool((index_ids[pos] == entries.vec_ids).all()))
+    subset = len(entries.vec_ids) == 0 or (
+        len(index_ids) > 0 and bool((index_ids[pos] == entries.vec_ids).all())
+    )
     if not subset or len(entries.vec_ids) != info.live or index.ntotal != info.ntotal:
         log.warning("space %r: snapshot files disagree with each other; rebuilding from SQL", space)
         return None
@@ -258,9 +290,17 @@ def _read_entries(path: Path) -> EntryArrays:
     return EntryArrays(vec_ids, item_ids, ext_ids, [versions[c] for c in codes.tolist()])
 
 
-def new_info(space: str, factory: str, built_factory: str, dim: int, index: faiss.IndexIDMap2, live: int) -> SnapshotInfo:
+def new_info(
+    space: str, factory: str, built_factory: str, dim: int, index: faiss.IndexIDMap2, live: int
+) -> SnapshotInfo:
     ids = faiss.vector_to_array(index.id_map)
     return SnapshotInfo(
-        space=space, factory=factory, built_factory=built_factory, dim=dim, ntotal=int(index.ntotal),
-        live=live, watermark=int(ids.max()) if len(ids) else 0, created_at=time.time(),
+        space=space,
+        factory=factory,
+        built_factory=built_factory,
+        dim=dim,
+        ntotal=int(index.ntotal),
+        live=live,
+        watermark=int(ids.max()) if len(ids) else 0,
+        created_at=time.time(),
     )

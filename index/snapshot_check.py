@@ -74,8 +74,10 @@ def _vectors_mismatch(index: faiss.IndexIDMap2, vec_ids: np.ndarray, want: np.nd
     bad = np.flatnonzero(~(err <= 2 * ref + ABS_TOL))  # (NaN from garbage counts as bad)
     if len(bad):
         i = int(bad[0])
-        return (f"{len(bad)} of {len(vec_ids)} sampled vectors differ from SQL's (vec_id {int(vec_ids[i])}: "
-                f"distance {err[i]:.3g}, codec error {ref[i]:.3g})")
+        return (
+            f"{len(bad)} of {len(vec_ids)} sampled vectors differ from SQL's (vec_id {int(vec_ids[i])}: "
+            f"distance {err[i]:.3g}, codec error {ref[i]:.3g})"
+        )
     return None
 
 
@@ -158,5 +160,7 @@ def _search_mismatch(index: faiss.IndexIDMap2, vec_ids: np.ndarray, want: np.nda
     _, labels = index.search(np.ascontiguousarray(want, dtype=np.float32), k)
     lost = [int(v) for v, row in zip(vec_ids.tolist(), labels.tolist(), strict=True) if v not in row]
     if lost:
-        return f"{len(lost)} of {len(vec_ids)} sampled stored vectors do not find themselves (vec_id {lost[0]})"
+        return (
+            f"{len(lost)} of {len(vec_ids)} sampled stored vectors do not find themselves (vec_id {lost[0]})"
+        )
     return None

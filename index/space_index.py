@@ -168,7 +168,9 @@ class SpaceIndex:
         self._selector: tuple[faiss.IDSelector, faiss.IDSelector] | None = None
         self.changes_since_snapshot = 0
         self.mutations = 0  # bumped (under the write lock) by every change of the index or its lookup
-        self._delta: list[tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, list[Entry] | None]] | None = None
+        self._delta: (
+            list[tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, list[Entry] | None]] | None
+        ) = None
         self.last_build: dict | None = None  # the last background build's report (index.background_build)
         self.build_progress: dict | None = None  # while one runs: {"reason", "started_at", "done", "total"}
 
@@ -196,7 +198,9 @@ class SpaceIndex:
             return STAGING_FACTORY
         return self.factory
 
-    def build(self, chunks: Iterable[tuple[np.ndarray, np.ndarray]], train: np.ndarray | None) -> faiss.IndexIDMap2:
+    def build(
+        self, chunks: Iterable[tuple[np.ndarray, np.ndarray]], train: np.ndarray | None
+    ) -> faiss.IndexIDMap2:
         """Build a new index (not installed) from ``(vec_ids (n,), vectors (n, d))`` chunks.
 
         ``train`` (m, d) trains a trainable factory; None (or a trainable factory with too few training
@@ -208,14 +212,23 @@ class SpaceIndex:
             assert train is not None  # trained implies it
             t0 = time.perf_counter()
             index.train(np.ascontiguousarray(train, dtype=np.float32))
-            log.info("space %r: trained %s on %d vectors in %.2fs", self.space, self.factory, len(train),
-                     time.perf_counter() - t0)
+            log.info(
+                "space %r: trained %s on %d vectors in %.2fs",
+                self.space,
+                self.factory,
+                len(train),
+                time.perf_counter() - t0,
+            )
         for ids, vecs in chunks:
             if len(ids):
-                index.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), ids.astype(np.int64, copy=False))
+                index.add_with_ids(
+                    np.ascontiguousarray(vecs, dtype=np.float32), ids.astype(np.int64, copy=False)
+                )
         return index
 
-    def swap(self, index: faiss.IndexIDMap2, entries: dict[int, Entry], tombstones: Iterable[int] = ()) -> None:
+    def swap(
+        self, index: faiss.IndexIDMap2, entries: dict[int, Entry], tombstones: Iterable[int] = ()
+    ) -> None:
         """Install a built index and its lookup atomically (for readers)."""
         tomb = set(tombstones)
         selector = self._make_selector(tomb)
@@ -238,12 +251,14 @@ class SpaceIndex:
         with self.lock.write():
             self.mutations += 1
             if self._delta is not None:  # a background build is running: it replays this at install
-                self._delta.append((
-                    None if remove is None else np.array(remove, dtype=np.int64),
-                    None if add_ids is None else np.array(add_ids, dtype=np.int64),
-                    None if add_vectors is None else np.array(add_vectors, dtype=np.float32),
-                    None if add_entries is None else list(add_entries),
-                ))
+                self._delta.append(
+                    (
+                        None if remove is None else np.array(remove, dtype=np.int64),
+                        None if add_ids is None else np.array(add_ids, dtype=np.int64),
+                        None if add_vectors is None else np.array(add_vectors, dtype=np.float32),
+                        None if add_entries is None else list(add_entries),
+                    )
+                )
             if remove is not None and len(remove):
                 rm = np.asarray(remove, dtype=np.int64)
                 # every live id is in ``_entries``; an id absent there is not (live) in the index
@@ -288,7 +303,9 @@ class SpaceIndex:
                         tombstones.update(live)
                 if add_ids is not None and len(add_ids):
                     assert add_vectors is not None and add_entries is not None
-                    new = np.fromiter((vid not in entries for vid in add_ids.tolist()), dtype=bool, count=len(add_ids))
+                    new = np.fromiter(
+                        (vid not in entries for vid in add_ids.tolist()), dtype=bool, count=len(add_ids)
+                    )
                     if new.any():
                         index.add_with_ids(np.ascontiguousarray(add_vectors[new]), add_ids[new])
                         for vid, e, keep in zip(add_ids.tolist(), add_entries, new.tolist(), strict=True):
@@ -425,5 +442,8 @@ class SpaceIndex:
         if loaded is not None:
             inner = faiss.downcast_index(loaded.index.index)
             is_staging = self.uses_staging and isinstance(inner, faiss.IndexFlat)
-            set_params(loaded.index, "" if is_staging else (_default_params(inner) if self.params is None else self.params))
+            set_params(
+                loaded.index,
+                "" if is_staging else (_default_params(inner) if self.params is None else self.params),
+            )
         return loaded

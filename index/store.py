@@ -47,7 +47,9 @@ def find_items(conn: Connection, external_ids: Sequence[str]) -> dict[str, int]:
     """external_id -> item id, for those that exist."""
     out: dict[str, int] = {}
     for chunk in _chunks(external_ids):
-        rows = conn.execute(select(items_t.c.external_id, items_t.c.id).where(items_t.c.external_id.in_(chunk)))
+        rows = conn.execute(
+            select(items_t.c.external_id, items_t.c.id).where(items_t.c.external_id.in_(chunk))
+        )
         out.update({e: int(i) for e, i in rows})
     return out
 
@@ -153,9 +155,7 @@ def write_embeddings(
         if iid in old:
             replaces.append({"b_item": iid, "b_vector": vb, "b_vec_id": vid, "b_version": version})
         else:
-            inserts.append(
-                {"item_id": iid, "space": space, "version": version, "vector": vb, "vec_id": vid}
-            )
+            inserts.append({"item_id": iid, "space": space, "version": version, "vector": vb, "vec_id": vid})
     if inserts:
         for chunk in _chunks(inserts, 1000):
             conn.execute(emb_t.insert(), list(chunk))
@@ -191,9 +191,10 @@ def delete_items(
     ids = list(found.values())
     removed: list[tuple[str, int]] = []
     for chunk in _chunks(ids):
-        removed += [(s, int(v)) for s, v in conn.execute(
-            select(emb_t.c.space, emb_t.c.vec_id).where(emb_t.c.item_id.in_(chunk))
-        )]
+        removed += [
+            (s, int(v))
+            for s, v in conn.execute(select(emb_t.c.space, emb_t.c.vec_id).where(emb_t.c.item_id.in_(chunk)))
+        ]
         conn.execute(delete(emb_t).where(emb_t.c.item_id.in_(chunk)))
         conn.execute(delete(items_t).where(items_t.c.id.in_(chunk)))
     return len(ids), removed
@@ -212,7 +213,9 @@ class ScanChunk:
     vectors: np.ndarray
 
     def entries(self) -> dict[int, tuple[int, str, str]]:
-        return dict(zip(self.vec_ids, zip(self.item_ids, self.external_ids, self.versions, strict=True), strict=True))
+        return dict(
+            zip(self.vec_ids, zip(self.item_ids, self.external_ids, self.versions, strict=True), strict=True)
+        )
 
 
 def _chunk(rows: Sequence[Any], dim: int, versions: dict[str, str]) -> ScanChunk:
@@ -272,7 +275,9 @@ def count_upto(conn: Connection, space: str, watermark: int) -> int:
 def vec_ids_upto(conn: Connection, space: str, watermark: int) -> np.ndarray:
     """Sorted vec_ids of ``space`` up to ``watermark``, (n,) int64."""
     stmt = (
-        select(emb_t.c.vec_id).where(emb_t.c.space == space, emb_t.c.vec_id <= watermark).order_by(emb_t.c.vec_id)
+        select(emb_t.c.vec_id)
+        .where(emb_t.c.space == space, emb_t.c.vec_id <= watermark)
+        .order_by(emb_t.c.vec_id)
     )
     result = conn.execution_options(yield_per=200_000).execute(stmt).scalars()
     parts = [np.asarray(p, dtype=np.int64) for p in result.partitions()]
@@ -281,14 +286,18 @@ def vec_ids_upto(conn: Connection, space: str, watermark: int) -> np.ndarray:
 
 def training_sample(conn: Connection, space: str, n: int, dim: int) -> np.ndarray:
     """The first ``n`` stored vectors of ``space`` by vec_id, (m <= n, dim) float32, to train an index."""
-    rows = conn.execute(
-        select(emb_t.c.vector).where(emb_t.c.space == space).order_by(emb_t.c.vec_id).limit(n)
-    ).scalars().all()
+    rows = (
+        conn.execute(select(emb_t.c.vector).where(emb_t.c.space == space).order_by(emb_t.c.vec_id).limit(n))
+        .scalars()
+        .all()
+    )
     return np.frombuffer(b"".join(bytes(b) for b in rows), dtype="<f4").reshape(len(rows), dim)
 
 
 def space_count(conn: Connection, space: str) -> int:
-    return int(conn.execute(select(func.count()).select_from(emb_t).where(emb_t.c.space == space)).scalar_one())
+    return int(
+        conn.execute(select(func.count()).select_from(emb_t).where(emb_t.c.space == space)).scalar_one()
+    )
 
 
 def item_count(conn: Connection) -> int:
@@ -322,7 +331,9 @@ def get_items(conn: Connection, external_ids: Sequence[str]) -> dict[str, ItemRe
         emb: dict[int, dict[str, str]] = {i: {} for i in by_id}
         if by_id:
             for iid, space, version in conn.execute(
-                select(emb_t.c.item_id, emb_t.c.space, emb_t.c.version).where(emb_t.c.item_id.in_(list(by_id)))
+                select(emb_t.c.item_id, emb_t.c.space, emb_t.c.version).where(
+                    emb_t.c.item_id.in_(list(by_id))
+                )
             ):
                 emb[int(iid)][space] = version
         for iid, r in by_id.items():

@@ -70,7 +70,9 @@ def check_external_ids(ids: Sequence[object]) -> list[str]:
     out: list[str] = []
     for eid in ids:
         if not isinstance(eid, str) or not eid or len(eid) > EXTERNAL_ID_LEN:
-            raise InvalidInput(f"external id {eid!r} is invalid: expected a non-empty str of <= {EXTERNAL_ID_LEN} chars")
+            raise InvalidInput(
+                f"external id {eid!r} is invalid: expected a non-empty str of <= {EXTERNAL_ID_LEN} chars"
+            )
         out.append(check_text(eid, "external id"))
     repeats = [eid for eid, n in Counter(out).items() if n > 1]
     if repeats:
@@ -153,7 +155,11 @@ def as_unit_vectors(
     """
 
     if (
-        type(x) is np.ndarray and x.dtype is _F32 and x.ndim == 2 and x.shape[1] == dim and x.shape[0]
+        type(x) is np.ndarray
+        and x.dtype is _F32
+        and x.ndim == 2
+        and x.shape[1] == dim
+        and x.shape[0]
         and x.flags.c_contiguous
     ):
         # Fast path (search queries): as few numpy calls as possible, because right after a FAISS scan

@@ -48,18 +48,38 @@ def build_parts(settings: Settings, metrics: Metrics, stack: AsyncExitStack | No
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
     s.data_dir.mkdir(parents=True, exist_ok=True)
-    gallery = Gallery.open(s.resolved_database_url(), s.data_dir, s.index_factory, index_params=s.index_params,
-                           faiss_threads=s.faiss_threads, background_builds=s.index_background_build,
-                           recall_sample=s.index_recall_sample)
+    gallery = Gallery.open(
+        s.resolved_database_url(),
+        s.data_dir,
+        s.index_factory,
+        index_params=s.index_params,
+        faiss_threads=s.faiss_threads,
+        background_builds=s.index_background_build,
+        recall_sample=s.index_recall_sample,
+    )
     if stack is not None:
         stack.callback(gallery.close)
     registry = ModelRegistry(s.models_dir, gallery)
     registry.scan()
     models = ModelCache(registry, capacity=s.model_cache_size)
     blobs = BlobStore(s.data_dir / "blobs")
-    check = None if s.check_sample == 0 else CompatibilityCheck(gallery, models, blobs, CheckOptions(
-        sample_size=s.check_sample, label_key=s.check_label_key, tolerance=s.check_tolerance,
-        min_overlap_gain=s.check_min_overlap_gain, max_gallery=s.check_max_gallery, max_pixels=s.max_image_pixels))
+    check = (
+        None
+        if s.check_sample == 0
+        else CompatibilityCheck(
+            gallery,
+            models,
+            blobs,
+            CheckOptions(
+                sample_size=s.check_sample,
+                label_key=s.check_label_key,
+                tolerance=s.check_tolerance,
+                min_overlap_gain=s.check_min_overlap_gain,
+                max_gallery=s.check_max_gallery,
+                max_pixels=s.max_image_pixels,
+            ),
+        )
+    )
     swap = HotSwap(registry, models, check)
 
     def worker_start() -> None:
@@ -74,11 +94,23 @@ def build_parts(settings: Settings, metrics: Metrics, stack: AsyncExitStack | No
     shadow = ShadowTraffic(gallery, swap, models, max_queue=s.shadow_max_queue, max_pixels=s.max_image_pixels)
     if stack is not None:
         stack.callback(shadow.close)
-    search = SearchPath(gallery, swap, metrics, BatchBounds(s.batch_max_size, wait_s, s.batch_max_queue, worker_start),
-                        max_image_pixels=s.max_image_pixels, shadow=shadow)
-    ingest = IngestPath(gallery, swap, blobs, metrics,
-                        BatchBounds(s.ingest_batch_max_items, wait_s, s.batch_max_queue, worker_start),
-                        max_image_pixels=s.max_image_pixels, keep_sources=s.keep_sources)
+    search = SearchPath(
+        gallery,
+        swap,
+        metrics,
+        BatchBounds(s.batch_max_size, wait_s, s.batch_max_queue, worker_start),
+        max_image_pixels=s.max_image_pixels,
+        shadow=shadow,
+    )
+    ingest = IngestPath(
+        gallery,
+        swap,
+        blobs,
+        metrics,
+        BatchBounds(s.ingest_batch_max_items, wait_s, s.batch_max_queue, worker_start),
+        max_image_pixels=s.max_image_pixels,
+        keep_sources=s.keep_sources,
+    )
     if stack is not None:  # queued requests finish before the gallery closes
         stack.callback(ingest.close)
         stack.callback(search.close)
@@ -93,17 +125,43 @@ def build_parts(settings: Settings, metrics: Metrics, stack: AsyncExitStack | No
     def embedded(version: str, n: int) -> None:
         metrics.embedded.labels(version=version, purpose="backfill").inc(n)
 
-    backfill = BackfillRunner(gallery, swap, models, blobs, batch_size=s.backfill_batch_size,
-                              rate_limit=s.backfill_rate_limit, max_image_pixels=s.max_image_pixels,
-                              on_embedded=embedded)
+    backfill = BackfillRunner(
+        gallery,
+        swap,
+        models,
+        blobs,
+        batch_size=s.backfill_batch_size,
+        rate_limit=s.backfill_rate_limit,
+        max_image_pixels=s.max_image_pixels,
+        on_embedded=embedded,
+    )
     backfill.start()  # resumes the jobs a previous process left running
     if stack is not None:  # the batch in flight commits before the gallery closes
         stack.callback(backfill.stop)
-    costs = CostReport(swap, models, ThroughputProbe(s.throughput_probe_images, s.cpu_threads), blobs=blobs,
-                       curves=CurveCache(), price_per_cpu_hour=s.price_per_cpu_hour,
-                       sample_size=s.backfill_curve_sample, max_pixels=s.max_image_pixels)
-    return Parts(settings=s, metrics=metrics, gallery=gallery, blobs=blobs, registry=registry, models=models,
-                 swap=swap, shadow=shadow, search=search, ingest=ingest, backfill=backfill, costs=costs)
+    costs = CostReport(
+        swap,
+        models,
+        ThroughputProbe(s.throughput_probe_images, s.cpu_threads),
+        blobs=blobs,
+        curves=CurveCache(),
+        price_per_cpu_hour=s.price_per_cpu_hour,
+        sample_size=s.backfill_curve_sample,
+        max_pixels=s.max_image_pixels,
+    )
+    return Parts(
+        settings=s,
+        metrics=metrics,
+        gallery=gallery,
+        blobs=blobs,
+        registry=registry,
+        models=models,
+        swap=swap,
+        shadow=shadow,
+        search=search,
+        ingest=ingest,
+        backfill=backfill,
+        costs=costs,
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -122,14 +180,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.parts = build_parts(settings, metrics, stack)
             yield
 
-    app = FastAPI(title="graceful", version="0.1.0", lifespan=lifespan,
-                  docs_url=None, redoc_url=None,  # served from local files by page.install
-                  description="Backward-compatible embedding retrieval: upgrade the model, keep the gallery.")
+    app = FastAPI(
+        title="graceful",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,  # served from local files by page.install
+        description="Backward-compatible embedding retrieval: upgrade the model, keep the gallery.",
+    )
     install_error_handlers(app)
-    for r in (items.router, item_images.router, search.router, models.router, backfill.router, health.router,
-              index.router):
+    for r in (
+        items.router,
+        item_images.router,
+        search.router,
+        models.router,
+        backfill.router,
+        health.router,
+        index.router,
+    ):
         app.include_router(r)
     page.install(app)  # the page at /, /static, and /docs and /redoc that need no internet
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.http_body_timeout_s)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.http_body_timeout_s
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -42,25 +42,25 @@ class BlobStore:
 
     def delete(self, uri: str) -> bool:
         """Remove the bytes behind a ``blob:`` URI of ours; False if it is not one or is already gone."""
-        if not uri.startswith(SCHEME) or not _HEX.match(uri[len(SCHEME):]):
+        if not uri.startswith(SCHEME) or not _HEX.match(uri[len(SCHEME) :]):
             return False
         try:
-            self._path(uri[len(SCHEME):]).unlink()
+            self._path(uri[len(SCHEME) :]).unlink()
         except FileNotFoundError:
             return False
         return True
 
     def exists(self, uri: str) -> bool:
         """Whether the bytes behind a ``blob:`` URI of ours are here (a stat, no read)."""
-        if not uri.startswith(SCHEME) or not _HEX.match(uri[len(SCHEME):]):
+        if not uri.startswith(SCHEME) or not _HEX.match(uri[len(SCHEME) :]):
             return False
-        return self._path(uri[len(SCHEME):]).is_file()
+        return self._path(uri[len(SCHEME) :]).is_file()
 
     def get(self, uri: str) -> bytes | None:
         """The bytes behind a ``blob:`` URI, or None if it is not one of ours or is missing."""
-        if not uri.startswith(SCHEME) or not _HEX.match(uri[len(SCHEME):]):
+        if not uri.startswith(SCHEME) or not _HEX.match(uri[len(SCHEME) :]):
             return None
         try:
-            return self._path(uri[len(SCHEME):]).read_bytes()
+            return self._path(uri[len(SCHEME) :]).read_bytes()
         except FileNotFoundError:
             return None

@@ -49,8 +49,14 @@ def decode_image(raw: bytes, *, channels: int, size: int, max_pixels: int, what:
                 raise BadImage(f"{what}: image is {w}x{h}, the model expects {size}x{size}")
             converted = im.convert("L" if channels == 1 else "RGB")
             arr = np.asarray(converted, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as e:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombWarning,
+        Image.DecompressionBombError,
+    ) as e:
         raise BadImage(f"{what}: not a decodable PNG or JPEG image ({type(e).__name__})") from None
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 

@@ -11,20 +11,39 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("graceful_requests_total", "HTTP requests", ["route", "method", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("graceful_request_seconds", "HTTP request latency", ["route"],
-                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-                                 registry=self.registry)
-        self.embedded = Counter("graceful_embedded_images_total", "images embedded", ["version", "purpose"],
-                                registry=self.registry)
-        self.activations = Counter("graceful_activations_total", "model activations", ["version", "outcome"],
-                                   registry=self.registry)
-        self.batch_size = Histogram("graceful_batch_size", "requests per micro-batch (service.serving.batching)", ["queue"],
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.requests = Counter(
+            "graceful_requests_total", "HTTP requests", ["route", "method", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "graceful_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.embedded = Counter(
+            "graceful_embedded_images_total",
+            "images embedded",
+            ["version", "purpose"],
+            registry=self.registry,
+        )
+        self.activations = Counter(
+            "graceful_activations_total", "model activations", ["version", "outcome"], registry=self.registry
+        )
+        self.batch_size = Histogram(
+            "graceful_batch_size",
+            "requests per micro-batch (service.serving.batching)",
+            ["queue"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
         self.items = Gauge("graceful_gallery_items", "items in the gallery", registry=self.registry)
-        self.active = Gauge("graceful_active_model_info", "the active model version (value 1)", ["version", "space"],
-                            registry=self.registry)
+        self.active = Gauge(
+            "graceful_active_model_info",
+            "the active model version (value 1)",
+            ["version", "space"],
+            registry=self.registry,
+        )
 
     def set_active(self, version: str, space: str) -> None:
         self.active.clear()

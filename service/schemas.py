@@ -21,14 +21,17 @@ def external_id_problem(eid: str) -> str | None:
     if not 1 <= len(eid) <= MAX_EXTERNAL_ID:
         return f"external id must be 1-{MAX_EXTERNAL_ID} characters"
     if "/" in eid:
-        return (f"external id {eid[:80]!r} contains '/': items are read and deleted at /v1/items/{{external_id}}, "
-                "so ids may not contain '/'")
+        return (
+            f"external id {eid[:80]!r} contains '/': items are read and deleted at /v1/items/{{external_id}}, "
+            "so ids may not contain '/'"
+        )
     return None
 
 
 class IngestItem(_Strict):
-    external_id: str = Field(min_length=1, max_length=MAX_EXTERNAL_ID,
-                             json_schema_extra={"pattern": EXTERNAL_ID_PATTERN})
+    external_id: str = Field(
+        min_length=1, max_length=MAX_EXTERNAL_ID, json_schema_extra={"pattern": EXTERNAL_ID_PATTERN}
+    )
     image_base64: str = Field(min_length=1)
     metadata: dict[str, Any] | None = None
 
@@ -70,7 +73,7 @@ class DeleteResponse(BaseModel):
 FILTER_DESCRIPTION = (
     'only items whose metadata matches: {"key": value} (equal) or {"key": {"in": [values]}} (any of them), '
     "on top-level keys, every key must match; values are strings, numbers or booleans of the same JSON kind "
-    "(\"3\" does not match 3, true does not match 1)"
+    '("3" does not match 3, true does not match 1)'
 )
 FilterScalar = (
     Annotated[str, Field(max_length=1024)]
@@ -115,8 +118,11 @@ MAX_BATCH_SEARCHES = 64
 
 
 class BatchSearchRequest(_Strict):
-    searches: list[SearchRequest] = Field(min_length=1, max_length=MAX_BATCH_SEARCHES,
-                                          description=f"1-{MAX_BATCH_SEARCHES} search bodies, answered in order")
+    searches: list[SearchRequest] = Field(
+        min_length=1,
+        max_length=MAX_BATCH_SEARCHES,
+        description=f"1-{MAX_BATCH_SEARCHES} search bodies, answered in order",
+    )
 
 
 class SearchHit(BaseModel):
@@ -161,7 +167,8 @@ class ItemsDeleteResponse(BaseModel):
 
 class MetadataPatch(_Strict):
     metadata: dict[str, Any] | None = Field(
-        description="merge: keys with null are removed, the others set; replace: the new metadata (null clears it)")
+        description="merge: keys with null are removed, the others set; replace: the new metadata (null clears it)"
+    )
     merge: bool = Field(True, description="merge into the stored metadata (true) or replace it (false)")
 
 
@@ -201,10 +208,16 @@ class ActivationResponse(BaseModel):
     previous: str | None
     space: str
     seconds: float
-    rollback: RollbackNote | None = Field(None, description="set when the swap changed the embedding space: a "
-                                          "rollback will need a backfill of the items ingested from now on")
-    check: dict[str, Any] | None = Field(None, description="the measured compatibility check the swap rested on "
-                                                           "(null: none ran: a rollback, or no active model)")
+    rollback: RollbackNote | None = Field(
+        None,
+        description="set when the swap changed the embedding space: a "
+        "rollback will need a backfill of the items ingested from now on",
+    )
+    check: dict[str, Any] | None = Field(
+        None,
+        description="the measured compatibility check the swap rested on "
+        "(null: none ran: a rollback, or no active model)",
+    )
     forced: bool = Field(False, description="activated with force=true past a failed check")
 
 
@@ -233,8 +246,10 @@ class IndexBuild(BaseModel):
     vectors: int = Field(description="vectors in the index when it was built")
     seconds: float = Field(description="wall time of the build (read SQL, train, add, measure)")
     replayed: int = Field(description="writes that landed during the build, replayed onto it")
-    recall: float | None = Field(description="recall@k against exact search on `sample` stored vectors as "
-                                             "queries (each query left out of both answers)")
+    recall: float | None = Field(
+        description="recall@k against exact search on `sample` stored vectors as "
+        "queries (each query left out of both answers)"
+    )
     k: int
     sample: int
     finished_at: float
@@ -246,12 +261,16 @@ class SpaceIndexInfo(BaseModel):
     factory: str = Field(description="the configured FAISS factory (GRACEFUL_INDEX_FACTORY)")
     built_factory: str = Field(description="what serves now: the factory, or Flat while it is being built")
     exact: bool = Field(description="searches are exact (Flat) right now")
-    recall: float | None = Field(description="recall@10 of the serving index vs exact: 1.0 when exact, the "
-                                             "last build's measure otherwise (null if never measured)")
+    recall: float | None = Field(
+        description="recall@10 of the serving index vs exact: 1.0 when exact, the "
+        "last build's measure otherwise (null if never measured)"
+    )
     live: int
     tombstones: int
     params: str | None
-    building: dict[str, Any] | None = Field(description="the build in progress: reason, started_at, done, total")
+    building: dict[str, Any] | None = Field(
+        description="the build in progress: reason, started_at, done, total"
+    )
     last_build: IndexBuild | None
 
 

@@ -77,6 +77,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 
 @pytest.fixture(scope="module", params=DATABASES)
-def module_database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def module_database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """Like ``database_url``, shared by a module's tests (for read-mostly fixtures)."""
     yield from _database_url(request.param, tmp_path_factory.mktemp("db"))

@@ -50,7 +50,8 @@ MODULES = _modules()
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _statements(body: list[ast.stmt], top: bool) -> Iterator[tuple[ast.stmt, bool]]:
@@ -111,20 +112,37 @@ def _where(module: str, imp: Import) -> str:
 
 
 def _server_modules() -> list[str]:
-    return [m for m in MODULES if m.split(".")[0] == "service" and not (m + ".").startswith("service.console.")]
+    return [
+        m for m in MODULES if m.split(".")[0] == "service" and not (m + ".").startswith("service.console.")
+    ]
 
 
 def test_the_module_list_is_read() -> None:
-    for must in ("trainer", "trainer.artifact", "index", "index.gallery", "service.app", "service.console.cli"):
+    for must in (
+        "trainer",
+        "trainer.artifact",
+        "index",
+        "index.gallery",
+        "service.app",
+        "service.console.cli",
+    ):
         assert must in MODULES, must
     assert sum(1 for m in MODULES if imports_of(m)) > 30
 
 
-@pytest.mark.parametrize("pkg, forbidden", [("trainer", ("service", "index")), ("index", ("service", "trainer"))])
-def test_trainer_and_index_import_nothing_from_the_other_packages(pkg: str, forbidden: tuple[str, ...]) -> None:
-    bad = [f"{_where(m, imp)} imports {imp.module}"
-           for m in MODULES if m.split(".")[0] == pkg
-           for imp in imports_of(m) if imp.module.split(".")[0] in forbidden]
+@pytest.mark.parametrize(
+    "pkg, forbidden", [("trainer", ("service", "index")), ("index", ("service", "trainer"))]
+)
+def test_trainer_and_index_import_nothing_from_the_other_packages(
+    pkg: str, forbidden: tuple[str, ...]
+) -> None:
+    bad = [
+        f"{_where(m, imp)} imports {imp.module}"
+        for m in MODULES
+        if m.split(".")[0] == pkg
+        for imp in imports_of(m)
+        if imp.module.split(".")[0] in forbidden
+    ]
     assert bad == [], f"{pkg}/ must not import {' or '.join(forbidden)}:\n" + "\n".join(bad)
 
 
@@ -156,7 +174,7 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
                 colour[path.pop()] = BLACK
                 stack.pop()
             elif colour[nxt] == GREY:
-                cycles.append(path[path.index(nxt):] + [nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt])
             elif colour[nxt] == WHITE:
                 colour[nxt] = GREY
                 path.append(nxt)
@@ -171,13 +189,21 @@ def test_find_cycles_finds_a_planted_circle_and_nothing_else() -> None:
 
 def test_no_import_circles() -> None:
     cycles = find_cycles(_graph())
-    assert cycles == [], "import circles (module-level imports):\n" + "\n".join(" -> ".join(c) for c in cycles)
+    assert cycles == [], "import circles (module-level imports):\n" + "\n".join(
+        " -> ".join(c) for c in cycles
+    )
 
 
 def test_the_server_never_imports_the_console() -> None:
-    bad = [f"{_where(m, imp)} imports {imp.module}" for m in _server_modules() for imp in imports_of(m)
-           if (imp.module + ".").startswith("service.console.")]
-    assert bad == [], "service/ (outside service/console/) must not import service.console:\n" + "\n".join(bad)
+    bad = [
+        f"{_where(m, imp)} imports {imp.module}"
+        for m in _server_modules()
+        for imp in imports_of(m)
+        if (imp.module + ".").startswith("service.console.")
+    ]
+    assert bad == [], "service/ (outside service/console/) must not import service.console:\n" + "\n".join(
+        bad
+    )
 
 
 def _trainer_all() -> set[str]:
@@ -203,7 +229,11 @@ def test_the_server_uses_only_what_trainer_exports() -> None:
             elif imp.source != "trainer":
                 bad.append(f"{_where(m, imp)}: from {imp.source} import ... (use: from trainer import NAME)")
             else:
-                bad += [f"{_where(m, imp)}: from trainer import {n} ({n} is not in trainer.__all__)"
-                        for n in imp.names if n not in exported]
+                bad += [
+                    f"{_where(m, imp)}: from trainer import {n} ({n} is not in trainer.__all__)"
+                    for n in imp.names
+                    if n not in exported
+                ]
     assert bad == [], "the server may use only trainer.__all__, via `from trainer import ...`:\n" + "\n".join(
-        sorted(set(bad)))
+        sorted(set(bad))
+    )

@@ -59,17 +59,23 @@ def _check(cfg: AdaptConfig) -> tuple[LoadedModel, LoadedModel]:
     out, new_dir = Path(cfg.out), Path(cfg.new)
     check_version_name(out.name)
     if out.resolve().parent != new_dir.resolve().parent:
-        raise ConfigError(f"the adapter folder must sit next to the new model's folder (same models dir): "
-                          f"use --out {new_dir.resolve().parent / out.name}")
+        raise ConfigError(
+            f"the adapter folder must sit next to the new model's folder (same models dir): "
+            f"use --out {new_dir.resolve().parent / out.name}"
+        )
     new, old = load_model(cfg.new), load_model(cfg.old)
     for role, m in (("--new", new), ("--old", old)):
         if m.card.adapter_of is not None:
-            raise ConfigError(f"{role} {m.version} is an adapter version: adapt from and to plain model versions")
+            raise ConfigError(
+                f"{role} {m.version} is an adapter version: adapt from and to plain model versions"
+            )
     if new.version == old.version or out.name in (new.version, old.version):
         raise ConfigError("--new, --old and --out must be three different versions")
     if new.card.preprocess != old.card.preprocess:
-        raise ConfigError(f"{new.version} and {old.version} take different inputs (preprocess): one sample "
-                          "cannot be embedded by both")
+        raise ConfigError(
+            f"{new.version} and {old.version} take different inputs (preprocess): one sample "
+            "cannot be embedded by both"
+        )
     return new, old
 
 
@@ -92,7 +98,9 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
     head, classes = class_mean_head(adapted, sample.labels, list(new.card.classes), scale)
     missing = sorted(set(new.card.classes) - set(classes))
     if missing:
-        log.warning("the sample has no image of classes %s: the adapter's class-mean head leaves them out", missing)
+        log.warning(
+            "the sample has no image of classes %s: the adapter's class-mean head leaves them out", missing
+        )
     adapter.cfg = replace(adapter.cfg, scale=scale)
     model = AdaptedModel(new.model, adapter, head, classes)  # type: ignore[arg-type]
     out = Path(cfg.out)
@@ -108,8 +116,13 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
         adapter_of=new.version,
         adapter_of_sha256=new.card.weights_sha256,
         preprocess=new.card.preprocess,
-        train_config={**asdict(cfg), "sample_size": len(sample), "fit": info, "seconds": round(seconds, 2),
-                      "embed_seconds": round(t_embed, 1)},
+        train_config={
+            **asdict(cfg),
+            "sample_size": len(sample),
+            "fit": info,
+            "seconds": round(seconds, 2),
+            "embed_seconds": round(t_embed, 1),
+        },
     )
     card = save_model(out, model, card)
     card = _attach_metrics(out, card, old, new, cfg)
@@ -117,7 +130,9 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
     return AdaptResult(card=card, path=out, fit=info, seconds=seconds)
 
 
-def _attach_metrics(out: Path, card: ModelCard, old: LoadedModel, new: LoadedModel, cfg: AdaptConfig) -> ModelCard:
+def _attach_metrics(
+    out: Path, card: ModelCard, old: LoadedModel, new: LoadedModel, cfg: AdaptConfig
+) -> ModelCard:
     """Compatibility matrix of old, new and the adapter version on the test split, stored in its card."""
     from trainer.evaluate import evaluate_models
 
@@ -137,4 +152,6 @@ def adapted_embeddings(loaded: LoadedModel, new_embeddings: np.ndarray) -> np.nd
     if not isinstance(model, AdaptedModel):
         raise ConfigError(f"{loaded.version} is not an adapter version")
     with torch.inference_mode():
-        return F.normalize(model.adapter(torch.from_numpy(np.ascontiguousarray(new_embeddings))), dim=1).numpy()
+        return F.normalize(
+            model.adapter(torch.from_numpy(np.ascontiguousarray(new_embeddings))), dim=1
+        ).numpy()

@@ -53,8 +53,10 @@ class AdapterConfig:
         if self.kind not in ADAPTER_KINDS:
             raise ConfigError(f"unknown adapter kind {self.kind!r}: choose one of {', '.join(ADAPTER_KINDS)}")
         if self.in_dim < 1 or self.embedding_dim < 1 or (self.kind == "mlp" and self.hidden < 1):
-            raise ConfigError(f"adapter sizes must be >= 1 (in {self.in_dim}, out {self.embedding_dim}, "
-                              f"hidden {self.hidden})")
+            raise ConfigError(
+                f"adapter sizes must be >= 1 (in {self.in_dim}, out {self.embedding_dim}, "
+                f"hidden {self.hidden})"
+            )
         if self.name != "adapter":
             raise ConfigError(f"not an adapter config (name {self.name!r})")
 
@@ -75,7 +77,9 @@ class EmbeddingAdapter(nn.Module):
         self.linear = nn.Linear(cfg.in_dim, cfg.embedding_dim, bias=cfg.kind != "procrustes")
         self.mlp: nn.Module | None = None
         if cfg.kind == "mlp":
-            self.mlp = nn.Sequential(nn.Linear(cfg.in_dim, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.embedding_dim))
+            self.mlp = nn.Sequential(
+                nn.Linear(cfg.in_dim, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.embedding_dim)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)  # (B, D_out)
@@ -92,7 +96,9 @@ class AdaptedModel(nn.Module):
     model's head may not know every class. Only ``adapter`` and ``head`` are the version's own weights.
     """
 
-    def __init__(self, base: EmbeddingModel, adapter: EmbeddingAdapter, head: CosineHead, classes: list[int]) -> None:
+    def __init__(
+        self, base: EmbeddingModel, adapter: EmbeddingAdapter, head: CosineHead, classes: list[int]
+    ) -> None:
         super().__init__()
         if head.weight.shape[0] != len(classes):
             raise ConfigError(f"{head.weight.shape[0]} head rows for {len(classes)} classes")
@@ -117,9 +123,16 @@ class AdaptedModel(nn.Module):
         so call it only on a base model this adapted model owns; ``adapter`` keeps its own weights."""
         w = self.adapter.linear.weight  # (D_out, D_in)
         proj = getattr(getattr(self.base, "backbone", None), "proj", None)
-        if self.fused or self.adapter.cfg.kind != "procrustes" or w.shape[0] != w.shape[1] or not isinstance(proj, nn.Linear):
+        if (
+            self.fused
+            or self.adapter.cfg.kind != "procrustes"
+            or w.shape[0] != w.shape[1]
+            or not isinstance(proj, nn.Linear)
+        ):
             return self.fused
-        if not torch.allclose(w @ w.T, torch.eye(w.shape[0]), atol=1e-4):  # not orthogonal: folding would be wrong
+        if not torch.allclose(
+            w @ w.T, torch.eye(w.shape[0]), atol=1e-4
+        ):  # not orthogonal: folding would be wrong
             return False
         proj.weight.copy_(w @ proj.weight)  # (D_out, C')
         if proj.bias is not None:
@@ -137,7 +150,10 @@ class AdaptedModel(nn.Module):
 
     def own_state(self) -> dict[str, torch.Tensor]:
         """The tensors an adapter version stores (the new model's weights stay in its own folder)."""
-        return {**{f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}, "head.weight": self.head.weight}
+        return {
+            **{f"adapter.{k}": v for k, v in self.adapter.state_dict().items()},
+            "head.weight": self.head.weight,
+        }
 
 
 # ----------------------------------------------------------------------------------------------- fitting
@@ -190,7 +206,9 @@ def _cosine_loss(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (1.0 - F.cosine_similarity(pred, y, dim=1)).mean()
 
 
-def fit_mlp(x: np.ndarray, y: np.ndarray, fit: MLPFit | None = None) -> tuple[EmbeddingAdapter, dict[str, float]]:
+def fit_mlp(
+    x: np.ndarray, y: np.ndarray, fit: MLPFit | None = None
+) -> tuple[EmbeddingAdapter, dict[str, float]]:
     """An ``mlp`` adapter: the affine least-squares map, plus a residual MLP (last layer zero-initialised, so
     it starts exactly at the affine fit) trained on the cosine to ``y``. Returns it and fit diagnostics."""
     threads = torch.get_num_threads()
@@ -212,7 +230,9 @@ def _fit_mlp(x: np.ndarray, y: np.ndarray, fit: MLPFit) -> tuple[EmbeddingAdapte
     val, tr = order[:n_val], order[n_val:]
     w, b = fit_affine(x64[tr.numpy()], y64[tr.numpy()], ridge=1e-3)
     torch.manual_seed(fit.seed)
-    adapter = EmbeddingAdapter(AdapterConfig(kind="mlp", in_dim=x64.shape[1], embedding_dim=y64.shape[1], hidden=fit.hidden))
+    adapter = EmbeddingAdapter(
+        AdapterConfig(kind="mlp", in_dim=x64.shape[1], embedding_dim=y64.shape[1], hidden=fit.hidden)
+    )
     with torch.no_grad():
         adapter.linear.weight.copy_(torch.from_numpy(w))
         adapter.linear.bias.copy_(torch.from_numpy(b))
@@ -248,11 +268,17 @@ def _fit_mlp(x: np.ndarray, y: np.ndarray, fit: MLPFit) -> tuple[EmbeddingAdapte
     else:
         best_step = fit.steps
     adapter.eval()
-    return adapter, {"holdout_cos_loss_affine": start, "holdout_cos_loss": best, "best_step": float(best_step),
-                     "holdout": float(n_val)}
+    return adapter, {
+        "holdout_cos_loss_affine": start,
+        "holdout_cos_loss": best,
+        "best_step": float(best_step),
+        "holdout": float(n_val),
+    }
 
 
-def fit_adapter(kind: str, x: np.ndarray, y: np.ndarray, mlp: MLPFit | None = None) -> tuple[EmbeddingAdapter, dict[str, float]]:
+def fit_adapter(
+    kind: str, x: np.ndarray, y: np.ndarray, mlp: MLPFit | None = None
+) -> tuple[EmbeddingAdapter, dict[str, float]]:
     """Fit an adapter of ``kind`` on (N, D_new) ``x`` -> (N, D_old) ``y``; returns it (eval mode) and diagnostics
     (mean squared error and mean cosine of the fit on the sample)."""
     x64, y64 = _check_pairs(x, y)
@@ -277,7 +303,9 @@ def fit_adapter(kind: str, x: np.ndarray, y: np.ndarray, mlp: MLPFit | None = No
     return adapter.requires_grad_(False), info
 
 
-def class_mean_head(emb: np.ndarray, labels: np.ndarray, classes: list[int], scale: float) -> tuple[CosineHead, list[int]]:
+def class_mean_head(
+    emb: np.ndarray, labels: np.ndarray, classes: list[int], scale: float
+) -> tuple[CosineHead, list[int]]:
     """A cosine head whose rows are the mean (N, D) embedding of each class in ``classes`` that has examples.
 
     Returns the head and the classes it has rows for (those with at least one example, in ``classes`` order).

@@ -38,8 +38,10 @@ def check_version_name(name: str) -> str:
     import re
 
     if not (1 <= len(name) <= 128 and re.match(NAME_PATTERN, name)):
-        raise ModelCardError(f"bad model version name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
-                             "starting with a letter or digit (it is the output folder's name)")
+        raise ModelCardError(
+            f"bad model version name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (it is the output folder's name)"
+        )
     return name
 
 
@@ -107,7 +109,9 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_model(folder: str | os.PathLike[str], model: EmbeddingModel | AdaptedModel, card: ModelCard) -> ModelCard:
+def save_model(
+    folder: str | os.PathLike[str], model: EmbeddingModel | AdaptedModel, card: ModelCard
+) -> ModelCard:
     """Write weights then card (card last, atomically: a folder with a card is complete). Returns the card.
 
     For an ``AdaptedModel`` only the adapter's own tensors are written (the new model stays in its folder).
@@ -150,12 +154,16 @@ def read_card(folder: str | os.PathLike[str]) -> ModelCard:
     try:
         card = ModelCard.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'card'}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'card'}: {err['msg']}" for err in e.errors()
+        )
         raise ModelCardError(f"{path} is not a valid model card: {problems}") from None
     if card.version != folder.name:
         raise ModelCardError(f"{path} says version {card.version!r} but the folder is named {folder.name!r}")
     if card.embedding_dim != int(card.arch.get("embedding_dim", -1)):
-        raise ModelCardError(f"{path}: embedding_dim {card.embedding_dim} differs from arch {card.arch.get('embedding_dim')}")
+        raise ModelCardError(
+            f"{path}: embedding_dim {card.embedding_dim} differs from arch {card.arch.get('embedding_dim')}"
+        )
     return card
 
 
@@ -168,8 +176,10 @@ def adapter_base_folder(folder: str | os.PathLike[str], card: ModelCard) -> Path
     if card.adapter_of == card.version:
         raise ModelCardError(f"adapter {card.version} names itself as adapter_of")
     if not base.is_dir():
-        raise ModelCardError(f"adapter {card.version} maps the embeddings of model {card.adapter_of!r} "
-                             f"(adapter_of), whose folder {base} is missing: put that model version next to it")
+        raise ModelCardError(
+            f"adapter {card.version} maps the embeddings of model {card.adapter_of!r} "
+            f"(adapter_of), whose folder {base} is missing: put that model version next to it"
+        )
     if base.is_symlink() or base.resolve().parent != folder.resolve().parent:
         raise ModelCardError(f"adapter {card.version}: {base} must be a real folder next to it, not a link")
     return base
@@ -189,7 +199,9 @@ def _load_state(folder: Path, card: ModelCard) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ModelCardError(f"{weights} is not a safetensors file ({e}); pickled weights are never loaded") from None
+        raise ModelCardError(
+            f"{weights} is not a safetensors file ({e}); pickled weights are never loaded"
+        ) from None
 
 
 def load_model(folder: str | os.PathLike[str]) -> LoadedModel:
@@ -206,7 +218,9 @@ def load_model(folder: str | os.PathLike[str]) -> LoadedModel:
         model = EmbeddingModel(arch, list(card.classes))
         model.load_state_dict(state, strict=True)
     except Exception as e:  # a shape or key mismatch: the weights do not belong to this card
-        raise ModelCardError(f"{weights} does not fit the architecture in its card: {str(e).splitlines()[0]}") from None
+        raise ModelCardError(
+            f"{weights} does not fit the architecture in its card: {str(e).splitlines()[0]}"
+        ) from None
     model.eval().requires_grad_(False)
     return LoadedModel(card=card, model=model, path=folder)
 
@@ -215,10 +229,14 @@ def _load_adapter(folder: Path, card: ModelCard) -> LoadedModel:
     base_dir = adapter_base_folder(folder, card)
     base = read_card(base_dir)
     if base.adapter_of is not None:
-        raise ModelCardError(f"adapter {card.version} adapts {base.version}, itself an adapter: chains are not served")
+        raise ModelCardError(
+            f"adapter {card.version} adapts {base.version}, itself an adapter: chains are not served"
+        )
     if card.adapter_of_sha256 and base.weights_sha256 != card.adapter_of_sha256:
-        raise ModelCardError(f"adapter {card.version} was fitted to other weights of {base.version} than those in "
-                             f"{base_dir} (checksum differs): refit it")
+        raise ModelCardError(
+            f"adapter {card.version} was fitted to other weights of {base.version} than those in "
+            f"{base_dir} (checksum differs): refit it"
+        )
     if base.preprocess != card.preprocess:
         raise ModelCardError(f"adapter {card.version}: its input contract differs from {base.version}'s")
     new = load_model(base_dir)
@@ -227,17 +245,26 @@ def _load_adapter(folder: Path, card: ModelCard) -> LoadedModel:
     try:
         cfg = AdapterConfig.from_dict(card.arch)
         if cfg.in_dim != new.card.embedding_dim:
-            raise ValueError(f"adapter input {cfg.in_dim}-d, {base.version} writes {new.card.embedding_dim}-d")
+            raise ValueError(
+                f"adapter input {cfg.in_dim}-d, {base.version} writes {new.card.embedding_dim}-d"
+            )
         head = CosineHead(cfg.embedding_dim, len(card.classes), cfg.scale)
         model = AdaptedModel(new.model, EmbeddingAdapter(cfg), head, list(card.classes))  # type: ignore[arg-type]
-        own = {**{f"adapter.{k}": v for k, v in model.adapter.state_dict().items()}, "head.weight": head.weight}
+        own = {
+            **{f"adapter.{k}": v for k, v in model.adapter.state_dict().items()},
+            "head.weight": head.weight,
+        }
         if set(state) != set(own):
             raise ValueError(f"tensors {sorted(state)}, expected {sorted(own)}")
-        model.adapter.load_state_dict({k[len("adapter."):]: v for k, v in state.items() if k.startswith("adapter.")})
+        model.adapter.load_state_dict(
+            {k[len("adapter.") :]: v for k, v in state.items() if k.startswith("adapter.")}
+        )
         head.load_state_dict({"weight": state["head.weight"]})
         model.fuse()  # a procrustes adapter costs nothing per query once folded into the new model
     except Exception as e:  # a shape or key mismatch, or a bad arch: the weights do not belong to this card
-        raise ModelCardError(f"{weights} does not fit the adapter in its card: {str(e).splitlines()[0]}") from None
+        raise ModelCardError(
+            f"{weights} does not fit the adapter in its card: {str(e).splitlines()[0]}"
+        ) from None
     model.eval().requires_grad_(False)
     return LoadedModel(card=card, model=model, path=folder)
 

@@ -43,28 +43,63 @@ def train_parser(prog: str = "graceful train") -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--old", default=None, help="old model version folder (for --bct)")
-    p.add_argument("--bct", nargs="?", const="full", default=None, choices=["full", "plain"],
-                   help="backward-compatible training against --old: 'full' recipe (default) or 'plain' (influence only)")
+    p.add_argument(
+        "--bct",
+        nargs="?",
+        const="full",
+        default=None,
+        choices=["full", "plain"],
+        help="backward-compatible training against --old: 'full' recipe (default) or 'plain' (influence only)",
+    )
     p.add_argument("--influence-weight", type=float, default=None)
     p.add_argument("--class-mean-weight", type=float, default=None)
     p.add_argument("--old-embedding-weight", type=float, default=None)
-    p.add_argument("--pulls-on", default=None, choices=["all", "old"],
-                   help="images the two L2 pulls apply to: every image, or only those of the old model's classes")
-    p.add_argument("--influence-scale", type=float, default=None,
-                   help="logit scale of the influence loss (default: the old head's own)")
-    p.add_argument("--new-rows", default=None, choices=["mean", "probe", "probe-old-head"],
-                   help="synthesised rows for classes the old model never saw: the old model's class mean, or "
-                        "refined by a linear probe in the old space (all rows free, or the old head's frozen)")
-    p.add_argument("--pc", default=None, choices=["kd", "fd-kl", "fd-lm"],
-                   help="positive-congruent training against --old: focal distillation of its logits (KL or logit "
-                        "matching), or plain distillation 'kd'; combinable with --bct")
+    p.add_argument(
+        "--pulls-on",
+        default=None,
+        choices=["all", "old"],
+        help="images the two L2 pulls apply to: every image, or only those of the old model's classes",
+    )
+    p.add_argument(
+        "--influence-scale",
+        type=float,
+        default=None,
+        help="logit scale of the influence loss (default: the old head's own)",
+    )
+    p.add_argument(
+        "--new-rows",
+        default=None,
+        choices=["mean", "probe", "probe-old-head"],
+        help="synthesised rows for classes the old model never saw: the old model's class mean, or "
+        "refined by a linear probe in the old space (all rows free, or the old head's frozen)",
+    )
+    p.add_argument(
+        "--pc",
+        default=None,
+        choices=["kd", "fd-kl", "fd-lm"],
+        help="positive-congruent training against --old: focal distillation of its logits (KL or logit "
+        "matching), or plain distillation 'kd'; combinable with --bct",
+    )
     p.add_argument("--pc-alpha", type=float, default=None, help="focal weight on every sample (default 1)")
-    p.add_argument("--pc-beta", type=float, default=None,
-                   help="extra focal weight where the old model is right (default 5; 0 for kd)")
-    p.add_argument("--pc-temperature", type=float, default=None, help="softmax temperature of fd-kl/kd (default 4)")
-    p.add_argument("--pc-weight", type=float, default=None, help="weight of the PC term against the task loss (default 1; fd-lm 0.05)")
+    p.add_argument(
+        "--pc-beta",
+        type=float,
+        default=None,
+        help="extra focal weight where the old model is right (default 5; 0 for kd)",
+    )
+    p.add_argument(
+        "--pc-temperature", type=float, default=None, help="softmax temperature of fd-kl/kd (default 4)"
+    )
+    p.add_argument(
+        "--pc-weight",
+        type=float,
+        default=None,
+        help="weight of the PC term against the task loss (default 1; fd-lm 0.05)",
+    )
     p.add_argument("--limit", type=int, default=None, help="train on a seeded slice of N images")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate the card's metrics on N test images")
+    p.add_argument(
+        "--eval-limit", type=int, default=None, help="evaluate the card's metrics on N test images"
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-augment", dest="augment", action="store_false")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -72,15 +107,21 @@ def train_parser(prog: str = "graceful train") -> argparse.ArgumentParser:
 
 
 def eval_parser(prog: str = "graceful eval") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Compatibility matrix, BCT criterion and negative flips of model versions.")
+    p = _Parser(
+        prog=prog, description="Compatibility matrix, BCT criterion and negative flips of model versions."
+    )
     p.add_argument("models", nargs="+", help="model version folders, oldest first")
     p.add_argument("--data", default=None)
     p.add_argument("--json", required=True, help="write the report here")
     p.add_argument("--plot", default=None, help="write a PNG heatmap here")
     p.add_argument("--limit", type=int, default=None, help="evaluate on a seeded slice of N test images")
     p.add_argument("--old-classes", default=None, help="classes counted as old (default: the first model's)")
-    p.add_argument("--show-flips", type=int, default=20,
-                   help="list this many negative flips per pair (the JSON keeps them all)")
+    p.add_argument(
+        "--show-flips",
+        type=int,
+        default=20,
+        help="list this many negative flips per pair (the JSON keeps them all)",
+    )
     return p
 
 
@@ -97,20 +138,33 @@ def _sample_size(v: str) -> int | None:
 
 
 def adapt_parser(prog: str = "graceful adapt") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Fit an adapter from a new model's embedding space into an old one's, "
-                                       "saved as a model version that serves over the old gallery.")
+    p = _Parser(
+        prog=prog,
+        description="Fit an adapter from a new model's embedding space into an old one's, "
+        "saved as a model version that serves over the old gallery.",
+    )
     p.add_argument("--new", required=True, help="the new model version folder (trained without BCT)")
-    p.add_argument("--old", required=True, help="the old model version folder (whose space the gallery is in)")
-    p.add_argument("--out", required=True, help="adapter version folder to write, next to --new (same models dir)")
+    p.add_argument(
+        "--old", required=True, help="the old model version folder (whose space the gallery is in)"
+    )
+    p.add_argument(
+        "--out", required=True, help="adapter version folder to write, next to --new (same models dir)"
+    )
     p.add_argument("--kind", default="procrustes", choices=["procrustes", "affine", "mlp"])
-    p.add_argument("--sample", type=_sample_size, default=5000,
-                   help="items embedded by both models to fit on (default 5000; 'all' = the whole split)")
+    p.add_argument(
+        "--sample",
+        type=_sample_size,
+        default=5000,
+        help="items embedded by both models to fit on (default 5000; 'all' = the whole split)",
+    )
     p.add_argument("--split", default="train", choices=["train", "test"], help="where the sample comes from")
     p.add_argument("--data", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden", type=int, default=256, help="hidden units of the mlp adapter")
     p.add_argument("--steps", type=int, default=3000, help="training steps of the mlp adapter")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate the card's metrics on N test images")
+    p.add_argument(
+        "--eval-limit", type=int, default=None, help="evaluate the card's metrics on N test images"
+    )
     p.add_argument("--threads", type=int, default=None)
     return p
 
@@ -157,8 +211,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except TrainerError as e:
         return _fail(str(e))
     card = result.card
-    print(f"saved {card.version} to {result.path} (space {card.space}, compatible_with {card.compatible_with}, "
-          f"{result.seconds:.0f}s)")
+    print(
+        f"saved {card.version} to {result.path} (space {card.space}, compatible_with {card.compatible_with}, "
+        f"{result.seconds:.0f}s)"
+    )
     for key, cell in card.metrics.get("matrix", {}).items():
         print(f"  {key:<24} top1 {cell['top1']:.4f}  top5 {cell['top5']:.4f}  mAP {cell['mAP']:.4f}")
     return 0
@@ -188,11 +244,15 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         print()
     for key, entry in report.bct.items():
         gain = entry.get("update_gain", {})
-        print(f"BCT {key}: passes {entry['passes']}, update gain " +
-              ", ".join(f"{m} {v:.3f}" for m, v in gain.items() if v is not None))
+        print(
+            f"BCT {key}: passes {entry['passes']}, update gain "
+            + ", ".join(f"{m} {v:.3f}" for m, v in gain.items() if v is not None)
+        )
     for key, f in report.flips.items():
-        print(f"flips {key}: err {f['err_old']:.4f} -> {f['err_new']:.4f}, NFR {f['nfr']:.4f}, "
-              f"rel. NFR {f['rel_nfr']:.3f} ({f['n_flips']} of {f['n']})")
+        print(
+            f"flips {key}: err {f['err_old']:.4f} -> {f['err_new']:.4f}, NFR {f['nfr']:.4f}, "
+            f"rel. NFR {f['rel_nfr']:.3f} ({f['n_flips']} of {f['n']})"
+        )
         print(format_flips(f, test.class_names, args.show_flips))
     print(f"report written to {args.json}")
     if args.plot:
@@ -203,8 +263,10 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 def adapt_main(argv: Sequence[str] | None = None) -> int:
@@ -220,9 +282,11 @@ def adapt_main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e))
     card = result.card
     fit = result.fit
-    print(f"saved adapter {card.version} to {result.path}: {card.adapter_of} -> space {card.space} "
-          f"({card.train_config['kind']}, {card.train_config['sample_size']} pairs, fit {result.seconds:.1f}s, "
-          f"sample cosine {fit['sample_cos']:.4f})")
+    print(
+        f"saved adapter {card.version} to {result.path}: {card.adapter_of} -> space {card.space} "
+        f"({card.train_config['kind']}, {card.train_config['sample_size']} pairs, fit {result.seconds:.1f}s, "
+        f"sample cosine {fit['sample_cos']:.4f})"
+    )
     for key, cell in card.metrics.get("matrix", {}).items():
         print(f"  {key:<24} top1 {cell['top1']:.4f}  top5 {cell['top5']:.4f}  mAP {cell['mAP']:.4f}")
     return 0

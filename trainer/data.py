@@ -23,12 +23,26 @@ DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_HINT = "install it with `apt-get install -y dataset-fashion-mnist` or pass --data DIR"
 
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
@@ -43,7 +57,9 @@ class Dataset:
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != np.uint8:
-            raise DatasetError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {self.images.shape}")
+            raise DatasetError(
+                f"images must be uint8 (N, C, H, W), got {self.images.dtype} {self.images.shape}"
+            )
         if self.labels.shape != (self.images.shape[0],):
             raise DatasetError(f"{self.labels.shape[0]} labels for {self.images.shape[0]} images")
 
@@ -58,7 +74,9 @@ class Dataset:
         """The images whose label is in ``classes`` (labels keep their original values)."""
         unknown = sorted(set(classes) - set(range(self.num_classes)))
         if unknown:
-            raise DatasetError(f"classes {unknown} do not exist: this dataset has classes 0-{self.num_classes - 1}")
+            raise DatasetError(
+                f"classes {unknown} do not exist: this dataset has classes 0-{self.num_classes - 1}"
+            )
         mask = np.isin(self.labels, np.asarray(list(classes), dtype=np.int64))
         return Dataset(self.images[mask], self.labels[mask], self.class_names)
 
@@ -92,7 +110,9 @@ def parse_classes(spec: str | Sequence[int] | None, num_classes: int | None = No
     if not out:
         raise DatasetError(f"class selection {spec!r} is empty")
     if num_classes is not None and out[-1] >= num_classes:
-        raise DatasetError(f"unknown class {out[-1]} in {spec!r}: the dataset has classes 0-{num_classes - 1}")
+        raise DatasetError(
+            f"unknown class {out[-1]} in {spec!r}: the dataset has classes 0-{num_classes - 1}"
+        )
     return out
 
 
@@ -119,12 +139,17 @@ def read_idx(path: Path) -> np.ndarray:
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header != expected:
-        raise DatasetError(f"{path} is truncated or padded: {len(raw) - header} bytes of data, expected {expected}")
+        raise DatasetError(
+            f"{path} is truncated or padded: {len(raw) - header} bytes of data, expected {expected}"
+        )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def _find_idx(root: Path, prefix: str, kind: str) -> Path | None:
-    for name in (f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte", f"{prefix}-{kind}.idx{3 if kind == 'images' else 1}-ubyte"):
+    for name in (
+        f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte",
+        f"{prefix}-{kind}.idx{3 if kind == 'images' else 1}-ubyte",
+    ):
         for cand in (root / name, root / f"{name}.gz"):
             if cand.is_file():
                 return cand
@@ -141,10 +166,16 @@ def _load_idx_split(root: Path, split: str) -> Dataset:
         )
     images, labels = read_idx(img_path), read_idx(lbl_path)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise DatasetError(f"{img_path}: expected uint8 images of shape (N, H, W), got {images.dtype} {images.shape}")
+        raise DatasetError(
+            f"{img_path}: expected uint8 images of shape (N, H, W), got {images.dtype} {images.shape}"
+        )
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise DatasetError(f"{lbl_path}: {labels.shape} labels do not match {images.shape[0]} images")
-    names = FASHION_MNIST_CLASSES if "fashion" in str(root).lower() else [str(i) for i in range(int(labels.max()) + 1)]
+    names = (
+        FASHION_MNIST_CLASSES
+        if "fashion" in str(root).lower()
+        else [str(i) for i in range(int(labels.max()) + 1)]
+    )
     return Dataset(images[:, None, :, :].copy(), labels.astype(np.int64), names)
 
 
@@ -172,7 +203,9 @@ def _load_image_folder(root: Path, size: int, channels: int) -> Dataset:
     return Dataset(np.stack(images), np.asarray(labels, dtype=np.int64), classes)
 
 
-def load_split(data_dir: str | os.PathLike[str] | None, split: str, *, size: int = 28, channels: int = 1) -> Dataset:
+def load_split(
+    data_dir: str | os.PathLike[str] | None, split: str, *, size: int = 28, channels: int = 1
+) -> Dataset:
     """Load the ``train`` or ``test`` split of a dataset directory.
 
     The directory holds either IDX files named like Fashion-MNIST's (``train-images-idx3-ubyte[.gz]`` ...)

@@ -48,8 +48,11 @@ class CompatReport:
             "protocol": "test split, queries = index % 5 == 0, gallery = the rest",
             "matrix": self.matrix,
             "bct": {k: v for k, v in self.bct.items() if k.startswith(f"{version}/")},
-            "flips": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("flipped")}
-                      for k, v in self.flips.items() if k.endswith(f"->{version}")},
+            "flips": {
+                k: {kk: vv for kk, vv in v.items() if not kk.startswith("flipped")}
+                for k, v in self.flips.items()
+                if k.endswith(f"->{version}")
+            },
         }
 
 
@@ -75,7 +78,9 @@ def evaluate_models(
     q_idx, g_idx = query_gallery_split(len(test), every)
     labels = test.labels
     embs = {m.version: embed_images(m, test.images) for m in models}
-    report = CompatReport(models=names, old_classes=old_classes, spaces={m.version: m.card.space for m in models})
+    report = CompatReport(
+        models=names, old_classes=old_classes, spaces={m.version: m.card.space for m in models}
+    )
 
     for qm in models:
         for gm in models:
@@ -88,9 +93,17 @@ def evaluate_models(
     preds = {m.version: predict_labels(m, embs[m.version]) for m in models}
     for i, old in enumerate(models):
         for new in models[i + 1 :]:
-            report.flips[f"{old.version}->{new.version}"] = negative_flips(preds[old.version], preds[new.version], labels)
-            oo, no, nn = (report.cell(a, b) for a, b in ((old.version, old.version), (new.version, old.version),
-                                                          (new.version, new.version)))
+            report.flips[f"{old.version}->{new.version}"] = negative_flips(
+                preds[old.version], preds[new.version], labels
+            )
+            oo, no, nn = (
+                report.cell(a, b)
+                for a, b in (
+                    (old.version, old.version),
+                    (new.version, old.version),
+                    (new.version, new.version),
+                )
+            )
             if oo is None or no is None:
                 continue
             entry: dict[str, Any] = {
@@ -123,7 +136,11 @@ def format_matrix(report: CompatReport, metric: str = "mAP") -> str:
 def format_flips(flips: dict[str, Any], class_names: list[str] | None = None, limit: int = 20) -> str:
     """The first ``limit`` negative flips of one pair as text lines: test index, true label (= the old model's
     prediction), the new model's prediction."""
-    idx, true, new = flips.get("flipped", []), flips.get("flipped_label", []), flips.get("flipped_new_pred", [])
+    idx, true, new = (
+        flips.get("flipped", []),
+        flips.get("flipped_label", []),
+        flips.get("flipped_new_pred", []),
+    )
 
     def name(c: int) -> str:
         known = class_names and 0 <= c < len(class_names) and class_names[c] != str(c)

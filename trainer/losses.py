@@ -30,7 +30,9 @@ class OldHead(nn.Module):
     frozen in place (``requires_grad_(False)`` and ``eval()``), so a training step cannot change it.
     """
 
-    def __init__(self, old: CosineHead, old_classes: list[int], classes: list[int], synthesized: torch.Tensor) -> None:
+    def __init__(
+        self, old: CosineHead, old_classes: list[int], classes: list[int], synthesized: torch.Tensor
+    ) -> None:
         super().__init__()
         self.old = old.requires_grad_(False).eval()
         self.scale = old.scale
@@ -38,12 +40,18 @@ class OldHead(nn.Module):
         old_row = {c: i for i, c in enumerate(old_classes)}
         new_only = [c for c in classes if c not in old_row]
         if synthesized.shape[0] != len(new_only):
-            raise IncompatibleModelsError(f"{synthesized.shape[0]} synthesised rows for {len(new_only)} new classes")
+            raise IncompatibleModelsError(
+                f"{synthesized.shape[0]} synthesised rows for {len(new_only)} new classes"
+            )
         self.register_buffer("synthesized", synthesized.detach().clone())  # (K_new, D)
         self.register_buffer("old_index", torch.tensor([old_row.get(c, -1) for c in classes]))
-        self.register_buffer("syn_index", torch.tensor([new_only.index(c) if c not in old_row else -1 for c in classes]))
+        self.register_buffer(
+            "syn_index", torch.tensor([new_only.index(c) if c not in old_row else -1 for c in classes])
+        )
 
-    def train(self, mode: bool = True) -> OldHead:  # the old head stays in eval mode whatever the trainer does
+    def train(
+        self, mode: bool = True
+    ) -> OldHead:  # the old head stays in eval mode whatever the trainer does
         super().train(mode)
         self.old.eval()
         return self
@@ -60,7 +68,9 @@ class OldHead(nn.Module):
 
 
 @torch.no_grad()
-def embed_rows(model: EmbeddingModel, batches, classes: list[int], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_rows(
+    model: EmbeddingModel, batches, classes: list[int], dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, D) embeddings of the images in ``batches`` (inputs (B, C, H, W), labels (B,)) whose label is in
     ``classes``, and (N,) their rows in ``classes``. One pass of the model in eval mode."""
     pos = {c: i for i, c in enumerate(classes)}
@@ -82,7 +92,9 @@ def class_means(emb: torch.Tensor, rows: torch.Tensor, classes: list[int]) -> to
     counts = torch.zeros(len(classes)).index_add_(0, rows, torch.ones(len(rows)))
     if (counts == 0).any():
         missing = [c for c, n in zip(classes, counts.tolist(), strict=True) if n == 0]
-        raise IncompatibleModelsError(f"no training images of classes {missing} to synthesise old-model rows from")
+        raise IncompatibleModelsError(
+            f"no training images of classes {missing} to synthesise old-model rows from"
+        )
     return sums / counts[:, None]
 
 
@@ -166,10 +178,14 @@ class BCTWeights:
 
     def __post_init__(self) -> None:
         if min(self.influence, self.to_class_mean, self.to_old_embedding) < 0:
-            raise ConfigError(f"BCT weights must be >= 0, got influence {self.influence}, class mean "
-                              f"{self.to_class_mean}, old embedding {self.to_old_embedding}")
+            raise ConfigError(
+                f"BCT weights must be >= 0, got influence {self.influence}, class mean "
+                f"{self.to_class_mean}, old embedding {self.to_old_embedding}"
+            )
         if self.pulls_on not in ("all", "old"):
-            raise ConfigError(f"BCT pulls apply to 'all' images or the 'old' classes' only, got {self.pulls_on!r}")
+            raise ConfigError(
+                f"BCT pulls apply to 'all' images or the 'old' classes' only, got {self.pulls_on!r}"
+            )
         if self.new_rows not in NEW_ROWS:
             raise ConfigError(f"new-class rows are one of {', '.join(NEW_ROWS)}, got {self.new_rows!r}")
         if self.influence_scale is not None and self.influence_scale <= 0:
@@ -205,7 +221,9 @@ def bct_losses(
     to_old_embedding: squared distance to the old model's (B, D) embedding of the same image.
     """
     if new_emb.shape[1] != old_head.synthesized.shape[1] and new_emb.shape[1] != old_head.old.weight.shape[1]:
-        raise IncompatibleModelsError(f"new embedding dim {new_emb.shape[1]} != old {old_head.old.weight.shape[1]}")
+        raise IncompatibleModelsError(
+            f"new embedding dim {new_emb.shape[1]} != old {old_head.old.weight.shape[1]}"
+        )
     logits = old_head(new_emb)
     if weights.influence_scale is not None:
         logits = logits * (weights.influence_scale / old_head.scale)
@@ -219,7 +237,9 @@ def bct_losses(
         terms["to_class_mean"] = weights.to_class_mean * (keep * (new_emb - centre).pow(2).sum(1)).mean()
     if weights.to_old_embedding:
         assert old_emb is not None
-        terms["to_old_embedding"] = weights.to_old_embedding * (keep * (new_emb - old_emb).pow(2).sum(1)).mean()
+        terms["to_old_embedding"] = (
+            weights.to_old_embedding * (keep * (new_emb - old_emb).pow(2).sum(1)).mean()
+        )
     return terms
 
 
@@ -258,7 +278,9 @@ class FocalDistillation:
         if self.kind not in PC_KINDS:
             raise ConfigError(f"unknown PC loss {self.kind!r}: choose one of {', '.join(PC_KINDS)}")
         if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta <= 0:
-            raise ConfigError(f"focal weights need alpha, beta >= 0 and alpha + beta > 0, got {self.alpha}, {self.beta}")
+            raise ConfigError(
+                f"focal weights need alpha, beta >= 0 and alpha + beta > 0, got {self.alpha}, {self.beta}"
+            )
         if self.temperature <= 0 or self.weight <= 0:
             raise ConfigError(f"PC temperature and weight must be > 0, got {self.temperature}, {self.weight}")
 
@@ -266,7 +288,9 @@ class FocalDistillation:
     def preset(cls, kind: str, **overrides: float | None) -> FocalDistillation:
         """``kd`` is plain distillation (alpha 1, beta 0); the focal kinds default to alpha 1, beta 5; fd-lm's
         term weight defaults to 0.05 (see the class docstring)."""
-        base = {"kd": cls(kind=kind, alpha=1.0, beta=0.0), "fd-lm": cls(kind=kind, weight=0.05)}.get(kind, cls(kind=kind))
+        base = {"kd": cls(kind=kind, alpha=1.0, beta=0.0), "fd-lm": cls(kind=kind, weight=0.05)}.get(
+            kind, cls(kind=kind)
+        )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     @property
@@ -279,13 +303,17 @@ def shared_class_rows(old_classes: list[int], new_classes: list[int]) -> tuple[t
     new_row = {c: i for i, c in enumerate(new_classes)}
     shared = [(i, new_row[c]) for i, c in enumerate(old_classes) if c in new_row]
     if not shared:
-        raise IncompatibleModelsError(f"the old model's classes {old_classes} and the new model's {new_classes} "
-                                      "have none in common: nothing to distil")
+        raise IncompatibleModelsError(
+            f"the old model's classes {old_classes} and the new model's {new_classes} "
+            "have none in common: nothing to distil"
+        )
     old_idx, new_idx = zip(*shared, strict=True)
     return torch.tensor(old_idx), torch.tensor(new_idx)
 
 
-def focal_weights(old_logits: torch.Tensor, old_rows: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+def focal_weights(
+    old_logits: torch.Tensor, old_rows: torch.Tensor, alpha: float, beta: float
+) -> torch.Tensor:
     """(B,) weights alpha + beta * 1[old argmax == label] from (B, K_old) old logits and (B,) old-head rows of
     the labels (-1 for labels the old head does not know, which are never right)."""
     correct = (old_logits.argmax(1) == old_rows) & (old_rows >= 0)  # (B,) bool

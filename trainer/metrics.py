@@ -18,7 +18,9 @@ def rank_gallery(queries: np.ndarray, gallery: np.ndarray, chunk: int = 512):
         yield s, np.argsort(-sims, axis=1, kind="stable")
 
 
-def relevance_metrics(rel: np.ndarray, n_relevant: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+def relevance_metrics(
+    rel: np.ndarray, n_relevant: np.ndarray, ks: tuple[int, ...] = (1, 5)
+) -> dict[str, float]:
     """Sums (not means) of CMC top-k hits and AP over queries, from ranked relevance.
 
     ``rel`` is (q, R) bool: whether the r-th ranked gallery item has the query's class; ``n_relevant`` (q,)
@@ -47,8 +49,11 @@ def retrieval_metrics(
         rel = gallery_labels[order] == ql[:, None]  # (q, G) bool
         for key, v in relevance_metrics(rel, rel.sum(axis=1), ks).items():
             sums[key] = sums.get(key, 0.0) + v
-    out: dict[str, float] = {key: v / n if n else 0.0 for key, v in sums.items()} if n else {
-        **{f"top{k}": 0.0 for k in ks}, "mAP": 0.0}
+    out: dict[str, float] = (
+        {key: v / n if n else 0.0 for key, v in sums.items()}
+        if n
+        else {**{f"top{k}": 0.0 for k in ks}, "mAP": 0.0}
+    )
     out["n_queries"] = n
     return out
 
@@ -57,7 +62,9 @@ def error_rate(pred: np.ndarray, labels: np.ndarray) -> float:
     return float((pred != labels).mean()) if len(labels) else 0.0
 
 
-def negative_flips(old_pred: np.ndarray, new_pred: np.ndarray, labels: np.ndarray) -> dict[str, float | list[int]]:
+def negative_flips(
+    old_pred: np.ndarray, new_pred: np.ndarray, labels: np.ndarray
+) -> dict[str, float | list[int]]:
     """Negative flips: images the old classifier got right and the new one wrong.
 
     NFR = flips / N. Relative NFR = NFR / ((1 - err_old) * err_new): the flips one would expect if the two

@@ -150,9 +150,15 @@ class EmbeddingModel(nn.Module):
 
     def label_to_row(self, labels: torch.Tensor) -> torch.Tensor:
         """Map dataset labels (B,) to head rows (B,); -1 for labels this head does not know."""
-        lut = torch.full((max(max(self.classes), int(labels.max()) if labels.numel() else 0) + 1,), -1,
-                         dtype=torch.long, device=labels.device)
-        lut[torch.as_tensor(self.classes, device=labels.device)] = torch.arange(len(self.classes), device=labels.device)
+        lut = torch.full(
+            (max(max(self.classes), int(labels.max()) if labels.numel() else 0) + 1,),
+            -1,
+            dtype=torch.long,
+            device=labels.device,
+        )
+        lut[torch.as_tensor(self.classes, device=labels.device)] = torch.arange(
+            len(self.classes), device=labels.device
+        )
         return lut[labels]
 
 

@@ -17,7 +17,9 @@ def plot_matrix(report: CompatReport, path: str | Path, metrics: tuple[str, ...]
     import matplotlib.pyplot as plt
 
     names = report.models
-    fig, axes = plt.subplots(1, len(metrics), figsize=(1.6 + 1.5 * len(names) * len(metrics), 1.2 + 1.1 * len(names)))
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(1.6 + 1.5 * len(names) * len(metrics), 1.2 + 1.1 * len(names))
+    )
     axes = np.atleast_1d(axes)
     for ax, metric in zip(axes, metrics, strict=True):
         grid = np.full((len(names), len(names)), np.nan)
@@ -30,8 +32,15 @@ def plot_matrix(report: CompatReport, path: str | Path, metrics: tuple[str, ...]
         for i in range(len(names)):
             for j in range(len(names)):
                 if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center",
-                            color="white" if grid[i, j] < 0.6 else "black", fontsize=9)
+                    ax.text(
+                        j,
+                        i,
+                        f"{grid[i, j]:.3f}",
+                        ha="center",
+                        va="center",
+                        color="white" if grid[i, j] < 0.6 else "black",
+                        fontsize=9,
+                    )
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_yticks(range(len(names)), names)
         ax.set_xlabel("gallery model")

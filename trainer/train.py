@@ -76,7 +76,9 @@ class TrainConfig:
         return BCTWeights(
             influence=base.influence if self.influence_weight is None else self.influence_weight,
             to_class_mean=base.to_class_mean if self.class_mean_weight is None else self.class_mean_weight,
-            to_old_embedding=base.to_old_embedding if self.old_embedding_weight is None else self.old_embedding_weight,
+            to_old_embedding=base.to_old_embedding
+            if self.old_embedding_weight is None
+            else self.old_embedding_weight,
             pulls_on=base.pulls_on if self.pulls_on is None else self.pulls_on,
             influence_scale=base.influence_scale if self.influence_scale is None else self.influence_scale,
             new_rows=base.new_rows if self.new_rows is None else self.new_rows,
@@ -85,8 +87,13 @@ class TrainConfig:
     def pc_loss(self) -> FocalDistillation | None:
         if self.pc is None:
             return None
-        return FocalDistillation.preset(self.pc, alpha=self.pc_alpha, beta=self.pc_beta,
-                                        temperature=self.pc_temperature, weight=self.pc_weight)
+        return FocalDistillation.preset(
+            self.pc,
+            alpha=self.pc_alpha,
+            beta=self.pc_beta,
+            temperature=self.pc_temperature,
+            weight=self.pc_weight,
+        )
 
 
 @dataclass
@@ -104,7 +111,9 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _batches(ds: Dataset, batch_size: int, gen: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    ds: Dataset, batch_size: int, gen: torch.Generator | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(uint8 images (B, C, H, W), labels (B,)) in a seeded shuffled order (or in order if gen is None)."""
     order = torch.randperm(len(ds), generator=gen) if gen is not None else torch.arange(len(ds))
     images, labels = torch.from_numpy(ds.images), torch.from_numpy(ds.labels)
@@ -119,8 +128,10 @@ def _check_old(cfg: TrainConfig, old: LoadedModel | None) -> None:
     if cfg.pc and old is None:
         raise ConfigError("--pc needs --old DIR (the model whose right answers to keep)")
     if old is not None and old.card.adapter_of is not None:
-        raise ConfigError(f"--old {old.version} is an adapter version: train against the model it adapts to "
-                          f"(its compatible_with, {old.card.compatible_with})")
+        raise ConfigError(
+            f"--old {old.version} is an adapter version: train against the model it adapts to "
+            f"(its compatible_with, {old.card.compatible_with})"
+        )
     # PC alone distils logits, so only BCT needs equal embedding sizes.
     if cfg.bct and old is not None and old.card.embedding_dim != cfg.embedding_dim:
         raise IncompatibleModelsError(
@@ -129,7 +140,9 @@ def _check_old(cfg: TrainConfig, old: LoadedModel | None) -> None:
         )
 
 
-def train(cfg: TrainConfig, progress: Callable[[int, int, dict[str, float]], None] | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig, progress: Callable[[int, int, dict[str, float]], None] | None = None
+) -> TrainResult:
     """Train one model version and save it to ``cfg.out``.
 
     ``progress(step, total_steps, terms)`` is called after every step (the CLI draws a bar with it).
@@ -156,33 +169,60 @@ def train(cfg: TrainConfig, progress: Callable[[int, int, dict[str, float]], Non
     if cfg.limit:
         train_set = train_set.take(cfg.limit, seed=cfg.seed)
     prep = Preprocess(channels=train_set.images.shape[1], size=train_set.images.shape[2])
-    model = build_model(cfg.arch, classes, width=cfg.width, depth=cfg.depth, embedding_dim=cfg.embedding_dim,
-                        scale=cfg.scale, in_channels=prep.channels)
+    model = build_model(
+        cfg.arch,
+        classes,
+        width=cfg.width,
+        depth=cfg.depth,
+        embedding_dim=cfg.embedding_dim,
+        scale=cfg.scale,
+        in_channels=prep.channels,
+    )
 
     old_head = centres = None
     if cfg.bct and old is not None:
         old_prep = old.preprocess
         # Old-model class means over the *new* training set: synthesised rows for unseen classes, and centres.
-        old_emb_rows = embed_rows(old.model, ((old_prep(x), y) for x, y in _batches(train_set, 1024, None)),
-                                  classes, old.card.embedding_dim)
+        old_emb_rows = embed_rows(
+            old.model,
+            ((old_prep(x), y) for x, y in _batches(train_set, 1024, None)),
+            classes,
+            old.card.embedding_dim,
+        )
         centres = class_means(*old_emb_rows, classes)
         old_head = build_old_head(old.model, classes, centres)
         if weights.new_rows != "mean":
             # The same embeddings refine the new classes' rows against the head they are appended to.
             means, new = centres, old_head.old_index < 0
-            centres = probe_new_rows(*old_emb_rows, means, new, weights.new_rows, old_head.weight().detach(),
-                                     old_head.scale)
-            log.info("new-class rows by %s: cosine to the class mean %s", weights.new_rows,
-                     [round(float(v), 2) for v in torch.nn.functional.cosine_similarity(centres, means)[new]])
+            centres = probe_new_rows(
+                *old_emb_rows, means, new, weights.new_rows, old_head.weight().detach(), old_head.scale
+            )
+            log.info(
+                "new-class rows by %s: cosine to the class mean %s",
+                weights.new_rows,
+                [round(float(v), 2) for v in torch.nn.functional.cosine_similarity(centres, means)[new]],
+            )
             old_head = build_old_head(old.model, classes, centres)
-        log.info("BCT against %s: %d old rows, %d synthesised rows", old.version,
-                 int((old_head.old_index >= 0).sum()), old_head.synthesized.shape[0])
+        log.info(
+            "BCT against %s: %d old rows, %d synthesised rows",
+            old.version,
+            int((old_head.old_index >= 0).sum()),
+            old_head.synthesized.shape[0],
+        )
 
     pc_rows = None
     if pc is not None and old is not None:
         pc_rows = shared_class_rows(old.model.classes, classes)
-        log.info("PC %s against %s over %d shared classes (alpha %g, beta %g, T %g, weight %g)", pc.kind,
-                 old.version, len(pc_rows[0]), pc.alpha, pc.beta, pc.temperature, pc.weight)
+        log.info(
+            "PC %s against %s over %d shared classes (alpha %g, beta %g, T %g, weight %g)",
+            pc.kind,
+            old.version,
+            len(pc_rows[0]),
+            pc.alpha,
+            pc.beta,
+            pc.temperature,
+            pc.weight,
+        )
 
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
@@ -190,7 +230,12 @@ def train(cfg: TrainConfig, progress: Callable[[int, int, dict[str, float]], Non
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, min(steps_per_epoch, total // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+        opt,
+        lambda s: (
+            (s + 1) / warmup
+            if s < warmup
+            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+        ),
     )
 
     history: list[dict[str, float]] = []
@@ -204,7 +249,9 @@ def train(cfg: TrainConfig, progress: Callable[[int, int, dict[str, float]], Non
             rows = model.label_to_row(yb)
             terms = {"task": task_loss(logits, rows)}
             old_emb = old_logits = None
-            if old is not None and (pc_rows is not None or (old_head is not None and weights.to_old_embedding)):
+            if old is not None and (
+                pc_rows is not None or (old_head is not None and weights.to_old_embedding)
+            ):
                 with torch.no_grad():
                     old_emb, old_logits = old.model(old.preprocess(x8))  # (B, D_old), (B, K_old)
             if old_head is not None:
@@ -236,8 +283,13 @@ def train(cfg: TrainConfig, progress: Callable[[int, int, dict[str, float]], Non
         space=old.card.space if (cfg.bct and old is not None) else version,
         compatible_with=old.version if (cfg.bct and old is not None) else None,
         preprocess=prep.to_dict(),
-        train_config={**asdict(cfg), **_resolved(cfg), "train_images": len(train_set), "seconds": round(seconds, 1),
-                      "images_per_second": round(len(train_set) * cfg.epochs / seconds, 1)},
+        train_config={
+            **asdict(cfg),
+            **_resolved(cfg),
+            "train_images": len(train_set),
+            "seconds": round(seconds, 1),
+            "images_per_second": round(len(train_set) * cfg.epochs / seconds, 1),
+        },
     )
     card = save_model(out, model, card)
     card = _attach_metrics(out, card, old, cfg)
@@ -256,7 +308,6 @@ def _attach_metrics(out: Path, card: ModelCard, old: LoadedModel | None, cfg: Tr
     report = evaluate_models(models, test)
     card = card.model_copy(update={"metrics": report.card_metrics(new.version)})
     return save_model(out, new.model, card)
-
 
 
 def _resolved(cfg: TrainConfig) -> dict[str, object]:

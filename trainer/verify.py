@@ -22,7 +22,9 @@ def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as e:
-        raise ModelCardError(f"{path.name} is not a safetensors file ({e}); pickled weights are never loaded") from None
+        raise ModelCardError(
+            f"{path.name} is not a safetensors file ({e}); pickled weights are never loaded"
+        ) from None
 
 
 def _expected_shapes(card: ModelCard) -> dict[str, tuple[int, ...]]:
@@ -44,10 +46,14 @@ def verify_weights(folder: Path, card: ModelCard) -> None:
     if weights.resolve().parent != folder.resolve():
         raise ModelCardError(f"{weights} lies outside its model folder: refused")
     if not card.weights_sha256:
-        raise ModelCardError(f"the card of {folder.name} states no weights_sha256: its weights cannot be verified")
+        raise ModelCardError(
+            f"the card of {folder.name} states no weights_sha256: its weights cannot be verified"
+        )
     if file_sha256(weights) != card.weights_sha256:
-        raise ModelCardError(f"{weights.name} in {folder.name} does not match the checksum in its card "
-                             "(corrupt or replaced): refused")
+        raise ModelCardError(
+            f"{weights.name} in {folder.name} does not match the checksum in its card "
+            "(corrupt or replaced): refused"
+        )
     shapes = _header_shapes(weights)
     if card.adapter_of is not None:
         return  # an adapter's tensors are checked against its base model when it is loaded
@@ -59,5 +65,7 @@ def verify_weights(folder: Path, card: ModelCard) -> None:
         missing = sorted(set(expected) - set(shapes))[:3]
         extra = sorted(set(shapes) - set(expected))[:3]
         wrong = sorted(k for k in set(shapes) & set(expected) if shapes[k] != expected[k])[:3]
-        raise ModelCardError(f"{weights.name} in {folder.name} does not fit the architecture in its card "
-                             f"(missing {missing}, unexpected {extra}, other shapes {wrong}): refused")
+        raise ModelCardError(
+            f"{weights.name} in {folder.name} does not fit the architecture in its card "
+            f"(missing {missing}, unexpected {extra}, other shapes {wrong}): refused"
+        )

@@ -96,8 +96,10 @@ def parse_json(raw: bytes | str, what: str = "JSON body") -> Any:
     if _SURROGATE_ESCAPE.search(data):
         where = _lone_surrogate(parsed, "")
         if where is not None:
-            raise BadRequest(f"{what}: {where} holds a lone surrogate (a \\ud800-\\udfff escape without its "
-                             "pair): not text")
+            raise BadRequest(
+                f"{what}: {where} holds a lone surrogate (a \\ud800-\\udfff escape without its "
+                "pair): not text"
+            )
     return parsed
 
 
@@ -119,8 +121,9 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-async def read_form(request: Request, *, max_files: int, max_fields: int, what: str
-                    ) -> tuple[list[tuple[str, bytes]], dict[str, list[str]]]:
+async def read_form(
+    request: Request, *, max_files: int, max_fields: int, what: str
+) -> tuple[list[tuple[str, bytes]], dict[str, list[str]]]:
     """(files as (filename, bytes), other fields as lists of strings) of a multipart body.
 
     Parts are counted while the body is parsed (on the event loop): the first part past ``max_files``
@@ -133,11 +136,14 @@ async def read_form(request: Request, *, max_files: int, max_fields: int, what: 
     except Exception as e:  # starlette raises several types for broken multipart bodies
         text = str(getattr(e, "detail", "") or e)
         if "Too many files" in text:
-            raise TooLarge(f"{what} takes at most {_plural(max_files, 'file')} in a multipart body: "
-                           "the body has more") from None
+            raise TooLarge(
+                f"{what} takes at most {_plural(max_files, 'file')} in a multipart body: the body has more"
+            ) from None
         if "Too many fields" in text:
-            raise TooLarge(f"{what} takes at most {_plural(max_fields, 'field')} besides its files in a "
-                           "multipart body: the body has more") from None
+            raise TooLarge(
+                f"{what} takes at most {_plural(max_fields, 'field')} besides its files in a "
+                "multipart body: the body has more"
+            ) from None
         raise BadRequest(f"malformed multipart body: {text}") from None
     files: list[tuple[str, bytes]] = []
     fields: dict[str, list[str]] = {}

@@ -81,7 +81,9 @@ def install_error_handlers(app: FastAPI) -> None:
         status = status_of(exc)
         # a body refused for its size (say, too many multipart parts) may still be arriving: close the
         # connection rather than read and drop the rest of it
-        return JSONResponse(body, status_code=status, headers={"connection": "close"} if status == 413 else None)
+        return JSONResponse(
+            body, status_code=status, headers={"connection": "close"} if status == 413 else None
+        )
 
     for cls in (serr.ServiceError, ierr.GalleryError, ModelCardError):
         app.add_exception_handler(cls, domain_error)
@@ -98,7 +100,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         detail = exc.detail if isinstance(exc.detail, str) and exc.detail else "error"
-        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            {"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
 
     app.add_exception_handler(StarletteHTTPException, http_error)
 

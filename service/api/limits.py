@@ -23,10 +23,15 @@ class BodyLimitMiddleware:
         self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def _reject(self, send: Send, status: int = 413, detail: str | None = None) -> None:
-        body = json.dumps({"detail": detail or f"request body exceeds the limit of {self.max_bytes} bytes"}).encode()
+        body = json.dumps(
+            {"detail": detail or f"request body exceeds the limit of {self.max_bytes} bytes"}
+        ).encode()
         # the rest of the body may still be on its way: close rather than read (and drop) it all
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close")]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

@@ -64,20 +64,37 @@ class ThroughputProbe:
                 return hit
             prep = loaded.preprocess
             rng = np.random.default_rng(0)
-            pngs = [encode_png(rng.integers(0, 256, (prep.channels, prep.size, prep.size), dtype=np.uint8))
-                    for _ in range(min(self.n_images, 64))]
+            pngs = [
+                encode_png(rng.integers(0, 256, (prep.channels, prep.size, prep.size), dtype=np.uint8))
+                for _ in range(min(self.n_images, 64))
+            ]
             embed_images(loaded, np.zeros((8, prep.channels, prep.size, prep.size), np.uint8))  # warm
             t0 = time.perf_counter()
             done = 0
             while done < self.n_images:
                 n = min(self.batch_size, self.n_images - done)
-                batch = np.stack([decode_image(pngs[(done + i) % len(pngs)], channels=prep.channels, size=prep.size,
-                                               max_pixels=1 << 30, what="probe") for i in range(n)])
+                batch = np.stack(
+                    [
+                        decode_image(
+                            pngs[(done + i) % len(pngs)],
+                            channels=prep.channels,
+                            size=prep.size,
+                            max_pixels=1 << 30,
+                            what="probe",
+                        )
+                        for i in range(n)
+                    ]
+                )
                 embed_images(loaded, batch)
                 done += n
             seconds = time.perf_counter() - t0
-            tp = Throughput(images_per_second=done / seconds, batch=self.batch_size, seconds=seconds,
-                            threads=self.threads, measured_at=time.time())
+            tp = Throughput(
+                images_per_second=done / seconds,
+                batch=self.batch_size,
+                seconds=seconds,
+                threads=self.threads,
+                measured_at=time.time(),
+            )
             self._cache[loaded.version] = tp
             return tp
 
@@ -89,21 +106,37 @@ def _quality(matrix: dict[str, Any], key: str) -> dict[str, float] | None:
 
 def _cannot_backfill(gallery: Any, blobs: BlobStore | None, limit: int = 20) -> dict[str, Any]:
     """Items a backfill would skip: no source kept, or a source that is not in the blob store."""
-    missing = [(e, "no source kept" if u is None else "source not in the blob store")
-               for _, e, u in gallery.item_sources() if u is None or (blobs is not None and not blobs.exists(u))]
+    missing = [
+        (e, "no source kept" if u is None else "source not in the blob store")
+        for _, e, u in gallery.item_sources()
+        if u is None or (blobs is not None and not blobs.exists(u))
+    ]
     return {"count": len(missing), "examples": [{"external_id": e, "reason": r} for e, r in missing[:limit]]}
 
 
 class CostReport:
     """The backfill-cost report of one app (DESIGN.md): what re-embedding costs, and what each fraction buys."""
 
-    def __init__(self, swap: HotSwap, models: ModelCache, probe: ThroughputProbe, *, blobs: BlobStore | None,
-                 curves: CurveCache | None, price_per_cpu_hour: float, sample_size: int = 1000,
-                 max_pixels: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        swap: HotSwap,
+        models: ModelCache,
+        probe: ThroughputProbe,
+        *,
+        blobs: BlobStore | None,
+        curves: CurveCache | None,
+        price_per_cpu_hour: float,
+        sample_size: int = 1000,
+        max_pixels: int = 1 << 20,
+    ) -> None:
         self.swap, self.models, self.probe = swap, models, probe
         self.gallery: Gallery = swap.gallery
         self.blobs, self.curves = blobs, curves
-        self.price_per_cpu_hour, self.sample_size, self.max_pixels = price_per_cpu_hour, sample_size, max_pixels
+        self.price_per_cpu_hour, self.sample_size, self.max_pixels = (
+            price_per_cpu_hour,
+            sample_size,
+            max_pixels,
+        )
 
     def report(self, candidate: str, rate_limit: float | None = None) -> dict[str, Any]:
         """The report for ``candidate`` (a valid version: ModelNotFound / InvalidModel otherwise), with the
@@ -126,15 +159,19 @@ class CostReport:
         cpu_hours = seconds * tp.threads / 3600.0
 
         # Which version's embeddings a no-backfill search would meet: the one holding most items of the space.
-        space_versions = {v: n for v, n in by_version.items()
-                          if n and v in {x.version for x in gallery.list_versions() if x.space == card.space}}
+        space_versions = {
+            v: n
+            for v, n in by_version.items()
+            if n and v in {x.version for x in gallery.list_versions() if x.space == card.space}
+        }
         gallery_version = max(space_versions, key=lambda v: space_versions[v]) if space_versions else None
         matrix = card.metrics.get("matrix", {}) if card.metrics else {}
         quality: dict[str, Any] = {
             "source": f"model card of {candidate} (test split of its training data)",
             "current": _quality(matrix, f"{gallery_version}/{gallery_version}") if gallery_version else None,
-            "no_backfill": None if problem else (
-                _quality(matrix, f"{candidate}/{gallery_version}") if gallery_version else None),
+            "no_backfill": None
+            if problem
+            else (_quality(matrix, f"{candidate}/{gallery_version}") if gallery_version else None),
             "full_backfill": _quality(matrix, f"{candidate}/{candidate}"),
         }
         same_space = card.space == self.swap.serving_space()
@@ -175,8 +212,9 @@ class CostReport:
             "report_url": backfill_report_url(candidate),
         }
 
-    def _measured(self, candidate: str, problem: str | None, curve: dict[str, Any],
-                  same_space: bool) -> dict[str, Any] | None:
+    def _measured(
+        self, candidate: str, problem: str | None, curve: dict[str, Any], same_space: bool
+    ) -> dict[str, Any] | None:
         """Quality measured on this gallery, where it can be: no backfill and today's from the compatibility
         check (candidate and active queries over the stored gallery), full backfill from the simulated
         curve's last point (every labelled item re-embedded). None when neither was measured."""
@@ -188,21 +226,31 @@ class CostReport:
             if lab:
                 out["no_backfill"] = dict(lab["candidate"])
                 out["current"] = dict(lab["active"])
-                sources.append(f"no backfill and current: the compatibility check, {lab['queries']} labelled "
-                               f"gallery items as queries over the stored gallery")
+                sources.append(
+                    f"no backfill and current: the compatibility check, {lab['queries']} labelled "
+                    f"gallery items as queries over the stored gallery"
+                )
         if curve["method"] == "simulated":
             points = next(iter(curve["policies"].values()), None)
             if points:
                 out["full_backfill"] = dict(points[-1]["quality"])
-                sources.append(f"full backfill: the simulated curve at 100% ({curve['sample'].get('sampled', 0)} "
-                               f"queries over {curve['sample'].get('gallery', 0)} re-embedded gallery items)")
+                sources.append(
+                    f"full backfill: the simulated curve at 100% ({curve['sample'].get('sampled', 0)} "
+                    f"queries over {curve['sample'].get('gallery', 0)} re-embedded gallery items)"
+                )
         if not out:
             return None
         out["source"] = "measured on this gallery: " + "; ".join(sources) + " (cells not measured: the card)"
         return out
 
-    def _curve(self, loaded: LoadedModel, quality: dict[str, Any], same_space: bool, to_reembed: int,
-               items_per_second: float) -> dict[str, Any]:
+    def _curve(
+        self,
+        loaded: LoadedModel,
+        quality: dict[str, Any],
+        same_space: bool,
+        to_reembed: int,
+        items_per_second: float,
+    ) -> dict[str, Any]:
         """The report's curve: quality and time after each fraction, under each policy (see the module doc)."""
         gallery, blobs, sample_size = self.gallery, self.blobs, self.sample_size
         space = self.swap.serving_space()
@@ -210,43 +258,76 @@ class CostReport:
         def compute() -> tuple[dict[str, list[dict]] | None, dict[str, int]]:
             if blobs is None or space is None or sample_size <= 0:
                 return None, {}
-            sample, counts = sample_gallery(gallery, blobs, loaded, space, sample_size, self.models.get_or_none,
-                                            max_pixels=self.max_pixels)
+            sample, counts = sample_gallery(
+                gallery,
+                blobs,
+                loaded,
+                space,
+                sample_size,
+                self.models.get_or_none,
+                max_pixels=self.max_pixels,
+            )
             return (simulate(sample, same_space) if sample is not None else None), counts
 
-        key = (loaded.version, space, same_space, sample_size, tuple(sorted(gallery.counts_by_version().items())))
+        key = (
+            loaded.version,
+            space,
+            same_space,
+            sample_size,
+            tuple(sorted(gallery.counts_by_version().items())),
+        )
         simulated, counts = self.curves.get_or_compute(key, compute) if self.curves is not None else compute()
         if simulated is not None:
             method = "simulated"
-            detail = (f"{counts.get('simulated', 0)} sampled gallery items with a kept source and a 'label' in their "
-                      f"metadata: each is a query against the others (leave-one-out), the gallery mixing the "
-                      f"candidate's embeddings (first fraction of the policy's order) and the stored ones")
+            detail = (
+                f"{counts.get('simulated', 0)} sampled gallery items with a kept source and a 'label' in their "
+                f"metadata: each is a query against the others (leave-one-out), the gallery mixing the "
+                f"candidate's embeddings (first fraction of the policy's order) and the stored ones"
+            )
             per_policy = simulated
         else:
             method = "card"
-            line = card_line(quality.get("no_backfill"), quality.get("full_backfill"), same_space,
-                             quality.get("current"), FRACTIONS)
-            detail = ("not enough sampled items with a kept source and a 'label' to simulate: a straight line between "
-                      "the card's cells (new/old at 0%, new/new at 100%), the same for both policies")
+            line = card_line(
+                quality.get("no_backfill"),
+                quality.get("full_backfill"),
+                same_space,
+                quality.get("current"),
+                FRACTIONS,
+            )
+            detail = (
+                "not enough sampled items with a kept source and a 'label' to simulate: a straight line between "
+                "the card's cells (new/old at 0%, new/new at 100%), the same for both policies"
+            )
             if line is None:
-                detail = ("not enough labelled items with a kept source to simulate, and the card has no cells for "
-                          "this gallery")
+                detail = (
+                    "not enough labelled items with a kept source to simulate, and the card has no cells for "
+                    "this gallery"
+                )
             per_policy = {p: line for p in POLICIES} if line else {}
         points = {
-            p: [{"fraction": f, "items": round(f * to_reembed),
-                 "seconds": round(f * to_reembed / items_per_second, 2) if items_per_second > 0 else None,
-                 "quality": {k: round(v, 4) for k, v in q.items()}}
-                for f, q in zip(FRACTIONS, curve, strict=True)]
+            p: [
+                {
+                    "fraction": f,
+                    "items": round(f * to_reembed),
+                    "seconds": round(f * to_reembed / items_per_second, 2) if items_per_second > 0 else None,
+                    "quality": {k: round(v, 4) for k, v in q.items()},
+                }
+                for f, q in zip(FRACTIONS, curve, strict=True)
+            ]
             for p, curve in per_policy.items()
         }
         return {
             "method": method,
             "detail": detail,
             "sample": counts,
-            "serving_during_backfill": ("the candidate, over the mixed gallery (same space: activate it first)"
-                                        if same_space else
-                                        "the current model, until every item is re-embedded (other space)"),
+            "serving_during_backfill": (
+                "the candidate, over the mixed gallery (same space: activate it first)"
+                if same_space
+                else "the current model, until every item is re-embedded (other space)"
+            ),
             "fractions_of": f"the {to_reembed} items still to re-embed",
             "policies": points,
-            "reaches_90pct_of_gain_at": {p: first_fraction_reaching(c, FRACTIONS) for p, c in per_policy.items()},
+            "reaches_90pct_of_gain_at": {
+                p: first_fraction_reaching(c, FRACTIONS) for p, c in per_policy.items()
+            },
         }

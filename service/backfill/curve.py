@@ -111,28 +111,46 @@ class Sample:
         return np.arange(len(self.old)) if self.queries is None else self.queries
 
 
-def simulate(sample: Sample, same_space: bool, fractions: Sequence[float] = FRACTIONS) -> dict[str, list[dict]]:
+def simulate(
+    sample: Sample, same_space: bool, fractions: Sequence[float] = FRACTIONS
+) -> dict[str, list[dict]]:
     """Per policy, the expected quality at each fraction (see the module docstring)."""
     out: dict[str, list[dict]] = {}
     q = sample.query_positions
     ql = sample.labels[q]
     identity = np.arange(len(sample.old))
     if not same_space:
-        current = mixed_gallery_quality(sample.old[q], ql, sample.old, sample.old, sample.labels, identity, [0.0],
-                                        exclude=q)[0]
-        full = mixed_gallery_quality(sample.new[q], ql, sample.new, sample.new, sample.labels, identity, [1.0],
-                                     exclude=q)[0]
+        current = mixed_gallery_quality(
+            sample.old[q], ql, sample.old, sample.old, sample.labels, identity, [0.0], exclude=q
+        )[0]
+        full = mixed_gallery_quality(
+            sample.new[q], ql, sample.new, sample.new, sample.labels, identity, [1.0], exclude=q
+        )[0]
         for policy in sample.orders:
             out[policy] = [full if f >= 1.0 else current for f in fractions]
         return out
     for policy, order in sample.orders.items():
-        out[policy] = mixed_gallery_quality(sample.new[q], ql, sample.old, sample.new, sample.labels, order,
-                                            fractions, exclude=q, start=sample.done)
+        out[policy] = mixed_gallery_quality(
+            sample.new[q],
+            ql,
+            sample.old,
+            sample.new,
+            sample.labels,
+            order,
+            fractions,
+            exclude=q,
+            start=sample.done,
+        )
     return out
 
 
-def card_line(no_backfill: dict[str, float] | None, full: dict[str, float] | None, same_space: bool,
-              current: dict[str, float] | None, fractions: Sequence[float] = FRACTIONS) -> list[dict] | None:
+def card_line(
+    no_backfill: dict[str, float] | None,
+    full: dict[str, float] | None,
+    same_space: bool,
+    current: dict[str, float] | None,
+    fractions: Sequence[float] = FRACTIONS,
+) -> list[dict] | None:
     """The card's estimate: linear from new/old (or, for another space, the current quality) to new/new."""
     start = no_backfill if same_space else current
     if not start or not full:
@@ -156,8 +174,9 @@ def label_of(metadata: Any) -> int | None:
     return None
 
 
-def first_fraction_reaching(curve: Sequence[dict], fractions: Sequence[float], share: float = 0.9,
-                            key: str = "mAP") -> float | None:
+def first_fraction_reaching(
+    curve: Sequence[dict], fractions: Sequence[float], share: float = 0.9, key: str = "mAP"
+) -> float | None:
     """The first fraction whose ``key`` has ``share`` of the full backfill's gain (last point) over the
     first point; None if there is no gain to share."""
     start, end = curve[0].get(key), curve[-1].get(key)
@@ -189,8 +208,11 @@ def sample_gallery(
     labels_all = [label_of(records[i][2]) if i in records else None for i in all_ids.tolist()]
     keep_rows = [r for r, lab in enumerate(labels_all) if lab is not None]
     rng = np.random.default_rng(seed)
-    with_source = [r for r in keep_rows if records[int(all_ids[r])][1] is not None
-                   and blobs.exists(records[int(all_ids[r])][1] or "")]
+    with_source = [
+        r
+        for r in keep_rows
+        if records[int(all_ids[r])][1] is not None and blobs.exists(records[int(all_ids[r])][1] or "")
+    ]
     counts = {"with_source": len(with_source), "labelled": len(keep_rows)}
     if len(keep_rows) > max_gallery:
         keep_rows = sorted(rng.choice(np.asarray(keep_rows), size=max_gallery, replace=False).tolist())
@@ -203,8 +225,11 @@ def sample_gallery(
     versions = [all_versions[r] for r in keep_rows]
     labels = np.asarray([labels_all[r] for r in keep_rows], dtype=np.int64)
     prep = candidate.preprocess
-    new = old.copy() if old.shape[1] == candidate.card.embedding_dim else \
-        np.zeros((len(ids), candidate.card.embedding_dim), np.float32)
+    new = (
+        old.copy()
+        if old.shape[1] == candidate.card.embedding_dim
+        else np.zeros((len(ids), candidate.card.embedding_dim), np.float32)
+    )
     embedded = np.zeros(len(ids), dtype=bool)
     pos, images = [], []
     for p, iid in enumerate(ids.tolist()):
@@ -213,8 +238,15 @@ def sample_gallery(
         if raw is None:
             continue
         try:
-            images.append(decode_image(raw, channels=prep.channels, size=prep.size, max_pixels=max_pixels,
-                                       what=f"item {records[iid][0]!r}"))
+            images.append(
+                decode_image(
+                    raw,
+                    channels=prep.channels,
+                    size=prep.size,
+                    max_pixels=max_pixels,
+                    what=f"item {records[iid][0]!r}",
+                )
+            )
             pos.append(p)
         except (BadImage, TooLarge):
             continue
@@ -226,21 +258,27 @@ def sample_gallery(
     usable_q = np.flatnonzero(embedded)
     if len(usable_q) < MIN_LABELLED:
         return None, counts
-    queries = np.sort(rng.choice(usable_q, size=min(size, len(usable_q)), replace=False)) if size > 0 else usable_q
+    queries = (
+        np.sort(rng.choice(usable_q, size=min(size, len(usable_q)), replace=False)) if size > 0 else usable_q
+    )
     counts["sampled"] = int(len(queries))
     counts["gallery"] = int(len(ids))
     is_done = np.asarray([v == candidate.version for v in versions])
     # the runner's scores (service.backfill.order.uncertainty_order), over the gallery
-    scores = margin_scores(candidate, old) if candidate.card.space == space else uncertainty_scores(
-        versions, old, model_of)
+    scores = (
+        margin_scores(candidate, old)
+        if candidate.card.space == space
+        else uncertainty_scores(versions, old, model_of)
+    )
     todo = np.flatnonzero(~is_done)
     done_first = np.flatnonzero(is_done)
     orders = {
         "sequential": np.concatenate([done_first, todo[np.argsort(ids[todo], kind="stable")]]),
         "uncertainty": np.concatenate([done_first, todo[order_by_scores(ids[todo], scores[todo])]]),
     }
-    return Sample(item_ids=ids, labels=labels, old=old, new=new, orders=orders, done=len(done_first),
-                  queries=queries), counts
+    return Sample(
+        item_ids=ids, labels=labels, old=old, new=new, orders=orders, done=len(done_first), queries=queries
+    ), counts
 
 
 class CurveCache:

@@ -40,7 +40,9 @@ def margin_scores(loaded: LoadedModel, vectors: np.ndarray, chunk: int = 8192) -
     out = np.empty(len(vectors), dtype=np.float64)
     with torch.inference_mode():
         for s in range(0, len(vectors), chunk):
-            logits = loaded.model.classify(torch.from_numpy(np.ascontiguousarray(vectors[s : s + chunk])))  # (b, K)
+            logits = loaded.model.classify(
+                torch.from_numpy(np.ascontiguousarray(vectors[s : s + chunk]))
+            )  # (b, K)
             if logits.shape[1] < 2:
                 out[s : s + len(logits)] = (logits[:, 0] / loaded.model.head.scale).double().numpy()
                 continue
@@ -59,7 +61,9 @@ def uncertainty_scores(
     for v in sorted(set(versions)):
         loaded = model_of(v)
         if loaded is None:
-            log.warning("no loadable model for version %s: its items keep id order in the uncertainty policy", v)
+            log.warning(
+                "no loadable model for version %s: its items keep id order in the uncertainty policy", v
+            )
             continue
         rows = np.flatnonzero(ver == v)
         scores[rows] = margin_scores(loaded, vectors[rows])
@@ -82,8 +86,12 @@ class Order:
     unscored: int
 
 
-def uncertainty_order(gallery: Gallery, space: str, model_of: Callable[[str], LoadedModel | None],
-                      candidate: LoadedModel | None = None) -> Order:
+def uncertainty_order(
+    gallery: Gallery,
+    space: str,
+    model_of: Callable[[str], LoadedModel | None],
+    candidate: LoadedModel | None = None,
+) -> Order:
     """The uncertainty-first order of every item with an embedding in ``space`` (the serving space), scored
     by ``candidate``'s head when it writes into ``space``, else by each embedding's own model's head."""
     t0 = time.perf_counter()
@@ -93,5 +101,9 @@ def uncertainty_order(gallery: Gallery, space: str, model_of: Callable[[str], Lo
     else:
         scores = uncertainty_scores(versions, vectors, model_of)
     perm = order_by_scores(item_ids, scores)
-    return Order(item_ids=item_ids[perm], scores=scores[perm], seconds=time.perf_counter() - t0,
-                 unscored=int(np.isnan(scores).sum()))
+    return Order(
+        item_ids=item_ids[perm],
+        scores=scores[perm],
+        seconds=time.perf_counter() - t0,
+        unscored=int(np.isnan(scores).sum()),
+    )

@@ -105,7 +105,9 @@ class _Cursor:
         None when a rewind is needed and not allowed (ask again once the batch in flight is stored)."""
         while True:
             if self.phase == "order":
-                rows = self.gallery.backfill.pending_ordered(self.job_id, self.candidate, limit, self.position)
+                rows = self.gallery.backfill.pending_ordered(
+                    self.job_id, self.candidate, limit, self.position
+                )
                 if rows:
                     self.position = rows[-1][0]
                     return [(i, e, u) for _, i, e, u in rows]
@@ -184,20 +186,33 @@ class BackfillRunner:
         self._pool.shutdown(wait=True)
 
     # ------------------------------------------------------------------ control (any thread)
-    def create(self, candidate: str, policy: str = "sequential", *, rate_limit: float | None = None,
-               batch_size: int | None = None, stop_at: float | None = None) -> BackfillJobInfo:
+    def create(
+        self,
+        candidate: str,
+        policy: str = "sequential",
+        *,
+        rate_limit: float | None = None,
+        batch_size: int | None = None,
+        stop_at: float | None = None,
+    ) -> BackfillJobInfo:
         """A new ``pending`` job. Refused (:class:`BackfillConflict`) while another job of the same
         candidate may still run; unknown or refused versions raise the registry's errors."""
         if policy not in POLICIES:
             raise BadRequest(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
         self.registry.entry(candidate)  # ModelNotFound / InvalidModel, and registers the version
-        spec = {"order": policy, "rate_limit": rate_limit if rate_limit is not None else self.rate_limit,
-                "batch_size": int(batch_size or self.batch_size), "stop_at": stop_at}
+        spec = {
+            "order": policy,
+            "rate_limit": rate_limit if rate_limit is not None else self.rate_limit,
+            "batch_size": int(batch_size or self.batch_size),
+            "stop_at": stop_at,
+        }
         with self._cond:
             busy = [j.id for j in self.gallery.backfill.list_jobs(candidate) if j.status in ACTIVE]
             if busy:
-                raise BackfillConflict(f"backfill job {busy[0]} of {candidate} is not finished: resume or cancel it "
-                                       f"(GET /v1/backfill/{busy[0]})")
+                raise BackfillConflict(
+                    f"backfill job {busy[0]} of {candidate} is not finished: resume or cancel it "
+                    f"(GET /v1/backfill/{busy[0]})"
+                )
             job = self.gallery.backfill.create_job(candidate, spec)
             self._cond.notify_all()
         log.info("backfill job %d: %s, policy %s", job.id, candidate, spec)
@@ -209,24 +224,34 @@ class BackfillRunner:
             if job.status == "paused":
                 return job
             if job.status not in ("pending", "running"):
-                raise BackfillConflict(f"backfill job {job_id} is {job.status}: only pending or running jobs pause")
+                raise BackfillConflict(
+                    f"backfill job {job_id} is {job.status}: only pending or running jobs pause"
+                )
             job = self.gallery.backfill.update_job(job_id, status="paused")
             self._cond.notify_all()
             return job
 
-    def resume(self, job_id: int, *, stop_at: float | None = None, rate_limit: float | None = None) -> BackfillJobInfo:
+    def resume(
+        self, job_id: int, *, stop_at: float | None = None, rate_limit: float | None = None
+    ) -> BackfillJobInfo:
         """Resume a paused (or failed) job; ``stop_at`` replaces its stop point (None: run to the end)."""
         with self._cond:
             job = self.gallery.backfill.get_job(job_id)
             if job.status not in ("paused", "failed", "pending", "running"):
-                raise BackfillConflict(f"backfill job {job_id} is {job.status}: it cannot be resumed "
-                                       "(start a new one: finished items are not re-embedded)")
+                raise BackfillConflict(
+                    f"backfill job {job_id} is {job.status}: it cannot be resumed "
+                    "(start a new one: finished items are not re-embedded)"
+                )
             spec = dict(job.policy or {})
             spec["stop_at"] = stop_at
             if rate_limit is not None:
                 spec["rate_limit"] = rate_limit
-            others = [j for j in self.gallery.backfill.list_jobs() if j.status == "running" and j.id != job_id]
-            status = job.status if job.status in ("pending", "running") else ("pending" if others else "running")
+            others = [
+                j for j in self.gallery.backfill.list_jobs() if j.status == "running" and j.id != job_id
+            ]
+            status = (
+                job.status if job.status in ("pending", "running") else ("pending" if others else "running")
+            )
             job = self.gallery.backfill.update_job(job_id, status=status, policy=spec, error=None)
             self._cond.notify_all()
             return job
@@ -252,27 +277,41 @@ class BackfillRunner:
         n_skip, examples = self.gallery.backfill.skips(job.id, 10)
         rate = live.rate() if job.status == "running" else None
         done, total = job.done, job.total
-        if live.done is not None and live.total is not None:  # the thread is in this job: fresher than the row
+        if (
+            live.done is not None and live.total is not None
+        ):  # the thread is in this job: fresher than the row
             done, total = live.done, live.total
         left = max(total - done - n_skip, 0)
         # what this process last read of the candidate's folder: a poll never re-reads (or re-hashes) it
         known = self.registry.known(job.candidate)
-        can_activate = None if known is None or known.card is None else space_problem(self.gallery, known.card) is None
+        can_activate = (
+            None if known is None or known.card is None else space_problem(self.gallery, known.card) is None
+        )
         return {
-            "id": job.id, "candidate": job.candidate, "space": job.space, "status": job.status,
+            "id": job.id,
+            "candidate": job.candidate,
+            "space": job.space,
+            "status": job.status,
             "phase": live.phase if job.status == "running" else None,
-            "policy": spec.get("order", "sequential"), "rate_limit": spec.get("rate_limit"),
-            "batch_size": int(spec.get("batch_size") or self.batch_size), "stop_at": spec.get("stop_at"),
-            "done": done, "total": total, "skipped": n_skip,
+            "policy": spec.get("order", "sequential"),
+            "rate_limit": spec.get("rate_limit"),
+            "batch_size": int(spec.get("batch_size") or self.batch_size),
+            "stop_at": spec.get("stop_at"),
+            "done": done,
+            "total": total,
+            "skipped": n_skip,
             "skipped_examples": [{"external_id": e, "reason": r} for e, r in examples],
             "fraction": done / total if total else 1.0,
             "rate": round(rate, 2) if rate else None,
             "eta_seconds": round(left / rate, 2) if rate else (0.0 if left == 0 else None),
-            "reembedded": live.reembedded, "active_seconds": round(live.active_seconds, 3),
+            "reembedded": live.reembedded,
+            "active_seconds": round(live.active_seconds, 3),
             "ordering_seconds": None if live.ordering_seconds is None else round(live.ordering_seconds, 3),
             "seconds_by_stage": {k: round(v, 3) for k, v in live.stages.items()},
-            "can_activate": can_activate, "error": job.error,
-            "created_at": job.created_at.isoformat(), "updated_at": job.updated_at.isoformat(),
+            "can_activate": can_activate,
+            "error": job.error,
+            "created_at": job.created_at.isoformat(),
+            "updated_at": job.updated_at.isoformat(),
         }
 
     # ------------------------------------------------------------------ the worker thread
@@ -285,7 +324,9 @@ class BackfillRunner:
                     job = self._next_job()
                 except GalleryClosed:
                     return
-                except Exception:  # e.g. the database is briefly unreachable: try again later, keep the thread
+                except (
+                    Exception
+                ):  # e.g. the database is briefly unreachable: try again later, keep the thread
                     log.exception("backfill runner: cannot list jobs")
                     job = None
                 if job is None:
@@ -301,7 +342,10 @@ class BackfillRunner:
                     with self._cond:
                         if self.gallery.backfill.get_job(job.id).status == "running":
                             self.gallery.backfill.update_job(
-                                job.id, status="failed", error=self.registry.public(f"{type(e).__name__}: {e}"))
+                                job.id,
+                                status="failed",
+                                error=self.registry.public(f"{type(e).__name__}: {e}"),
+                            )
                 except Exception:  # the job stays running in SQL: it is retried on the next turn
                     log.exception("backfill job %d: cannot record the failure", job.id)
                     with self._cond:
@@ -313,7 +357,9 @@ class BackfillRunner:
         for status in ("running", "pending"):
             for j in jobs:
                 if j.status == status:
-                    return j if status == "running" else self.gallery.backfill.update_job(j.id, status="running")
+                    return (
+                        j if status == "running" else self.gallery.backfill.update_job(j.id, status="running")
+                    )
         return None
 
     def _status(self, job_id: int) -> BackfillJobInfo | None:
@@ -353,11 +399,21 @@ class BackfillRunner:
             live.phase = "ordering"
             space = self.swap.serving_space()
             order = uncertainty_order(self.gallery, space, self.models.get_or_none, loaded) if space else None
-            n = self.gallery.backfill.set_order(job.id, order.item_ids.tolist(), order.scores.tolist()) if order else 0
+            n = (
+                self.gallery.backfill.set_order(job.id, order.item_ids.tolist(), order.scores.tolist())
+                if order
+                else 0
+            )
             live.ordering_seconds = order.seconds if order else 0.0
             spec.update(ordered_items=n, order_space=space, unscored=order.unscored if order else 0)
             self.gallery.backfill.update_job(job.id, policy=spec)
-            log.info("backfill job %d: ordered %d items of space %s in %.2fs", job.id, n, space, live.ordering_seconds)
+            log.info(
+                "backfill job %d: ordered %d items of space %s in %.2fs",
+                job.id,
+                n,
+                space,
+                live.ordering_seconds,
+            )
         live.phase = "embedding"
         cursor = _Cursor(self.gallery, job.id, candidate, ordered)
         done, total = self.gallery.backfill.progress(candidate)
@@ -386,18 +442,28 @@ class BackfillRunner:
                         continue
                 limit = int(spec.get("batch_size") or self.batch_size)
                 if rate:
-                    limit = min(limit, max(1, int(rate / 4)))  # ~0.25 s of budget per batch: smooth, responsive
+                    limit = min(
+                        limit, max(1, int(rate / 4))
+                    )  # ~0.25 s of budget per batch: smooth, responsive
                 stop_at = spec.get("stop_at")
                 if stop_at:
                     target = math.ceil(stop_at * total - 1e-9)
                     if done >= target:
-                        log.info("backfill job %d: reached its stop point %.3f (%d/%d)", job.id, stop_at, done, total)
+                        log.info(
+                            "backfill job %d: reached its stop point %.3f (%d/%d)",
+                            job.id,
+                            stop_at,
+                            done,
+                            total,
+                        )
                         self._finish(job.id, "paused", done, total)
                         return
                     limit = min(limit, target - done)
                 batch = ahead.result() if ahead is not None and ahead.result() is not None else None
                 ahead = None
-                if batch is not None and batch.size > limit:  # a new stop point or rate since it was read ahead
+                if (
+                    batch is not None and batch.size > limit
+                ):  # a new stop point or rate since it was read ahead
                     batch = None
                     cursor = _Cursor(self.gallery, job.id, candidate, ordered)
                 if batch is None:
@@ -410,16 +476,24 @@ class BackfillRunner:
                     n_skip = self.gallery.backfill.skips(job.id, 0)[0]
                     if n_skip and not live.reembedded:
                         # nothing was re-embedded though items were pending: not "done" (nothing was)
-                        why = (f"no item had a usable source ({n_skip} skipped): nothing was re-embedded; "
-                               "see skipped_examples, ingest the items again (or keep sources), then start a "
-                               "new job")
+                        why = (
+                            f"no item had a usable source ({n_skip} skipped): nothing was re-embedded; "
+                            "see skipped_examples, ingest the items again (or keep sources), then start a "
+                            "new job"
+                        )
                         log.warning("backfill job %d: %s", job.id, why)
                         self._finish(job.id, "failed", done, total, error=why)
                         return
-                    log.info("backfill job %d: complete, %d/%d embedded by %s", job.id, done, total, candidate)
+                    log.info(
+                        "backfill job %d: complete, %d/%d embedded by %s", job.id, done, total, candidate
+                    )
                     self._finish(job.id, "done", done, total)
                     return
-                next_limit = limit if not stop_at else min(limit, math.ceil(stop_at * total - 1e-9) - done - batch.size)
+                next_limit = (
+                    limit
+                    if not stop_at
+                    else min(limit, math.ceil(stop_at * total - 1e-9) - done - batch.size)
+                )
                 if not rate and next_limit > 0:
                     # Overlap listing, reading and decoding the next batch with this one's embedding and commit.
                     ahead = self._pool.submit(self._read_ahead, cursor, next_limit, candidate, prep, live)
@@ -437,14 +511,17 @@ class BackfillRunner:
             if ahead is not None:  # a batch read ahead is not committed: drop it, once its reads finish
                 wait([ahead])
 
-    def _read_ahead(self, cursor: _Cursor, limit: int, candidate: str, prep: Any, live: _Live) -> _Batch | None:
+    def _read_ahead(
+        self, cursor: _Cursor, limit: int, candidate: str, prep: Any, live: _Live
+    ) -> _Batch | None:
         t0 = time.perf_counter()
         rows = cursor.next(limit, rewind_ok=False)  # never rewinds past the batch in flight
         live.timed("list", t0)
         return None if rows is None else self._load(rows, candidate, prep, live)
 
-    def _load(self, rows: list[tuple[int, str, str | None]] | None, candidate: str, prep: Any,
-              live: _Live) -> _Batch:
+    def _load(
+        self, rows: list[tuple[int, str, str | None]] | None, candidate: str, prep: Any, live: _Live
+    ) -> _Batch:
         """Read and decode the sources of ``rows`` (``(item_id, external_id, source_uri)``); items without a
         usable source become skips."""
         t0 = time.perf_counter()
@@ -458,15 +535,24 @@ class BackfillRunner:
                 batch.skips.append((iid, f"source {uri[:80]} is not in the blob store"))
                 continue
             try:
-                batch.images.append(decode_image(raw, channels=prep.channels, size=prep.size,
-                                                 max_pixels=self.max_image_pixels, what=f"item {eid!r}"))
+                batch.images.append(
+                    decode_image(
+                        raw,
+                        channels=prep.channels,
+                        size=prep.size,
+                        max_pixels=self.max_image_pixels,
+                        what=f"item {eid!r}",
+                    )
+                )
                 batch.eids.append(eid)
             except (BadImage, TooLarge) as e:
                 batch.skips.append((iid, f"source does not fit {candidate}: {e}"))
         live.timed("read_decode", t0)
         return batch
 
-    def _store(self, job_id: int, candidate: str, batch: _Batch, loaded: LoadedModel, live: _Live) -> tuple[int, int]:
+    def _store(
+        self, job_id: int, candidate: str, batch: _Batch, loaded: LoadedModel, live: _Live
+    ) -> tuple[int, int]:
         """Embed a batch and commit it (``gallery.reembed``: SQL, then FAISS); record its skips (they leave
         the job's pending list). Returns ``(re-embedded, skipped)``."""
         t0 = time.perf_counter()

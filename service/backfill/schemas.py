@@ -16,16 +16,31 @@ class _Strict(BaseModel):
 
 class BackfillRequest(_Strict):
     candidate: str = Field(min_length=1, max_length=128, description="the version that re-embeds the gallery")
-    policy: Policy = Field("sequential", description="order: by item id, or least confident old embeddings first")
-    rate_limit: float | None = Field(None, gt=0, allow_inf_nan=False, description="items/s cap (unset: the service's default, else none)")
-    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH, description="items per transaction (unset: default)")
-    stop_at: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="pause by itself once this share of the gallery "
-                                                                "is embedded by the candidate")
+    policy: Policy = Field(
+        "sequential", description="order: by item id, or least confident old embeddings first"
+    )
+    rate_limit: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="items/s cap (unset: the service's default, else none)"
+    )
+    batch_size: int | None = Field(
+        None, ge=1, le=MAX_BATCH, description="items per transaction (unset: default)"
+    )
+    stop_at: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="pause by itself once this share of the gallery is embedded by the candidate",
+    )
 
 
 class ResumeRequest(_Strict):
-    stop_at: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="a new stop point (unset: run to the end)")
-    rate_limit: float | None = Field(None, gt=0, allow_inf_nan=False, description="a new items/s cap (unset: keep the job's)")
+    stop_at: float | None = Field(
+        None, gt=0, le=1, allow_inf_nan=False, description="a new stop point (unset: run to the end)"
+    )
+    rate_limit: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="a new items/s cap (unset: keep the job's)"
+    )
 
 
 class SkippedItem(BaseModel):
@@ -37,8 +52,10 @@ class BackfillJobResponse(BaseModel):
     id: int
     candidate: str
     space: str
-    status: str = Field(description="pending, running, paused, cancelled, done or failed (also when every item "
-                                    "it had to re-embed was skipped: then error says so)")
+    status: str = Field(
+        description="pending, running, paused, cancelled, done or failed (also when every item "
+        "it had to re-embed was skipped: then error says so)"
+    )
     phase: str | None = Field(None, description="while running: ordering or embedding")
     policy: Policy
     rate_limit: float | None
@@ -54,8 +71,11 @@ class BackfillJobResponse(BaseModel):
     reembedded: int = Field(0, description="items this job re-embedded since the service started")
     active_seconds: float = Field(0.0, description="seconds spent running since the service started")
     ordering_seconds: float | None = Field(None, description="time taken to compute the order (uncertainty)")
-    seconds_by_stage: dict[str, float] = Field(default_factory=dict, description="time spent per stage of the "
-                                               "batches (list, read_decode, embed, write) since the service started")
+    seconds_by_stage: dict[str, float] = Field(
+        default_factory=dict,
+        description="time spent per stage of the "
+        "batches (list, read_decode, embed, write) since the service started",
+    )
     can_activate: bool | None = Field(None, description="the candidate may now serve over the gallery")
     error: str | None = None
     created_at: str

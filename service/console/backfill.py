@@ -26,11 +26,16 @@ RUNNING = ("pending", "running")
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--api", default=os.environ.get("GRACEFUL_API_URL", DEFAULT_API),
-                        help="the service's base URL (default: $GRACEFUL_API_URL, else %(default)s)")
+    common.add_argument(
+        "--api",
+        default=os.environ.get("GRACEFUL_API_URL", DEFAULT_API),
+        help="the service's base URL (default: $GRACEFUL_API_URL, else %(default)s)",
+    )
     common.add_argument("--json", action="store_true", help="print the job(s) as JSON")
-    p = argparse.ArgumentParser(prog="graceful backfill", description="Backfill jobs of a running graceful service "
-                                "(API key from GRACEFUL_API_KEY).")
+    p = argparse.ArgumentParser(
+        prog="graceful backfill",
+        description="Backfill jobs of a running graceful service (API key from GRACEFUL_API_KEY).",
+    )
     sub = p.add_subparsers(dest="action", required=True)
     s = sub.add_parser("start", parents=[common], help="re-embed the gallery with a candidate version")
     s.add_argument("candidate")
@@ -54,8 +59,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def describe(job: dict[str, Any]) -> str:
     """One line: ``job 3 v2 (uncertainty): running 1200/8000 (15.0%), 950 items/s, ETA 7s, 2 skipped``."""
-    line = (f"job {job['id']} {job['candidate']} ({job['policy']}): {job['status']} {job['done']}/{job['total']} "
-            f"({100 * job['fraction']:.1f}%)")
+    line = (
+        f"job {job['id']} {job['candidate']} ({job['policy']}): {job['status']} {job['done']}/{job['total']} "
+        f"({100 * job['fraction']:.1f}%)"
+    )
     if job.get("rate"):
         line += f", {job['rate']:.0f} items/s"
     if job.get("eta_seconds") is not None and job["status"] == "running":
@@ -72,14 +79,21 @@ def describe(job: dict[str, Any]) -> str:
 def _wait(client: Any, job: dict[str, Any], poll: float = 0.5) -> dict[str, Any]:
     from tqdm import tqdm
 
-    with tqdm(total=job["total"], initial=job["done"], desc=f"backfill {job['candidate']}", unit="item",
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=job["total"],
+        initial=job["done"],
+        desc=f"backfill {job['candidate']}",
+        unit="item",
+        dynamic_ncols=True,
+    ) as bar:
         while job["status"] in RUNNING:
             time.sleep(poll)
             job = client.get(f"/v1/backfill/{job['id']}")
             bar.total = job["total"]
             bar.update(job["done"] + job["skipped"] - bar.n)
-            bar.set_postfix_str(job["status"] + (f" {job['rate']:.0f}/s" if job.get("rate") else ""), refresh=False)
+            bar.set_postfix_str(
+                job["status"] + (f" {job['rate']:.0f}/s" if job.get("rate") else ""), refresh=False
+            )
     return job
 
 
@@ -93,17 +107,28 @@ def backfill_main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.action == "status" and args.job is None:
             jobs = client.get("/v1/backfill")["jobs"]
-            print(json.dumps(jobs, indent=2) if args.json else "\n".join(map(describe, jobs)) or "no backfill jobs")
+            print(
+                json.dumps(jobs, indent=2)
+                if args.json
+                else "\n".join(map(describe, jobs)) or "no backfill jobs"
+            )
             return 0
         if args.action == "start":
-            body = {"candidate": args.candidate, "policy": args.policy, "rate_limit": args.rate_limit,
-                    "batch_size": args.batch_size, "stop_at": args.stop_at}
+            body = {
+                "candidate": args.candidate,
+                "policy": args.policy,
+                "rate_limit": args.rate_limit,
+                "batch_size": args.batch_size,
+                "stop_at": args.stop_at,
+            }
             job = client.post("/v1/backfill", json={k: v for k, v in body.items() if v is not None})
         elif args.action == "status":
             job = client.get(f"/v1/backfill/{args.job}")
         elif args.action == "resume":
             body = {"stop_at": args.stop_at, "rate_limit": args.rate_limit}
-            job = client.post(f"/v1/backfill/{args.job}/resume", json={k: v for k, v in body.items() if v is not None})
+            job = client.post(
+                f"/v1/backfill/{args.job}/resume", json={k: v for k, v in body.items() if v is not None}
+            )
         else:
             job = client.post(f"/v1/backfill/{args.job}/{args.action}")
         if getattr(args, "wait", False):

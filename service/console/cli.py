@@ -51,8 +51,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from service.console.items import ingest_main, search_main
     from service.console.serve import serve_main
 
-    commands = {"train": train_main, "eval": eval_main, "adapt": adapt_main, "serve": serve_main, "demo": demo_main,
-                "backfill": backfill_main, "check": check_main, "ingest": ingest_main, "search": search_main}
+    commands = {
+        "train": train_main,
+        "eval": eval_main,
+        "adapt": adapt_main,
+        "serve": serve_main,
+        "demo": demo_main,
+        "backfill": backfill_main,
+        "check": check_main,
+        "ingest": ingest_main,
+        "search": search_main,
+    }
     if cmd not in commands:
         print(f"graceful: error: unknown command {cmd!r} (try `graceful --help`)", file=sys.stderr)
         return 2

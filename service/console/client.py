@@ -57,8 +57,15 @@ import numpy as np
 from service.images import encode_png, encode_png_base64
 from trainer.metrics import relevance_metrics
 
-__all__ = ["IMAGE_SUFFIXES", "ApiError", "GracefulClient", "HttpEval", "IngestSummary", "encode_image",
-           "external_id_for"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ApiError",
+    "GracefulClient",
+    "HttpEval",
+    "IngestSummary",
+    "encode_image",
+    "external_id_for",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 """File types :meth:`GracefulClient.ingest_folder` picks up (WebP is converted to PNG: the server reads PNG
@@ -143,7 +150,9 @@ def encode_image(image: ImageLike) -> bytes:
             im = im.convert("RGB" if im.mode == "RGBA" else "L")
         im.save(buf, format="PNG")
         return buf.getvalue()
-    raise TypeError(f"cannot send a {type(image).__name__} as an image: give a path, bytes, a PIL image or an array")
+    raise TypeError(
+        f"cannot send a {type(image).__name__} as an image: give a path, bytes, a PIL image or an array"
+    )
 
 
 def _b64(image: ImageLike) -> str:
@@ -182,8 +191,17 @@ class GracefulClient:
     through (tests pass an in-process app's TestClient); by default each thread opens its own to ``url``.
     """
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 120.0, *, retries: int = 4,
-                 backoff: float = 0.25, max_backoff: float = 8.0, http_client: httpx.Client | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        *,
+        retries: int = 4,
+        backoff: float = 0.25,
+        max_backoff: float = 8.0,
+        http_client: httpx.Client | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self.headers = {"X-API-Key": api_key} if api_key else {}
         self._local = threading.local()
@@ -202,7 +220,9 @@ class GracefulClient:
             return self._shared
         c = getattr(self._local, "client", None)
         if c is None:
-            c = self._local.client = httpx.Client(base_url=self.url, timeout=self.timeout, headers=self.headers)
+            c = self._local.client = httpx.Client(
+                base_url=self.url, timeout=self.timeout, headers=self.headers
+            )
         return c
 
     def _ok(self, r: httpx.Response) -> Any:
@@ -216,7 +236,7 @@ class GracefulClient:
         return r.json()
 
     def _delay(self, attempt: int, response: httpx.Response | None) -> float:
-        delay = min(self.max_backoff, self.backoff * (2 ** attempt))
+        delay = min(self.max_backoff, self.backoff * (2**attempt))
         if response is not None:
             with contextlib.suppress(ValueError):  # Retry-After as seconds (an HTTP date is ignored)
                 delay = min(self.max_backoff, max(delay, float(response.headers.get("retry-after", ""))))
@@ -228,7 +248,9 @@ class GracefulClient:
         attempt = 0
         while True:
             try:
-                r = self.http.request(method, path, **{**kw, "headers": {**self.headers, **(kw.get("headers") or {})}})
+                r = self.http.request(
+                    method, path, **{**kw, "headers": {**self.headers, **(kw.get("headers") or {})}}
+                )
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout):
                 if attempt >= self.retries:
                     raise
@@ -250,23 +272,47 @@ class GracefulClient:
         return self.request("POST", path, **kw)
 
     # ------------------------------------------------------------------ ingest
-    def ingest(self, ids: Sequence[str], images: np.ndarray, metadata: Sequence[dict] | None = None,
-               upsert: bool = False) -> dict:
+    def ingest(
+        self,
+        ids: Sequence[str],
+        images: np.ndarray,
+        metadata: Sequence[dict] | None = None,
+        upsert: bool = False,
+    ) -> dict:
         """Ingest images (uint8 arrays) under ``ids`` in one request (all-or-nothing)."""
-        items = [{"external_id": e, "image_base64": encode_png_base64(img), "metadata": metadata[i] if metadata else None}
-                 for i, (e, img) in enumerate(zip(ids, images, strict=True))]
+        items = [
+            {
+                "external_id": e,
+                "image_base64": encode_png_base64(img),
+                "metadata": metadata[i] if metadata else None,
+            }
+            for i, (e, img) in enumerate(zip(ids, images, strict=True))
+        ]
         return self.post("/v1/items", json={"items": items, "upsert": upsert})
 
-    def ingest_images(self, ids: Sequence[str], images: Sequence[ImageLike], metadata: Sequence[dict | None] | None = None,
-                      upsert: bool = False) -> dict:
+    def ingest_images(
+        self,
+        ids: Sequence[str],
+        images: Sequence[ImageLike],
+        metadata: Sequence[dict | None] | None = None,
+        upsert: bool = False,
+    ) -> dict:
         """Like :meth:`ingest` for any image-like values (paths, bytes, PIL images, arrays)."""
-        items = [{"external_id": e, "image_base64": _b64(img), "metadata": metadata[i] if metadata else None}
-                 for i, (e, img) in enumerate(zip(ids, images, strict=True))]
+        items = [
+            {"external_id": e, "image_base64": _b64(img), "metadata": metadata[i] if metadata else None}
+            for i, (e, img) in enumerate(zip(ids, images, strict=True))
+        ]
         return self.post("/v1/items", json={"items": items, "upsert": upsert})
 
-    def ingest_folder(self, path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
-                      metadata: Mapping[str, Any] | Callable[[Path], dict | None] | None = None, batch: int = 64,
-                      upsert: bool = False, progress: bool = True) -> IngestSummary:
+    def ingest_folder(
+        self,
+        path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        *,
+        metadata: Mapping[str, Any] | Callable[[Path], dict | None] | None = None,
+        batch: int = 64,
+        upsert: bool = False,
+        progress: bool = True,
+    ) -> IngestSummary:
         """Ingest every PNG/JPEG/WebP file under a folder (or given files), ``batch`` per request, with a
         progress bar (``progress``). External ids: :func:`external_id_for`. ``metadata``: the same dict for
         every file, or a function of the file's path. A batch the server refuses (a bad image, an id
@@ -333,7 +379,9 @@ class GracefulClient:
                 send(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
-                    bar.set_postfix_str(f"{len(summary.failed)} failed" if summary.failed else "", refresh=False)
+                    bar.set_postfix_str(
+                        f"{len(summary.failed)} failed" if summary.failed else "", refresh=False
+                    )
         finally:
             if bar is not None:
                 bar.close()
@@ -342,9 +390,16 @@ class GracefulClient:
 
     # ------------------------------------------------------------------ search
     @staticmethod
-    def search_body(image: ImageLike = None, *, vector: Sequence[float] | np.ndarray | None = None,
-                    model_version: str | None = None, item_id: str | None = None, k: int = 10,
-                    filter: Mapping[str, Any] | None = None, include_metadata: bool = True) -> dict:  # noqa: A002
+    def search_body(
+        image: ImageLike = None,
+        *,
+        vector: Sequence[float] | np.ndarray | None = None,
+        model_version: str | None = None,
+        item_id: str | None = None,
+        k: int = 10,
+        filter: Mapping[str, Any] | None = None,
+        include_metadata: bool = True,
+    ) -> dict:  # noqa: A002
         """The JSON body of one search (what :meth:`search` sends)."""
         given = sum(x is not None for x in (image, vector, item_id))
         if given != 1:
@@ -364,19 +419,42 @@ class GracefulClient:
             body["filter"] = dict(filter)
         return body
 
-    def search(self, image: ImageLike = None, *, vector: Sequence[float] | np.ndarray | None = None,
-               model_version: str | None = None, item_id: str | None = None, k: int = 10,
-               filter: Mapping[str, Any] | None = None, include_metadata: bool = True) -> dict:  # noqa: A002
+    def search(
+        self,
+        image: ImageLike = None,
+        *,
+        vector: Sequence[float] | np.ndarray | None = None,
+        model_version: str | None = None,
+        item_id: str | None = None,
+        k: int = 10,
+        filter: Mapping[str, Any] | None = None,
+        include_metadata: bool = True,
+    ) -> dict:  # noqa: A002
         """One search: by ``image`` (a path, bytes, PIL image or uint8 array), by ``vector`` with
         ``model_version``, or by ``item_id``; ``filter`` on metadata (``{"key": value}``, ``{"key": {"in":
         [...]}}``). Returns ``{"model_version", "space", "hits": [{"external_id", "score", "embedded_by",
         "metadata"}]}``."""
-        return self.post("/v1/search", json=self.search_body(
-            image, vector=vector, model_version=model_version, item_id=item_id, k=k, filter=filter,
-            include_metadata=include_metadata))
+        return self.post(
+            "/v1/search",
+            json=self.search_body(
+                image,
+                vector=vector,
+                model_version=model_version,
+                item_id=item_id,
+                k=k,
+                filter=filter,
+                include_metadata=include_metadata,
+            ),
+        )
 
-    def search_many(self, searches: Sequence[ImageLike | Mapping[str, Any]], *, k: int = 10,
-                    filter: Mapping[str, Any] | None = None, include_metadata: bool = True) -> list[dict]:  # noqa: A002
+    def search_many(
+        self,
+        searches: Sequence[ImageLike | Mapping[str, Any]],
+        *,
+        k: int = 10,
+        filter: Mapping[str, Any] | None = None,
+        include_metadata: bool = True,
+    ) -> list[dict]:  # noqa: A002
         """Several searches through ``POST /v1/search/batch`` (64 per request), answers in order. Each entry
         is an image-like, or a dict of :meth:`search`'s keywords (``{"item_id": ..., "k": 3}``, ``{"image":
         ..., "filter": ...}``); ``k``, ``filter`` and ``include_metadata`` are the defaults of the entries."""
@@ -389,12 +467,16 @@ class GracefulClient:
                 bodies.append(self.search_body(s, k=k, filter=filter, include_metadata=include_metadata))
         out: list[dict] = []
         for s in range(0, len(bodies), MAX_BATCH_SEARCHES):
-            out += self.post("/v1/search/batch", json={"searches": bodies[s : s + MAX_BATCH_SEARCHES]})["results"]
+            out += self.post("/v1/search/batch", json={"searches": bodies[s : s + MAX_BATCH_SEARCHES]})[
+                "results"
+            ]
         return out
 
     def search_image(self, image: np.ndarray, k: int = 10, include_metadata: bool = True) -> dict:
-        return self.post("/v1/search", json={"image_base64": encode_png_base64(image), "k": k,
-                                             "include_metadata": include_metadata})
+        return self.post(
+            "/v1/search",
+            json={"image_base64": encode_png_base64(image), "k": k, "include_metadata": include_metadata},
+        )
 
     # ------------------------------------------------------------------ items
     def get_item(self, external_id: str) -> dict:
@@ -432,10 +514,15 @@ class GracefulClient:
             if after is None:
                 return
 
-    def patch_metadata(self, external_id: str, metadata: Mapping[str, Any] | None, merge: bool = True) -> dict:
+    def patch_metadata(
+        self, external_id: str, metadata: Mapping[str, Any] | None, merge: bool = True
+    ) -> dict:
         """Change an item's metadata: merge (a None value removes its key) or replace; returns the item."""
-        return self.request("PATCH", f"/v1/items/{_quote(external_id)}",
-                            json={"metadata": None if metadata is None else dict(metadata), "merge": merge})
+        return self.request(
+            "PATCH",
+            f"/v1/items/{_quote(external_id)}",
+            json={"metadata": None if metadata is None else dict(metadata), "merge": merge},
+        )
 
     # ------------------------------------------------------------------ models
     def models(self) -> dict:
@@ -456,18 +543,31 @@ class GracefulClient:
         return self.get("/v1/backfill/report", params={"candidate": candidate})
 
     # ------------------------------------------------------------------ backfill
-    def backfill_start(self, candidate: str, *, policy: str | None = None, rate_limit: float | None = None,
-                       batch_size: int | None = None, stop_at: float | None = None) -> dict:
+    def backfill_start(
+        self,
+        candidate: str,
+        *,
+        policy: str | None = None,
+        rate_limit: float | None = None,
+        batch_size: int | None = None,
+        stop_at: float | None = None,
+    ) -> dict:
         """Start re-embedding the gallery with ``candidate``; returns the job (``id``, ``status``, ...)."""
-        body = {"candidate": candidate, "policy": policy, "rate_limit": rate_limit, "batch_size": batch_size,
-                "stop_at": stop_at}
+        body = {
+            "candidate": candidate,
+            "policy": policy,
+            "rate_limit": rate_limit,
+            "batch_size": batch_size,
+            "stop_at": stop_at,
+        }
         return self.post("/v1/backfill", json={k: v for k, v in body.items() if v is not None})
 
     def backfill_status(self, job_id: int) -> dict:
         return self.get(f"/v1/backfill/{int(job_id)}")
 
-    def backfill_wait(self, job_id: int, progress: bool = True, poll: float = 0.5,
-                      timeout: float | None = None) -> dict:
+    def backfill_wait(
+        self, job_id: int, progress: bool = True, poll: float = 0.5, timeout: float | None = None
+    ) -> dict:
         """Poll a job until it stops running (done, paused, cancelled, failed); a progress bar meanwhile.
         Returns the last state; TimeoutError after ``timeout`` seconds (None: no limit)."""
         job = self.backfill_status(job_id)
@@ -476,8 +576,13 @@ class GracefulClient:
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=job["total"], initial=job["done"], desc=f"backfill {job['candidate']}", unit="item",
-                       dynamic_ncols=True)
+            bar = tqdm(
+                total=job["total"],
+                initial=job["done"],
+                desc=f"backfill {job['candidate']}",
+                unit="item",
+                dynamic_ncols=True,
+            )
         try:
             while job["status"] in ("pending", "running"):
                 if deadline is not None and time.monotonic() > deadline:
@@ -493,9 +598,18 @@ class GracefulClient:
         return job
 
     # ------------------------------------------------------------------ measuring
-    def ingest_all(self, ids: Sequence[str], images: np.ndarray, labels: np.ndarray, batch: int = 256,
-                   upsert: bool = False, progress: Callable[[int], None] | None = None, threads: int = 2) -> None:
+    def ingest_all(
+        self,
+        ids: Sequence[str],
+        images: np.ndarray,
+        labels: np.ndarray,
+        batch: int = 256,
+        upsert: bool = False,
+        progress: Callable[[int], None] | None = None,
+        threads: int = 2,
+    ) -> None:
         """Ingest in batches from ``threads`` clients; ``progress(n)`` after each batch of n."""
+
         def one(s: int) -> None:
             sl = slice(s, s + batch)
             self.ingest(ids[sl], images[sl], [{"label": int(v)} for v in labels[sl]], upsert=upsert)
@@ -505,8 +619,15 @@ class GracefulClient:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(one, range(0, len(ids), batch)))
 
-    def evaluate(self, query_images: np.ndarray, query_labels: np.ndarray, label_of: dict[str, int], k: int,
-                 threads: int = 4, progress: Callable[[int], None] | None = None) -> HttpEval:
+    def evaluate(
+        self,
+        query_images: np.ndarray,
+        query_labels: np.ndarray,
+        label_of: dict[str, int],
+        k: int,
+        threads: int = 4,
+        progress: Callable[[int], None] | None = None,
+    ) -> HttpEval:
         """Top-1/top-5/mAP over the rankings the API answers (``k`` = gallery size gives the full ranking)."""
         gallery_labels = np.fromiter(label_of.values(), dtype=np.int64)
         n_rel = {int(c): int((gallery_labels == c).sum()) for c in np.unique(query_labels)}
@@ -516,7 +637,9 @@ class GracefulClient:
 
         def one(i: int) -> None:
             ans = self.search_image(query_images[i], k=k, include_metadata=False)
-            ranked = np.fromiter((label_of[h["external_id"]] for h in ans["hits"]), dtype=np.int64, count=len(ans["hits"]))
+            ranked = np.fromiter(
+                (label_of[h["external_id"]] for h in ans["hits"]), dtype=np.int64, count=len(ans["hits"])
+            )
             rel = (ranked == query_labels[i])[None, :]
             m = relevance_metrics(rel, np.array([n_rel[int(query_labels[i])]]))
             with lock:
@@ -530,8 +653,11 @@ class GracefulClient:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(one, range(len(query_images))))
         n = len(query_images)
-        return HttpEval(metrics={key: v / n for key, v in sums.items()}, versions=versions,
-                        seconds=time.perf_counter() - t0)
+        return HttpEval(
+            metrics={key: v / n for key, v in sums.items()},
+            versions=versions,
+            seconds=time.perf_counter() - t0,
+        )
 
 
 def _quote(external_id: str) -> str:

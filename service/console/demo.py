@@ -88,7 +88,9 @@ def _search_during_swap(client: GracefulClient, images: np.ndarray, target: str,
         i = n
         while not stop.is_set():
             try:
-                v = client.search_image(images[i % len(images)], k=10, include_metadata=False)["model_version"]
+                v = client.search_image(images[i % len(images)], k=10, include_metadata=False)[
+                    "model_version"
+                ]
                 with lock:
                     stats["requests"] += 1
                     stats["versions"][v] = stats["versions"].get(v, 0) + 1
@@ -132,6 +134,7 @@ def _at_least(low: int):
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
         return value
+
     return check
 
 
@@ -140,16 +143,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="demo-state", help="where models, the gallery and the report go")
     p.add_argument("--models-dir", default=None, help="model folders (default: <workdir>/models)")
     p.add_argument("--data", default=None, help="dataset folder (default: Debian's Fashion-MNIST)")
-    p.add_argument("--api", default=None, help="use a running API (key from GRACEFUL_API_KEY) instead of starting one")
+    p.add_argument(
+        "--api", default=None, help="use a running API (key from GRACEFUL_API_KEY) instead of starting one"
+    )
     p.add_argument("--epochs-old", type=_at_least(1), default=6)
     p.add_argument("--epochs-new", type=_at_least(1), default=8, help="epochs of v2 (BCT)")
-    p.add_argument("--epochs-indep", type=_at_least(1), default=2,
-                   help="epochs of the independent v2 (it is only there to be refused and priced)")
-    p.add_argument("--queries", type=_at_least(0), default=500,
-                   help="query images measured over HTTP, full rankings (the heatmap uses all 2,000)")
+    p.add_argument(
+        "--epochs-indep",
+        type=_at_least(1),
+        default=2,
+        help="epochs of the independent v2 (it is only there to be refused and priced)",
+    )
+    p.add_argument(
+        "--queries",
+        type=_at_least(0),
+        default=500,
+        help="query images measured over HTTP, full rankings (the heatmap uses all 2,000)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a small slice of the data (smoke tests)")
-    p.add_argument("--keep-serving", action="store_true", help="leave the service running at the end (Ctrl-C stops it)")
+    p.add_argument(
+        "--keep-serving", action="store_true", help="leave the service running at the end (Ctrl-C stops it)"
+    )
     return p
 
 
@@ -181,8 +196,13 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
         data = work / "data"
         shutil.rmtree(data, ignore_errors=True)  # the gallery is rebuilt each run: never half old, half new
         key = secrets.token_urlsafe(16)
-        env = {"GRACEFUL_MODELS_DIR": str(models), "GRACEFUL_DATA_DIR": str(data), "GRACEFUL_API_KEY": key,
-               "GRACEFUL_ACTIVE_MODEL": "v1", "GRACEFUL_MAX_K": "10000"}
+        env = {
+            "GRACEFUL_MODELS_DIR": str(models),
+            "GRACEFUL_DATA_DIR": str(data),
+            "GRACEFUL_API_KEY": key,
+            "GRACEFUL_ACTIVE_MODEL": "v1",
+            "GRACEFUL_MAX_K": "10000",
+        }
         env.pop("GRACEFUL_DATABASE_URL", None)
         server = LocalServer(env, work / "service.log")
         client = GracefulClient(server.url, key)
@@ -199,8 +219,18 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
             print("service stopped cleanly" if rc == 0 else f"service stopped with exit status {rc}")
 
 
-def _story(args, client: GracefulClient, test, q_idx, g_idx, models: Path, work: Path, common: dict,
-           t_start: float, server: LocalServer | None) -> int:
+def _story(
+    args,
+    client: GracefulClient,
+    test,
+    q_idx,
+    g_idx,
+    models: Path,
+    work: Path,
+    common: dict,
+    t_start: float,
+    server: LocalServer | None,
+) -> int:
     client.activate("v1")
     ids = [f"fmnist-test-{i}" for i in g_idx]
     label_of = {e: int(test.labels[i]) for e, i in zip(ids, g_idx, strict=True)}
@@ -212,27 +242,39 @@ def _story(args, client: GracefulClient, test, q_idx, g_idx, models: Path, work:
 
     def measure(desc: str):
         with _bar(len(q_idx), f"  {desc}", unit="query") as bar:
-            return client.evaluate(test.images[q_idx], test.labels[q_idx], label_of, k_full, progress=bar.update)
+            return client.evaluate(
+                test.images[q_idx], test.labels[q_idx], label_of, k_full, progress=bar.update
+            )
 
     old_old = measure("measure old/old via HTTP")
 
     print("[3/6] train v2 on all classes: with BCT against v1, and independently")
-    _train(models / "v2", "v2 (BCT)", epochs=1 if args.quick else args.epochs_new, old=str(models / "v1"),
-           bct="full", **common)
+    _train(
+        models / "v2",
+        "v2 (BCT)",
+        epochs=1 if args.quick else args.epochs_new,
+        old=str(models / "v1"),
+        bct="full",
+        **common,
+    )
     _train(models / "v2-indep", "v2-indep", epochs=1 if args.quick else args.epochs_indep, **common)
 
     print("[4/6] backfill-cost reports")
     reports = {v: client.report(v) for v in ("v2", "v2-indep")}
     for v, r in reports.items():
         p = r["predicted"]
-        print(f"  {v:9s} needs backfill: {str(r['needs_backfill']):5s}  items to re-embed {r['items_to_reembed']}, "
-              f"{r['throughput']['images_per_second']:.0f} img/s -> {p['wall_seconds']:.1f} s, "
-              f"{p['cpu_hours']:.2g} CPU-h, {_usd(p['cost'])}")
+        print(
+            f"  {v:9s} needs backfill: {str(r['needs_backfill']):5s}  items to re-embed {r['items_to_reembed']}, "
+            f"{r['throughput']['images_per_second']:.0f} img/s -> {p['wall_seconds']:.1f} s, "
+            f"{p['cpu_hours']:.2g} CPU-h, {_usd(p['cost'])}"
+        )
 
     print("[5/6] hot-swap to v2 while a client keeps searching; then try the independent v2")
     swap = _search_during_swap(client, test.images[q_idx], "v2")
-    print(f"  swap took {swap['activation']['seconds']:.3f} s; {swap['requests']} searches meanwhile, "
-          f"{swap['failed']} failed; versions seen {swap['versions']}; re-embedded {swap['activation']['reembedded']}")
+    print(
+        f"  swap took {swap['activation']['seconds']:.3f} s; {swap['requests']} searches meanwhile, "
+        f"{swap['failed']} failed; versions seen {swap['versions']}; re-embedded {swap['activation']['reembedded']}"
+    )
     try:
         client.activate("v2-indep")
         refused = None
@@ -242,7 +284,9 @@ def _story(args, client: GracefulClient, test, q_idx, g_idx, models: Path, work:
     counts_after_swap = client.report("v2")["items_per_version"]
     new_old = measure("measure new/old via HTTP (zero backfill)")
 
-    print("[6/6] what a backfill would buy: a backfill job re-embeds the gallery with v2 while serving; new/new")
+    print(
+        "[6/6] what a backfill would buy: a backfill job re-embeds the gallery with v2 while serving; new/new"
+    )
     job = client.post("/v1/backfill", json={"candidate": "v2", "policy": "sequential"})
     with _bar(len(ids), "  backfill job (v2)", unit="item") as bar:
         t0 = time.perf_counter()
@@ -259,44 +303,66 @@ def _story(args, client: GracefulClient, test, q_idx, g_idx, models: Path, work:
     from trainer.evaluate import evaluate_models
     from trainer.plot import plot_matrix
 
-    offline = evaluate_models([load_model(models / v) for v in ("v1", "v2", "v2-indep")],
-                              test if not args.quick else test.take(1000, seed=0))
+    offline = evaluate_models(
+        [load_model(models / v) for v in ("v1", "v2", "v2-indep")],
+        test if not args.quick else test.take(1000, seed=0),
+    )
     heatmap = plot_matrix(offline, work / "compat.png")
 
     predicted = reports["v2"]["predicted"]
     summary = {
-        "old_old": old_old.metrics, "new_old": new_old.metrics, "new_new": new_new.metrics,
-        "versions_answering": {"old_old": old_old.versions, "new_old": new_old.versions, "new_new": new_new.versions},
-        "reembedded_by_swap": swap["activation"]["reembedded"], "items_per_version_after_swap": counts_after_swap,
-        "swap": {k: v for k, v in swap.items() if k != "activation"}, "swap_seconds": swap["activation"]["seconds"],
+        "old_old": old_old.metrics,
+        "new_old": new_old.metrics,
+        "new_new": new_new.metrics,
+        "versions_answering": {
+            "old_old": old_old.versions,
+            "new_old": new_old.versions,
+            "new_new": new_new.versions,
+        },
+        "reembedded_by_swap": swap["activation"]["reembedded"],
+        "items_per_version_after_swap": counts_after_swap,
+        "swap": {k: v for k, v in swap.items() if k != "activation"},
+        "swap_seconds": swap["activation"]["seconds"],
         "independent_refused": refused,
-        "backfill": {"items": len(ids), "job": job, "measured_seconds": backfill_s, "predicted_seconds": predicted["wall_seconds"],
-                     "predicted_cpu_hours": predicted["cpu_hours"], "predicted_cost_usd": predicted["cost"],
-                     "independent_v2_cost_usd": reports["v2-indep"]["predicted"]["cost"]},
+        "backfill": {
+            "items": len(ids),
+            "job": job,
+            "measured_seconds": backfill_s,
+            "predicted_seconds": predicted["wall_seconds"],
+            "predicted_cpu_hours": predicted["cpu_hours"],
+            "predicted_cost_usd": predicted["cost"],
+            "independent_v2_cost_usd": reports["v2-indep"]["predicted"]["cost"],
+        },
         "ingest": {"items": len(ids), "seconds": ingest_s, "images_per_second": len(ids) / ingest_s},
-        "queries": len(q_idx), "gallery": len(ids), "demo_seconds": time.perf_counter() - t_start,
+        "queries": len(q_idx),
+        "gallery": len(ids),
+        "demo_seconds": time.perf_counter() - t_start,
         "offline_matrix": offline.to_json(include_flipped=False)["matrix"],
     }
     throughput = reports["v2"]["throughput"]["images_per_second"]
     cpus = reports["v2"]["throughput"]["threads"]
     price = predicted["price_per_cpu_hour"]
-    gain = (new_old.metrics["mAP"] - old_old.metrics["mAP"]) / max(1e-9, new_new.metrics["mAP"] - old_old.metrics["mAP"])
-    table = "\n".join([
-        f"quality from the HTTP answers: {len(q_idx)} query images, full rankings of {len(ids)} gallery images",
-        f"{'':34s}top-1    top-5    mAP      items re-embedded",
-        f"{'old/old  (v1 queries, v1 gallery)':34s}{_fmt(old_old.metrics)}   -",
-        f"{'new/old  (v2 queries, v1 gallery)':34s}{_fmt(new_old.metrics)}   {summary['reembedded_by_swap']} (hot swap, no backfill)",
-        f"{'new/new  (after full backfill)':34s}{_fmt(new_new.metrics)}   {job['done']} "
-        f"(backfill job: {backfill_s:.1f} s, predicted {predicted['wall_seconds']:.1f} s)",
-        "",
-        f"update gain on mAP with zero backfill: {gain:.2f} of the full upgrade",
-        f"requests during the swap: {swap['requests']}, failed: {swap['failed']}",
-        f"backfill cost here: {predicted['cpu_hours']:.2g} CPU-hours, {_usd(predicted['cost'])}; at the measured "
-        f"{throughput:,.0f} images/s, a gallery of 1 billion items: {1e9 / throughput / 3600 * cpus:,.0f} CPU-hours, "
-        f"{_usd(1e9 / throughput / 3600 * cpus * price)}",
-        f"independent v2: {'refused with HTTP ' + str(refused['status']) if refused else 'NOT refused'} "
-        f"(it needs that backfill first: {_usd(reports['v2-indep']['predicted']['cost'])} here)",
-    ])
+    gain = (new_old.metrics["mAP"] - old_old.metrics["mAP"]) / max(
+        1e-9, new_new.metrics["mAP"] - old_old.metrics["mAP"]
+    )
+    table = "\n".join(
+        [
+            f"quality from the HTTP answers: {len(q_idx)} query images, full rankings of {len(ids)} gallery images",
+            f"{'':34s}top-1    top-5    mAP      items re-embedded",
+            f"{'old/old  (v1 queries, v1 gallery)':34s}{_fmt(old_old.metrics)}   -",
+            f"{'new/old  (v2 queries, v1 gallery)':34s}{_fmt(new_old.metrics)}   {summary['reembedded_by_swap']} (hot swap, no backfill)",
+            f"{'new/new  (after full backfill)':34s}{_fmt(new_new.metrics)}   {job['done']} "
+            f"(backfill job: {backfill_s:.1f} s, predicted {predicted['wall_seconds']:.1f} s)",
+            "",
+            f"update gain on mAP with zero backfill: {gain:.2f} of the full upgrade",
+            f"requests during the swap: {swap['requests']}, failed: {swap['failed']}",
+            f"backfill cost here: {predicted['cpu_hours']:.2g} CPU-hours, {_usd(predicted['cost'])}; at the measured "
+            f"{throughput:,.0f} images/s, a gallery of 1 billion items: {1e9 / throughput / 3600 * cpus:,.0f} CPU-hours, "
+            f"{_usd(1e9 / throughput / 3600 * cpus * price)}",
+            f"independent v2: {'refused with HTTP ' + str(refused['status']) if refused else 'NOT refused'} "
+            f"(it needs that backfill first: {_usd(reports['v2-indep']['predicted']['cost'])} here)",
+        ]
+    )
     print("\n" + table + "\n")
     (work / "report.json").write_text(json.dumps(summary, indent=1) + "\n")
     (work / "report.md").write_text("# graceful demo\n\n```\n" + table + "\n```\n")

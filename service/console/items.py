@@ -33,17 +33,26 @@ class UsageError(Exception):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--api", default=os.environ.get("GRACEFUL_API_URL", DEFAULT_API),
-                   help="the service's base URL (default: $GRACEFUL_API_URL, else %(default)s)")
-    p.add_argument("--retries", type=int, default=2, help="retries of a 503 or a refused connection (default 2)")
+    p.add_argument(
+        "--api",
+        default=os.environ.get("GRACEFUL_API_URL", DEFAULT_API),
+        help="the service's base URL (default: $GRACEFUL_API_URL, else %(default)s)",
+    )
+    p.add_argument(
+        "--retries", type=int, default=2, help="retries of a 503 or a refused connection (default 2)"
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
 
 
 def _client(args: argparse.Namespace) -> Any:
     from service.console.client import GracefulClient
 
-    return GracefulClient(args.api, os.environ.get("GRACEFUL_API_KEY") or None, timeout=args.timeout,
-                          retries=max(0, args.retries))
+    return GracefulClient(
+        args.api,
+        os.environ.get("GRACEFUL_API_KEY") or None,
+        timeout=args.timeout,
+        retries=max(0, args.retries),
+    )
 
 
 def _run(prog: str, args: argparse.Namespace, action: Any) -> int:
@@ -61,7 +70,9 @@ def _run(prog: str, args: argparse.Namespace, action: Any) -> int:
         print(f"{prog}: error: the service answered {e}", file=sys.stderr)
         return 1
     except httpx.HTTPError as e:  # refused connection, timeout, unknown host...
-        print(f"{prog}: error: cannot reach the service at {args.api}: {e or type(e).__name__}", file=sys.stderr)
+        print(
+            f"{prog}: error: cannot reach the service at {args.api}: {e or type(e).__name__}", file=sys.stderr
+        )
         return 1
 
 
@@ -69,11 +80,19 @@ def _run(prog: str, args: argparse.Namespace, action: Any) -> int:
 
 
 def _ingest_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="graceful ingest", description="Ingest image files into a running graceful "
-                                "service (API key from GRACEFUL_API_KEY).")
-    p.add_argument("paths", nargs="+", metavar="DIR|FILE", help="folders (every PNG/JPEG/WebP under them) or files")
-    p.add_argument("--metadata-json", default=None, metavar="JSON|@FILE",
-                   help="a JSON object stored as every item's metadata (@FILE: read it from a file)")
+    p = argparse.ArgumentParser(
+        prog="graceful ingest",
+        description="Ingest image files into a running graceful service (API key from GRACEFUL_API_KEY).",
+    )
+    p.add_argument(
+        "paths", nargs="+", metavar="DIR|FILE", help="folders (every PNG/JPEG/WebP under them) or files"
+    )
+    p.add_argument(
+        "--metadata-json",
+        default=None,
+        metavar="JSON|@FILE",
+        help="a JSON object stored as every item's metadata (@FILE: read it from a file)",
+    )
     p.add_argument("--batch", type=int, default=64, help="images per request (default 64)")
     p.add_argument("--upsert", action="store_true", help="replace items whose id is already stored")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -114,12 +133,22 @@ def ingest_main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(str(e)) from None
         if not files:
             raise UsageError(f"no PNG, JPEG or WebP files in {', '.join(args.paths)}")
-        summary = _client(args).ingest_folder(args.paths, metadata=meta, batch=args.batch, upsert=args.upsert,
-                                              progress=not args.no_progress)
+        summary = _client(args).ingest_folder(
+            args.paths, metadata=meta, batch=args.batch, upsert=args.upsert, progress=not args.no_progress
+        )
         if args.json:
-            print(json.dumps({"files": summary.files, "stored": len(summary.stored), "versions": summary.versions,
-                              "seconds": round(summary.seconds, 3),
-                              "failed": [{"file": f, "reason": r} for f, r in summary.failed]}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "files": summary.files,
+                        "stored": len(summary.stored),
+                        "versions": summary.versions,
+                        "seconds": round(summary.seconds, 3),
+                        "failed": [{"file": f, "reason": r} for f, r in summary.failed],
+                    },
+                    indent=2,
+                )
+            )
         else:
             for f, reason in summary.failed:
                 print(f"graceful ingest: {f}: {reason}", file=sys.stderr)
@@ -133,13 +162,21 @@ def ingest_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _search_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="graceful search", description="Search a running graceful service by image "
-                                "(embedded by the active model) or by a stored item.")
+    p = argparse.ArgumentParser(
+        prog="graceful search",
+        description="Search a running graceful service by image "
+        "(embedded by the active model) or by a stored item.",
+    )
     p.add_argument("image", nargs="?", metavar="IMAGE", help="the query image (PNG, JPEG or WebP file)")
     p.add_argument("--item", default=None, metavar="EXTERNAL_ID", help="search by a stored item instead")
     p.add_argument("--k", "-k", type=int, default=10, help="hits (default 10)")
-    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
-                   help="only items whose metadata KEY equals VALUE (repeat a key: any of its values)")
+    p.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only items whose metadata KEY equals VALUE (repeat a key: any of its values)",
+    )
     p.add_argument("--json", action="store_true", help="print the service's answer as JSON")
     _common(p)
     return p
@@ -174,8 +211,10 @@ def format_hits(answer: dict[str, Any]) -> str:
     if hits:
         width = max(11, *(len(h["external_id"]) for h in hits))
         lines.append(f"{'rank':>4}  {'external_id':<{width}}  {'score':>7}  embedded_by")
-        lines += [f"{i:>4}  {h['external_id']:<{width}}  {h['score']:>7.4f}  {h['embedded_by']}"
-                  for i, h in enumerate(hits, 1)]
+        lines += [
+            f"{i:>4}  {h['external_id']:<{width}}  {h['score']:>7.4f}  {h['embedded_by']}"
+            for i, h in enumerate(hits, 1)
+        ]
     return "\n".join(lines)
 
 

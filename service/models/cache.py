@@ -87,7 +87,9 @@ class ModelCache:
             try:
                 loaded = load_model(entry.path)
             except ModelCardError as e:
-                raise InvalidModel(f"model version {version!r} is refused: {self.registry.public(str(e))}") from None
+                raise InvalidModel(
+                    f"model version {version!r} is refused: {self.registry.public(str(e))}"
+                ) from None
             with self._lock:
                 self._keep(loaded)
             return loaded

@@ -126,10 +126,17 @@ class CompatibilityCheck:
 
     # ------------------------------------------------------------------ measuring
     def _fallback(self, candidate: str, why: str) -> dict[str, Any]:
-        return {"candidate": candidate, "method": "card", "passed": True, "reason": why,
-                "detail": f"nothing measured ({why}): the decision falls back to the card's space"}
+        return {
+            "candidate": candidate,
+            "method": "card",
+            "passed": True,
+            "reason": why,
+            "detail": f"nothing measured ({why}): the decision falls back to the card's space",
+        }
 
-    def _measure(self, candidate: str, active: LoadedModel | None, active_space: str | None) -> dict[str, Any]:
+    def _measure(
+        self, candidate: str, active: LoadedModel | None, active_space: str | None
+    ) -> dict[str, Any]:
         t0 = time.perf_counter()
         opts = self.options
         cand = self.models.get(candidate)
@@ -140,14 +147,19 @@ class CompatibilityCheck:
         cand_space = cand.card.space
         spaces = self.gallery.spaces()
         if cand_space not in spaces or self.gallery.live_counts(cand_space)[1] < self.gallery.count():
-            return {"candidate": candidate, "method": "none", "passed": False,
-                    "reason": f"the gallery's items are not all embedded in {candidate}'s space {cand_space!r}",
-                    "detail": "its queries cannot be measured against embeddings of another space"}
+            return {
+                "candidate": candidate,
+                "method": "none",
+                "passed": False,
+                "reason": f"the gallery's items are not all embedded in {candidate}'s space {cand_space!r}",
+                "detail": "its queries cannot be measured against embeddings of another space",
+            }
 
         # The stored gallery of each model's space, as rows aligned by item id.
         g_ids_a, _, g_a = self.gallery.space_embeddings(active_space)
-        g_ids_c, _, g_c = (g_ids_a, None, g_a) if cand_space == active_space else \
-            self.gallery.space_embeddings(cand_space)
+        g_ids_c, _, g_c = (
+            (g_ids_a, None, g_a) if cand_space == active_space else self.gallery.space_embeddings(cand_space)
+        )
         common = np.intersect1d(g_ids_a, g_ids_c)
         rng = np.random.default_rng(opts.seed)
         sources = {i: uri for i, _, uri in self.gallery.item_sources() if uri is not None}
@@ -159,8 +171,9 @@ class CompatibilityCheck:
         subsampled = len(common) > opts.max_gallery
         if subsampled:
             rest = np.setdiff1d(common, sample)
-            gallery_ids = np.sort(np.concatenate([sample, rng.choice(rest, opts.max_gallery - len(sample),
-                                                                      replace=False)]))
+            gallery_ids = np.sort(
+                np.concatenate([sample, rng.choice(rest, opts.max_gallery - len(sample), replace=False)])
+            )
         pos_a = {int(i): p for p, i in enumerate(g_ids_a.tolist())}
         pos_c = {int(i): p for p, i in enumerate(g_ids_c.tolist())}
         gal_a = g_a[[pos_a[int(i)] for i in gallery_ids]]
@@ -177,10 +190,16 @@ class CompatibilityCheck:
                 continue
             try:
                 what = f"item {records[iid][0]!r}"
-                qa_imgs.append(decode_image(raw, channels=pa.channels, size=pa.size, max_pixels=opts.max_pixels,
-                                            what=what))
-                qc_imgs.append(decode_image(raw, channels=pc.channels, size=pc.size, max_pixels=opts.max_pixels,
-                                            what=what))
+                qa_imgs.append(
+                    decode_image(
+                        raw, channels=pa.channels, size=pa.size, max_pixels=opts.max_pixels, what=what
+                    )
+                )
+                qc_imgs.append(
+                    decode_image(
+                        raw, channels=pc.channels, size=pc.size, max_pixels=opts.max_pixels, what=what
+                    )
+                )
                 kept.append(iid)
             except (BadImage, TooLarge):
                 continue
@@ -202,28 +221,54 @@ class CompatibilityCheck:
             baseline_what = "random unit vectors (an adapter version has no single architecture to randomise)"
         b_overlap, b_lost = _overlap(rank_a, _rankings(qb, gal_c, self_pos))
         result: dict[str, Any] = {
-            "candidate": candidate, "active": active.version, "method": "measured",
-            "sample": {"queries": len(kept), "with_source": int(len(with_source)), "gallery": int(len(gallery_ids)),
-                       "gallery_subsampled": subsampled, "seed": opts.seed},
-            "unlabelled": {"overlap_at_10": round(overlap, 4), "lost_top1": round(lost, 4),
-                           "baseline": {"overlap_at_10": round(b_overlap, 4), "lost_top1": round(b_lost, 4),
-                                        "what": baseline_what}},
+            "candidate": candidate,
+            "active": active.version,
+            "method": "measured",
+            "sample": {
+                "queries": len(kept),
+                "with_source": int(len(with_source)),
+                "gallery": int(len(gallery_ids)),
+                "gallery_subsampled": subsampled,
+                "seed": opts.seed,
+            },
+            "unlabelled": {
+                "overlap_at_10": round(overlap, 4),
+                "lost_top1": round(lost, 4),
+                "baseline": {
+                    "overlap_at_10": round(b_overlap, 4),
+                    "lost_top1": round(b_lost, 4),
+                    "what": baseline_what,
+                },
+            },
         }
         labelled = self._labelled(kept, gallery_ids, rank_a, rank_c, active, cand)
         if labelled is not None:
             result["labelled"] = labelled
         result.update(self._verdict(result))
         result["seconds"] = round(time.perf_counter() - t0, 3)
-        log.info("check of %s against %s: %s (%s)", candidate, active.version,
-                 "passed" if result["passed"] else "failed", result["criterion"])
+        log.info(
+            "check of %s against %s: %s (%s)",
+            candidate,
+            active.version,
+            "passed" if result["passed"] else "failed",
+            result["criterion"],
+        )
         return result
 
-    def _labelled(self, kept: Sequence[int], gallery_ids: np.ndarray, rank_a: np.ndarray, rank_c: np.ndarray,
-                  active: LoadedModel, cand: LoadedModel) -> dict[str, Any] | None:
+    def _labelled(
+        self,
+        kept: Sequence[int],
+        gallery_ids: np.ndarray,
+        rank_a: np.ndarray,
+        rank_c: np.ndarray,
+        active: LoadedModel,
+        cand: LoadedModel,
+    ) -> dict[str, Any] | None:
         key = self.options.label_key
         meta = self.gallery.items_by_id(gallery_ids.tolist())
-        g_lab = np.asarray([_label(meta[int(i)][2], key) if int(i) in meta else None for i in gallery_ids],
-                           dtype=object)
+        g_lab = np.asarray(
+            [_label(meta[int(i)][2], key) if int(i) in meta else None for i in gallery_ids], dtype=object
+        )
         has = np.asarray([v is not None for v in g_lab])
         where = {int(i): p for p, i in enumerate(gallery_ids.tolist())}
         q_rows = [r for r, iid in enumerate(kept) if has[where[iid]]]
@@ -237,11 +282,17 @@ class CompatibilityCheck:
         old_classes, new_classes = set(active.card.classes), set(cand.card.classes)
 
         def figures(mask: np.ndarray) -> dict[str, Any]:
-            return {"queries": int(mask.sum()),
-                    "active": _quality(la[mask], ql[mask], n_rel[mask]),
-                    "candidate": _quality(lc[mask], ql[mask], n_rel[mask]),
-                    "negative_flip_rate": round(float((right_a & ~right_c)[mask].mean()), 4) if mask.any() else None,
-                    "positive_flip_rate": round(float((~right_a & right_c)[mask].mean()), 4) if mask.any() else None}
+            return {
+                "queries": int(mask.sum()),
+                "active": _quality(la[mask], ql[mask], n_rel[mask]),
+                "candidate": _quality(lc[mask], ql[mask], n_rel[mask]),
+                "negative_flip_rate": round(float((right_a & ~right_c)[mask].mean()), 4)
+                if mask.any()
+                else None,
+                "positive_flip_rate": round(float((~right_a & right_c)[mask].mean()), 4)
+                if mask.any()
+                else None,
+            }
 
         everything = np.ones(len(ql), dtype=bool)
         split = {
@@ -259,17 +310,33 @@ class CompatibilityCheck:
         if lab is not None:
             a, c = lab["active"], lab["candidate"]
             worse = [k for k in ("top1", "mAP") if c[k] < a[k] - opts.tolerance]
-            criterion = (f"labelled: candidate/gallery top-1 and mAP at least active/gallery's minus "
-                         f"{opts.tolerance} (top-1 {c['top1']} vs {a['top1']}, mAP {c['mAP']} vs {a['mAP']})")
-            return {"passed": not worse, "criterion": criterion,
-                    "threshold": {"tolerance": opts.tolerance, "top1": round(a["top1"] - opts.tolerance, 4),
-                                  "mAP": round(a["mAP"] - opts.tolerance, 4)},
-                    "reason": None if not worse else f"measured worse than the active model on {', '.join(worse)}"}
+            criterion = (
+                f"labelled: candidate/gallery top-1 and mAP at least active/gallery's minus "
+                f"{opts.tolerance} (top-1 {c['top1']} vs {a['top1']}, mAP {c['mAP']} vs {a['mAP']})"
+            )
+            return {
+                "passed": not worse,
+                "criterion": criterion,
+                "threshold": {
+                    "tolerance": opts.tolerance,
+                    "top1": round(a["top1"] - opts.tolerance, 4),
+                    "mAP": round(a["mAP"] - opts.tolerance, 4),
+                },
+                "reason": None
+                if not worse
+                else f"measured worse than the active model on {', '.join(worse)}",
+            }
         u = result["unlabelled"]
         need = round(u["baseline"]["overlap_at_10"] + opts.min_overlap_gain, 4)
         passed = u["overlap_at_10"] >= need
-        return {"passed": passed,
-                "criterion": (f"unlabelled: overlap@10 with the active model's results at least the random "
-                              f"baseline's + {opts.min_overlap_gain} ({u['overlap_at_10']} vs {need})"),
-                "threshold": {"overlap_at_10": need},
-                "reason": None if passed else "its queries find what the active model finds no better than chance"}
+        return {
+            "passed": passed,
+            "criterion": (
+                f"unlabelled: overlap@10 with the active model's results at least the random "
+                f"baseline's + {opts.min_overlap_gain} ({u['overlap_at_10']} vs {need})"
+            ),
+            "threshold": {"overlap_at_10": need},
+            "reason": None
+            if passed
+            else "its queries find what the active model finds no better than chance",
+        }

@@ -95,7 +95,9 @@ def space_problem(gallery: Gallery, card: ModelCard) -> str | None:
 class HotSwap:
     """The active model and activations. Thread-safe; activations are serialised."""
 
-    def __init__(self, registry: ModelRegistry, models: ModelCache, check: CompatibilityCheck | None = None) -> None:
+    def __init__(
+        self, registry: ModelRegistry, models: ModelCache, check: CompatibilityCheck | None = None
+    ) -> None:
         self.registry = registry
         self.models = models
         self.check = check
@@ -139,11 +141,18 @@ class HotSwap:
     def measure(self, version: str) -> dict[str, Any]:
         """The compatibility check of ``version`` against the gallery as the active model serves it."""
         if self.check is None:
-            return {"candidate": version, "method": "card", "passed": True, "reason": "the check is off",
-                    "detail": "GRACEFUL_CHECK_SAMPLE=0: the decision rests on the card's space"}
+            return {
+                "candidate": version,
+                "method": "card",
+                "passed": True,
+                "reason": "the check is off",
+                "detail": "GRACEFUL_CHECK_SAMPLE=0: the decision rests on the card's space",
+            }
         self.registry.entry(version)  # ModelNotFound / InvalidModel first
         active = self._active
-        return self.check.measure(version, active.loaded if active else None, active.space if active else None)
+        return self.check.measure(
+            version, active.loaded if active else None, active.space if active else None
+        )
 
     def activate(self, version: str, *, rollback: bool = False, force: bool = False) -> ActivationResult:
         """Load, warm, check and swap to ``version``. Raises IncompatibleModel (another space) or CheckFailed
@@ -163,8 +172,10 @@ class HotSwap:
                 raise CheckFailed(
                     f"model {version} failed the compatibility check against the gallery: {check['reason']} "
                     f"({check.get('criterion', check.get('detail', ''))}); POST /v1/models/{version}/check shows "
-                    "the figures; activate with force=true (and the API key) to override", candidate=version,
-                    check=check)
+                    "the figures; activate with force=true (and the API key) to override",
+                    candidate=version,
+                    check=check,
+                )
         loaded, warm = self._load_and_warm(version)
         note: dict[str, Any] = {"forced": bool(force and check is not None and not check["passed"])}
         if check is not None:
@@ -176,13 +187,27 @@ class HotSwap:
                 raise IncompatibleModel(problem, candidate=version)
             previous = self._active.version if self._active else None
             self.gallery.set_active_version(version, rollback=rollback, note=note)
-            self._active = ActiveModel(version=version, space=card.space, loaded=loaded, activated_at=time.time())
+            self._active = ActiveModel(
+                version=version, space=card.space, loaded=loaded, activated_at=time.time()
+            )
             self.models.set_active(loaded)
         seconds = time.perf_counter() - t0
-        log.info("activated %s (previous %s) in %.3fs%s", version, previous, seconds,
-                 " (forced past a failed check)" if note["forced"] else "")
-        return ActivationResult(version=version, previous=previous, space=card.space, seconds=seconds,
-                                warm_images=warm, check=check, forced=note["forced"])
+        log.info(
+            "activated %s (previous %s) in %.3fs%s",
+            version,
+            previous,
+            seconds,
+            " (forced past a failed check)" if note["forced"] else "",
+        )
+        return ActivationResult(
+            version=version,
+            previous=previous,
+            space=card.space,
+            seconds=seconds,
+            warm_images=warm,
+            check=check,
+            forced=note["forced"],
+        )
 
     def rollback(self) -> ActivationResult:
         """Re-activate the version active before the current one (same checks as an activation)."""
@@ -197,5 +222,3 @@ class HotSwap:
         if version is None:
             return None
         return self.activate(version)
-
-

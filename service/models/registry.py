@@ -35,7 +35,9 @@ class ModelEntry:
 
 def _plausible(version: str) -> bool:
     """Whether ``version`` can name a folder of the models dir at all (no path, not too long for a file name)."""
-    return 1 <= len(version) <= 128 and "/" not in version and "\0" not in version and version not in (".", "..")
+    return (
+        1 <= len(version) <= 128 and "/" not in version and "\0" not in version and version not in (".", "..")
+    )
 
 
 def _is_folder(path: Path) -> bool:
@@ -99,10 +101,15 @@ class ModelRegistry:
         if card is None or entry.version in self._registered:
             return entry
         try:
-            self.gallery.register_version(VersionInfo(
-                version=card.version, space=card.space, embedding_dim=card.embedding_dim,
-                compatible_with=card.compatible_with, card=card.model_dump(mode="json"),
-            ))
+            self.gallery.register_version(
+                VersionInfo(
+                    version=card.version,
+                    space=card.space,
+                    embedding_dim=card.embedding_dim,
+                    compatible_with=card.compatible_with,
+                    card=card.model_dump(mode="json"),
+                )
+            )
             self._registered.add(entry.version)
         except GalleryError as e:
             entry.card, entry.error = None, self.public(str(e))
@@ -111,8 +118,11 @@ class ModelRegistry:
     def _folders(self) -> list[Path]:
         if not self.models_dir.is_dir():
             return []
-        return [p for p in sorted(self.models_dir.iterdir())
-                if not p.name.startswith(".") and (p.is_dir() or p.is_symlink())]
+        return [
+            p
+            for p in sorted(self.models_dir.iterdir())
+            if not p.name.startswith(".") and (p.is_dir() or p.is_symlink())
+        ]
 
     def survey(self) -> list[ModelEntry]:
         """Every folder of the models dir, verified (new folders are read once); writes nothing."""

@@ -38,10 +38,12 @@ def rollback_note(gallery: Gallery, version: str, previous: str | None) -> tuple
         return None
     if old == new:
         return None
-    note = (f"{version} writes into space {new!r}, {previous} into {old!r}. A rollback to {previous} works while "
-            f"every item also has an embedding in {old!r}: items ingested from now on get one in {new!r} only, so "
-            f"rolling back will first need them re-embedded with {previous}: POST /v1/backfill "
-            f"{backfill_body(previous)} (what it costs: the backfill report), then POST /v1/models/rollback")
+    note = (
+        f"{version} writes into space {new!r}, {previous} into {old!r}. A rollback to {previous} works while "
+        f"every item also has an embedding in {old!r}: items ingested from now on get one in {new!r} only, so "
+        f"rolling back will first need them re-embedded with {previous}: POST /v1/backfill "
+        f"{backfill_body(previous)} (what it costs: the backfill report), then POST /v1/models/rollback"
+    )
     return note, backfill_report_url(previous)
 
 
@@ -53,7 +55,9 @@ def missing_from_space(gallery: Gallery, version: str) -> tuple[int, int, list[s
     examples: list[str] = []
     after = 0
     for _ in range(_PAGES):
-        rows = gallery.backfill.pending(version, _PAGE, after)  # not embedded by ``version`` (maybe by a child)
+        rows = gallery.backfill.pending(
+            version, _PAGE, after
+        )  # not embedded by ``version`` (maybe by a child)
         if not rows:
             break
         after = rows[-1][0]
@@ -80,7 +84,10 @@ def rollback_refusal(gallery: Gallery, refused: IncompatibleModel) -> Incompatib
     named = ", ".join(repr(e) for e in examples)
     return IncompatibleModel(
         f"cannot roll back to {target}: {missing} of the gallery's {total} items have no embedding in its space "
-        f"{gallery.get_version(target).space!r}" + (f" (e.g. {named})" if named else "") + f", ingested after "
+        f"{gallery.get_version(target).space!r}"
+        + (f" (e.g. {named})" if named else "")
+        + f", ingested after "
         f"{target} stopped serving. Re-embed them with {target} first: POST /v1/backfill {backfill_body(target)} "
         f"(cost: {backfill_report_url(target)}), wait for the job to be done, then roll back",
-        candidate=target)
+        candidate=target,
+    )

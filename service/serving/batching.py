@@ -80,7 +80,9 @@ class MicroBatcher(Generic[P, R]):
         size_of: Callable[[P], int] | None = None,
     ) -> None:
         if max_size < 1 or max_wait_s < 0 or max_queue < 1:
-            raise ValueError(f"bad batch bounds: max_size={max_size}, max_wait_s={max_wait_s}, max_queue={max_queue}")
+            raise ValueError(
+                f"bad batch bounds: max_size={max_size}, max_wait_s={max_wait_s}, max_queue={max_queue}"
+            )
         self.name = name
         self.run_batch = run_batch
         self.max_size, self.max_wait_s, self.max_queue = int(max_size), float(max_wait_s), int(max_queue)
@@ -124,15 +126,19 @@ class MicroBatcher(Generic[P, R]):
         """Queue a job; ``deadline`` (a ``time.monotonic()`` instant): a job not started by then never runs
         and gets :class:`Overloaded` (so is one whose deadline has already passed)."""
         if deadline is not None and time.monotonic() >= deadline:
-            raise Overloaded(f"the {self.name} request reached its deadline (GRACEFUL_REQUEST_TIMEOUT_S) before "
-                             "it could be started: nothing was done, retry later")
+            raise Overloaded(
+                f"the {self.name} request reached its deadline (GRACEFUL_REQUEST_TIMEOUT_S) before "
+                "it could be started: nothing was done, retry later"
+            )
         job: _Job[P, R] = _Job(key, payload, self.size_of(payload) if self.size_of else 1, deadline)
         with self._cond:
             if self._closed:
                 raise Overloaded(f"the {self.name} queue is shut down: the server is stopping")
             if len(self._queue) >= self.max_queue:
-                raise Overloaded(f"{len(self._queue)} {self.name} requests are already waiting (limit "
-                                 f"{self.max_queue}): the server is overloaded, retry later")
+                raise Overloaded(
+                    f"{len(self._queue)} {self.name} requests are already waiting (limit "
+                    f"{self.max_queue}): the server is overloaded, retry later"
+                )
             self._queue.append(job)
             self._queued_size += job.size
             self._cond.notify_all()
@@ -177,9 +183,12 @@ class MicroBatcher(Generic[P, R]):
                 if not j.future.set_running_or_notify_cancel():
                     continue  # its request gave up (deadline): it was answered 503 already
                 if j.deadline is not None and now >= j.deadline:
-                    j.future.set_exception(Overloaded(
-                        f"the {self.name} request waited past its deadline (GRACEFUL_REQUEST_TIMEOUT_S) before it "
-                        "could be started: the server is overloaded; nothing was done, retry later"))
+                    j.future.set_exception(
+                        Overloaded(
+                            f"the {self.name} request waited past its deadline (GRACEFUL_REQUEST_TIMEOUT_S) before it "
+                            "could be started: the server is overloaded; nothing was done, retry later"
+                        )
+                    )
                     continue
                 live.append(j)
             if not live:

@@ -37,10 +37,13 @@ async def result_within(future: Future[R], deadline: float, what: str, *, outcom
         return await asyncio.wait_for(asyncio.shield(afut), max(deadline - time.monotonic(), 0.0))
     except TimeoutError:
         if future.cancel():
-            raise Overloaded(f"{what} could not be started before its deadline (GRACEFUL_REQUEST_TIMEOUT_S): "
-                             "the server is overloaded; nothing was done, retry later") from None
-        raise RequestTimeout(f"{what} did not finish before its deadline (GRACEFUL_REQUEST_TIMEOUT_S); "
-                             f"{outcome_if_late}") from None
+            raise Overloaded(
+                f"{what} could not be started before its deadline (GRACEFUL_REQUEST_TIMEOUT_S): "
+                "the server is overloaded; nothing was done, retry later"
+            ) from None
+        raise RequestTimeout(
+            f"{what} did not finish before its deadline (GRACEFUL_REQUEST_TIMEOUT_S); {outcome_if_late}"
+        ) from None
 
 
 def _consume(f: asyncio.Future[Any]) -> None:
@@ -57,4 +60,6 @@ async def run_within(fn: Callable[..., R], *args: Any, deadline: float, what: st
     try:
         return await asyncio.wait_for(asyncio.shield(fut), max(deadline - time.monotonic(), 0.0))
     except TimeoutError:
-        raise RequestTimeout(f"{what} did not finish before its deadline (GRACEFUL_REQUEST_TIMEOUT_S)") from None
+        raise RequestTimeout(
+            f"{what} did not finish before its deadline (GRACEFUL_REQUEST_TIMEOUT_S)"
+        ) from None

@@ -65,15 +65,29 @@ class IngestJob:
 class IngestPath:
     """Ingests of one app: owns the ingest micro-batcher and the blob-writer threads."""
 
-    def __init__(self, gallery: Gallery, swap: HotSwap, blobs: BlobStore, metrics: Metrics, bounds: BatchBounds,
-                 *, max_image_pixels: int, keep_sources: bool) -> None:
+    def __init__(
+        self,
+        gallery: Gallery,
+        swap: HotSwap,
+        blobs: BlobStore,
+        metrics: Metrics,
+        bounds: BatchBounds,
+        *,
+        max_image_pixels: int,
+        keep_sources: bool,
+    ) -> None:
         self.gallery, self.swap, self.blobs, self.metrics = gallery, swap, blobs, metrics
         self.max_image_pixels, self.keep_sources = max_image_pixels, keep_sources
         self._pool = ThreadPoolExecutor(_BLOB_WRITERS, thread_name_prefix="blob-writer")
         self._sources = threading.Lock()  # blob writes up to their commit; a blob's check-then-remove
         self.batcher: MicroBatcher = MicroBatcher(
-            "ingest", self._run_batch, max_size=bounds.max_size, max_wait_s=bounds.max_wait_s,
-            max_queue=bounds.max_queue, on_start=bounds.on_start, size_of=len,
+            "ingest",
+            self._run_batch,
+            max_size=bounds.max_size,
+            max_wait_s=bounds.max_wait_s,
+            max_queue=bounds.max_queue,
+            on_start=bounds.on_start,
+            size_of=len,
             on_batch=metrics.batch_size.labels(queue="ingest").observe,
         ).start()
 
@@ -91,32 +105,51 @@ class IngestPath:
         active = self.swap.require_active()
         future = self.batcher.submit((active, job.upsert), job, deadline=deadline)
         return result_within(
-            future, deadline, "the ingest",
+            future,
+            deadline,
+            "the ingest",
             outcome_if_late="it is being written as one transaction and will be stored entirely or not at all: "
-                            "check GET /v1/items/{external_id} before sending it again (or send it with upsert)")
+            "check GET /v1/items/{external_id} before sending it again (or send it with upsert)",
+        )
 
-    def _run_batch(self, key: tuple[ActiveModel, bool], jobs: Sequence[IngestJob]) -> list[IngestResponse | Exception]:
+    def _run_batch(
+        self, key: tuple[ActiveModel, bool], jobs: Sequence[IngestJob]
+    ) -> list[IngestResponse | Exception]:
         captured, upsert = key
         out: list[IngestResponse | Exception | None] = [None] * len(jobs)
         with self.swap.serving():
             active = self.swap.active
             if active is None:
-                return [NoActiveModel("no model is active: activate one with POST /v1/models/{version}/activate")
-                        ] * len(jobs)
+                return [
+                    NoActiveModel("no model is active: activate one with POST /v1/models/{version}/activate")
+                ] * len(jobs)
             if active.space != captured.space:
-                return [IncompatibleModel(
-                    f"the active model changed from {captured.version} (space {captured.space!r}) to "
-                    f"{active.version} (space {active.space!r}) while this ingest waited; nothing was stored: "
-                    f"send it again", candidate=active.version)] * len(jobs)
+                return [
+                    IncompatibleModel(
+                        f"the active model changed from {captured.version} (space {captured.space!r}) to "
+                        f"{active.version} (space {active.space!r}) while this ingest waited; nothing was stored: "
+                        f"send it again",
+                        candidate=active.version,
+                    )
+                ] * len(jobs)
             images: list[np.ndarray] = []
             ok: list[int] = []
             for i, job in enumerate(jobs):
                 try:
-                    images.append(np.stack([
-                        decode_image(raw, channels=captured.channels, size=captured.input_size,
-                                     max_pixels=self.max_image_pixels, what=f"item {eid!r}")
-                        for eid, raw, _ in job.rows
-                    ]))
+                    images.append(
+                        np.stack(
+                            [
+                                decode_image(
+                                    raw,
+                                    channels=captured.channels,
+                                    size=captured.input_size,
+                                    max_pixels=self.max_image_pixels,
+                                    what=f"item {eid!r}",
+                                )
+                                for eid, raw, _ in job.rows
+                            ]
+                        )
+                    )
                     ok.append(i)
                 except Exception as e:  # a bad image fails its own request only (and keeps no bytes)
                     out[i] = e
@@ -125,14 +158,26 @@ class IngestPath:
                     self._write(captured, upsert, jobs, ok, np.concatenate(images), out)
         stored = [i for i in range(len(jobs)) if out[i] is None]
         self.metrics.embedded.labels(version=captured.version, purpose="ingest").inc(
-            sum(len(jobs[i].rows) for i in stored))
+            sum(len(jobs[i].rows) for i in stored)
+        )
         for i in stored:
-            out[i] = IngestResponse(model_version=captured.version, space=captured.space,
-                                    stored=[r[0] for r in jobs[i].rows], count=len(jobs[i].rows))
+            out[i] = IngestResponse(
+                model_version=captured.version,
+                space=captured.space,
+                stored=[r[0] for r in jobs[i].rows],
+                count=len(jobs[i].rows),
+            )
         return out  # type: ignore[return-value]
 
-    def _write(self, captured: ActiveModel, upsert: bool, jobs: Sequence[IngestJob], ok: list[int],
-               images: np.ndarray, out: list[IngestResponse | Exception | None]) -> None:
+    def _write(
+        self,
+        captured: ActiveModel,
+        upsert: bool,
+        jobs: Sequence[IngestJob],
+        ok: list[int],
+        images: np.ndarray,
+        out: list[IngestResponse | Exception | None],
+    ) -> None:
         """Keep the sources of the decoded jobs ``ok`` (written while ``images`` are embedded), write their
         items, and record each refused job's error in ``out``. Sources no stored item references (a refused
         job's, an upsert's replaced ones) are removed before returning. Holds the sources lock."""
@@ -143,14 +188,19 @@ class IngestPath:
         failed = True
         try:
             if upsert and self.keep_sources:  # the bytes an upsert replaces may become unreferenced
-                before = {eid: rec.source_uri for eid, rec in self.gallery.get_items([r[0] for r in rows]).items()}
+                before = {
+                    eid: rec.source_uri for eid, rec in self.gallery.get_items([r[0] for r in rows]).items()
+                }
             vectors = captured.embed(images)  # (rows, d) float32
             uris = sources()
             items: dict[int, list[NewItem]] = {}
             for i, first in _spans(jobs, ok):
-                items[i] = [NewItem(external_id=eid, vector=vectors[first + r], metadata=meta,
-                                    source_uri=uris[first + r])
-                            for r, (eid, _, meta) in enumerate(jobs[i].rows)]
+                items[i] = [
+                    NewItem(
+                        external_id=eid, vector=vectors[first + r], metadata=meta, source_uri=uris[first + r]
+                    )
+                    for r, (eid, _, meta) in enumerate(jobs[i].rows)
+                ]
             write = self.gallery.upsert if upsert else self.gallery.add
             try:
                 write([it for i in ok for it in items[i]], captured.version)
@@ -169,8 +219,16 @@ class IngestPath:
                 if not uris:  # failed before they were waited for: their writes must settle before removals
                     uris = sources(missing_ok=True)
                 # what was stored keeps its bytes; after an unexpected error, the SQL check alone decides
-                kept = set() if failed else {u for i, first in _spans(jobs, ok) if out[i] is None
-                                             for u in uris[first : first + len(jobs[i].rows)]}
+                kept = (
+                    set()
+                    if failed
+                    else {
+                        u
+                        for i, first in _spans(jobs, ok)
+                        if out[i] is None
+                        for u in uris[first : first + len(jobs[i].rows)]
+                    }
+                )
                 dropped = {u for u in (*uris, *before.values()) if u is not None} - kept
                 if dropped:
                     self._drop_unreferenced(dropped)
@@ -182,7 +240,9 @@ class IngestPath:
         listed = list(uris)
         with self.gallery.engine.connect() as conn:
             for s in range(0, len(listed), 500):
-                rows = conn.execute(select(Item.source_uri).where(Item.source_uri.in_(listed[s : s + 500])).distinct())
+                rows = conn.execute(
+                    select(Item.source_uri).where(Item.source_uri.in_(listed[s : s + 500])).distinct()
+                )
                 found.update(u for (u,) in rows if u is not None)
         return found
 

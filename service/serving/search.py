@@ -92,18 +92,27 @@ def run_search_batch(
     found: list[list[Hit]] = [[] for _ in jobs]
     for flt, rows in groups.items():
         group = vectors if len(rows) == len(jobs) else vectors[rows]
-        for i, h in zip(rows, gallery.search(active.space, group, max(jobs[i].k for i in rows), filter=flt),
-                        strict=True):
+        for i, h in zip(
+            rows, gallery.search(active.space, group, max(jobs[i].k for i in rows), filter=flt), strict=True
+        ):
             found[i] = h
     hits = [h[: j.k] for h, j in zip(found, jobs, strict=True)]
     wanted = {h.external_id for hs, j in zip(hits, jobs, strict=True) if j.include_metadata for h in hs}
     meta = gallery.get_metadata(wanted) if wanted else {}
     return [
-        SearchResponse(model_version=active.version, space=active.space, hits=[
-            SearchHit(external_id=h.external_id, score=h.score, embedded_by=h.embedded_by,
-                      metadata=meta.get(h.external_id) if j.include_metadata else None)
-            for h in hs
-        ])
+        SearchResponse(
+            model_version=active.version,
+            space=active.space,
+            hits=[
+                SearchHit(
+                    external_id=h.external_id,
+                    score=h.score,
+                    embedded_by=h.embedded_by,
+                    metadata=meta.get(h.external_id) if j.include_metadata else None,
+                )
+                for h in hs
+            ],
+        )
         for hs, j in zip(hits, jobs, strict=True)
     ]
 
@@ -111,14 +120,27 @@ def run_search_batch(
 class SearchPath:
     """Searches of one app: owns the search micro-batcher."""
 
-    def __init__(self, gallery: Gallery, swap: HotSwap, metrics: Metrics, bounds: BatchBounds,
-                 *, max_image_pixels: int, shadow: ShadowTraffic | None = None) -> None:
+    def __init__(
+        self,
+        gallery: Gallery,
+        swap: HotSwap,
+        metrics: Metrics,
+        bounds: BatchBounds,
+        *,
+        max_image_pixels: int,
+        shadow: ShadowTraffic | None = None,
+    ) -> None:
         self.gallery, self.swap, self.metrics = gallery, swap, metrics
         self.max_image_pixels = max_image_pixels
         self.shadow = shadow
         self.batcher: MicroBatcher = MicroBatcher(
-            "search", self._run_batch, max_size=bounds.max_size, max_wait_s=bounds.max_wait_s,
-            max_queue=bounds.max_queue, on_start=bounds.on_start, on_batch=metrics.batch_size.labels(queue="search").observe,
+            "search",
+            self._run_batch,
+            max_size=bounds.max_size,
+            max_wait_s=bounds.max_wait_s,
+            max_queue=bounds.max_queue,
+            on_start=bounds.on_start,
+            on_batch=metrics.batch_size.labels(queue="search").observe,
         ).start()
 
     def close(self) -> None:
@@ -144,8 +166,13 @@ class SearchPath:
         result. Raises the domain errors of a bad query at once."""
         if isinstance(query, ImageQuery):
             active = self.swap.require_active()
-            image = decode_image(query.raw, channels=active.channels, size=active.input_size,
-                                 max_pixels=self.max_image_pixels, what="query image")
+            image = decode_image(
+                query.raw,
+                channels=active.channels,
+                size=active.input_size,
+                max_pixels=self.max_image_pixels,
+                what="query image",
+            )
             job = SearchJob(image, query.k, query.include_metadata, query.filter, raw=query.raw)
             future = self.batcher.submit(active, job, deadline=deadline)
             return result_within(future, deadline, "the search", outcome_if_late="nothing was changed")
@@ -158,11 +185,19 @@ class SearchPath:
 
     def _respond(self, version: str, space: str, hits, include_metadata: bool) -> SearchResponse:
         meta = self.gallery.get_metadata([h.external_id for h in hits]) if (include_metadata and hits) else {}
-        return SearchResponse(model_version=version, space=space, hits=[
-            SearchHit(external_id=h.external_id, score=h.score, embedded_by=h.embedded_by,
-                      metadata=meta.get(h.external_id) if include_metadata else None)
-            for h in hits
-        ])
+        return SearchResponse(
+            model_version=version,
+            space=space,
+            hits=[
+                SearchHit(
+                    external_id=h.external_id,
+                    score=h.score,
+                    embedded_by=h.embedded_by,
+                    metadata=meta.get(h.external_id) if include_metadata else None,
+                )
+                for h in hits
+            ],
+        )
 
     def _by_vector(self, q: VectorQuery) -> SearchResponse:
         try:
@@ -175,7 +210,8 @@ class SearchPath:
             raise IncompatibleModel(
                 f"the vector comes from {q.model_version}, which embeds into space {info.space!r}, but the gallery "
                 f"serves space {space!r}: the embeddings are not comparable (see "
-                f"{backfill_report_url(q.model_version)})", candidate=q.model_version,
+                f"{backfill_report_url(q.model_version)})",
+                candidate=q.model_version,
             )
         vec = np.asarray(q.vector, dtype=np.float64)[None]
         hits = self.gallery.search(space, vec, q.k, version=q.model_version, filter=q.filter)[0]

@@ -59,8 +59,16 @@ class _Offer:
 class ShadowTraffic:
     """The shadow comparison of one app. Thread-safe."""
 
-    def __init__(self, gallery: Gallery, swap: HotSwap, models: ModelCache, *, max_queue: int = 64,
-                 max_pixels: int = 1 << 20, seed: int = 0) -> None:
+    def __init__(
+        self,
+        gallery: Gallery,
+        swap: HotSwap,
+        models: ModelCache,
+        *,
+        max_queue: int = 64,
+        max_pixels: int = 1 << 20,
+        seed: int = 0,
+    ) -> None:
         self.gallery, self.swap, self.models = gallery, swap, models
         self.max_queue, self.max_pixels = max_queue, max_pixels
         self._rng = random.Random(seed)
@@ -93,8 +101,9 @@ class ShadowTraffic:
             raise IncompatibleModel(f"{version} cannot search this gallery: {problem}", candidate=version)
         loaded = self.models.get(version)
         with self._cond:
-            self._session = _Session(version=version, fraction=float(fraction), loaded=loaded,
-                                     started_at=time.time())
+            self._session = _Session(
+                version=version, fraction=float(fraction), loaded=loaded, started_at=time.time()
+            )
             self._queue.clear()
         log.info("shadowing %s on %.0f%% of image searches", version, 100 * fraction)
         return self.status(version)
@@ -111,17 +120,28 @@ class ShadowTraffic:
     def status(self, version: str) -> dict[str, Any]:
         s = self._session
         if s is None or s.version != version:
-            raise NoShadow(f"no shadow of {version} is running: start one with POST /v1/models/{version}/shadow")
+            raise NoShadow(
+                f"no shadow of {version} is running: start one with POST /v1/models/{version}/shadow"
+            )
         lat = np.asarray(list(s.latencies_ms), dtype=np.float64)
         n = max(s.compared, 1)
         return {
-            "version": s.version, "running": True, "fraction": s.fraction,
-            "started_at": s.started_at, "offered": s.offered, "compared": s.compared,
-            "dropped": s.dropped, "failed": s.failed,
+            "version": s.version,
+            "running": True,
+            "fraction": s.fraction,
+            "started_at": s.started_at,
+            "offered": s.offered,
+            "compared": s.compared,
+            "dropped": s.dropped,
+            "failed": s.failed,
             "overlap_at_10": round(s.overlap_sum / n, 4) if s.compared else None,
             "lost_top1": round(s.lost / n, 4) if s.compared else None,
-            "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 2),
-                           "p99": round(float(np.percentile(lat, 99)), 2)} if len(lat) else None,
+            "latency_ms": {
+                "p50": round(float(np.percentile(lat, 50)), 2),
+                "p99": round(float(np.percentile(lat, 99)), 2),
+            }
+            if len(lat)
+            else None,
         }
 
     # ------------------------------------------------------------------ the live path
@@ -163,8 +183,13 @@ class ShadowTraffic:
                 s.failed += 1
                 return
             try:
-                image = decode_image(offer.raw, channels=prep.channels, size=prep.size, max_pixels=self.max_pixels,
-                                     what="shadow query")
+                image = decode_image(
+                    offer.raw,
+                    channels=prep.channels,
+                    size=prep.size,
+                    max_pixels=self.max_pixels,
+                    what="shadow query",
+                )
             except (BadImage, TooLarge):
                 s.failed += 1
                 return

@@ -19,7 +19,12 @@ def random_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
 
 def items(vectors: np.ndarray, prefix: str = "item", start: int = 0) -> list[NewItem]:
     return [
-        NewItem(f"{prefix}{start + i}", v, metadata={"i": start + i}, source_uri=f"file:///{prefix}{start + i}.png")
+        NewItem(
+            f"{prefix}{start + i}",
+            v,
+            metadata={"i": start + i},
+            source_uri=f"file:///{prefix}{start + i}.png",
+        )
         for i, v in enumerate(vectors)
     ]
 
@@ -33,4 +38,7 @@ def brute_topk(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.nda
 
 def answers(g: Gallery, space: str, queries: np.ndarray, k: int) -> list[list[tuple[str, float, str]]]:
     """Search answers in a comparable form (ids, rounded scores, versions)."""
-    return [[(h.external_id, round(h.score, 5), h.embedded_by) for h in row] for row in g.search(space, queries, k)]
+    return [
+        [(h.external_id, round(h.score, 5), h.embedded_by) for h in row]
+        for row in g.search(space, queries, k)
+    ]

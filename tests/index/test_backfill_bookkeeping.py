@@ -16,7 +16,9 @@ def two_versions(gallery: Gallery) -> Gallery:
     gallery.register_version(VersionInfo("v2", space="v1", embedding_dim=16, compatible_with="v1"))
     gallery.register_version(VersionInfo("w", space="w", embedding_dim=8))
     vecs = random_vectors(10, 16, seed=1)
-    gallery.add([NewItem(f"x{i}", v, source_uri=None if i == 3 else f"blob:{i}") for i, v in enumerate(vecs)], "v1")
+    gallery.add(
+        [NewItem(f"x{i}", v, source_uri=None if i == 3 else f"blob:{i}") for i, v in enumerate(vecs)], "v1"
+    )
     return gallery
 
 
@@ -38,13 +40,16 @@ def test_ordered_pending_skips_done_and_skipped_items(two_versions: Gallery) -> 
     assert [e for _, _, e, _ in rest] == ["x7", "x9", "x0", "x5", "x1", "x8", "x6", "x4"]
     assert [e for _, _, e, _ in g.backfill.pending_ordered(job.id, "v2", 2, after_position=4)] == ["x5", "x1"]
     assert [e for _, e, _ in g.backfill.pending("v2", 100, job_id=job.id)] == [
-        f"x{i}" for i in (0, 1, 4, 5, 6, 7, 8, 9)]
+        f"x{i}" for i in (0, 1, 4, 5, 6, 7, 8, 9)
+    ]
     assert len(g.backfill.pending("v2", 100)) == 9  # without the job, the skipped item is still pending
     assert g.backfill.skips(job.id) == (1, [("x3", "no source kept")])
     assert g.backfill.progress("v2") == (1, 10)
 
 
-def test_order_and_skips_survive_reopen_and_follow_deletes(two_versions: Gallery, database_url, data_dir) -> None:
+def test_order_and_skips_survive_reopen_and_follow_deletes(
+    two_versions: Gallery, database_url, data_dir
+) -> None:
     g = two_versions
     job = g.backfill.create_job("w", {"order": "uncertainty"})
     ids = {e: i for i, e, _ in g.backfill.pending("w", 100)}
@@ -57,7 +62,8 @@ def test_order_and_skips_survive_reopen_and_follow_deletes(two_versions: Gallery
     g.close()
     with Gallery.open(database_url, data_dir) as g2:
         assert [e for _, _, e, _ in g2.backfill.pending_ordered(job.id, "w", 100)] == [
-            f"x{i}" for i in (7, 6, 5, 4, 2, 1, 0)]
+            f"x{i}" for i in (7, 6, 5, 4, 2, 1, 0)
+        ]
         assert g2.backfill.order_size(job.id) == 8  # the deleted items left the order (cascade)
         assert g2.backfill.skips(job.id)[0] == 0
         assert g2.backfill.progress("w") == (1, 8)

@@ -42,8 +42,9 @@ def test_exact_top_k_streams_like_brute_force():
 
 
 @pytest.mark.parametrize("factory", ["IVF8,Flat", "HNSW16"])
-def test_build_runs_off_to_the_side_and_keeps_every_write(database_url: str, tmp_path: Path, monkeypatch,
-                                                          factory: str) -> None:
+def test_build_runs_off_to_the_side_and_keeps_every_write(
+    database_url: str, tmp_path: Path, monkeypatch, factory: str
+) -> None:
     x = _clustered(1500, 16, seed=11)
     gate, reading = threading.Event(), threading.Event()
     real_scan = bb.store.scan_space
@@ -55,8 +56,14 @@ def test_build_runs_off_to_the_side_and_keeps_every_write(database_url: str, tmp
             yield chunk
 
     monkeypatch.setattr(bb.store, "scan_space", slow_scan)
-    with Gallery.open(database_url, tmp_path / "d", index_factory=factory, min_train=400,
-                      background_builds=True, recall_sample=200) as g:
+    with Gallery.open(
+        database_url,
+        tmp_path / "d",
+        index_factory=factory,
+        min_train=400,
+        background_builds=True,
+        recall_sample=200,
+    ) as g:
         g.register_version(VersionInfo("v", space="v", embedding_dim=16))
         g.add(items(x[:1000]), "v")  # crosses min_train: a background build starts; this call returned
         assert reading.wait(30)
@@ -88,10 +95,13 @@ def test_build_runs_off_to_the_side_and_keeps_every_write(database_url: str, tmp
         assert not hits & {f"item{i}" for i in range(50, 1000, 10)}  # (upsert brought back item0..40)
         assert not hits & {f"item{i}" for i in range(1000, 1200, 20)}
         # the upserted items are found by their new vectors
-        assert [row[0].external_id for row in g.search("v", x[1200:1210], 1)] == [f"item{i}" for i in range(10)]
+        assert [row[0].external_id for row in g.search("v", x[1200:1210], 1)] == [
+            f"item{i}" for i in range(10)
+        ]
     # restart: the built index comes back from its snapshot with its report
-    with Gallery.open(database_url, tmp_path / "d", index_factory=factory, min_train=400,
-                      background_builds=True) as g:
+    with Gallery.open(
+        database_url, tmp_path / "d", index_factory=factory, min_train=400, background_builds=True
+    ) as g:
         info = g.index_info("v")
         assert info["built_factory"] == factory and not info["staging"] and info["building"] is None
         assert info["last_build"] is not None and info["last_build"]["recall"] == report["recall"]
@@ -105,8 +115,14 @@ def test_open_without_snapshot_serves_exactly_then_builds(database_url: str, tmp
     with Gallery.open(database_url, tmp_path / "d") as g:
         g.register_version(VersionInfo("v", space="v", embedding_dim=16))
         g.add(items(x), "v")
-    with Gallery.open(database_url, tmp_path / "d", index_factory="HNSW16", min_train=500,
-                      background_builds=True, recall_sample=100) as g:
+    with Gallery.open(
+        database_url,
+        tmp_path / "d",
+        index_factory="HNSW16",
+        min_train=500,
+        background_builds=True,
+        recall_sample=100,
+    ) as g:
         assert g.search("v", x[3], 1)[0][0].external_id == "item3"
         assert g.wait_for_index_builds(60)
         info = g.index_info("v")

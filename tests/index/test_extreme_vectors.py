@@ -43,8 +43,11 @@ def test_scaled_stored_vector_is_stored_as_its_direction(gallery: Gallery, scale
 
 @pytest.mark.parametrize(
     ("vector", "message"),
-    [(np.zeros(16), "zero norm"), (np.r_[1e308, np.inf, np.zeros(14)], "NaN or inf"),
-     (np.full(16, np.nan), "NaN or inf")],
+    [
+        (np.zeros(16), "zero norm"),
+        (np.r_[1e308, np.inf, np.zeros(14)], "NaN or inf"),
+        (np.full(16, np.nan), "NaN or inf"),
+    ],
 )
 def test_zero_and_non_finite_are_still_refused(gallery: Gallery, vector: np.ndarray, message: str) -> None:
     with pytest.raises(InvalidEmbedding, match=message):

@@ -88,7 +88,9 @@ def hnsw(database_url: str, tmp_path: Path, data) -> Gallery:
     g.close()
 
 
-def _brute(data, queries: np.ndarray, k: int, spec: dict[str, Any], gone: set[str] = frozenset()) -> list[list[str]]:
+def _brute(
+    data, queries: np.ndarray, k: int, spec: dict[str, Any], gone: set[str] = frozenset()
+) -> list[list[str]]:
     vecs, ids, metas = data
     keep = np.array([_reference_match(m, spec) and e not in gone for e, m in zip(ids, metas, strict=True)])
     sub = vecs[keep]
@@ -165,8 +167,9 @@ def test_deleted_and_updated_items_follow_sql_at_once(filled: Gallery, data) -> 
 
 
 @pytest.mark.parametrize("through_faiss", [False, True], ids=["exact-from-sql", "hnsw-selector"])
-@pytest.mark.parametrize("spec", [{"label": 3}, {"unique": "only-46"}, {"color": {"in": COLORS}}],
-                         ids=["10%", "one", "~all"])
+@pytest.mark.parametrize(
+    "spec", [{"label": 3}, {"unique": "only-46"}, {"color": {"in": COLORS}}], ids=["10%", "one", "~all"]
+)
 def test_hnsw_filtered_search_returns_k_hits_whenever_k_items_match(
     hnsw: Gallery, data, spec, through_faiss: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -259,7 +262,11 @@ def test_queries_an_approximate_index_answers_short_are_answered_exactly(
     monkeypatch.setattr(gallery_module, "EXACT_FILTERED_MAX", 0)
     sidx = hnsw._space_index("v1")
     real = sidx.search
-    monkeypatch.setattr(sidx, "search", lambda q, k, allowed=None, allows_all_at=None: [row[: k // 2] for row in real(q, k, allowed)])
+    monkeypatch.setattr(
+        sidx,
+        "search",
+        lambda q, k, allowed=None, allows_all_at=None: [row[: k // 2] for row in real(q, k, allowed)],
+    )
     queries = random_vectors(3, D, seed=17)
     spec = {"label": {"in": [1, 2]}}
     got = [[h.external_id for h in row] for row in hnsw.search("v1", queries, 10, filter=spec)]
@@ -322,7 +329,10 @@ def test_a_filter_matching_everything_is_the_plain_search_until_the_index_change
         q = random_vectors(3, D, seed=32)
         plain = g.search("v1", q, 10)
         assert g.search("v1", q, 10, filter={"all": True}) == plain
-        assert g._filter_cache[("v1", MetadataFilter.parse({"all": True}))].covers == g._space_index("v1").mutations
+        assert (
+            g._filter_cache[("v1", MetadataFilter.parse({"all": True}))].covers
+            == g._space_index("v1").mutations
+        )
         # a nearer item that does not match: the plain search finds it, the filtered one must not
         g.add([NewItem("odd", q[0], metadata={"all": False})], "v1")
         assert g.search("v1", q[:1], 1)[0][0].external_id == "odd"

@@ -18,7 +18,9 @@ BATCHES = 15  # writer iterations: add 10, delete 4, re-embed 1
 
 @pytest.mark.parametrize("factory", ["Flat", pytest.param("HNSW16", marks=pytest.mark.slow)])
 def test_searches_run_while_writer_mutates(database_url: str, data_dir: Path, factory: str) -> None:
-    g = Gallery.open(database_url, data_dir, index_factory=factory, snapshot_every=200, tombstone_fraction=0.1)
+    g = Gallery.open(
+        database_url, data_dir, index_factory=factory, snapshot_every=200, tombstone_fraction=0.1
+    )
     g.register_version(VersionInfo("v1", space="v1", embedding_dim=16))
     g.register_version(VersionInfo("v2", space="v1", embedding_dim=16, compatible_with="v1"))
     x = random_vectors(300, 16, seed=31)
@@ -60,7 +62,9 @@ def test_searches_run_while_writer_mutates(database_url: str, data_dir: Path, fa
                 new = items(random_vectors(10, 16, seed=100 + b), prefix="w", start=10 * b)
                 ever.update(it.external_id for it in new)  # before the call: may show up once it commits
                 g.add(new, "v1")
-                victims = [f"item{i}" for i in rs.choice(300, 4, replace=False) if f"item{i}" not in deleted_at]
+                victims = [
+                    f"item{i}" for i in rs.choice(300, 4, replace=False) if f"item{i}" not in deleted_at
+                ]
                 g.delete(victims)
                 now = time.monotonic()
                 deleted_at.update({v: now for v in victims})
@@ -70,7 +74,9 @@ def test_searches_run_while_writer_mutates(database_url: str, data_dir: Path, fa
         finally:
             stop.set()
 
-    threads = [threading.Thread(target=searcher, args=(s,)) for s in range(4)] + [threading.Thread(target=writer)]
+    threads = [threading.Thread(target=searcher, args=(s,)) for s in range(4)] + [
+        threading.Thread(target=writer)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -85,8 +85,16 @@ def test_reopen_without_snapshot_rebuilds_from_sql(database_url: str, data_dir: 
 
 @pytest.mark.parametrize(
     "damage",
-    ["garbage index", "garbage sidecar", "missing index", "other factory", "torn", "garbage lookup",
-     "missing lookup", "old lookup"],
+    [
+        "garbage index",
+        "garbage sidecar",
+        "missing index",
+        "other factory",
+        "torn",
+        "garbage lookup",
+        "missing lookup",
+        "old lookup",
+    ],
 )
 def test_damaged_or_mismatched_snapshot_is_rebuilt(database_url: str, data_dir: Path, damage: str) -> None:
     g = _setup(database_url, data_dir, "Flat")
@@ -221,7 +229,11 @@ def test_sigkill_loses_no_acknowledged_write(database_url: str, data_dir: Path) 
     for prefix, kill_after in (("a", 40), ("b", 55)):  # batches acknowledged before the kill
         proc = subprocess.Popen(
             [sys.executable, "-c", CHILD, database_url, str(data_dir), prefix],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
         )
         assert proc.stdout is not None and proc.stderr is not None
         acks = 0
@@ -244,7 +256,7 @@ def test_sigkill_loses_no_acknowledged_write(database_url: str, data_dir: Path) 
             proc.stderr.close()
         # the child's next step after its last acknowledged line (see CHILD)
         kind, first = last[0], last[1]
-        b = int(first[len(prefix):].split("-")[0])
+        b = int(first[len(prefix) :].split("-")[0])
         if kind == "A" and b % 4 == 3:
             in_flight.add(f"{prefix}{b - 1}-0")  # the delete
         elif kind == "D":
@@ -259,7 +271,9 @@ def test_sigkill_loses_no_acknowledged_write(database_url: str, data_dir: Path) 
         faiss_count, sql_count = g.consistency("v1")
         assert faiss_count == sql_count
         records = g.get_items(expected)
-        assert set(records) == set(expected), f"lost acknowledged items: {sorted(set(expected) - set(records))[:5]}"
+        assert set(records) == set(expected), (
+            f"lost acknowledged items: {sorted(set(expected) - set(records))[:5]}"
+        )
         assert not g.get_items(sorted(deleted - in_flight)), "acknowledged deletes came back"
         assert sql_count - len(expected) == len(g.get_items(sorted(in_flight)))
         # every acknowledged item is searchable by its current vector and reports the right version

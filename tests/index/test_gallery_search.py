@@ -50,7 +50,14 @@ def test_empty_space_and_empty_query_batch(gallery: Gallery) -> None:
 def _recall(g: Gallery, x: np.ndarray, q: np.ndarray, k: int) -> float:
     _, want = brute_topk(x, q, k)
     got = g.search("v", q, k)
-    return float(np.mean([len({h.external_id for h in r} & {f"item{i}" for i in w}) / k for r, w in zip(got, want, strict=True)]))
+    return float(
+        np.mean(
+            [
+                len({h.external_id for h in r} & {f"item{i}" for i in w}) / k
+                for r, w in zip(got, want, strict=True)
+            ]
+        )
+    )
 
 
 def _clustered(n: int, d: int, seed: int) -> np.ndarray:
@@ -66,7 +73,9 @@ def _clustered(n: int, d: int, seed: int) -> np.ndarray:
     ("factory", "params", "floor"),
     [("HNSW32", "efSearch=128", 0.95), ("IVF32,Flat", "nprobe=8", 0.90)],
 )
-def test_ann_recall_above_floor(database_url: str, tmp_path: Path, factory: str, params: str, floor: float) -> None:
+def test_ann_recall_above_floor(
+    database_url: str, tmp_path: Path, factory: str, params: str, floor: float
+) -> None:
     x = _clustered(3000, 32, seed=5)
     q = _clustered(100, 32, seed=6)
     with Gallery.open(database_url, tmp_path / "d", index_factory=factory, index_params=params) as g:
@@ -91,8 +100,12 @@ def test_ann_recall_above_floor(database_url: str, tmp_path: Path, factory: str,
             got = g.search("v", q, 10)
             assert all(int(h.external_id[4:]) in alive for r in got for h in r)
             _, want = brute_topk(x[keep], q, 10)
-            rec = np.mean([len({h.external_id for h in r} & {f"item{keep[i]}" for i in w}) / 10
-                           for r, w in zip(got, want, strict=True)])
+            rec = np.mean(
+                [
+                    len({h.external_id for h in r} & {f"item{keep[i]}" for i in w}) / 10
+                    for r, w in zip(got, want, strict=True)
+                ]
+            )
             print(f"{factory}: recall@10 {recall:.3f}, after deletions step {step} {rec:.3f}")
             assert rec >= floor, f"{factory} recall@10 after deletions (step {step}) {rec:.3f} < {floor}"
             assert g.consistency("v") == (len(keep), len(keep))
@@ -106,7 +119,9 @@ def test_ivf_is_served_exactly_until_trainable(database_url: str, tmp_path: Path
         g.add(items(x[:300]), "v")
         assert g.index_info("v")["staging"]
         _, want = brute_topk(x[:300], x[:20], 5)
-        assert [[h.external_id for h in r] for r in g.search("v", x[:20], 5)] == [[f"item{i}" for i in w] for w in want]
+        assert [[h.external_id for h in r] for r in g.search("v", x[:20], 5)] == [
+            [f"item{i}" for i in w] for w in want
+        ]
         g.add(items(x[300:], start=300), "v")  # crosses min_train: trained and rebuilt from SQL
         info = g.index_info("v")
         assert not info["staging"] and info["built_factory"] == "IVF8,Flat" and info["live"] == 700

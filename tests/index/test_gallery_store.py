@@ -66,7 +66,9 @@ def test_delete(gallery: Gallery) -> None:
 
 
 def test_mixed_versions_in_one_space(gallery: Gallery) -> None:
-    gallery.register_version(VersionInfo("v2", space="v1", embedding_dim=16, compatible_with="v1", card={"a": 1}))
+    gallery.register_version(
+        VersionInfo("v2", space="v1", embedding_dim=16, compatible_with="v1", card={"a": 1})
+    )
     x = random_vectors(30, 16, seed=4)
     gallery.add(items(x[:15]), "v1")
     gallery.add(items(x[15:], start=15), "v2", space="v1")
@@ -103,7 +105,10 @@ def test_two_spaces_and_backfill_bookkeeping(gallery: Gallery) -> None:
     gallery.reembed([(e, z[int(e[4:])]) for _, e, _ in pending[:3]], "w1")
     assert gallery.backfill.progress("w1") == (3, 6)
     assert [e for _, e, _ in gallery.backfill.pending("w1", limit=10, after_item_id=pending[0][0])] == [
-        "item3", "item4", "item5"]
+        "item3",
+        "item4",
+        "item5",
+    ]
     job = gallery.backfill.update_job(job.id, status="running", done=3)
     assert (job.status, job.done) == ("running", 3)
     assert [j.id for j in gallery.backfill.list_jobs("w1")] == [job.id]

@@ -56,7 +56,9 @@ REFUSED: list[tuple[str, Any, str]] = [
 
 @pytest.mark.parametrize("upsert", [False, True], ids=["add", "upsert"])
 @pytest.mark.parametrize(("meta", "message"), [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
-def test_refused_and_nothing_of_the_batch_stored(gallery: Gallery, meta: Any, message: str, upsert: bool) -> None:
+def test_refused_and_nothing_of_the_batch_stored(
+    gallery: Gallery, meta: Any, message: str, upsert: bool
+) -> None:
     gallery.add([NewItem("old", V, metadata={"v": 1})], "v1")
     write = gallery.upsert if upsert else gallery.add
     batch = [NewItem("good", V, metadata={"fine": True}), NewItem("bad", V, metadata=meta)]
@@ -74,8 +76,12 @@ def test_refused_and_nothing_of_the_batch_stored(gallery: Gallery, meta: Any, me
 
 @pytest.mark.parametrize(
     "meta",
-    [nested(METADATA_MAX_DEPTH), sized(METADATA_MAX_BYTES), {"emoji": "😀", "json pair": json.loads('"\\ud83d\\ude00"')},
-     {"n": None, "x": [1.5, True, {"": []}]}],
+    [
+        nested(METADATA_MAX_DEPTH),
+        sized(METADATA_MAX_BYTES),
+        {"emoji": "😀", "json pair": json.loads('"\\ud83d\\ude00"')},
+        {"n": None, "x": [1.5, True, {"": []}]},
+    ],
     ids=["deepest allowed", "largest allowed", "astral characters", "plain"],
 )
 def test_metadata_within_bounds_is_stored_and_read_back_as_utf8_json(gallery: Gallery, meta: Any) -> None:

@@ -18,7 +18,9 @@ def test_migrations_match_the_models_and_round_trip(database_url: str) -> None:
         create_schema(engine)
         assert current(engine) == head()
         with engine.connect() as conn:
-            diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+            diffs = compare_metadata(
+                MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
+            )
         assert diffs == [], f"models and migrations differ: write a migration for {diffs}"
         create_schema(engine)  # idempotent: already at head
         cfg = alembic_config()

@@ -20,8 +20,12 @@ def test_nul_text_is_invalid_input_for_writes_and_lookups(database_url: str, tmp
             g.add([NewItem("a\x00b", np.ones(4))], "v")
         with pytest.raises(InvalidInput, match="NUL"):
             g.add([NewItem("m", np.ones(4), metadata={"k": ["x\x00"]})], "v")
-        for lookup in (lambda: g.get_items(["a\x00"]), lambda: g.get_embedding("a\x00", "v"),
-                       lambda: g.get_version("v\x00"), lambda: g.delete(["a\x00"])):
+        for lookup in (
+            lambda: g.get_items(["a\x00"]),
+            lambda: g.get_embedding("a\x00", "v"),
+            lambda: g.get_version("v\x00"),
+            lambda: g.delete(["a\x00"]),
+        ):
             with pytest.raises(InvalidInput, match="NUL"):
                 lookup()
         # a literal backslash-u0000 is ordinary text

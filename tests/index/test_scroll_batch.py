@@ -66,7 +66,9 @@ def test_update_metadata_merges_removes_and_replaces(filled: Gallery) -> None:
     assert rec.metadata == {"i": 50, "color": "red"}
     assert rec.updated_at >= before.updated_at and rec.created_at == before.created_at
     assert filled.get_items(["id-005"])["id-005"].metadata == {"i": 50, "color": "red"}
-    assert filled.update_metadata("id-005", {"only": [1, {"x": 2}]}, merge=False).metadata == {"only": [1, {"x": 2}]}
+    assert filled.update_metadata("id-005", {"only": [1, {"x": 2}]}, merge=False).metadata == {
+        "only": [1, {"x": 2}]
+    }
     assert filled.update_metadata("id-005", None, merge=False).metadata is None
     assert filled.update_metadata("id-005", {"a": 1}).metadata == {"a": 1}  # merging into nothing
     assert filled.update_metadata("id-005", {"a": None}).metadata == {}

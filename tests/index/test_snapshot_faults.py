@@ -29,8 +29,9 @@ FACTORIES = {"Flat": None, "HNSW16": None, "IVF4,Flat": 100}  # factory -> min_t
 
 
 def _open(database_url: str, data_dir: Path, factory: str) -> Gallery:
-    return Gallery.open(database_url, data_dir, index_factory=factory, snapshot_every=None,
-                        min_train=FACTORIES[factory])
+    return Gallery.open(
+        database_url, data_dir, index_factory=factory, snapshot_every=None, min_train=FACTORIES[factory]
+    )
 
 
 def _snapshotted(database_url: str, data_dir: Path, factory: str) -> None:
@@ -90,7 +91,9 @@ def _permute_lookup(p: Path, rng: np.random.Generator, factory: str) -> None:
     p.write_bytes(buf.getvalue())
 
 
-def _same_ids_other_vectors(index: faiss.IndexIDMap2, factory: str, rng: np.random.Generator) -> faiss.IndexIDMap2:
+def _same_ids_other_vectors(
+    index: faiss.IndexIDMap2, factory: str, rng: np.random.Generator
+) -> faiss.IndexIDMap2:
     """An index of the same factory and ids, each id holding another item's vector."""
     ids = faiss.vector_to_array(index.id_map)
     other = make_faiss_index(factory, D)
@@ -106,7 +109,9 @@ def _other_vectors(p: Path, rng: np.random.Generator, factory: str) -> None:
 
 
 DAMAGE: dict[str, Callable[[Path, np.random.Generator, str], None]] = {
-    "truncate": _truncate, "flip": _flip, "overwrite": _overwrite_middle,
+    "truncate": _truncate,
+    "flip": _flip,
+    "overwrite": _overwrite_middle,
 }
 CASES = (
     [(0, kind) for kind in [*DAMAGE, "other vectors"]]  # the .faiss
@@ -117,7 +122,9 @@ EXTRA = {"other vectors": _other_vectors, "permute": _permute_lookup}
 
 
 @pytest.mark.parametrize("factory", list(FACTORIES))
-@pytest.mark.parametrize(("which", "kind"), CASES, ids=[f"{['faiss', 'lookup', 'sidecar'][w]}-{k}" for w, k in CASES])
+@pytest.mark.parametrize(
+    ("which", "kind"), CASES, ids=[f"{['faiss', 'lookup', 'sidecar'][w]}-{k}" for w, k in CASES]
+)
 def test_damaged_snapshot_file_is_rebuilt_from_sql(
     database_url: str, data_dir: Path, factory: str, which: int, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -140,8 +147,12 @@ def _rewrite(data_dir: Path, factory: str, change: str) -> None:
     rng = np.random.default_rng(3)
     if change == "permuted lookup":
         perm = rng.permutation(len(entries.vec_ids))
-        entries = snap.EntryArrays(entries.vec_ids, entries.item_ids[perm],
-                                   [entries.external_ids[i] for i in perm], [entries.versions[i] for i in perm])
+        entries = snap.EntryArrays(
+            entries.vec_ids,
+            entries.item_ids[perm],
+            [entries.external_ids[i] for i in perm],
+            [entries.versions[i] for i in perm],
+        )
     else:
         index = _same_ids_other_vectors(index, factory, rng)
     snap.write(index_dir, index, entries, loaded.info)

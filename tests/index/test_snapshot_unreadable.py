@@ -45,7 +45,10 @@ class _Odd(Exception):
 
 @pytest.mark.parametrize("where", ["faiss", "lookup", "sidecar"])
 def test_any_exception_reading_a_snapshot_means_rebuilding(
-    database_url: str, data_dir: Path, where: str, monkeypatch: pytest.MonkeyPatch,
+    database_url: str,
+    data_dir: Path,
+    where: str,
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     _snapshotted(database_url, data_dir)
@@ -53,7 +56,9 @@ def test_any_exception_reading_a_snapshot_means_rebuilding(
     def boom(*args: object, **kwargs: object) -> None:
         raise _Odd("unexpected")
 
-    target = {"faiss": (snap.faiss, "read_index"), "lookup": (np, "load"), "sidecar": (snap, "SnapshotInfo")}[where]
+    target = {"faiss": (snap.faiss, "read_index"), "lookup": (np, "load"), "sidecar": (snap, "SnapshotInfo")}[
+        where
+    ]
     with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="index"):
         m.setattr(*target, boom)
         g = Gallery.open(database_url, data_dir)  # only the open reads snapshots

@@ -43,14 +43,19 @@ def server_env(tmp_path: Path, tiny_models: Path, database_url: str) -> dict[str
     data dir ``tmp_path/data`` and one database, so a restart sees the same state."""
     models = tmp_path / "models"
     shutil.copytree(tiny_models, models)
-    return {"GRACEFUL_MODELS_DIR": str(models), "GRACEFUL_DATA_DIR": str(tmp_path / "data"),
-            "GRACEFUL_DATABASE_URL": database_url, "GRACEFUL_API_KEY": API_KEY,
-            "GRACEFUL_ACTIVE_MODEL": "v1", "GRACEFUL_TORCH_THREADS": "1",
-            "GRACEFUL_THROUGHPUT_PROBE_IMAGES": "64",
-            # The tiny v2 is a BCT child by its card only: two epochs on 400 images do not make it compatible,
-            # and the measured check (on by default) says so. Tests of the swap mechanics use the card's
-            # guard; tests/service/models/test_check.py turns the check on with models that earn it.
-            "GRACEFUL_CHECK_SAMPLE": "0"}
+    return {
+        "GRACEFUL_MODELS_DIR": str(models),
+        "GRACEFUL_DATA_DIR": str(tmp_path / "data"),
+        "GRACEFUL_DATABASE_URL": database_url,
+        "GRACEFUL_API_KEY": API_KEY,
+        "GRACEFUL_ACTIVE_MODEL": "v1",
+        "GRACEFUL_TORCH_THREADS": "1",
+        "GRACEFUL_THROUGHPUT_PROBE_IMAGES": "64",
+        # The tiny v2 is a BCT child by its card only: two epochs on 400 images do not make it compatible,
+        # and the measured check (on by default) says so. Tests of the swap mechanics use the card's
+        # guard; tests/service/models/test_check.py turns the check on with models that earn it.
+        "GRACEFUL_CHECK_SAMPLE": "0",
+    }
 
 
 @pytest.fixture

@@ -58,7 +58,9 @@ def test_story_ingest_search_swap_refuse_rollback_restart(make_server, tiny_mode
     ids, _ = _brute_topk(v2, v1, tiny_test, q, g_idx, 5)  # v2 queries over v1 embeddings
     assert [h["external_id"] for h in body["hits"]] == ids
     assert all(h["embedded_by"] == "v1" for h in body["hits"])
-    assert c.get("/v1/backfill/report", params={"candidate": "v2"}).json()["items_per_version"] == {"v1": len(g_idx)}
+    assert c.get("/v1/backfill/report", params={"candidate": "v2"}).json()["items_per_version"] == {
+        "v1": len(g_idx)
+    }
 
     # The independent model is refused, says why and where the cost report is; nothing changes.
     r = c.post("/v1/models/v2-indep/activate", headers=H)
@@ -88,7 +90,9 @@ def test_story_ingest_search_swap_refuse_rollback_restart(make_server, tiny_mode
     assert server.stop() == 0
     server = make_server(GRACEFUL_ACTIVE_MODEL="v1").start()  # the persisted choice wins over the default
     assert server.client.get("/v1/models/active").json()["version"] == "v2"
-    body = server.client.post("/v1/search", json={"image_base64": encode_png_base64(tiny_test.images[q]), "k": 5}).json()
+    body = server.client.post(
+        "/v1/search", json={"image_base64": encode_png_base64(tiny_test.images[q]), "k": 5}
+    ).json()
     assert body["model_version"] == "v2" and len(body["hits"]) == 5
     models = {m["version"]: m for m in server.client.get("/v1/models").json()["models"]}
     assert models["v2"]["active"] and models["v2-indep"]["can_activate"] is False

@@ -40,6 +40,8 @@ def start(c, **body) -> dict:
 
 
 def top_ids(c, image, k: int) -> dict:
-    r = c.post("/v1/search", json={"image_base64": encode_png_base64(image), "k": k, "include_metadata": False})
+    r = c.post(
+        "/v1/search", json={"image_base64": encode_png_base64(image), "k": k, "include_metadata": False}
+    )
     assert r.status_code == 200, r.text
     return r.json()

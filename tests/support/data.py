@@ -17,18 +17,25 @@ def _write_idx(path: Path, arr: np.ndarray) -> None:
         f.write(header + arr.tobytes())
 
 
-def make_images(labels: np.ndarray, rng: np.random.Generator, size: int = 28, classes: int = 10) -> np.ndarray:
+def make_images(
+    labels: np.ndarray, rng: np.random.Generator, size: int = 28, classes: int = 10
+) -> np.ndarray:
     """Each class is a fixed random blob pattern; each image that pattern shifted a little, plus noise."""
     templates = np.random.default_rng(1234).random((classes, size, size)) > 0.72
     out = np.empty((len(labels), size, size), dtype=np.uint8)
     for i, c in enumerate(labels):
-        img = np.roll(templates[c], shift=tuple(rng.integers(-1, 2, size=2)), axis=(0, 1)).astype(np.float32) * 200
+        img = (
+            np.roll(templates[c], shift=tuple(rng.integers(-1, 2, size=2)), axis=(0, 1)).astype(np.float32)
+            * 200
+        )
         img += rng.normal(0, 25, size=(size, size))
         out[i] = np.clip(img, 0, 255).astype(np.uint8)
     return out
 
 
-def write_tiny_dataset(root: Path, per_class_train: int = 40, per_class_test: int = 20, seed: int = 0) -> Path:
+def write_tiny_dataset(
+    root: Path, per_class_train: int = 40, per_class_test: int = 20, seed: int = 0
+) -> Path:
     """IDX files named like Fashion-MNIST's, with 10 classes of synthetic 28x28 images."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)

@@ -44,12 +44,21 @@ class _TestClientAdapter(requests.adapters.HTTPAdapter):
         body = request.body
         if isinstance(body, str):
             body = body.encode("utf-8")
-        r = self.client.request(request.method, request.url, headers=dict(request.headers), content=body or b"")
+        r = self.client.request(
+            request.method, request.url, headers=dict(request.headers), content=body or b""
+        )
         headers = list(r.headers.multi_items())
-        raw = urllib3.HTTPResponse(body=io.BytesIO(r.content), headers=headers, status=r.status_code,
-                                   reason=r.reason_phrase, version=11, preload_content=False,
-                                   decode_content=False, original_response=_Original(headers),
-                                   request_method=request.method)
+        raw = urllib3.HTTPResponse(
+            body=io.BytesIO(r.content),
+            headers=headers,
+            status=r.status_code,
+            reason=r.reason_phrase,
+            version=11,
+            preload_content=False,
+            decode_content=False,
+            original_response=_Original(headers),
+            request_method=request.method,
+        )
         return self.build_response(request, raw)
 
 

@@ -10,5 +10,11 @@ H = {"X-API-Key": API_KEY}  # the header of mutating requests
 
 
 def item_payload(ds: Dataset, indices, prefix: str = "g") -> list[dict]:
-    return [{"external_id": f"{prefix}{i}", "image_base64": encode_png_base64(ds.images[i]),
-             "metadata": {"label": int(ds.labels[i])}} for i in indices]
+    return [
+        {
+            "external_id": f"{prefix}{i}",
+            "image_base64": encode_png_base64(ds.images[i]),
+            "metadata": {"label": int(ds.labels[i])},
+        }
+        for i in indices
+    ]

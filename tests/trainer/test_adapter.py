@@ -68,7 +68,9 @@ def test_mlp_reduces_error_on_a_non_linear_drift():
     w, b = fit_affine(x, y)
     cos_affine = (_unit(x_new @ w.T + b) * y_new).sum(1).mean()
     with torch.no_grad():
-        cos_mlp = F.cosine_similarity(adapter(torch.from_numpy(x_new).float()), torch.from_numpy(y_new).float()).mean()
+        cos_mlp = F.cosine_similarity(
+            adapter(torch.from_numpy(x_new).float()), torch.from_numpy(y_new).float()
+        ).mean()
     assert float(cos_mlp) > cos_affine + 0.02
 
 
@@ -83,8 +85,26 @@ def test_bad_fit_input_is_refused():
 def models(tiny_data, tmp_path_factory):
     """v1 on classes 0-4 and an independent v2 on 0-9, in one models dir."""
     root = tmp_path_factory.mktemp("adapter-models")
-    assert main(["train", "--data", str(tiny_data), "--out", str(root / "v1"), "--classes", "0-4", *FAST]) == 0
-    assert main(["train", "--data", str(tiny_data), "--out", str(root / "v2"), "--seed", "1", "--width", "12", *FAST]) == 0
+    assert (
+        main(["train", "--data", str(tiny_data), "--out", str(root / "v1"), "--classes", "0-4", *FAST]) == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(root / "v2"),
+                "--seed",
+                "1",
+                "--width",
+                "12",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -93,8 +113,27 @@ def test_adapter_version_round_trips(models, tiny_data, kind, tmp_path):
     root = tmp_path / "models"
     shutil.copytree(models, root)
     out = root / f"v2-to-v1-{kind}"
-    rc = main(["adapt", "--new", str(root / "v2"), "--old", str(root / "v1"), "--out", str(out), "--kind", kind,
-               "--sample", "300", "--data", str(tiny_data), "--steps", "50", "--threads", "1"])
+    rc = main(
+        [
+            "adapt",
+            "--new",
+            str(root / "v2"),
+            "--old",
+            str(root / "v1"),
+            "--out",
+            str(out),
+            "--kind",
+            kind,
+            "--sample",
+            "300",
+            "--data",
+            str(tiny_data),
+            "--steps",
+            "50",
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0
     card = json.loads((out / "card.json").read_text())
     assert card["space"] == "v1" and card["compatible_with"] == "v1" and card["adapter_of"] == "v2"
@@ -105,19 +144,41 @@ def test_adapter_version_round_trips(models, tiny_data, kind, tmp_path):
     assert all(k.startswith("adapter.") or k == "head.weight" for k in tensors) and "head.weight" in tensors
     loaded, new = load_model(out), load_model(root / "v2")
     assert isinstance(loaded.model, AdaptedModel) and loaded.card.embedding_dim == 128
-    assert loaded.model.fused == (kind == "procrustes")  # folded into the new model's projection: 0 added cost
+    assert loaded.model.fused == (
+        kind == "procrustes"
+    )  # folded into the new model's projection: 0 added cost
     images = np.random.default_rng(0).integers(0, 255, (7, 1, 28, 28), dtype=np.uint8)
     got = embed_images(loaded, images)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(got, adapted_embeddings(loaded, embed_images(new, images)), atol=1e-6)
-    np.testing.assert_array_equal(got, embed_images(load_model(out), images))  # a second load: same embeddings
+    np.testing.assert_array_equal(
+        got, embed_images(load_model(out), images)
+    )  # a second load: same embeddings
 
 
 def test_adapter_without_its_new_model_is_refused(models, tiny_data, tmp_path):
     root = tmp_path / "models"
     shutil.copytree(models, root)
-    assert main(["adapt", "--new", str(root / "v2"), "--old", str(root / "v1"), "--out", str(root / "ad"),
-                 "--sample", "100", "--data", str(tiny_data), "--eval-limit", "50"]) == 0
+    assert (
+        main(
+            [
+                "adapt",
+                "--new",
+                str(root / "v2"),
+                "--old",
+                str(root / "v1"),
+                "--out",
+                str(root / "ad"),
+                "--sample",
+                "100",
+                "--data",
+                str(tiny_data),
+                "--eval-limit",
+                "50",
+            ]
+        )
+        == 0
+    )
     shutil.copytree(root / "v2", root / "v2-backup")
     shutil.rmtree(root / "v2")
     with pytest.raises(ModelCardError, match="adapter_of.*missing"):
@@ -140,6 +201,8 @@ def test_adapt_cli_errors_are_one_line(models, tiny_data, tmp_path, capsys):
     one_line([*base, "--out", str(tmp_path / "elsewhere")], "next to the new model's folder")
     one_line([*base, "--out", str(models / "x"), "--kind", "quadratic"], "invalid choice")
     one_line([*base, "--out", str(models / "x"), "--sample", "1"], "at least 2")
-    one_line(["adapt", "--new", str(tmp_path / "nope"), "--old", str(models / "v1"), "--out", str(tmp_path / "a")],
-             "does not exist")
+    one_line(
+        ["adapt", "--new", str(tmp_path / "nope"), "--old", str(models / "v1"), "--out", str(tmp_path / "a")],
+        "does not exist",
+    )
     assert not (models / "x").exists()

@@ -15,8 +15,14 @@ from trainer.model import build_model
 def _save(folder, classes=(0, 1, 2)):
     torch.manual_seed(0)
     model = build_model("small", list(classes))
-    card = ModelCard(version=folder.name, arch=model.cfg.to_dict(), embedding_dim=128, classes=list(classes),
-                     space=folder.name, compatible_with=None)
+    card = ModelCard(
+        version=folder.name,
+        arch=model.cfg.to_dict(),
+        embedding_dim=128,
+        classes=list(classes),
+        space=folder.name,
+        compatible_with=None,
+    )
     return model, save_model(folder, model.eval(), card)
 
 

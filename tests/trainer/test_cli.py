@@ -15,9 +15,27 @@ FAST = ["--epochs", "1", "--batch-size", "64", "--quiet", "--threads", "1"]
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    assert main(["train", "--data", str(tiny_data), "--out", str(root / "v1"), "--classes", "0-4", *FAST]) == 0
-    assert main(["train", "--data", str(tiny_data), "--out", str(root / "v2"), "--old", str(root / "v1"),
-                 "--bct", "--width", "12", *FAST]) == 0
+    assert (
+        main(["train", "--data", str(tiny_data), "--out", str(root / "v1"), "--classes", "0-4", *FAST]) == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(root / "v2"),
+                "--old",
+                str(root / "v1"),
+                "--bct",
+                "--width",
+                "12",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     assert main(["train", "--data", str(tiny_data), "--out", str(root / "v2-indep"), *FAST]) == 0
     return root
 
@@ -39,14 +57,29 @@ def test_training_is_reproducible(tiny_data, tmp_path):
     args = ["train", "--data", str(tiny_data), "--classes", "0-4", "--limit", "120", *FAST]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
-    a, b = load_file(str(tmp_path / "a" / "weights.safetensors")), load_file(str(tmp_path / "b" / "weights.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "a" / "weights.safetensors")),
+        load_file(str(tmp_path / "b" / "weights.safetensors")),
+    )
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
 def test_eval_writes_contract_json_and_heatmap(trained, tiny_data, tmp_path, capsys):
     out = tmp_path / "report.json"
-    rc = main(["eval", str(trained / "v1"), str(trained / "v2"), str(trained / "v2-indep"),
-               "--data", str(tiny_data), "--json", str(out), "--plot", str(tmp_path / "m.png")])
+    rc = main(
+        [
+            "eval",
+            str(trained / "v1"),
+            str(trained / "v2"),
+            str(trained / "v2-indep"),
+            "--data",
+            str(tiny_data),
+            "--json",
+            str(out),
+            "--plot",
+            str(tmp_path / "m.png"),
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["models"] == ["v1", "v2", "v2-indep"]
@@ -71,17 +104,25 @@ def test_bad_arguments_give_one_clear_line(trained, tiny_data, tmp_path, capsys)
     _one_line_error(capsys, [*base, "--classes", "0-12"], "unknown class 12")
     _one_line_error(capsys, [*base, "--classes", "zero-four"], "bad class range")
     _one_line_error(capsys, [*base, "--old", str(tmp_path / "missing"), "--bct"], "does not exist")
-    _one_line_error(capsys, [*base, "--old", str(trained / "v1"), "--bct", "--embedding-dim", "64"],
-                    "embedding size mismatch")
+    _one_line_error(
+        capsys,
+        [*base, "--old", str(trained / "v1"), "--bct", "--embedding-dim", "64"],
+        "embedding size mismatch",
+    )
     _one_line_error(capsys, [*base, "--bct"], "--bct needs --old")
     bct = [*base, "--old", str(trained / "v1"), "--bct"]
     _one_line_error(capsys, [*bct, "--influence-scale", "0"], "influence scale must be > 0")
     _one_line_error(capsys, [*bct, "--class-mean-weight", "-1"], "BCT weights must be >= 0")
     _one_line_error(capsys, [*bct, "--pulls-on", "new"], "invalid choice")
     _one_line_error(capsys, [*bct, "--new-rows", "median"], "invalid choice")
-    _one_line_error(capsys, ["train", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "y")],
-                    "dataset-fashion-mnist")
-    _one_line_error(capsys, ["eval", str(tmp_path / "missing"), "--json", str(tmp_path / "r.json")], "does not exist")
+    _one_line_error(
+        capsys,
+        ["train", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "y")],
+        "dataset-fashion-mnist",
+    )
+    _one_line_error(
+        capsys, ["eval", str(tmp_path / "missing"), "--json", str(tmp_path / "r.json")], "does not exist"
+    )
     _one_line_error(capsys, ["frobnicate"], "unknown command")
     assert not (tmp_path / "x").exists()
 
@@ -91,7 +132,9 @@ def test_a_model_is_reused_only_while_its_bct_recipe_is_unchanged(trained, tiny_
     from trainer.train import TrainConfig, reusable
 
     card = json.loads((trained / "v2" / "card.json").read_text())
-    cfg = TrainConfig(**{k: v for k, v in card["train_config"].items() if k in TrainConfig.__dataclass_fields__})
+    cfg = TrainConfig(
+        **{k: v for k, v in card["train_config"].items() if k in TrainConfig.__dataclass_fields__}
+    )
     assert card["train_config"]["bct_weights"]["influence"] == BCTWeights.recipe("full").influence
     assert reusable(cfg)
     changed = BCTWeights(influence=3.0)
@@ -99,8 +142,9 @@ def test_a_model_is_reused_only_while_its_bct_recipe_is_unchanged(trained, tiny_
     assert not reusable(cfg)  # same flags, other recipe defaults: retrain
 
 
-def test_a_card_from_before_a_recipe_field_existed_is_reused_at_its_default(trained, tiny_data, tmp_path,
-                                                                             monkeypatch):
+def test_a_card_from_before_a_recipe_field_existed_is_reused_at_its_default(
+    trained, tiny_data, tmp_path, monkeypatch
+):
     import shutil
 
     from trainer.losses import BCTWeights
@@ -114,8 +158,12 @@ def test_a_card_from_before_a_recipe_field_existed_is_reused_at_its_default(trai
     weights = card["train_config"]["bct_weights"]
     del weights["new_rows"]
     (old_card / "card.json").write_text(json.dumps(card))
-    cfg = TrainConfig(**{**{k: v for k, v in card["train_config"].items() if k in TrainConfig.__dataclass_fields__},
-                         "out": str(old_card)})
+    cfg = TrainConfig(
+        **{
+            **{k: v for k, v in card["train_config"].items() if k in TrainConfig.__dataclass_fields__},
+            "out": str(old_card),
+        }
+    )
     assert not reusable(cfg)  # the full recipe now refines the new rows: retrain
     monkeypatch.setattr(BCTWeights, "recipe", classmethod(lambda cls, name: BCTWeights(**weights)))
     assert reusable(cfg)  # the same weights, the missing field at its default: reuse

@@ -26,8 +26,11 @@ def test_read_idx_plain_and_gzip(tmp_path):
 
 @pytest.mark.parametrize(
     "payload, message",
-    [(b"\x00\x00\x08", "bad magic"), (b"PK\x03\x04abcdefgh", "bad magic"),
-     (bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + b"abc", "truncated")],
+    [
+        (b"\x00\x00\x08", "bad magic"),
+        (b"PK\x03\x04abcdefgh", "bad magic"),
+        (bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + b"abc", "truncated"),
+    ],
 )
 def test_read_idx_refuses_malformed(tmp_path, payload, message):
     (tmp_path / "x").write_bytes(payload)

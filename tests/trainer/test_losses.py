@@ -49,8 +49,10 @@ def test_bct_step_leaves_old_model_bit_identical_across_architectures():
     rows = new.label_to_row(y)
     with torch.no_grad():
         old_emb = old.embed(x)
-    terms = {"task": task_loss(logits, rows),
-             **bct_losses(emb, rows, head, BCTWeights.recipe("full"), means, old_emb)}
+    terms = {
+        "task": task_loss(logits, rows),
+        **bct_losses(emb, rows, head, BCTWeights.recipe("full"), means, old_emb),
+    }
     assert set(terms) == {"task", "influence", "to_class_mean", "to_old_embedding"}
     opt.zero_grad()
     sum(terms.values()).backward()
@@ -93,7 +95,9 @@ def test_pulls_on_old_classes_skip_images_of_classes_the_old_model_never_saw():
     # A mixed batch: the mean over the batch counts the skipped images as zeros.
     mixed = torch.tensor([0, 5, 1, 6, 2, 7, 3, 8])
     d = (emb - old_emb).pow(2).sum(1) * (mixed < 5)
-    torch.testing.assert_close(bct_losses(emb, mixed, head, old_only, means, old_emb)["to_old_embedding"], d.mean())
+    torch.testing.assert_close(
+        bct_losses(emb, mixed, head, old_only, means, old_emb)["to_old_embedding"], d.mean()
+    )
 
 
 def _scattered_new_class(seed=0):

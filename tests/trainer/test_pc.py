@@ -49,7 +49,9 @@ def test_fd_lm_is_weighted_half_squared_logit_distance():
     old_logits, old_rows = _old_logits_and_rows()
     new_logits = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
     cfg = FocalDistillation(kind="fd-lm", alpha=1.0, beta=5.0, weight=2.0)
-    got = focal_distillation(new_logits, old_logits, old_rows, (torch.arange(3), torch.arange(3)), cfg)["fd_lm"]
+    got = focal_distillation(new_logits, old_logits, old_rows, (torch.arange(3), torch.arange(3)), cfg)[
+        "fd_lm"
+    ]
     w = torch.tensor([6.0, 1.0, 6.0, 1.0])
     expected = 2.0 * (w * 0.5 * (new_logits - old_logits).pow(2).sum(1)).mean()
     torch.testing.assert_close(got, expected)
@@ -59,9 +61,18 @@ def test_fd_kl_matches_kl_div_and_ignores_old_wrong_samples_for_alpha_zero():
     old_logits, old_rows = _old_logits_and_rows()
     new_logits = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
     cfg = FocalDistillation(kind="fd-kl", alpha=0.0, beta=1.0, temperature=2.0)
-    loss = focal_distillation(new_logits, old_logits, old_rows, (torch.arange(3), torch.arange(3)), cfg)["fd_kl"]
-    per = F.kl_div(F.log_softmax(new_logits / 2, 1), F.log_softmax(old_logits / 2, 1), log_target=True,
-                   reduction="none").sum(1) * 4
+    loss = focal_distillation(new_logits, old_logits, old_rows, (torch.arange(3), torch.arange(3)), cfg)[
+        "fd_kl"
+    ]
+    per = (
+        F.kl_div(
+            F.log_softmax(new_logits / 2, 1),
+            F.log_softmax(old_logits / 2, 1),
+            log_target=True,
+            reduction="none",
+        ).sum(1)
+        * 4
+    )
     torch.testing.assert_close(loss, (per * torch.tensor([1.0, 0.0, 1.0, 0.0])).mean())
     loss.backward()
     assert new_logits.grad is not None
@@ -75,7 +86,9 @@ def test_distillation_runs_over_the_classes_both_models_know():
     old_logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(2))
     new_logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(3), requires_grad=True)
     cfg = FocalDistillation.preset("fd-kl")
-    focal_distillation(new_logits, old_logits, torch.zeros(6, dtype=torch.long), (old_idx, new_idx), cfg)["fd_kl"].backward()
+    focal_distillation(new_logits, old_logits, torch.zeros(6, dtype=torch.long), (old_idx, new_idx), cfg)[
+        "fd_kl"
+    ].backward()
     assert new_logits.grad is not None
     untouched = [i for i in range(10) if i not in new_idx.tolist()]  # classes only the new model knows
     assert new_logits.grad[:, untouched].abs().max() == 0
@@ -129,8 +142,24 @@ def v1(tiny_data, tmp_path_factory):
 @pytest.mark.parametrize("kind,bct", [("fd-kl", True), ("fd-lm", False)])
 def test_pc_trains_in_process_through_the_cli(v1, tiny_data, tmp_path, kind, bct):
     out = tmp_path / f"v2-{kind}"
-    argv = ["train", "--data", str(tiny_data), "--out", str(out), "--old", str(v1), "--pc", kind,
-            "--pc-beta", "3", "--width", "12", "--limit", "200", *FAST]
+    argv = [
+        "train",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(out),
+        "--old",
+        str(v1),
+        "--pc",
+        kind,
+        "--pc-beta",
+        "3",
+        "--width",
+        "12",
+        "--limit",
+        "200",
+        *FAST,
+    ]
     assert main(argv + (["--bct"] if bct else [])) == 0
     card = json.loads((out / "card.json").read_text())
     assert card["train_config"]["pc"] == kind and card["train_config"]["pc_beta"] == 3.0
@@ -143,8 +172,20 @@ def test_pc_trains_in_process_through_the_cli(v1, tiny_data, tmp_path, kind, bct
 def test_pc_terms_are_logged_by_the_training_loop(v1, tiny_data, tmp_path):
     from trainer.train import TrainConfig, train
 
-    r = train(TrainConfig(out=str(tmp_path / "v2"), data=str(tiny_data), old=str(v1), pc="fd-kl", bct="plain",
-                          epochs=1, batch_size=64, limit=128, threads=1, eval_limit=50))
+    r = train(
+        TrainConfig(
+            out=str(tmp_path / "v2"),
+            data=str(tiny_data),
+            old=str(v1),
+            pc="fd-kl",
+            bct="plain",
+            epochs=1,
+            batch_size=64,
+            limit=128,
+            threads=1,
+            eval_limit=50,
+        )
+    )
     assert {"task", "influence", "fd_kl"} <= set(r.history[0])
 
 
@@ -164,12 +205,28 @@ def test_eval_lists_the_flipped_examples(v1, tiny_data, tmp_path, capsys):
         loaded.model.head.weight.copy_(loaded.model.head.weight.roll(1, dims=0))
     v2 = tmp_path / "v2"
     save_model(v2, loaded.model, loaded.card.model_copy(update={"version": "v2"}))
-    rc = main(["eval", str(v1), str(v2), "--data", str(tiny_data), "--json", str(tmp_path / "r.json"),
-               "--show-flips", "3"])
+    rc = main(
+        [
+            "eval",
+            str(v1),
+            str(v2),
+            "--data",
+            str(tiny_data),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--show-flips",
+            "3",
+        ]
+    )
     assert rc == 0
     flips = json.loads((tmp_path / "r.json").read_text())["flips"]["v1->v2"]
     assert flips["n_flips"] == round((1 - flips["err_old"]) * flips["n"]) > 3
-    assert len(flips["flipped"]) == len(flips["flipped_label"]) == len(flips["flipped_new_pred"]) == flips["n_flips"]
+    assert (
+        len(flips["flipped"])
+        == len(flips["flipped_label"])
+        == len(flips["flipped_new_pred"])
+        == flips["n_flips"]
+    )
     assert all(t != p for t, p in zip(flips["flipped_label"], flips["flipped_new_pred"], strict=True))
     printed = capsys.readouterr().out
     first = flips["flipped"][0]

@@ -29,25 +29,39 @@ def media_type(data: bytes) -> str:
     return _OPAQUE
 
 
-@router.get("/{external_id}/image", response_class=Response,
-            responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
-                       404: {"model": ErrorResponse}},
-            summary="The item's kept source image (404 if the item is unknown or its source was not kept)")
+@router.get(
+    "/{external_id}/image",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+        404: {"model": ErrorResponse},
+    },
+    summary="The item's kept source image (404 if the item is unknown or its source was not kept)",
+)
 def item_image(external_id: str, request: Request, gallery: GalleryDep, blobs: BlobsDep) -> Response:
     rec = gallery.get_items([external_id]).get(external_id)
     if rec is None:
         raise ItemNotFound([external_id])
     if rec.source_uri is None:
-        raise HTTPException(404, f"item {external_id[:200]!r} has no kept source image: it was ingested while "
-                                 "GRACEFUL_KEEP_SOURCES was off")
+        raise HTTPException(
+            404,
+            f"item {external_id[:200]!r} has no kept source image: it was ingested while "
+            "GRACEFUL_KEEP_SOURCES was off",
+        )
     etag = '"' + rec.source_uri.removeprefix("blob:") + '"'
-    headers = {"ETag": etag, "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
-               "Content-Security-Policy": "default-src 'none'"}
+    headers = {
+        "ETag": etag,
+        "Cache-Control": "no-cache",
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'",
+    }
     if request.headers.get("if-none-match") == etag and blobs.exists(rec.source_uri):
         return Response(status_code=304, headers=headers)
     data = blobs.get(rec.source_uri)
     if data is None:
-        raise HTTPException(404, f"the source image of item {external_id[:200]!r} is missing from the blob store")
+        raise HTTPException(
+            404, f"the source image of item {external_id[:200]!r} is missing from the blob store"
+        )
     kind = media_type(data)
     if kind == _OPAQUE:
         headers["Content-Disposition"] = "attachment"

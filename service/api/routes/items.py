@@ -40,6 +40,7 @@ from service.settings import Settings
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
 
+
 def _inline(schema: dict) -> dict:
     """A pydantic JSON schema with its ``$defs`` inlined: the OpenAPI document has no such components, so a
     ``$ref`` to them would dangle (clients and fuzzers could not build a valid body)."""
@@ -62,8 +63,11 @@ _MULTIPART_SCHEMA = {
     "type": "object",
     "properties": {
         "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "external_id": {"type": "array", "items": {"type": "string"},
-                        "description": "one per file, in order (default: the file name without extension)"},
+        "external_id": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "one per file, in order (default: the file name without extension)",
+        },
         "metadata": {"type": "array", "items": {"type": "string"}, "description": "one JSON object per file"},
         "upsert": {"type": "boolean"},
     },
@@ -92,8 +96,13 @@ def _check_rows(settings: Settings, rows: list[tuple[str, bytes, dict | None]]) 
         seen.add(eid)
 
 
-@router.post("", response_model=IngestResponse, dependencies=WRITE, openapi_extra=_INGEST_BODY,
-             summary="Ingest images (JSON with base64 PNG/JPEG, or multipart files), embedded by the active model")
+@router.post(
+    "",
+    response_model=IngestResponse,
+    dependencies=WRITE,
+    openapi_extra=_INGEST_BODY,
+    summary="Ingest images (JSON with base64 PNG/JPEG, or multipart files), embedded by the active model",
+)
 async def ingest(request: Request, settings: SettingsDep, path: IngestDep) -> Response:
     deadline = deadline_in(settings.request_timeout_s)
     with path.arriving():  # the batcher may wait for this request while its body is read
@@ -104,7 +113,9 @@ async def ingest(request: Request, settings: SettingsDep, path: IngestDep) -> Re
     return Response(answer.model_dump_json(), media_type="application/json")
 
 
-async def _read_rows(request: Request, settings: Settings) -> tuple[list[tuple[str, bytes, dict | None]], bool]:
+async def _read_rows(
+    request: Request, settings: Settings
+) -> tuple[list[tuple[str, bytes, dict | None]], bool]:
     """The (external_id, image bytes, metadata) rows of a JSON or multipart ingest body, and its upsert flag."""
     rows: list[tuple[str, bytes, dict | None]] = []
     upsert = False
@@ -114,9 +125,13 @@ async def _read_rows(request: Request, settings: Settings) -> tuple[list[tuple[s
         ids = fields.get("external_id", [])
         metas = fields.get("metadata", [])
         if ids and len(ids) != len(files):
-            raise BadRequest(f"{len(ids)} external_id fields for {len(files)} files: give one per file or none")
+            raise BadRequest(
+                f"{len(ids)} external_id fields for {len(files)} files: give one per file or none"
+            )
         if metas and len(metas) != len(files):
-            raise BadRequest(f"{len(metas)} metadata fields for {len(files)} files: give one per file or none")
+            raise BadRequest(
+                f"{len(metas)} metadata fields for {len(files)} files: give one per file or none"
+            )
         upsert = fields.get("upsert", ["false"])[-1].lower() in ("1", "true", "yes")
         for i, (name, raw) in enumerate(files):
             eid = ids[i] if ids else PurePath(name).stem
@@ -133,11 +148,15 @@ async def _read_rows(request: Request, settings: Settings) -> tuple[list[tuple[s
         body = await read_json(request, IngestRequest)
         upsert = body.upsert
         for it in body.items:
-            rows.append((it.external_id, decode_base64(it.image_base64, f"item {it.external_id!r}"), it.metadata))
+            rows.append(
+                (it.external_id, decode_base64(it.image_base64, f"item {it.external_id!r}"), it.metadata)
+            )
     return rows, upsert
 
 
-@router.get("/{external_id}", response_model=ItemResponse, summary="One stored item: metadata and who embedded it")
+@router.get(
+    "/{external_id}", response_model=ItemResponse, summary="One stored item: metadata and who embedded it"
+)
 def get_item(external_id: str, gallery: GalleryDep) -> ItemResponse:
     rec = gallery.get_items([external_id]).get(external_id)
     if rec is None:
@@ -146,13 +165,22 @@ def get_item(external_id: str, gallery: GalleryDep) -> ItemResponse:
 
 
 def item_response(rec: ItemRecord) -> ItemResponse:
-    return ItemResponse(external_id=rec.external_id, metadata=rec.metadata, embedded_by=rec.embedded_by,
-                        has_source=rec.source_uri is not None, created_at=rec.created_at.isoformat(),
-                        updated_at=rec.updated_at.isoformat())
+    return ItemResponse(
+        external_id=rec.external_id,
+        metadata=rec.metadata,
+        embedded_by=rec.embedded_by,
+        has_source=rec.source_uri is not None,
+        created_at=rec.created_at.isoformat(),
+        updated_at=rec.updated_at.isoformat(),
+    )
 
 
-@router.delete("/{external_id}", response_model=DeleteResponse, dependencies=WRITE,
-               summary="Delete one item (and its kept source bytes, unless another item has the same bytes)")
+@router.delete(
+    "/{external_id}",
+    response_model=DeleteResponse,
+    dependencies=WRITE,
+    summary="Delete one item (and its kept source bytes, unless another item has the same bytes)",
+)
 def delete_item(external_id: str, path: IngestDep) -> DeleteResponse:
     path.delete([external_id])
     return DeleteResponse(deleted=external_id)
@@ -162,49 +190,79 @@ def delete_item(external_id: str, path: IngestDep) -> DeleteResponse:
 
 
 def _json_body(model: type[BaseModel]) -> dict:
-    return {"requestBody": {"required": True,
-                            "content": {"application/json": {"schema": _inline(model.model_json_schema())}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _inline(model.model_json_schema())}},
+        }
+    }
 
 
 def _unique(ids: list[str]) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-@router.get("", response_model=ItemsPage,
-            summary="Scroll the gallery in external-id order: a page of items after `after`, and the next cursor")
+@router.get(
+    "",
+    response_model=ItemsPage,
+    summary="Scroll the gallery in external-id order: a page of items after `after`, and the next cursor",
+)
 def list_items(
     gallery: GalleryDep,
-    after: Annotated[str | None, Query(min_length=1, max_length=512,
-                                       description="the last external id of the previous page (omit: first page)")] = None,
+    after: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=512,
+            description="the last external id of the previous page (omit: first page)",
+        ),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000, description="items per page")] = 100,
 ) -> ItemsPage:
     records = gallery.scroll(after, limit)
-    return ItemsPage(items=[item_response(r) for r in records],
-                     next=records[-1].external_id if len(records) == limit else None)
+    return ItemsPage(
+        items=[item_response(r) for r in records],
+        next=records[-1].external_id if len(records) == limit else None,
+    )
 
 
-@router.post("/get", response_model=ItemsGetResponse, openapi_extra=_json_body(ExternalIdsRequest),
-             summary=f"Several items by external id (1-{MAX_IDS_PER_REQUEST}): those found, and the missing ids")
+@router.post(
+    "/get",
+    response_model=ItemsGetResponse,
+    openapi_extra=_json_body(ExternalIdsRequest),
+    summary=f"Several items by external id (1-{MAX_IDS_PER_REQUEST}): those found, and the missing ids",
+)
 async def get_items(request: Request, gallery: GalleryDep) -> ItemsGetResponse:
     ids = check_external_ids(_unique((await read_json(request, ExternalIdsRequest)).external_ids))
     found = await run_in_threadpool(gallery.get_items, ids)
-    return ItemsGetResponse(items=[item_response(found[e]) for e in ids if e in found],
-                            missing=[e for e in ids if e not in found])
+    return ItemsGetResponse(
+        items=[item_response(found[e]) for e in ids if e in found], missing=[e for e in ids if e not in found]
+    )
 
 
-@router.post("/delete", response_model=ItemsDeleteResponse, dependencies=WRITE,
-             openapi_extra=_json_body(ExternalIdsRequest),
-             summary=f"Delete several items (1-{MAX_IDS_PER_REQUEST}, one transaction); unknown ids are listed "
-                     "as missing")
+@router.post(
+    "/delete",
+    response_model=ItemsDeleteResponse,
+    dependencies=WRITE,
+    openapi_extra=_json_body(ExternalIdsRequest),
+    summary=f"Delete several items (1-{MAX_IDS_PER_REQUEST}, one transaction); unknown ids are listed "
+    "as missing",
+)
 async def delete_items(request: Request, path: IngestDep) -> ItemsDeleteResponse:
     ids = _unique((await read_json(request, ExternalIdsRequest)).external_ids)
     deleted, missing = await run_in_threadpool(path.delete_many, ids)
     return ItemsDeleteResponse(deleted=deleted, missing=missing)
 
 
-@router.patch("/{external_id}", response_model=ItemResponse, dependencies=WRITE,
-              openapi_extra=_json_body(MetadataPatch),
-              summary="Change an item's metadata (merge: null removes a key; or replace); validated like an ingest")
+@router.patch(
+    "/{external_id}",
+    response_model=ItemResponse,
+    dependencies=WRITE,
+    openapi_extra=_json_body(MetadataPatch),
+    summary="Change an item's metadata (merge: null removes a key; or replace); validated like an ingest",
+)
 async def patch_item(external_id: str, request: Request, gallery: GalleryDep) -> ItemResponse:
     body = await read_json(request, MetadataPatch)
-    return item_response(await run_in_threadpool(gallery.update_metadata, external_id, body.metadata, merge=body.merge))
+    return item_response(
+        await run_in_threadpool(gallery.update_metadata, external_id, body.metadata, merge=body.merge)
+    )

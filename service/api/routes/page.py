@@ -27,21 +27,29 @@ STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
 SWAGGER_DIR = Path(str(files("fastapi_offline") / "static"))
 
 # The page loads only its own files and the API's images: a stray CDN reference would fail, not leak.
-_PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
-             "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+_PAGE_CSP = (
+    "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
 
 router = APIRouter()
 
 
 @router.get("/", include_in_schema=False)
 def page() -> FileResponse:
-    return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
-                        headers={"Content-Security-Policy": _PAGE_CSP, "Cache-Control": "no-cache"})
+    return FileResponse(
+        STATIC_DIR / "index.html",
+        media_type="text/html",
+        headers={"Content-Security-Policy": _PAGE_CSP, "Cache-Control": "no-cache"},
+    )
 
 
-@router.get("/v1/models/{version}/card", tags=["models"], responses={404: {"model": ErrorResponse},
-                                                                     422: {"model": ErrorResponse}},
-            summary="A version's public card: lineage, classes, preprocessing and its compatibility matrix")
+@router.get(
+    "/v1/models/{version}/card",
+    tags=["models"],
+    responses={404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+    summary="A version's public card: lineage, classes, preprocessing and its compatibility matrix",
+)
 def model_card(version: str, registry: RegistryDep) -> dict[str, Any]:
     entry = next((e for e in registry.survey() if e.version == version), None)  # reads, writes nothing
     if entry is None:
@@ -65,7 +73,8 @@ def install(app: FastAPI) -> None:
     def docs(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
         return get_swagger_ui_html(
-            openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - Swagger UI",
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
             oauth2_redirect_url=f"{root}{oauth2_redirect}",
             swagger_js_url=f"{root}/static/swagger/swagger-ui-bundle.js",
             swagger_css_url=f"{root}/static/swagger/swagger-ui.css",
@@ -81,6 +90,10 @@ def install(app: FastAPI) -> None:
     @app.get("/redoc", include_in_schema=False)
     def redoc(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
-        return get_redoc_html(openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - ReDoc",
-                              redoc_js_url=f"{root}/static/swagger/redoc.standalone.js",
-                              redoc_favicon_url=f"{root}/static/swagger/favicon.png", with_google_fonts=False)
+        return get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}/static/swagger/redoc.standalone.js",
+            redoc_favicon_url=f"{root}/static/swagger/favicon.png",
+            with_google_fonts=False,
+        )

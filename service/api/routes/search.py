@@ -47,53 +47,99 @@ _SCALAR: list[dict[str, Any]] = [
     {"type": "boolean"},
 ]
 _FILTER = {
-    "type": "object", "maxProperties": MAX_FILTER_KEYS, "description": FILTER_DESCRIPTION,
+    "type": "object",
+    "maxProperties": MAX_FILTER_KEYS,
+    "description": FILTER_DESCRIPTION,
     "propertyNames": {"minLength": 1, "maxLength": MAX_KEY_LENGTH},
-    "additionalProperties": {"anyOf": [*_SCALAR, {
-        "type": "object", "additionalProperties": False, "required": ["in"],
-        "properties": {"in": {"type": "array", "minItems": 1, "maxItems": MAX_FILTER_VALUES, "items": {"anyOf": _SCALAR}}},
-    }]},
+    "additionalProperties": {
+        "anyOf": [
+            *_SCALAR,
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["in"],
+                "properties": {
+                    "in": {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": MAX_FILTER_VALUES,
+                        "items": {"anyOf": _SCALAR},
+                    }
+                },
+            },
+        ]
+    },
 }
 _COMMON = {
-    "k": {"type": "integer", "minimum": 1, "default": 10, "description": "hits wanted (at most GRACEFUL_MAX_K)"},
-    "include_metadata": {"type": "boolean", "default": True,
-                         "description": "false skips the metadata lookup (faster for large k)"},
+    "k": {
+        "type": "integer",
+        "minimum": 1,
+        "default": 10,
+        "description": "hits wanted (at most GRACEFUL_MAX_K)",
+    },
+    "include_metadata": {
+        "type": "boolean",
+        "default": True,
+        "description": "false skips the metadata lookup (faster for large k)",
+    },
     "filter": _FILTER,
 }
 
 
 def _one_of(required: dict, description: str) -> dict:
-    return {"type": "object", "description": description, "additionalProperties": False,
-            "properties": {**required, **_COMMON}, "required": list(required)}
+    return {
+        "type": "object",
+        "description": description,
+        "additionalProperties": False,
+        "properties": {**required, **_COMMON},
+        "required": list(required),
+    }
 
 
 # The JSON body is exactly one of three shapes (SearchRequest checks the same at run time); saying so in the
 # spec lets clients and fuzzers build valid requests.
-_JSON_SEARCH = {"oneOf": [
-    _one_of({"image_base64": {"type": "string", "minLength": 1}},
-            "by image (PNG or JPEG, base64), embedded by the active model"),
-    _one_of({"vector": {"type": "array", "items": {"type": "number"}, "minItems": 1},
-             "model_version": {"type": "string", "minLength": 1}},
-            "by a vector, with the model version that embedded it"),
-    _one_of({"item_id": {"type": "string", "minLength": 1}}, "by a stored item's embedding"),
-]}
+_JSON_SEARCH = {
+    "oneOf": [
+        _one_of(
+            {"image_base64": {"type": "string", "minLength": 1}},
+            "by image (PNG or JPEG, base64), embedded by the active model",
+        ),
+        _one_of(
+            {
+                "vector": {"type": "array", "items": {"type": "number"}, "minItems": 1},
+                "model_version": {"type": "string", "minLength": 1},
+            },
+            "by a vector, with the model version that embedded it",
+        ),
+        _one_of({"item_id": {"type": "string", "minLength": 1}}, "by a stored item's embedding"),
+    ]
+}
 _SEARCH_BODY = {
     "requestBody": {
         "required": True,
         "content": {
             "application/json": {"schema": _JSON_SEARCH},
-            "multipart/form-data": {"schema": {
-                "type": "object",
-                "properties": {"image": {"type": "string", "format": "binary"}, "k": {"type": "integer", "minimum": 1}},
-                "required": ["image"],
-            }},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "k": {"type": "integer", "minimum": 1},
+                    },
+                    "required": ["image"],
+                }
+            },
         },
     }
 }
 
 
-@router.post("/search", response_model=SearchResponse, openapi_extra=_SEARCH_BODY,
-             summary="Search by image_base64, by vector + model_version, or by item_id")
+@router.post(
+    "/search",
+    response_model=SearchResponse,
+    openapi_extra=_SEARCH_BODY,
+    summary="Search by image_base64, by vector + model_version, or by item_id",
+)
 async def search(request: Request, settings: SettingsDep, path: SearchDep) -> Response:
     deadline = deadline_in(settings.request_timeout_s)
     with path.arriving():  # the batcher may wait for this request while its body is read
@@ -126,8 +172,10 @@ def _query_of(body: SearchRequest, max_k: int) -> Query:
         raise BadRequest(f"k must be between 1 and {max_k}, got {body.k}")
     given = [name for name in ("image_base64", "vector", "item_id") if getattr(body, name) is not None]
     if len(given) != 1:
-        raise BadRequest("give exactly one of image_base64, vector (with model_version) or item_id"
-                         + (f"; got {', '.join(given)}" if given else ""))
+        raise BadRequest(
+            "give exactly one of image_base64, vector (with model_version) or item_id"
+            + (f"; got {', '.join(given)}" if given else "")
+        )
     flt = MetadataFilter.parse(filter_spec(body.filter))  # InvalidInput (422) names what is wrong
     if body.image_base64 is not None:
         if body.model_version is not None:
@@ -146,17 +194,33 @@ def _query_of(body: SearchRequest, max_k: int) -> Query:
 _BATCH_BODY = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": {
-            "type": "object", "additionalProperties": False, "required": ["searches"],
-            "properties": {"searches": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH_SEARCHES,
-                                        "items": _JSON_SEARCH}},
-        }}},
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["searches"],
+                    "properties": {
+                        "searches": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": MAX_BATCH_SEARCHES,
+                            "items": _JSON_SEARCH,
+                        }
+                    },
+                }
+            }
+        },
     }
 }
 
 
-@router.post("/search/batch", response_model=BatchSearchResponse, openapi_extra=_BATCH_BODY,
-             summary=f"Several searches (1-{MAX_BATCH_SEARCHES} JSON search bodies) in one request, answered in order")
+@router.post(
+    "/search/batch",
+    response_model=BatchSearchResponse,
+    openapi_extra=_BATCH_BODY,
+    summary=f"Several searches (1-{MAX_BATCH_SEARCHES} JSON search bodies) in one request, answered in order",
+)
 async def search_batch(request: Request, settings: SettingsDep, path: SearchDep) -> Response:
     """Every search is parsed first (a bad one refuses the request, nothing searched), then all start at
     once (image queries share micro-batches). A search that fails answers the whole request with its error."""

@@ -22,7 +22,9 @@ from tests.support.payloads import API_KEY, item_payload
 H = {"X-API-Key": API_KEY}
 
 
-def _multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "abuse0boundary") -> tuple[bytes, dict]:
+def _multipart(
+    parts: list[tuple[str, str | None, bytes]], boundary: str = "abuse0boundary"
+) -> tuple[bytes, dict]:
     """A raw multipart body of ``(field name, file name or None, content)`` parts (built by hand: fast)."""
     out = []
     for name, filename, content in parts:
@@ -34,7 +36,11 @@ def _multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "abus
 
 def _blob_files(data_dir: Path) -> list[Path]:
     root = data_dir / "blobs"
-    return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")) if root.exists() else []
+    return (
+        sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if root.exists()
+        else []
+    )
 
 
 def _blob_of(b64: str, data_dir: Path) -> Path:
@@ -138,8 +144,13 @@ def test_hostile_json_and_path_parameters_get_4xx_not_500(make_server, tiny_test
         deep = b'{"vector": ' + b"[" * depth + b"]" * depth + b', "model_version": "v1"}'
         r = c.post("/v1/search", content=deep, headers=js)
         assert r.status_code == 422 and "nested" in r.json()["detail"], (depth, r.text)
-        deep = b'{"items": [{"external_id": "d", "image_base64": "AA", "metadata": ' + b'{"a": ' * depth + b"1" \
-            + b"}" * depth + b"}]}"
+        deep = (
+            b'{"items": [{"external_id": "d", "image_base64": "AA", "metadata": '
+            + b'{"a": ' * depth
+            + b"1"
+            + b"}" * depth
+            + b"}]}"
+        )
         r = c.post("/v1/items", content=deep, headers={**js, **H})
         assert r.status_code == 422 and "nested" in r.json()["detail"], (depth, r.text)
     r = c.post("/v1/models/" + "v" * 5000 + "/activate", headers=H)
@@ -153,9 +164,14 @@ def test_hostile_json_and_path_parameters_get_4xx_not_500(make_server, tiny_test
 def test_connections_that_never_finish_their_headers_are_closed(tiny_models, tmp_path):
     models = tmp_path / "models"
     shutil.copytree(tiny_models, models)
-    env = {"GRACEFUL_MODELS_DIR": str(models), "GRACEFUL_DATA_DIR": str(tmp_path / "data"),
-           "GRACEFUL_ACTIVE_MODEL": "v1", "GRACEFUL_TORCH_THREADS": "1", "GRACEFUL_HTTP_HEADER_TIMEOUT_S": "2",
-           "GRACEFUL_HTTP_BODY_TIMEOUT_S": "2"}
+    env = {
+        "GRACEFUL_MODELS_DIR": str(models),
+        "GRACEFUL_DATA_DIR": str(tmp_path / "data"),
+        "GRACEFUL_ACTIVE_MODEL": "v1",
+        "GRACEFUL_TORCH_THREADS": "1",
+        "GRACEFUL_HTTP_HEADER_TIMEOUT_S": "2",
+        "GRACEFUL_HTTP_BODY_TIMEOUT_S": "2",
+    }
     server = LocalServer(env, tmp_path / "server.log").start()
     socks: list[socket.socket] = []
     try:
@@ -166,8 +182,10 @@ def test_connections_that_never_finish_their_headers_are_closed(tiny_models, tmp
             socks.append(s)
         # complete headers, then a body that never finishes: 408, and the connection closes
         trickle = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        trickle.sendall(b"POST /v1/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: 100\r\n\r\n{\"item_id\": ")
+        trickle.sendall(
+            b"POST /v1/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"item_id": '
+        )
         socks.append(trickle)
         import httpx
 
@@ -211,7 +229,9 @@ def test_rollback_after_a_cross_space_swap_says_how_and_works_after_a_backfill(m
     r = c.post("/v1/models/v2-indep/activate", headers=H)
     assert r.status_code == 200, r.text
     note = r.json()["rollback"]
-    assert note and "backfill" in note["note"] and note["backfill_report"] == "/v1/backfill/report?candidate=v1"
+    assert (
+        note and "backfill" in note["note"] and note["backfill_report"] == "/v1/backfill/report?candidate=v1"
+    )
     new = item_payload(tiny_test, g_idx[20:21], prefix="new")
     assert c.post("/v1/items", json={"items": new}, headers=H).status_code == 200
     r = c.post("/v1/models/rollback", headers=H)
@@ -251,8 +271,9 @@ def test_no_source_bytes_are_kept_for_refused_ingests_or_deleted_items(make_serv
     r = c.post("/v1/items", json={"items": [good[0], bad]}, headers=H)
     assert r.status_code == 422, r.text
     # refused: an item with an unreadable image in a multipart body (422)
-    body, headers = _multipart([("files", "m1.png", base64.b64decode(good[1]["image_base64"])),
-                                ("files", "m2.png", b"junk")])
+    body, headers = _multipart(
+        [("files", "m1.png", base64.b64decode(good[1]["image_base64"])), ("files", "m2.png", b"junk")]
+    )
     assert c.post("/v1/items", content=body, headers={**headers, **H}).status_code == 422
     assert _blob_files(data) == []
     # refused: an id that is already stored (409): the new bytes go, the stored item's stay

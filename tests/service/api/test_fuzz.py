@@ -48,15 +48,17 @@ def _check(response, what: str) -> None:
         except ValueError:
             raise AssertionError(f"{what}: {status} without a JSON body: {response.text[:300]}") from None
         assert isinstance(body, dict) and isinstance(body.get("detail"), str) and body["detail"].strip(), (
-            f"{what}: {status} without a message: {response.text[:300]}")
+            f"{what}: {status} without a message: {response.text[:300]}"
+        )
 
 
 @pytest.mark.slow
 def test_fuzzed_requests_get_no_5xx_and_every_4xx_has_a_message(make_server, tiny_test, split):
     q_idx, g_idx = split
     server = make_server(GRACEFUL_MAX_BATCH_ITEMS="16", GRACEFUL_MAX_BODY_BYTES=str(1 << 20)).start()
-    r = server.client.post("/v1/items", json={"items": item_payload(tiny_test, g_idx[:16])},
-                           headers={"X-API-Key": API_KEY})
+    r = server.client.post(
+        "/v1/items", json={"items": item_payload(tiny_test, g_idx[:16])}, headers={"X-API-Key": API_KEY}
+    )
     assert r.status_code == 200, r.text
     png = encode_png_base64(tiny_test.images[q_idx[0]])
     spec = server.client.get("/openapi.json").json()
@@ -68,23 +70,37 @@ def test_fuzzed_requests_get_no_5xx_and_every_4xx_has_a_message(make_server, tin
     failures: list[str] = []
 
     def fuzz(op, mode: GenerationMode, n: int) -> None:
-        @settings(max_examples=n, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=n,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=op.as_strategy(generation_mode=mode), real_images=st.sampled_from([True, True, False]))
         def run(case, real_images: bool) -> None:
             if real_images:  # reach past image decoding: the rest of the body stays fuzzed
                 _put_real_images(case.body, png)
-            response = case.call(base_url=server.url, session=session, headers={"X-API-Key": API_KEY}, timeout=30)
+            response = case.call(
+                base_url=server.url, session=session, headers={"X-API-Key": API_KEY}, timeout=30
+            )
             seen.setdefault(op.label, set()).add(response.status_code)
-            _check(response, f"{mode.value} {case.method} {case.formatted_path} "
-                             f"body={str(case.body)[:200]!r} query={case.query!r}")
+            _check(
+                response,
+                f"{mode.value} {case.method} {case.formatted_path} "
+                f"body={str(case.body)[:200]!r} query={case.query!r}",
+            )
 
         run()
 
     for op in operations:
         for mode in GenerationMode:
             try:
-                fuzz(op, mode, HOT_PATH_EXAMPLES if op.label in ("POST /v1/items", "POST /v1/search") else EXAMPLES)
+                fuzz(
+                    op,
+                    mode,
+                    HOT_PATH_EXAMPLES if op.label in ("POST /v1/items", "POST /v1/search") else EXAMPLES,
+                )
             except Unsatisfiable:  # nothing to break in this operation (no parameters, no body)
                 assert mode is GenerationMode.NEGATIVE, op.label
             except AssertionError as e:  # go on with the other operations: report every finding at once

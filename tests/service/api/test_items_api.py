@@ -59,8 +59,9 @@ def test_search_filters_by_image_vector_and_item(server, tiny_test, split) -> No
             got = server.client.post("/v1/search", json={**img, "k": k, "filter": spec})
             assert got.status_code == 200, got.text
             want = _expected(server, img, spec, k)
-            assert _ids(got.json()) == want and len(want) == min(k, sum(
-                MetadataFilter.parse(spec).matches(m) for m in server.meta.values()))
+            assert _ids(got.json()) == want and len(want) == min(
+                k, sum(MetadataFilter.parse(spec).matches(m) for m in server.meta.values())
+            )
             assert all(MetadataFilter.parse(spec).matches(h["metadata"]) for h in got.json()["hits"])
         item = {"item_id": f"g{g_idx[5]}"}
         got = server.client.post("/v1/search", json={**item, "k": 7, "filter": spec}).json()
@@ -76,22 +77,25 @@ def test_search_filters_by_image_vector_and_item(server, tiny_test, split) -> No
         assert got.status_code == 200 and got.json()["hits"] == []
 
 
-@pytest.mark.parametrize(("spec", "words"), [
-    ({"label": [1, 2]}, "filter"),
-    ({"label": {"in": []}}, "filter"),
-    ({"label": {"eq": 1}}, "filter"),
-    ({"label": {"in": [1], "x": 2}}, "filter"),
-    ({"label": None}, "filter"),
-    ({f"k{i}": 1 for i in range(17)}, "filter"),
-    ({"": 1}, "filter"),
-    ({"k" * 129: 1}, "filter"),
-    ({"label": "x" * 1025}, "filter"),
-    ({"label": {"in": list(range(257))}}, "filter"),
-    ({"a": {"in": list(range(200))}, "b": {"in": list(range(200))}}, "values in all"),
-    ({"label\u0000": 1}, "NUL"),
-    ({"label": "a\u0000"}, "NUL"),
-    ("label=3", "filter"),
-])
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ({"label": [1, 2]}, "filter"),
+        ({"label": {"in": []}}, "filter"),
+        ({"label": {"eq": 1}}, "filter"),
+        ({"label": {"in": [1], "x": 2}}, "filter"),
+        ({"label": None}, "filter"),
+        ({f"k{i}": 1 for i in range(17)}, "filter"),
+        ({"": 1}, "filter"),
+        ({"k" * 129: 1}, "filter"),
+        ({"label": "x" * 1025}, "filter"),
+        ({"label": {"in": list(range(257))}}, "filter"),
+        ({"a": {"in": list(range(200))}, "b": {"in": list(range(200))}}, "values in all"),
+        ({"label\u0000": 1}, "NUL"),
+        ({"label": "a\u0000"}, "NUL"),
+        ("label=3", "filter"),
+    ],
+)
 def test_bad_filters_get_422_naming_the_problem(server, tiny_test, split, spec, words) -> None:
     img = encode_png_base64(tiny_test.images[split[0][0]])
     r = server.client.post("/v1/search", json={"image_base64": img, "filter": spec})
@@ -100,9 +104,13 @@ def test_bad_filters_get_422_naming_the_problem(server, tiny_test, split, spec, 
 
 
 def test_non_finite_filter_values_get_422(server, split) -> None:
-    for raw in ('{"item_id": "g%d", "filter": {"x": NaN}}', '{"item_id": "g%d", "filter": {"x": {"in": [Infinity]}}}'):
-        r = server.client.post("/v1/search", content=(raw % split[1][0]).encode(),
-                               headers={"content-type": "application/json"})
+    for raw in (
+        '{"item_id": "g%d", "filter": {"x": NaN}}',
+        '{"item_id": "g%d", "filter": {"x": {"in": [Infinity]}}}',
+    ):
+        r = server.client.post(
+            "/v1/search", content=(raw % split[1][0]).encode(), headers={"content-type": "application/json"}
+        )
         assert r.status_code == 422, r.text
 
 
@@ -117,14 +125,25 @@ def test_micro_batch_searches_each_filter_on_its_own(server, tiny_test, split) -
         raw = __import__("base64").b64decode(encode_png_base64(tiny_test.images[q_idx[i]]))
         return decode_image(raw, channels=active.channels, size=active.input_size, max_pixels=10**6, what="q")
 
-    filters = [None, MetadataFilter.parse({"color": "red"}), None, MetadataFilter.parse({"even": True}),
-               MetadataFilter.parse({"color": "red"}), MetadataFilter.parse({"color": {"in": ["nope"]}})]
-    jobs = [SearchJob(image(i), k, True, f) for i, (k, f) in enumerate(zip([3, 9, 5, 4, 2, 6], filters, strict=True))]
+    filters = [
+        None,
+        MetadataFilter.parse({"color": "red"}),
+        None,
+        MetadataFilter.parse({"even": True}),
+        MetadataFilter.parse({"color": "red"}),
+        MetadataFilter.parse({"color": {"in": ["nope"]}}),
+    ]
+    jobs = [
+        SearchJob(image(i), k, True, f)
+        for i, (k, f) in enumerate(zip([3, 9, 5, 4, 2, 6], filters, strict=True))
+    ]
     together = run_search_batch(parts.gallery, active, jobs)
     for job, answer in zip(jobs, together, strict=True):
         alone = run_search_batch(parts.gallery, active, [job])[0]
         assert [h.external_id for h in answer.hits] == [h.external_id for h in alone.hits]
-        assert len(answer.hits) == (0 if job.filter and job.filter.conditions[0].values == ("nope",) else job.k)
+        assert len(answer.hits) == (
+            0 if job.filter and job.filter.conditions[0].values == ("nope",) else job.k
+        )
         if job.filter is not None:
             assert all(job.filter.matches(h.metadata) for h in answer.hits)
 
@@ -132,8 +151,11 @@ def test_micro_batch_searches_each_filter_on_its_own(server, tiny_test, split) -
 def test_batch_search_answers_each_search_in_order(server, tiny_test, split) -> None:
     q_idx, g_idx = split
     searches = [
-        {"image_base64": encode_png_base64(tiny_test.images[q_idx[i]]), "k": 3 + i,
-         **({"filter": {"color": "red"}} if i % 2 else {})}
+        {
+            "image_base64": encode_png_base64(tiny_test.images[q_idx[i]]),
+            "k": 3 + i,
+            **({"filter": {"color": "red"}} if i % 2 else {}),
+        }
         for i in range(6)
     ] + [{"item_id": f"g{g_idx[2]}", "k": 4, "filter": {"even": True}}, {"item_id": f"g{g_idx[3]}", "k": 2}]
     r = server.client.post("/v1/search/batch", json={"searches": searches})
@@ -189,7 +211,9 @@ def test_batch_get_and_delete_report_found_and_missing(server, tiny_test, split)
     assert [it["external_id"] for it in r.json()["items"]] == [b, a] and r.json()["missing"] == ["nope"]
     assert r.json()["items"][0]["metadata"] == server.meta[b]
 
-    assert server.client.post("/v1/items/delete", json={"external_ids": [a]}).status_code == 401  # needs the key
+    assert (
+        server.client.post("/v1/items/delete", json={"external_ids": [a]}).status_code == 401
+    )  # needs the key
     r = server.client.post("/v1/items/delete", json={"external_ids": [a, "nope", c, a]}, headers=H)
     assert r.status_code == 200, r.text
     assert r.json() == {"deleted": [a, c], "missing": ["nope"]}
@@ -197,9 +221,17 @@ def test_batch_get_and_delete_report_found_and_missing(server, tiny_test, split)
     hits = server.client.post("/v1/search", json={"item_id": b, "k": N_GALLERY}).json()["hits"]
     assert {a, c}.isdisjoint(h["external_id"] for h in hits) and len(hits) == N_GALLERY - 3
     assert server.client.post("/v1/items/delete", json={"external_ids": [a]}, headers=H).json() == {
-        "deleted": [], "missing": [a]}
-    for body in ({"external_ids": []}, {"external_ids": ["x"] * 1001}, {"external_ids": [""]}, {"ids": ["x"]},
-                 {"external_ids": ["a\u0000"]}, {"external_ids": ["x" * 513]}):
+        "deleted": [],
+        "missing": [a],
+    }
+    for body in (
+        {"external_ids": []},
+        {"external_ids": ["x"] * 1001},
+        {"external_ids": [""]},
+        {"ids": ["x"]},
+        {"external_ids": ["a\u0000"]},
+        {"external_ids": ["x" * 513]},
+    ):
         for path, headers in (("/v1/items/get", {}), ("/v1/items/delete", H)):
             r = server.client.post(path, json=body, headers=headers)
             assert r.status_code == 422 and r.json()["detail"], (path, body, r.text)
@@ -215,7 +247,9 @@ def test_patch_metadata_merges_replaces_and_validates(server, tiny_test, split) 
     assert r.json()["metadata"] == {"label": before["label"], "even": before["even"], "shelf": "B2"}
     assert server.client.get(f"/v1/items/{a}").json()["metadata"]["shelf"] == "B2"
     # a filter sees the new metadata at once
-    hits = server.client.post("/v1/search", json={"item_id": f"g{g_idx[0]}", "filter": {"shelf": "B2"}}).json()["hits"]
+    hits = server.client.post(
+        "/v1/search", json={"item_id": f"g{g_idx[0]}", "filter": {"shelf": "B2"}}
+    ).json()["hits"]
     assert [h["external_id"] for h in hits] == [a] and hits[0]["metadata"]["shelf"] == "B2"
     r = server.client.patch(f"/v1/items/{a}", json={"metadata": {"only": [1, 2]}, "merge": False}, headers=H)
     assert r.status_code == 200 and r.json()["metadata"] == {"only": [1, 2]}
@@ -237,8 +271,11 @@ def test_patch_metadata_merges_replaces_and_validates(server, tiny_test, split) 
     ]:
         r = server.client.patch(f"/v1/items/{a}", json=body, headers=H)
         assert r.status_code == status and r.json()["detail"], (str(body)[:80], r.text)
-    r = server.client.patch(f"/v1/items/{a}", content=json.dumps({"metadata": {"v": float("nan")}}).encode(),
-                            headers={**H, "content-type": "application/json"})
+    r = server.client.patch(
+        f"/v1/items/{a}",
+        content=json.dumps({"metadata": {"v": float("nan")}}).encode(),
+        headers={**H, "content-type": "application/json"},
+    )
     assert r.status_code == 422, r.text
     assert server.client.get(f"/v1/items/{a}").json()["metadata"] is None  # nothing changed by the refusals
     r = server.client.patch("/v1/items/no-such-item", json={"metadata": {"a": 1}}, headers=H)

@@ -31,14 +31,26 @@ NO_CHROMIUM = "Chromium is not available: apt-get install chromium chromium-driv
 
 
 def _items(ds: Dataset, indices, prefix: str = "g") -> list[dict]:
-    return [{"external_id": f"{prefix}{i}", "image_base64": encode_png_base64(ds.images[i]),
-             "metadata": {"label": int(ds.labels[i])}} for i in indices]
+    return [
+        {
+            "external_id": f"{prefix}{i}",
+            "image_base64": encode_png_base64(ds.images[i]),
+            "metadata": {"label": int(ds.labels[i])},
+        }
+        for i in indices
+    ]
 
 
 def _env(root: Path, models: Path) -> dict[str, str]:
-    return {"GRACEFUL_MODELS_DIR": str(models), "GRACEFUL_DATA_DIR": str(root / "data"),
-            "GRACEFUL_DATABASE_URL": f"sqlite:///{root / 'gallery.db'}", "GRACEFUL_API_KEY": API_KEY,
-            "GRACEFUL_ACTIVE_MODEL": "v1", "GRACEFUL_TORCH_THREADS": "1", "GRACEFUL_THROUGHPUT_PROBE_IMAGES": "32"}
+    return {
+        "GRACEFUL_MODELS_DIR": str(models),
+        "GRACEFUL_DATA_DIR": str(root / "data"),
+        "GRACEFUL_DATABASE_URL": f"sqlite:///{root / 'gallery.db'}",
+        "GRACEFUL_API_KEY": API_KEY,
+        "GRACEFUL_ACTIVE_MODEL": "v1",
+        "GRACEFUL_TORCH_THREADS": "1",
+        "GRACEFUL_THROUGHPUT_PROBE_IMAGES": "32",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +72,9 @@ def _app(root: Path, models: Path, **overrides) -> TestClient:
 
 
 @pytest.fixture(scope="module")
-def client(models_copy: Path, tmp_path_factory: pytest.TempPathFactory, tiny_test: Dataset, split
-           ) -> Iterator[TestClient]:
+def client(
+    models_copy: Path, tmp_path_factory: pytest.TempPathFactory, tiny_test: Dataset, split
+) -> Iterator[TestClient]:
     """One app for the module's read tests, with 6 gallery items ingested."""
     c = _app(tmp_path_factory.mktemp("page-app"), models_copy)
     try:
@@ -74,6 +87,7 @@ def client(models_copy: Path, tmp_path_factory: pytest.TempPathFactory, tiny_tes
 
 
 # ---- in process ---------------------------------------------------------------------------------------------
+
 
 def test_page_and_its_files_are_served(client):
     r = client.get("/")
@@ -88,10 +102,13 @@ def test_page_and_its_files_are_served(client):
     assert "/" not in client.get("/openapi.json").json()["paths"]  # the page is not part of the API
 
 
-@pytest.mark.parametrize("page, assets", [
-    ("/docs", ["/static/swagger/swagger-ui-bundle.js", "/static/swagger/swagger-ui.css"]),
-    ("/redoc", ["/static/swagger/redoc.standalone.js"]),
-])
+@pytest.mark.parametrize(
+    "page, assets",
+    [
+        ("/docs", ["/static/swagger/swagger-ui-bundle.js", "/static/swagger/swagger-ui.css"]),
+        ("/redoc", ["/static/swagger/redoc.standalone.js"]),
+    ],
+)
 def test_api_docs_need_no_internet(client, page, assets):
     r = client.get(page)
     assert r.status_code == 200, r.text
@@ -147,8 +164,17 @@ def test_model_card_shows_public_keys_and_the_matrix(client):
     assert r.status_code == 200, r.text
     card = r.json()
     assert card["version"] == "v2" and card["compatible_with"] == "v1" and card["space"] == "v1"
-    assert set(card) <= {"version", "arch", "embedding_dim", "classes", "space", "compatible_with", "adapter_of",
-                         "preprocess", "metrics"}
+    assert set(card) <= {
+        "version",
+        "arch",
+        "embedding_dim",
+        "classes",
+        "space",
+        "compatible_with",
+        "adapter_of",
+        "preprocess",
+        "metrics",
+    }
     assert "train_config" not in card  # it holds local paths
     cell = card["metrics"]["matrix"]["v2/v1"]
     assert {"top1", "top5", "mAP"} <= set(cell)
@@ -166,6 +192,7 @@ def test_media_type_by_magic_bytes():
 
 # ---- in a browser ---------------------------------------------------------------------------------------------
 
+
 def _chrome(profile: Path):
     """Headless Chromium through Debian's chromedriver, or a skip saying what to install."""
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
@@ -177,9 +204,19 @@ def _chrome(profile: Path):
         pytest.skip("selenium is not installed: pip install -e '.[dev]'")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
-                f"--user-data-dir={profile}", "--window-size=1400,1250", "--hide-scrollbars"):
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--window-size=1400,1250",
+        "--hide-scrollbars",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -223,22 +260,33 @@ def test_page_in_a_browser(tiny_models: Path, tiny_test: Dataset, split, tmp_pat
         server.start()
         queries, gallery = split
         stored = {f"g{i}" for i in gallery[:40]}
-        r = httpx.post(server.url + "/v1/items", json={"items": _items(tiny_test, gallery[:40])}, headers=H,
-                       timeout=60)
+        r = httpx.post(
+            server.url + "/v1/items", json={"items": _items(tiny_test, gallery[:40])}, headers=H, timeout=60
+        )
         assert r.status_code == 200, r.text
 
         driver.get(server.url + "/")
         find = driver.find_element
         _wait("the active version", lambda: find(By.ID, "active-version").text == "v1")
-        _wait("the models table", lambda: len(driver.find_elements(By.CSS_SELECTOR, "#models-table tbody tr")) == 3)
+        _wait(
+            "the models table",
+            lambda: len(driver.find_elements(By.CSS_SELECTOR, "#models-table tbody tr")) == 3,
+        )
 
         # Upload a query image file: the hits are thumbnails of the item image endpoint, and they loaded.
         query = tmp_path / "query.png"
         query.write_bytes(encode_png(tiny_test.images[int(queries[0])]))
         find(By.ID, "query-file").send_keys(str(query))
         _wait("the answering version", lambda: find(By.ID, "query-version").text == "v1")
-        hits = _wait("8 loaded thumbnails", lambda: (
-            (h := driver.execute_script(_LOADED_HITS)) and len(h) == 8 and all(x["complete"] for x in h) and h))
+        hits = _wait(
+            "8 loaded thumbnails",
+            lambda: (
+                (h := driver.execute_script(_LOADED_HITS))
+                and len(h) == 8
+                and all(x["complete"] for x in h)
+                and h
+            ),
+        )
         for h in hits:
             m = re.fullmatch(r"/v1/items/([^/]+)/image", h["src"])
             assert m and m.group(1) in stored, h
@@ -255,8 +303,10 @@ def test_page_in_a_browser(tiny_models: Path, tiny_test: Dataset, split, tmp_pat
         # measure worse than v1 on this gallery: the check's refusal shows, and "force" overrides it.
         find(By.ID, "api-key").send_keys(API_KEY)
         find(By.CSS_SELECTOR, "button[data-activate='v2']").click()
-        _wait("v2 active or refused", lambda: find(By.ID, "active-version").text == "v2"
-              or "409" in find(By.ID, "error").text)
+        _wait(
+            "v2 active or refused",
+            lambda: find(By.ID, "active-version").text == "v2" or "409" in find(By.ID, "error").text,
+        )
         if find(By.ID, "active-version").text != "v2":
             assert "force" in find(By.ID, "error").text
             find(By.ID, "force").click()
@@ -267,13 +317,22 @@ def test_page_in_a_browser(tiny_models: Path, tiny_test: Dataset, split, tmp_pat
         find(By.ID, "search-again").click()
         _wait("the answer of v2", lambda: find(By.ID, "query-version").text == "v2")
         assert "embedded by v1" in find(By.ID, "hits").text  # nothing was re-embedded
-        _wait("v2's compatibility matrix", lambda: find(By.ID, "matrix-version").text == "v2"
-              and "v2" in find(By.CSS_SELECTOR, "#matrix-table table").text)
+        _wait(
+            "v2's compatibility matrix",
+            lambda: (
+                find(By.ID, "matrix-version").text == "v2"
+                and "v2" in find(By.CSS_SELECTOR, "#matrix-table table").text
+            ),
+        )
 
         # What a backfill with v2 would buy: the report's quality curve, drawn (the README's screenshot).
         find(By.CSS_SELECTOR, "#candidate option[value='v2']").click()
         find(By.ID, "report").click()
-        _wait("the quality curve", lambda: driver.find_elements(By.CSS_SELECTOR, "#curve svg polyline"), timeout=120)
+        _wait(
+            "the quality curve",
+            lambda: driver.find_elements(By.CSS_SELECTOR, "#curve svg polyline"),
+            timeout=120,
+        )
         assert "items to re-embed with v2" in find(By.ID, "curve-info").text
         shot = tmp_path / "page.png"
         driver.save_screenshot(str(shot))
@@ -285,14 +344,20 @@ def test_page_in_a_browser(tiny_models: Path, tiny_test: Dataset, split, tmp_pat
 
         # Start it: its progress is watched to the end, and then the hits are embedded by v2.
         find(By.ID, "start-backfill").click()
-        _wait("the backfill to finish", lambda: re.search(r": done\b.*\b40/40\b", find(By.ID, "backfill-info").text),
-              timeout=120)
+        _wait(
+            "the backfill to finish",
+            lambda: re.search(r": done\b.*\b40/40\b", find(By.ID, "backfill-info").text),
+            timeout=120,
+        )
         find(By.ID, "search-again").click()
         _wait("hits embedded by v2", lambda: "embedded by v2" in find(By.ID, "hits").text)
         assert not find(By.ID, "error").is_displayed(), find(By.ID, "error").text
 
-        problems = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"
-                    and "/activate - " not in e["message"]]  # the refused activations above
+        problems = [
+            e["message"]
+            for e in driver.get_log("browser")
+            if e["level"] == "SEVERE" and "/activate - " not in e["message"]
+        ]  # the refused activations above
         assert problems == [], problems  # no script error, no CSP violation, no failed load
     except BaseException:
         try:  # what the page showed and logged, and the server's log

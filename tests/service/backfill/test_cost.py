@@ -32,16 +32,29 @@ def test_report_curve_simulated_or_from_the_card(tiny_models, tiny_test, split, 
         swap.activate("v1")
         v1 = swap.active
         vecs = v1.embed(tiny_test.images[g_idx])
-        items = [NewItem(f"g{i}", v, metadata={"label": int(tiny_test.labels[i])},
-                         source_uri=None if n < 3 else blobs.put(encode_png(tiny_test.images[i])))
-                 for n, (i, v) in enumerate(zip(g_idx, vecs, strict=True))]
+        items = [
+            NewItem(
+                f"g{i}",
+                v,
+                metadata={"label": int(tiny_test.labels[i])},
+                source_uri=None if n < 3 else blobs.put(encode_png(tiny_test.images[i])),
+            )
+            for n, (i, v) in enumerate(zip(g_idx, vecs, strict=True))
+        ]
         gallery.add(items, "v1")
         swap.activate("v2")
         probe = ThroughputProbe(32, 1)
 
         def backfill_report(candidate, price, *, blobs, curves, sample_size, rate_limit=None):
-            return CostReport(swap, models, probe, blobs=blobs, curves=curves, price_per_cpu_hour=price,
-                              sample_size=sample_size).report(candidate, rate_limit)
+            return CostReport(
+                swap,
+                models,
+                probe,
+                blobs=blobs,
+                curves=curves,
+                price_per_cpu_hour=price,
+                sample_size=sample_size,
+            ).report(candidate, rate_limit)
 
         rep = backfill_report("v2", 0.05, blobs=blobs, curves=CurveCache(), sample_size=500)
         curve = rep["curve"]
@@ -51,11 +64,17 @@ def test_report_curve_simulated_or_from_the_card(tiny_models, tiny_test, split, 
         assert {e["external_id"] for e in rep["cannot_backfill"]["examples"]} == {f"g{i}" for i in g_idx[:3]}
         ips = rep["throughput"]["images_per_second"]
         last = curve["policies"]["sequential"][-1]
-        assert last["items"] == len(g_idx) and abs(last["seconds"] - len(g_idx) / ips) < 0.05 + 0.01 * last["seconds"]
+        assert (
+            last["items"] == len(g_idx)
+            and abs(last["seconds"] - len(g_idx) / ips) < 0.05 + 0.01 * last["seconds"]
+        )
 
-        capped = backfill_report("v2", 0.05, blobs=blobs, curves=CurveCache(), sample_size=500,
-                                 rate_limit=10.0)
-        assert capped["curve"]["policies"]["uncertainty"][-1]["seconds"] == pytest.approx(len(g_idx) / 10.0, abs=0.01)
+        capped = backfill_report(
+            "v2", 0.05, blobs=blobs, curves=CurveCache(), sample_size=500, rate_limit=10.0
+        )
+        assert capped["curve"]["policies"]["uncertainty"][-1]["seconds"] == pytest.approx(
+            len(g_idx) / 10.0, abs=0.01
+        )
         assert capped["predicted"]["wall_seconds"] == pytest.approx(len(g_idx) / 10.0, abs=0.01)
 
         card = backfill_report("v2", 0.05, blobs=blobs, curves=None, sample_size=0)["curve"]

@@ -59,8 +59,13 @@ def test_fraction_follows_the_order() -> None:
 
 def test_simulate_other_space_keeps_current_quality_until_complete() -> None:
     labels, old, new = _data(seed=4, n=50)
-    sample = Sample(item_ids=np.arange(50), labels=labels, old=old, new=new,
-                    orders={"sequential": np.arange(50), "uncertainty": np.arange(50)[::-1]})
+    sample = Sample(
+        item_ids=np.arange(50),
+        labels=labels,
+        old=old,
+        new=new,
+        orders={"sequential": np.arange(50), "uncertainty": np.arange(50)[::-1]},
+    )
     curves = simulate(sample, same_space=False, fractions=[0.0, 0.5, 1.0])
     for curve in curves.values():
         assert curve[0] == curve[1] and curve[2]["mAP"] > curve[0]["mAP"]
@@ -74,8 +79,9 @@ def test_card_line_and_labels() -> None:
     line = card_line(None, {"mAP": 0.7}, False, {"mAP": 0.4}, fractions=[0, 0.5, 1])
     assert [p["mAP"] for p in line] == [0.4, 0.4, 0.7]
     assert card_line(None, {"mAP": 0.7}, True, None) is None
-    assert [label_of(m) for m in ({"label": 3}, {"label": "7"}, {"label": True}, {"x": 1}, None, {"label": "a"})] == [
-        3, 7, None, None, None, None]
+    assert [
+        label_of(m) for m in ({"label": 3}, {"label": "7"}, {"label": True}, {"x": 1}, None, {"label": "a"})
+    ] == [3, 7, None, None, None, None]
 
 
 @pytest.mark.slow  # needs the tiny trained models

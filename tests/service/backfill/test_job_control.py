@@ -18,8 +18,9 @@ from tests.support.payloads import API_KEY, H
 
 
 @pytest.mark.slow
-def test_pause_resume_cancel_skips_and_cli(make_real_server, tiny_test, split, tmp_path, monkeypatch, capsys,
-                                           database_url):
+def test_pause_resume_cancel_skips_and_cli(
+    make_real_server, tiny_test, split, tmp_path, monkeypatch, capsys, database_url
+):
     _, g_idx = split
     server = make_real_server().start()
     c = server.client
@@ -34,8 +35,12 @@ def test_pause_resume_cancel_skips_and_cli(make_real_server, tiny_test, split, t
     assert {e["external_id"] for e in rep["cannot_backfill"]["examples"]} == set(lost)
 
     assert c.post("/v1/backfill", json={"candidate": "v2"}).status_code == 401
-    for bad in ({"candidate": "v2", "policy": "random"}, {"candidate": "v2", "stop_at": 1.5},
-                {"candidate": "v2", "rate_limit": 0}, {"candidate": "v2", "batch_size": 0}):
+    for bad in (
+        {"candidate": "v2", "policy": "random"},
+        {"candidate": "v2", "stop_at": 1.5},
+        {"candidate": "v2", "rate_limit": 0},
+        {"candidate": "v2", "batch_size": 0},
+    ):
         assert c.post("/v1/backfill", json=bad, headers=H).status_code == 422, bad
     assert c.post("/v1/backfill", json={"candidate": "v9"}, headers=H).status_code == 404
     assert c.get("/v1/backfill/999").status_code == 404
@@ -67,8 +72,12 @@ def test_pause_resume_cancel_skips_and_cli(make_real_server, tiny_test, split, t
 
     # The CLI starts a new job (what the cancelled one did stays done) and waits for it.
     monkeypatch.setenv("GRACEFUL_API_KEY", API_KEY)
-    assert backfill_main(["start", "v2", "--api", server.url, "--policy", "uncertainty", "--batch-size", "8",
-                          "--wait"]) == 0
+    assert (
+        backfill_main(
+            ["start", "v2", "--api", server.url, "--policy", "uncertainty", "--batch-size", "8", "--wait"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "done" in out and f"{len(g_idx) - 2}/{len(g_idx)}" in out and "2 skipped" in out
     jobs = c.get("/v1/backfill").json()["jobs"]

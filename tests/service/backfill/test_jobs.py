@@ -17,8 +17,9 @@ from trainer.artifact import embed_images, load_model
 
 
 @pytest.mark.slow
-def test_backfill_completes_while_searches_continue(make_server, tiny_models, tiny_test, split, database_url,
-                                                     tmp_path):
+def test_backfill_completes_while_searches_continue(
+    make_server, tiny_models, tiny_test, split, database_url, tmp_path
+):
     q_idx, g_idx = split
     server = make_server().start()
     c = server.client
@@ -49,8 +50,14 @@ def test_backfill_completes_while_searches_continue(make_server, tiny_models, ti
             i = n
             while not stop.is_set():
                 try:
-                    r = hc.post("/v1/search", json={"image_base64": queries[i % len(queries)], "k": len(g_idx),
-                                                    "include_metadata": False})
+                    r = hc.post(
+                        "/v1/search",
+                        json={
+                            "image_base64": queries[i % len(queries)],
+                            "k": len(g_idx),
+                            "include_metadata": False,
+                        },
+                    )
                     if r.status_code != 200 or len(r.json()["hits"]) != len(g_idx):
                         failures.append(f"{r.status_code} {r.text[:200]}")
                     else:
@@ -83,7 +90,9 @@ def test_backfill_completes_while_searches_continue(make_server, tiny_models, ti
     for q in q_idx[:3]:
         body = api.top_ids(c, tiny_test.images[q], 5)
         sims = (embed_images(v2, tiny_test.images[q : q + 1]) @ gv.T)[0]
-        assert [h["external_id"] for h in body["hits"]] == [f"g{g_idx[j]}" for j in np.argsort(-sims, kind="stable")[:5]]
+        assert [h["external_id"] for h in body["hits"]] == [
+            f"g{g_idx[j]}" for j in np.argsort(-sims, kind="stable")[:5]
+        ]
         assert {h["embedded_by"] for h in body["hits"]} == {"v2"}
     assert c.get(f"/v1/items/g{g_idx[0]}").json()["embedded_by"] == {"v1": "v2"}
     assert 'purpose="backfill"' in c.get("/metrics").text
@@ -95,14 +104,17 @@ def test_backfill_completes_while_searches_continue(make_server, tiny_models, ti
 
 
 @pytest.mark.slow
-def test_other_space_candidate_is_activated_only_after_its_backfill(make_server, tiny_models, tiny_test, split,
-                                                                    tmp_path):
+def test_other_space_candidate_is_activated_only_after_its_backfill(
+    make_server, tiny_models, tiny_test, split, tmp_path
+):
     q_idx, g_idx = split
     server = make_server().start()
     c = server.client
     api.ingest(c, tiny_test, g_idx)
     rep = c.get("/v1/backfill/report", params={"candidate": "v2-indep"}).json()
-    assert rep["needs_backfill"] is True and rep["curve"]["serving_during_backfill"].startswith("the current model")
+    assert rep["needs_backfill"] is True and rep["curve"]["serving_during_backfill"].startswith(
+        "the current model"
+    )
     pts = rep["curve"]["policies"]["sequential"]
     assert pts[0]["quality"] == pts[-2]["quality"]  # the old model serves until every item is re-embedded
 
@@ -132,7 +144,9 @@ def test_other_space_candidate_is_activated_only_after_its_backfill(make_server,
     body = api.top_ids(c, tiny_test.images[q], 5)
     sims = (embed_images(indep, tiny_test.images[q : q + 1]) @ gv.T)[0]
     assert body["model_version"] == "v2-indep" and body["space"] == "v2-indep"
-    assert [h["external_id"] for h in body["hits"]] == [f"g{g_idx[j]}" for j in np.argsort(-sims, kind="stable")[:5]]
+    assert [h["external_id"] for h in body["hits"]] == [
+        f"g{g_idx[j]}" for j in np.argsort(-sims, kind="stable")[:5]
+    ]
     assert {h["embedded_by"] for h in body["hits"]} == {"v2-indep"}
     # The old space is untouched: rolling back to v1 works, and serves its v1 embeddings.
     assert c.post("/v1/models/rollback", headers=H).status_code == 200

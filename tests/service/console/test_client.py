@@ -49,22 +49,31 @@ def folder(tmp_path: Path, tiny_test, split) -> Path:
     return root
 
 
-def test_image_forms_all_encode_to_the_same_search(client: GracefulClient, server, tiny_test, split, tmp_path) -> None:
+def test_image_forms_all_encode_to_the_same_search(
+    client: GracefulClient, server, tiny_test, split, tmp_path
+) -> None:
     q_idx, g_idx = split
-    client.ingest([f"g{i}" for i in g_idx[:30]], tiny_test.images[g_idx[:30]],
-                  [{"label": int(tiny_test.labels[i])} for i in g_idx[:30]])
+    client.ingest(
+        [f"g{i}" for i in g_idx[:30]],
+        tiny_test.images[g_idx[:30]],
+        [{"label": int(tiny_test.labels[i])} for i in g_idx[:30]],
+    )
     img = tiny_test.images[q_idx[0]]
     img = img[0] if img.ndim == 3 else img  # (28, 28) uint8
     path = _save(tmp_path / "q.png", img)
     webp = _save(tmp_path / "q.webp", img, "WEBP")
     forms = [img, img[None], str(path), path, path.read_bytes(), Image.fromarray(img), webp.read_bytes()]
     answers = [client.search(f, k=5) for f in forms]
-    assert all([h["external_id"] for h in a["hits"]] == [h["external_id"] for h in answers[0]["hits"]]
-               for a in answers[:-1])
+    assert all(
+        [h["external_id"] for h in a["hits"]] == [h["external_id"] for h in answers[0]["hits"]]
+        for a in answers[:-1]
+    )
     assert len(answers[-1]["hits"]) == 5  # WebP (lossy) converted to PNG on the way
     assert client.search_image(img, k=5)["hits"] == answers[0]["hits"]
     rgb = np.repeat(img[None], 3, axis=0)
-    assert encode_image(rgb).startswith(b"\x89PNG") and encode_image(rgb.transpose(1, 2, 0)).startswith(b"\x89PNG")
+    assert encode_image(rgb).startswith(b"\x89PNG") and encode_image(rgb.transpose(1, 2, 0)).startswith(
+        b"\x89PNG"
+    )
     for bad in (img.astype(np.float32), np.zeros((2, 2, 2, 2), np.uint8), 3.5):
         with pytest.raises((ValueError, TypeError)):
             encode_image(bad)
@@ -73,8 +82,11 @@ def test_image_forms_all_encode_to_the_same_search(client: GracefulClient, serve
 def test_search_by_vector_item_filter_and_many(client: GracefulClient, tiny_test, split, server) -> None:
     q_idx, g_idx = split
     ids = [f"g{i}" for i in g_idx[:40]]
-    client.ingest(ids, tiny_test.images[g_idx[:40]], [{"label": int(tiny_test.labels[i]), "n": n}
-                                                     for n, i in enumerate(g_idx[:40])])
+    client.ingest(
+        ids,
+        tiny_test.images[g_idx[:40]],
+        [{"label": int(tiny_test.labels[i]), "n": n} for n, i in enumerate(g_idx[:40])],
+    )
     label = int(tiny_test.labels[g_idx[0]])
     got = client.search(tiny_test.images[q_idx[1]], k=40, filter={"label": label})
     assert got["hits"] and all(h["metadata"]["label"] == label for h in got["hits"])
@@ -88,12 +100,17 @@ def test_search_by_vector_item_filter_and_many(client: GracefulClient, tiny_test
         client.search(k=3)
     with pytest.raises(ValueError):
         client.search(vector=vec, k=3)
-    many = client.search_many([tiny_test.images[q_idx[i % len(q_idx)]] for i in range(70)] + [{"item_id": ids[0], "k": 2}], k=3,
-                              filter={"label": label})
+    many = client.search_many(
+        [tiny_test.images[q_idx[i % len(q_idx)]] for i in range(70)] + [{"item_id": ids[0], "k": 2}],
+        k=3,
+        filter={"label": label},
+    )
     assert len(many) == 71 and len(many[-1]["hits"]) == 2  # two requests (64 + 7)
     alone = client.search(tiny_test.images[q_idx[5]], k=3, filter={"label": label})
     assert [h["external_id"] for h in many[5]["hits"]] == [h["external_id"] for h in alone["hits"]]
-    assert [h["score"] for h in many[5]["hits"]] == pytest.approx([h["score"] for h in alone["hits"]], abs=1e-5)
+    assert [h["score"] for h in many[5]["hits"]] == pytest.approx(
+        [h["score"] for h in alone["hits"]], abs=1e-5
+    )
     with pytest.raises(ApiError) as e:
         client.search(item_id=ids[0], filter={"label": [1]})
     assert e.value.status == 422 and "filter" in e.value.detail
@@ -134,7 +151,9 @@ def test_models_activate_rollback_and_backfill_wait(client: GracefulClient, tiny
     assert done["status"] == "done" and done["done"] == 20
 
 
-def test_ingest_folder_ids_from_paths_and_bad_files_fail_alone(client: GracefulClient, folder: Path, tmp_path) -> None:
+def test_ingest_folder_ids_from_paths_and_bad_files_fail_alone(
+    client: GracefulClient, folder: Path, tmp_path
+) -> None:
     _save(folder / "cats" / "big.png", np.zeros((40, 40), np.uint8))  # the model takes 28x28: refused
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")  # refused by the server
     _save(folder / "img00.jpg", np.zeros((28, 28), np.uint8), "JPEG")  # same id as img00.png
@@ -144,7 +163,9 @@ def test_ingest_folder_ids_from_paths_and_bad_files_fail_alone(client: GracefulC
     assert set(failed) == {"big.png", "broken.png", "img00.png"}, summary.failed
     assert "28x28" in failed["big.png"] and "also the id of" in failed["img00.png"]
     assert len(summary.stored) == 24 and summary.versions == {"v1": 24}
-    assert "cats__img01" in summary.stored and "cats__old__img02" in summary.stored and "img00" in summary.stored
+    assert (
+        "cats__img01" in summary.stored and "cats__old__img02" in summary.stored and "img00" in summary.stored
+    )
     item = client.get_item("cats__old__img02")
     assert item["metadata"] == {"source": "test"} and item["has_source"]
     assert summary.line().startswith("ingested 24 of 27 files") and "3 failed" in summary.line()
@@ -168,8 +189,11 @@ def _mock(statuses: list[int | type[Exception]], seen: list[str]) -> httpx.Clien
         nxt = next(answers)
         if isinstance(nxt, type):
             raise nxt("boom", request=request)
-        return httpx.Response(nxt, json={"detail": f"status {nxt}"} if nxt >= 400 else {"ok": True},
-                              headers={"retry-after": "0.5"} if nxt == 503 else {})
+        return httpx.Response(
+            nxt,
+            json={"detail": f"status {nxt}"} if nxt >= 400 else {"ok": True},
+            headers={"retry-after": "0.5"} if nxt == 503 else {},
+        )
 
     return httpx.Client(base_url="http://mock", transport=httpx.MockTransport(handler))
 
@@ -200,7 +224,12 @@ def test_retries_are_bounded_and_other_errors_are_never_retried() -> None:
         c, sleeps = _client([status, 200], seen, retries=5)
         with pytest.raises(ApiError) as e:
             c.post("/v1/search", json={})
-        assert e.value.status == status and e.value.detail == f"status {status}" and len(seen) == 1 and not sleeps
+        assert (
+            e.value.status == status
+            and e.value.detail == f"status {status}"
+            and len(seen) == 1
+            and not sleeps
+        )
     seen.clear()
     c, _ = _client([httpx.ConnectError] * 2, seen, retries=1)
     with pytest.raises(httpx.ConnectError):
@@ -222,14 +251,22 @@ def test_retries_are_bounded_and_other_errors_are_never_retried() -> None:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_ingest_and_search_print_a_summary_and_ranked_hits(server, folder, tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(items_cli, "_client", lambda args: GracefulClient(server.url, API_KEY, http_client=server.client))
-    rc = items_cli.ingest_main([str(folder), "--metadata-json", '{"shelf": "A1"}', "--batch", "7", "--no-progress"])
+def test_cli_ingest_and_search_print_a_summary_and_ranked_hits(
+    server, folder, tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setattr(
+        items_cli, "_client", lambda args: GracefulClient(server.url, API_KEY, http_client=server.client)
+    )
+    rc = items_cli.ingest_main(
+        [str(folder), "--metadata-json", '{"shelf": "A1"}', "--batch", "7", "--no-progress"]
+    )
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert out.out.strip().startswith("ingested 24 of 24 files") and "by v1" in out.out
     query = folder / "img00.png"
-    rc = items_cli.search_main([str(query), "--k", "3", "--filter", "shelf=A1", "--filter", "nope=1", "--filter", "nope=2"])
+    rc = items_cli.search_main(
+        [str(query), "--k", "3", "--filter", "shelf=A1", "--filter", "nope=1", "--filter", "nope=2"]
+    )
     out = capsys.readouterr()
     assert rc == 0 and out.out.startswith("0 hits; query embedded by v1")
     rc = items_cli.search_main([str(query), "--k", "3", "--filter", "shelf=A1"])
@@ -242,19 +279,35 @@ def test_cli_ingest_and_search_print_a_summary_and_ranked_hits(server, folder, t
     answer = json.loads(capsys.readouterr().out)
     assert rc == 0 and len(answer["hits"]) == 2 and "img00" not in [h["external_id"] for h in answer["hits"]]
     assert items_cli.parse_filters(["a=3", "b=true", "c=x", 'd="3"', "e=1", "e=2.5"]) == {
-        "a": 3, "b": True, "c": "x", "d": "3", "e": {"in": [1, 2.5]}}
+        "a": 3,
+        "b": True,
+        "c": "x",
+        "d": "3",
+        "e": {"in": [1, 2.5]},
+    }
 
 
-@pytest.mark.parametrize(("argv", "rc", "words"), [
-    (["search", "missing.png"], 2, "no such file"),
-    (["search"], 2, "IMAGE or --item"),
-    (["search", "--item", "x", "--filter", "nokey"], 2, "KEY=VALUE"),
-    (["ingest", "missing-dir"], 2, "no such file or folder"),
-    (["ingest", "{folder}", "--metadata-json", "[1]"], 2, "JSON object"),
-    (["ingest", "{folder}", "--metadata-json", "{bad"], 2, "not valid JSON"),
-    (["ingest", "{folder}", "--api", "http://127.0.0.1:9", "--retries", "0", "--no-progress"], 1, "cannot reach"),
-    (["search", "{folder}/img00.png", "--api", "http://127.0.0.1:9", "--retries", "0"], 1, "cannot reach"),
-])
+@pytest.mark.parametrize(
+    ("argv", "rc", "words"),
+    [
+        (["search", "missing.png"], 2, "no such file"),
+        (["search"], 2, "IMAGE or --item"),
+        (["search", "--item", "x", "--filter", "nokey"], 2, "KEY=VALUE"),
+        (["ingest", "missing-dir"], 2, "no such file or folder"),
+        (["ingest", "{folder}", "--metadata-json", "[1]"], 2, "JSON object"),
+        (["ingest", "{folder}", "--metadata-json", "{bad"], 2, "not valid JSON"),
+        (
+            ["ingest", "{folder}", "--api", "http://127.0.0.1:9", "--retries", "0", "--no-progress"],
+            1,
+            "cannot reach",
+        ),
+        (
+            ["search", "{folder}/img00.png", "--api", "http://127.0.0.1:9", "--retries", "0"],
+            1,
+            "cannot reach",
+        ),
+    ],
+)
 def test_cli_bad_input_is_one_line_on_stderr(argv, rc, words, folder, capsys) -> None:
     argv = [a.replace("{folder}", str(folder)) for a in argv]
     assert cli_main(argv) == rc
@@ -268,7 +321,9 @@ def test_cli_version_and_refusals_from_the_service(server, folder, monkeypatch, 
     from importlib.metadata import version
 
     assert out == f"graceful {version('graceful')}"
-    monkeypatch.setattr(items_cli, "_client", lambda args: GracefulClient(server.url, API_KEY, http_client=server.client))
+    monkeypatch.setattr(
+        items_cli, "_client", lambda args: GracefulClient(server.url, API_KEY, http_client=server.client)
+    )
     assert items_cli.search_main(["--item", "no-such-item"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "404" in err[0] and "no-such-item" in err[0]
@@ -278,13 +333,23 @@ def test_cli_version_and_refusals_from_the_service(server, folder, monkeypatch, 
 def test_graceful_ingest_and_search_against_a_real_server(make_real_server, folder, tmp_path) -> None:
     """The installed console script, in a child process, over real HTTP."""
     server = make_real_server().start()
-    env = {"GRACEFUL_API_URL": server.url, "GRACEFUL_API_KEY": API_KEY, "PATH": str(Path(sys.executable).parent)}
+    env = {
+        "GRACEFUL_API_URL": server.url,
+        "GRACEFUL_API_KEY": API_KEY,
+        "PATH": str(Path(sys.executable).parent),
+    }
     cmd = [sys.executable, "-m", "service.console.cli"]
-    r = subprocess.run([*cmd, "ingest", str(folder), "--no-progress"], env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [*cmd, "ingest", str(folder), "--no-progress"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ingested 24 of 24 files")
-    r = subprocess.run([*cmd, "search", str(folder / "cats" / "img01.jpg"), "--k", "2"], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*cmd, "search", str(folder / "cats" / "img01.jpg"), "--k", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[2].split()[1] == "cats__img01"

@@ -13,16 +13,38 @@ from tests.support.payloads import H, item_payload
 from trainer.artifact import embed_images, load_model
 
 
-def test_adapter_activates_with_no_backfill_and_answers_as_itself(make_server, tiny_data, tiny_test, split, tmp_path):
+def test_adapter_activates_with_no_backfill_and_answers_as_itself(
+    make_server, tiny_data, tiny_test, split, tmp_path
+):
     models = tmp_path / "models"  # make_server's copy of the tiny models: v1, v2 (BCT), v2-indep
-    assert main(["adapt", "--new", str(models / "v2-indep"), "--old", str(models / "v1"), "--out",
-                 str(models / "v2-adapt"), "--kind", "affine", "--sample", "300", "--data", str(tiny_data),
-                 "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "adapt",
+                "--new",
+                str(models / "v2-indep"),
+                "--old",
+                str(models / "v1"),
+                "--out",
+                str(models / "v2-adapt"),
+                "--kind",
+                "affine",
+                "--sample",
+                "300",
+                "--data",
+                str(tiny_data),
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     # An adapter whose new model's folder is not in the models dir.
     shutil.copytree(models / "v2-adapt", models / "orphan-adapt")
     card = json.loads((models / "orphan-adapt" / "card.json").read_text())
-    (models / "orphan-adapt" / "card.json").write_text(json.dumps({**card, "version": "orphan-adapt",
-                                                                    "adapter_of": "v2-gone"}))
+    (models / "orphan-adapt" / "card.json").write_text(
+        json.dumps({**card, "version": "orphan-adapt", "adapter_of": "v2-gone"})
+    )
     q_idx, g_idx = split
     server = make_server().start()
     c = server.client
@@ -33,7 +55,9 @@ def test_adapter_activates_with_no_backfill_and_answers_as_itself(make_server, t
     assert listed["v2-adapt"]["valid"] and listed["v2-adapt"]["adapter_of"] == "v2-indep"
     assert listed["v2-adapt"]["space"] == "v1" and listed["v2-adapt"]["can_activate"]
     assert not listed["orphan-adapt"]["valid"] and "v2-gone" in listed["orphan-adapt"]["error"]
-    assert c.post("/v1/models/v2-indep/activate", headers=H).status_code == 409  # the new model alone: refused
+    assert (
+        c.post("/v1/models/v2-indep/activate", headers=H).status_code == 409
+    )  # the new model alone: refused
 
     r = c.post("/v1/models/v2-adapt/activate", headers=H)
     assert r.status_code == 200, r.text

@@ -32,8 +32,16 @@ def check_models(tmp_path_factory) -> tuple[Path, Path]:
     train(TrainConfig(out=str(models / "v1"), classes="0-4", epochs=4, **common))
     train(TrainConfig(out=str(models / "v2"), old=str(models / "v1"), bct="full", epochs=6, **common))
     train(TrainConfig(out=str(models / "v2-indep"), seed=1, epochs=4, **common))
-    train(TrainConfig(out=str(models / "brief"), old=str(models / "v1"), bct="full", epochs=1, limit=40,
-                      **{**common, "batch_size": 40}))
+    train(
+        TrainConfig(
+            out=str(models / "brief"),
+            old=str(models / "v1"),
+            bct="full",
+            epochs=1,
+            limit=40,
+            **{**common, "batch_size": 40},
+        )
+    )
     return data, models
 
 
@@ -68,7 +76,10 @@ def check_test(check_models):
 def gallery_server(check_env, check_test):
     test, (_, g_idx) = check_test
     server = check_env().start()
-    assert server.client.post("/v1/items", json={"items": item_payload(test, g_idx)}, headers=H).status_code == 200
+    assert (
+        server.client.post("/v1/items", json={"items": item_payload(test, g_idx)}, headers=H).status_code
+        == 200
+    )
     return server
 
 
@@ -87,7 +98,9 @@ def test_forged_card_is_refused_with_measured_figures_and_bct_child_accepted(gal
     assert r.status_code == 409, r.text
     body = r.json()
     assert "compatibility check" in body["detail"] and body["check"]["passed"] is False
-    assert body["check"]["threshold"]["mAP"] == pytest.approx(body["check"]["labelled"]["active"]["mAP"] - 0.01, abs=1e-4)
+    assert body["check"]["threshold"]["mAP"] == pytest.approx(
+        body["check"]["labelled"]["active"]["mAP"] - 0.01, abs=1e-4
+    )
     assert c.get("/v1/models/active").json()["version"] == "v1"  # nothing changed
 
     r = c.post("/v1/models/v2/activate", headers=H)  # the BCT child passes on its measured figures

@@ -16,8 +16,9 @@ from tests.support.payloads import API_KEY, item_payload
 def test_swaps_under_load_fail_no_request(make_server, tiny_test, split):
     q_idx, g_idx = split
     server = make_server().start()
-    r = server.client.post("/v1/items", json={"items": item_payload(tiny_test, g_idx[:100])},
-                           headers={"X-API-Key": API_KEY})
+    r = server.client.post(
+        "/v1/items", json={"items": item_payload(tiny_test, g_idx[:100])}, headers={"X-API-Key": API_KEY}
+    )
     assert r.status_code == 200
     queries = [encode_png_base64(tiny_test.images[i]) for i in q_idx[:20]]
     stop = threading.Event()

@@ -32,6 +32,7 @@ def _sha(path: Path) -> str:
 
 def _bad_folders(models: Path, outside: Path) -> dict[str, str]:
     """Make refused model folders next to the good ones; returns version -> words its refusal must say."""
+
     def clone(name: str, src: str = "v1") -> Path:
         shutil.copytree(models / src, models / name)
         _rewrite_card(models / name, version=name)
@@ -57,9 +58,16 @@ def _bad_folders(models: Path, outside: Path) -> dict[str, str]:
     shutil.copytree(models / "v1", outside / "escaped")  # a valid model, but outside the models dir
     _rewrite_card(outside / "escaped", version="escaped")
     (models / "escaped").symlink_to(outside / "escaped", target_is_directory=True)
-    return {"not-json": "not valid JSON", "no-space": "space", "flipped": "checksum",
-            "other-arch": "does not fit the architecture", "pickled": "not a safetensors file",
-            "unverifiable": "weights_sha256", "linked-weights": "link", "escaped": "outside the models dir"}
+    return {
+        "not-json": "not valid JSON",
+        "no-space": "space",
+        "flipped": "checksum",
+        "other-arch": "does not fit the architecture",
+        "pickled": "not a safetensors file",
+        "unverifiable": "weights_sha256",
+        "linked-weights": "link",
+        "escaped": "outside the models dir",
+    }
 
 
 def test_refused_model_folders_are_never_loaded_or_registered(tiny_models, tmp_path, monkeypatch):
@@ -69,17 +77,26 @@ def test_refused_model_folders_are_never_loaded_or_registered(tiny_models, tmp_p
     bad = _bad_folders(models, outside)
     loaded: list[str] = []
     real_load = cache_mod.load_model
-    monkeypatch.setattr(cache_mod, "load_model", lambda folder: loaded.append(Path(folder).name) or real_load(folder))
+    monkeypatch.setattr(
+        cache_mod, "load_model", lambda folder: loaded.append(Path(folder).name) or real_load(folder)
+    )
     with Gallery.open(None, tmp_path / "data") as g:
         reg = ModelRegistry(models, g)
         swap = HotSwap(reg, ModelCache(reg))
         entries = {e.version: e for e in reg.scan()}
         for version, words in bad.items():
-            assert entries[version].card is None and words in entries[version].error, (version, entries[version].error)
+            assert entries[version].card is None and words in entries[version].error, (
+                version,
+                entries[version].error,
+            )
             with pytest.raises(InvalidModel, match="refused"):
                 swap.activate(version)
         assert {e.version for e in entries.values() if e.card} == {"v1", "v2", "v2-indep"}
-        assert {v.version for v in g.list_versions()} == {"v1", "v2", "v2-indep"}  # nothing refused was registered
+        assert {v.version for v in g.list_versions()} == {
+            "v1",
+            "v2",
+            "v2-indep",
+        }  # nothing refused was registered
         assert loaded == []  # nothing was loaded: refusals happen when the folder is read
         with pytest.raises(ModelNotFound):
             swap.activate("../outside/escaped")

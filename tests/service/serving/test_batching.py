@@ -171,20 +171,26 @@ def test_deadline_cancels_queued_work_and_reports_running_work():
 
 
 @pytest.mark.slow
-def test_batched_answers_name_the_model_that_embedded_them_during_swaps(make_server, tiny_models, tiny_test, split):
+def test_batched_answers_name_the_model_that_embedded_them_during_swaps(
+    make_server, tiny_models, tiny_test, split
+):
     """Concurrent image searches (batched) while v1 and v2 swap: each answer's hits and scores equal brute
     force with the model its ``model_version`` names, so no query was embedded by another model."""
     q_idx, g_idx = split
     g_idx = g_idx[:120]
     server = make_server(GRACEFUL_BATCH_MAX_WAIT_MS="5").start()
-    r = server.client.post("/v1/items", json={"items": item_payload(tiny_test, g_idx)}, headers={"X-API-Key": API_KEY})
+    r = server.client.post(
+        "/v1/items", json={"items": item_payload(tiny_test, g_idx)}, headers={"X-API-Key": API_KEY}
+    )
     assert r.status_code == 200, r.text
     models = {v: load_model(tiny_models / v) for v in ("v1", "v2")}
     gallery = embed_images(models["v1"], tiny_test.images[g_idx])
     queries = list(q_idx[:16])
     q_emb = {v: embed_images(m, tiny_test.images[queries]) for v, m in models.items()}
-    payloads = [{"image_base64": encode_png_base64(tiny_test.images[i]), "k": 5, "include_metadata": False}
-                for i in queries]
+    payloads = [
+        {"image_base64": encode_png_base64(tiny_test.images[i]), "k": 5, "include_metadata": False}
+        for i in queries
+    ]
     stop = threading.Event()
     answers: list[tuple[int, dict]] = []
     failures: list[str] = []
@@ -206,8 +212,9 @@ def test_batched_answers_name_the_model_that_embedded_them_during_swaps(make_ser
         futs = [pool.submit(client, n) for n in range(8)]
         try:
             for n in range(8):
-                r = server.client.post(f"/v1/models/{'v2' if n % 2 == 0 else 'v1'}/activate",
-                                       headers={"X-API-Key": API_KEY})
+                r = server.client.post(
+                    f"/v1/models/{'v2' if n % 2 == 0 else 'v1'}/activate", headers={"X-API-Key": API_KEY}
+                )
                 assert r.status_code == 200, r.text
                 time.sleep(0.2)
         finally:
@@ -221,9 +228,17 @@ def test_batched_answers_name_the_model_that_embedded_them_during_swaps(make_ser
         sims = gallery @ q_emb[a["model_version"]][qi]
         got = [h["external_id"] for h in a["hits"]]
         np.testing.assert_allclose([h["score"] for h in a["hits"]], np.sort(sims)[::-1][:5], atol=1e-4)
-        assert set(got) <= {f"g{g}" for g, s in zip(g_idx, sims, strict=True) if s >= np.sort(sims)[-5] - 1e-4}
+        assert set(got) <= {
+            f"g{g}" for g, s in zip(g_idx, sims, strict=True) if s >= np.sort(sims)[-5] - 1e-4
+        }
     batches = server.client.get("/metrics").text
     assert 'graceful_batch_size_count{queue="search"}' in batches
     # Batching happened: fewer forwards than queries.
-    count = float(next(ln.split()[-1] for ln in batches.splitlines() if ln.startswith('graceful_batch_size_count{queue="search"}')))
+    count = float(
+        next(
+            ln.split()[-1]
+            for ln in batches.splitlines()
+            if ln.startswith('graceful_batch_size_count{queue="search"}')
+        )
+    )
     assert count < len(answers)

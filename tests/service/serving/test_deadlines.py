@@ -21,4 +21,9 @@ def test_requests_past_their_deadline_answer_503_and_store_nothing(make_server, 
     assert r.status_code == 503 and "GRACEFUL_REQUEST_TIMEOUT_S" in r.json()["detail"]
     server.stop()
     server = make_server(GRACEFUL_REQUEST_TIMEOUT_S="30").start()  # the same data with a sane deadline
-    assert server.client.post("/v1/items", json={"items": item_payload(tiny_test, g_idx[:3])}, headers=H).status_code == 200
+    assert (
+        server.client.post(
+            "/v1/items", json={"items": item_payload(tiny_test, g_idx[:3])}, headers=H
+        ).status_code
+        == 200
+    )

@@ -18,11 +18,15 @@ def test_shadow_compares_without_changing_the_answers(make_server, tiny_test, sp
     assert c.get("/v1/models/v2/shadow").status_code == 404  # none running
     assert c.post("/v1/models/v2/shadow", json={"fraction": 1.0}).status_code == 401  # needs the key
     assert c.post("/v1/models/v2/shadow", json={"fraction": 0}, headers=H).status_code == 422
-    assert c.post("/v1/models/v1/shadow", json={"fraction": 1.0}, headers=H).status_code == 422  # the active one
+    assert (
+        c.post("/v1/models/v1/shadow", json={"fraction": 1.0}, headers=H).status_code == 422
+    )  # the active one
     r = c.post("/v1/models/v2/shadow", json={"fraction": 1.0}, headers=H)
     assert r.status_code == 200 and r.json()["running"] is True, r.text
     for i in q_idx[:20]:
-        ans = c.post("/v1/search", json={"image_base64": encode_png_base64(tiny_test.images[i]), "k": 10}).json()
+        ans = c.post(
+            "/v1/search", json={"image_base64": encode_png_base64(tiny_test.images[i]), "k": 10}
+        ).json()
         assert ans["model_version"] == "v1"  # clients are answered by the active model only
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

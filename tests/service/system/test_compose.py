@@ -38,6 +38,7 @@ def _interpolate(value: str) -> str:
         if default is not None:
             return default
         raise AssertionError(f"compose variable {name} has no value in this test")
+
     return re.sub(r"\$\{(\w+)(:?[-?]([^}]*))?\}", sub, str(value))
 
 
@@ -98,11 +99,18 @@ def test_api_and_demo_job_run_as_compose_runs_them(tmp_path: Path) -> None:
     api_vols, demo_vols = _volumes(api, tmp_path), _volumes(demo, tmp_path)
     assert api_vols["/var/lib/graceful/models"] == demo_vols["/var/lib/graceful/models"]  # shared volume
     port = free_port()
-    api_env = {**os.environ, **_service_env(api, api_vols, pg_url), "GRACEFUL_PORT": str(port),
-               "GRACEFUL_HOST": "127.0.0.1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    api_env = {
+        **os.environ,
+        **_service_env(api, api_vols, pg_url),
+        "GRACEFUL_PORT": str(port),
+        "GRACEFUL_HOST": "127.0.0.1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     api_env.pop("GRACEFUL_ACTIVE_MODEL", None)
     log = open(tmp_path / "api.log", "wb")  # noqa: SIM115 - closed in finally, the child holds its own copy
-    proc = subprocess.Popen(["sh", str(ENTRYPOINT), *api["command"]], env=api_env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        ["sh", str(ENTRYPOINT), *api["command"]], env=api_env, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):
@@ -115,13 +123,17 @@ def test_api_and_demo_job_run_as_compose_runs_them(tmp_path: Path) -> None:
             import time
 
             time.sleep(0.1)
-        demo_env = {**os.environ, **_service_env(demo, demo_vols, pg_url),
-                    "PATH": api_env["PATH"]}
+        demo_env = {**os.environ, **_service_env(demo, demo_vols, pg_url), "PATH": api_env["PATH"]}
         demo_env["GRACEFUL_API_URL"] = demo_env["GRACEFUL_API_URL"].replace("http://api:8000", url)
         for k in ("GRACEFUL_DATABASE_URL", "GRACEFUL_ACTIVE_MODEL"):
             demo_env.pop(k, None)
-        out = subprocess.run(["sh", str(ENTRYPOINT), *demo["command"], "--quick"], env=demo_env,
-                             capture_output=True, text=True, timeout=900)
+        out = subprocess.run(
+            ["sh", str(ENTRYPOINT), *demo["command"], "--quick"],
+            env=demo_env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert "new/old  (v2 queries, v1 gallery)" in out.stdout and "refused with HTTP 409" in out.stdout
         assert (demo_vols["/var/lib/graceful/demo"] / "report.json").exists()

@@ -14,8 +14,9 @@ from tests.support.payloads import H
 
 
 @pytest.mark.slow
-def test_kill_9_mid_job_then_resume_embeds_every_item_exactly_once(make_real_server, tiny_test, split, database_url,
-                                                                    tmp_path):
+def test_kill_9_mid_job_then_resume_embeds_every_item_exactly_once(
+    make_real_server, tiny_test, split, database_url, tmp_path
+):
     _, g_idx = split
     n = len(g_idx)
     server = make_real_server().start()
@@ -30,7 +31,8 @@ def test_kill_9_mid_job_then_resume_embeds_every_item_exactly_once(make_real_ser
     try:
         with engine.connect() as conn:
             status, done_at_kill = conn.execute(
-                select(BackfillJob.status, BackfillJob.done).where(BackfillJob.id == job["id"])).one()
+                select(BackfillJob.status, BackfillJob.done).where(BackfillJob.id == job["id"])
+            ).one()
             versions = [v for (v,) in conn.execute(select(Embedding.version))]
         assert status == "running"
         assert 40 <= versions.count("v2") < n, "the kill came too late to interrupt the job"
@@ -43,15 +45,18 @@ def test_kill_9_mid_job_then_resume_embeds_every_item_exactly_once(make_real_ser
     assert r.status_code == 200 and r.json()["status"] == "running"
     job = api.wait(server.client, job["id"], lambda j: j["status"] == "done")
     assert (job["done"], job["total"], job["skipped"]) == (n, n, 0)
-    assert job["reembedded"] <= n - done_at_kill + 8  # the new process did only what was left (and a lost batch)
+    assert (
+        job["reembedded"] <= n - done_at_kill + 8
+    )  # the new process did only what was left (and a lost batch)
     assert server.stop() == 0
 
     engine = make_engine(database_url)
     try:
         with engine.connect() as conn:
             counter = conn.execute(select(Counter.value).where(Counter.name == VEC_ID_COUNTER)).scalar_one()
-            rows = conn.execute(select(Embedding.item_id, Embedding.version, Embedding.vec_id)
-                                .order_by(Embedding.vec_id)).all()
+            rows = conn.execute(
+                select(Embedding.item_id, Embedding.version, Embedding.vec_id).order_by(Embedding.vec_id)
+            ).all()
     finally:
         engine.dispose()
     # Every vector write takes a fresh vec_id: n ingests + n re-embeds, so any item re-embedded twice

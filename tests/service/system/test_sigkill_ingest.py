@@ -50,7 +50,9 @@ def test_sigkill_during_ingest_loses_no_acknowledged_item(make_real_server, tiny
                 except httpx.HTTPError:
                     return
 
-    threads = [threading.Thread(target=ingester, args=(n,)) for n in range(4)] + [threading.Thread(target=searcher)]
+    threads = [threading.Thread(target=ingester, args=(n,)) for n in range(4)] + [
+        threading.Thread(target=searcher)
+    ]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 60
@@ -76,13 +78,20 @@ def test_sigkill_during_ingest_loses_no_acknowledged_item(make_real_server, tiny
     assert not missing, f"{len(missing)} acknowledged items lost, e.g. {sorted(missing)[:5]}"
     # index == DB: FAISS holds exactly the stored items, and finds them
     spaces = {s["space"]: s for s in c.get("/v1/index").json()["spaces"]}
-    items_in_db = float(next(ln.split()[-1] for ln in c.get("/metrics").text.splitlines()
-                             if ln.startswith("graceful_gallery_items ")))
+    items_in_db = float(
+        next(
+            ln.split()[-1]
+            for ln in c.get("/metrics").text.splitlines()
+            if ln.startswith("graceful_gallery_items ")
+        )
+    )
     assert spaces["v1"]["live"] == items_in_db == len(present)
     some = sorted(acked_ids)[-1]
     r = c.post("/v1/search", json={"item_id": some, "k": 3})
     assert r.status_code == 200 and len(r.json()["hits"]) == 3
     # and it keeps working: a new ingest after the restart is acknowledged and found
-    r = c.post("/v1/items", json={"items": item_payload(tiny_test, [int(q_idx[0])], prefix="after")}, headers=H)
+    r = c.post(
+        "/v1/items", json={"items": item_payload(tiny_test, [int(q_idx[0])], prefix="after")}, headers=H
+    )
     assert r.status_code == 200, r.text
     assert c.get("/v1/index").json()["spaces"][0]["live"] == len(present) + 1
