@@ -26,7 +26,7 @@ Usage::
     c.delete(["cats__tom"])                     # {"deleted": [...], "missing": [...]}
 
     # models and backfill
-    c.models(); c.active(); c.activate("v2"); c.rollback()
+    c.models(); c.active(); c.check("v2"); c.activate("v2"); c.rollback()
     job = c.backfill_start("v2", policy="uncertainty")
     job = c.backfill_wait(job["id"], progress=True)
 
@@ -533,8 +533,14 @@ class GracefulClient:
         """The active model: version, space, activated_at, card."""
         return self.get("/v1/models/active")
 
-    def activate(self, version: str) -> dict:
-        return self.post(f"/v1/models/{version}/activate")
+    def activate(self, version: str, force: bool = False) -> dict:
+        """Hot-swap to ``version`` (409 when its space or its measured check refuses it; ``force`` overrides a
+        failed check, and the override is recorded)."""
+        return self.post(f"/v1/models/{version}/activate", params={"force": "true"} if force else None)
+
+    def check(self, version: str) -> dict:
+        """The compatibility check of ``version`` against the gallery as stored (what activation measures)."""
+        return self.post(f"/v1/models/{version}/check")
 
     def rollback(self) -> dict:
         return self.post("/v1/models/rollback")

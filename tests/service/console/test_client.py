@@ -144,7 +144,10 @@ def test_models_activate_rollback_and_backfill_wait(client: GracefulClient, tiny
     client.ingest([f"g{i}" for i in g_idx[:20]], tiny_test.images[g_idx[:20]])
     assert client.active()["version"] == "v1"
     assert {m["version"] for m in client.models()["models"]} >= {"v1", "v2", "v2-indep"}
+    assert client.check("v2")["method"] == "card"  # the tests' servers run with the check off
     assert client.activate("v2")["active"] == "v2"
+    assert client.rollback()["active"] == "v1"
+    assert client.activate("v2", force=True)["forced"] is False  # nothing failed, nothing overridden
     assert client.rollback()["active"] == "v1"
     job = client.backfill_start("v2", batch_size=8)
     done = client.backfill_wait(job["id"], progress=True, poll=0.05, timeout=120)
