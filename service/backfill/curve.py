@@ -30,6 +30,7 @@ from service.backfill.order import margin_scores, order_by_scores, uncertainty_s
 from service.blobs import BlobStore
 from service.errors import BadImage, TooLarge
 from service.images import decode_image
+from service.labels import label_of
 from trainer import LoadedModel, embed_images, relevance_metrics
 
 log = logging.getLogger(__name__)
@@ -159,19 +160,6 @@ def card_line(
     if not same_space:
         return [{k: (full[k] if f >= 1.0 else start[k]) for k in keys} for f in fractions]
     return [{k: start[k] + f * (full[k] - start[k]) for k in keys} for f in fractions]
-
-
-def label_of(metadata: Any) -> int | None:
-    """The integer ``label`` of an item's metadata, or None."""
-    if isinstance(metadata, dict):
-        v = metadata.get("label")
-        if isinstance(v, bool):
-            return None
-        if isinstance(v, int):
-            return v
-        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-            return int(v)
-    return None
 
 
 def first_fraction_reaching(

@@ -33,6 +33,7 @@ from index import Gallery
 from service.blobs import BlobStore
 from service.errors import BadImage, TooLarge
 from service.images import decode_image
+from service.labels import label_of
 from service.models.cache import ModelCache
 from trainer import LoadedModel, embed_images, random_twin, relevance_metrics
 
@@ -51,18 +52,6 @@ class CheckOptions:
     min_overlap_gain: float = 0.2  # unlabelled: overlap@10 above the random baseline's, at least
     max_gallery: int = 200_000  # full rankings over at most this many stored items (a seeded subsample above)
     max_pixels: int = 1 << 20
-
-
-def _label(metadata: Any, key: str) -> int | None:
-    if isinstance(metadata, dict):
-        v = metadata.get(key)
-        if isinstance(v, bool):
-            return None
-        if isinstance(v, int):
-            return v
-        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-            return int(v)
-    return None
 
 
 def _rankings(queries: np.ndarray, gallery: np.ndarray, self_pos: np.ndarray, chunk: int = 256) -> np.ndarray:
@@ -267,7 +256,7 @@ class CompatibilityCheck:
         key = self.options.label_key
         meta = self.gallery.items_by_id(gallery_ids.tolist())
         g_lab = np.asarray(
-            [_label(meta[int(i)][2], key) if int(i) in meta else None for i in gallery_ids], dtype=object
+            [label_of(meta[int(i)][2], key) if int(i) in meta else None for i in gallery_ids], dtype=object
         )
         has = np.asarray([v is not None for v in g_lab])
         where = {int(i): p for p, i in enumerate(gallery_ids.tolist())}
