@@ -138,7 +138,9 @@ async function loadModels() {
         el("button", { type: "button", "data-activate": m.version, disabled: m.active || !m.can_activate,
                        text: "Activate", onclick: () => activate(m.version) }),
         el("button", { type: "button", "data-matrix": m.version, text: "Matrix",
-                       onclick: () => loadMatrix(m.version) }));
+                       onclick: () => loadMatrix(m.version) }),
+        el("button", { type: "button", "data-check": m.version, disabled: m.active || !m.can_activate,
+                       text: "Check", onclick: () => check(m.version) }));
     }
     return el("tr", { class: m.active ? "active" : null, "data-version": m.version },
       el("td", { text: m.version }), el("td", { text: m.valid ? lineage(m, byVersion) : "" }),
@@ -165,6 +167,37 @@ async function activate(version) {
   }
   await loadModels();
   if (r && r.active !== state.matrixVersion) loadMatrix(r.active);
+}
+
+// The measured compatibility check of a candidate against the gallery, as activation will run it.
+async function check(version) {
+  showError("");
+  const box = $("#check-result");
+  box.replaceChildren(el("p", { class: "muted", text: `checking ${version} against the gallery...` }));
+  const r = await attempt(() => api("POST", `/v1/models/${encodeURIComponent(version)}/check`));
+  if (!r) { box.replaceChildren(); return; }
+  const rows = [el("p", { class: r.passed ? "good" : "bad",
+    text: `${version}: ${r.passed ? "passes" : "fails"} (${r.method})` +
+      (r.criterion ? ` - ${r.criterion}` : "") + (r.reason ? ` - ${r.reason}` : "") })];
+  if (r.method === "measured") {
+    const u = r.unlabelled;
+    rows.push(el("p", { text: `${r.sample.queries} gallery items as queries over ${r.sample.gallery} stored items: ` +
+      `overlap@10 with ${r.active}'s results ${fmt(u.overlap_at_10)} (random twin ${fmt(u.baseline.overlap_at_10)}), ` +
+      `${r.active}'s top-1 lost ${fmt(u.lost_top1)}` }));
+    if (r.labelled) {
+      const a = r.labelled.active, c = r.labelled.candidate;
+      const head = el("tr", {}, ...["", "top-1", "top-5", "mAP"].map((t) => el("th", { text: t })));
+      const line = (name, q) => el("tr", {}, el("td", { text: name }),
+        ...["top1", "top5", "mAP"].map((k) => el("td", { text: fmt(q[k]) })));
+      rows.push(el("table", {}, el("thead", {}, head),
+        el("tbody", {}, line(`${r.active} (active)`, a), line(`${version} (candidate)`, c))));
+      rows.push(el("p", { text: `retrieval flips: negative ${fmt(r.labelled.negative_flip_rate)}, ` +
+        `positive ${fmt(r.labelled.positive_flip_rate)}` }));
+    }
+  } else if (r.detail) {
+    rows.push(el("p", { class: "muted", text: r.detail }));
+  }
+  box.replaceChildren(...rows);
 }
 
 async function rollback() {

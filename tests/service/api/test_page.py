@@ -302,6 +302,10 @@ def test_page_in_a_browser(tiny_models: Path, tiny_test: Dataset, split, tmp_pat
         # With the key: activate v2, and a new search is answered by v2 (over the v1 gallery). The tiny v2 may
         # measure worse than v1 on this gallery: the check's refusal shows, and "force" overrides it.
         find(By.ID, "api-key").send_keys(API_KEY)
+        # The check of v2 against the gallery, as activation will measure it, shown on the page.
+        find(By.CSS_SELECTOR, "button[data-check='v2']").click()
+        _wait("the check of v2", lambda: "v2: " in find(By.ID, "check-result").text)
+        assert "overlap@10" in find(By.ID, "check-result").text
         find(By.CSS_SELECTOR, "button[data-activate='v2']").click()
         _wait(
             "v2 active or refused",
