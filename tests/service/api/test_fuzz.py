@@ -17,7 +17,7 @@ from schemathesis import GenerationMode
 
 from service.images import encode_png_base64
 from tests.support.fuzz import TestClientSession
-from tests.support.payloads import API_KEY, item_payload
+from tests.support.payloads import API_KEY, H, item_payload
 
 EXAMPLES = 12  # per operation and generation mode: about 500 requests in all, under a minute here
 HOT_PATH_EXAMPLES = 40  # ingest and search, where the batching is
@@ -114,3 +114,53 @@ def test_fuzzed_requests_get_no_5xx_and_every_4xx_has_a_message(make_server, tin
     assert server.client.get("/readyz").status_code == 200
     r = server.client.post("/v1/search", json={"item_id": f"g{g_idx[0]}", "k": 3})
     assert r.status_code == 200, r.text
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.slow
+def test_hostile_shapes_at_every_operation_get_4xx_with_a_message(make_server, tiny_test, split):
+    """The shapes an adversarial probe found (deep nesting, lone surrogates, many multipart parts, huge path
+    parameters), sent to every operation of the spec: no 5xx, every 4xx says why."""
+    _, g_idx = split
+    server = make_server(GRACEFUL_MAX_BATCH_ITEMS="16").start()
+    c = server.client
+    assert (
+        c.post("/v1/items", json={"items": item_payload(tiny_test, g_idx[:4])}, headers=H).status_code == 200
+    )
+    spec = c.get("/openapi.json").json()
+    surrogate = '{"item_id": "\\ud800", "external_ids": ["\\udfff"], "candidate": "\\ud800", "k": 1}'
+    parts = [("image", ("q.png", b"x", "image/png")) for _ in range(2000)]
+    bodies = {
+        "nested 990": _nested(990),
+        "nested in a field": '{"items": ' + _nested(990) + "}",
+        "lone surrogates": surrogate,
+    }
+    tried = 0
+    for path, ops in spec["paths"].items():
+        for method in ops:
+            if method not in ("get", "post", "put", "patch", "delete"):
+                continue
+            hostile_path = path
+            for name in ("external_id", "version", "space", "job_id"):
+                hostile_path = hostile_path.replace(
+                    "{" + name + "}", "x" * 5000 if name != "job_id" else "9" * 40
+                )
+            r = c.request(method.upper(), hostile_path, headers=H)
+            _check(r, f"{method} {hostile_path[:60]}... (5,000-character parameter)")
+            if method in ("post", "put", "patch"):
+                for what, raw in bodies.items():
+                    r = c.request(
+                        method.upper(),
+                        path.replace("{", "").replace("}", ""),
+                        content=raw,
+                        headers={**H, "content-type": "application/json"},
+                    )
+                    _check(r, f"{method} {path} ({what})")
+                r = c.request(method.upper(), path.replace("{", "").replace("}", ""), files=parts, headers=H)
+                _check(r, f"{method} {path} (2,000 multipart parts)")
+            tried += 1
+    assert tried >= 15
+    assert c.get("/readyz").status_code == 200
