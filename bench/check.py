@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(res: dict, offline_of: dict, seconds: float) -> str:
+    first = next(iter(res["checks"].values()))
     out = [
         f"## {SECTION}",
         "",
@@ -197,8 +198,8 @@ def render(res: dict, offline_of: dict, seconds: float) -> str:
         f"Whole run {seconds / 60:.1f} min (model training included when not reused).",
         "",
         f"v1's gallery: {res['gallery']:,} Fashion-MNIST test images, kept sources and labels, served by "
-        f"`graceful serve` on 127.0.0.1 (SQLite, Flat). The check ({'GRACEFUL_CHECK_SAMPLE'}=300: 300 gallery "
-        f"items as queries over the stored gallery, each left out of its own ranking) beside the offline "
+        f"`graceful serve` on 127.0.0.1 (SQLite, Flat). The check (its default sample: {first['sample']['queries']:,} "
+        f"gallery items as queries over the stored gallery, each left out of its own ranking) beside the offline "
         f"`graceful eval` figures of the same pair ({res['offline_queries']:,} test queries over the same "
         f"gallery). Top-1 / mAP:",
         "",
@@ -207,7 +208,6 @@ def render(res: dict, offline_of: dict, seconds: float) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     diffs = []
-    first = next(iter(res["checks"].values()))
     act = first["labelled"]["active"]
     off = offline_of["v1"]
     out.append(

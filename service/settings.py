@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     )
 
     check_sample: int = Field(
-        300,
+        1000,
         ge=0,
         le=100_000,
         description="gallery items whose sources the compatibility "
