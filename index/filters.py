@@ -115,12 +115,24 @@ def _check_value(key: str, value: Any) -> Scalar:
     return cast(Scalar, value)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Condition:
-    """``metadata[key]`` equals one of ``values`` (same JSON kind). ``values`` holds no repeats."""
+    """``metadata[key]`` equals one of ``values`` (same JSON kind). ``values`` holds no repeats.
+
+    Equal and hashed by kinded values: Python has ``True == 1``, but ``{"a": true}`` and ``{"a": 1}`` are
+    different filters (they key the gallery's cache of matching ids and the search batch's groups)."""
 
     key: str
     values: tuple[Scalar, ...]
+
+    def _identity(self) -> tuple[str, tuple[tuple[str | None, Any], ...]]:
+        return self.key, tuple((_kind(v), v) for v in self.values)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Condition) and self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash(self._identity())
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, str) or not 1 <= len(self.key) <= MAX_KEY_LENGTH:

@@ -78,6 +78,8 @@ class ModelVersion(Base):
 
 class Item(Base):
     __tablename__ = "items"
+    # who else uses these source bytes? asked on every delete (migration 0003)
+    __table_args__ = (Index("ix_items_source_uri", "source_uri"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     external_id: Mapped[str] = mapped_column(String(EXTERNAL_ID_LEN), unique=True)

@@ -147,6 +147,7 @@ def build_parts(settings: Settings, metrics: Metrics, stack: AsyncExitStack | No
         price_per_cpu_hour=s.price_per_cpu_hour,
         sample_size=s.backfill_curve_sample,
         max_pixels=s.max_image_pixels,
+        label_key=s.check_label_key,
     )
     return Parts(
         settings=s,

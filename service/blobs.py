@@ -10,9 +10,10 @@ made again when missing (say, removed while serving).
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from pathlib import Path
+
+from index import atomic
 
 SCHEME = "blob:"
 _HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -32,12 +33,9 @@ class BlobStore:
         path = self._path(digest)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)  # the blobs folder may have been removed
-            tmp = path.with_name(f".{digest}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            # temp file, fsync, rename, fsync of the folder: the source of an acknowledged item survives a
+            # power loss, not only a kill
+            atomic.write_bytes(path, data)
         return SCHEME + digest
 
     def delete(self, uri: str) -> bool:

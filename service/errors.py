@@ -43,6 +43,10 @@ class CheckFailed(IncompatibleModel):
         self.check = check
 
 
+class NoSourceKept(ServiceError, LookupError):
+    """An item whose source bytes are not kept (ingested with keep_sources off, or missing from the store)."""
+
+
 class NoShadow(ServiceError, LookupError):
     """No shadow comparison of that version is running."""
 

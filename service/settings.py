@@ -47,10 +47,11 @@ class Settings(BaseSettings):
 
     torch_threads: int | None = Field(
         1,
+        ge=0,
         description="threads per model forward (0: all cores); 1 leaves a "
         "core to HTTP while batches are embedded (BENCHMARKS.md)",
     )
-    faiss_threads: int | None = Field(1, description="OpenMP threads per FAISS search")
+    faiss_threads: int | None = Field(1, ge=1, description="OpenMP threads per FAISS search")
     model_cache_size: int = Field(
         2,
         ge=0,

@@ -1,4 +1,4 @@
-"""The import rules of DESIGN.md, read from the source with ast (nothing is imported or executed):
+"""The import rules of docs/architecture.md, read from the source with ast (nothing is imported or executed):
 
 - trainer/ and index/ import nothing from service/, and neither imports the other;
 - no import circle among the modules of trainer/, index/ and service/ (imports executed when a module is

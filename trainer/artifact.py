@@ -46,7 +46,7 @@ def check_version_name(name: str) -> str:
 
 
 class ModelCard(BaseModel):
-    """What a model version says about itself (DESIGN.md, "Model version")."""
+    """What a model version says about itself (docs/architecture.md, "Contracts")."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 

@@ -22,7 +22,7 @@ METRICS = ("top1", "top5", "mAP")
 
 @dataclass
 class CompatReport:
-    """Result of ``evaluate_models``; ``to_json()`` is the CLI's JSON (DESIGN.md contract)."""
+    """Result of ``evaluate_models``; ``to_json()`` is the CLI's JSON (a contract: docs/architecture.md)."""
 
     models: list[str]
     old_classes: list[int]

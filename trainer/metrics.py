@@ -2,7 +2,7 @@
 
 Retrieval: cosine similarity on L2-normalised embeddings with full ranking of the gallery; CMC top-k (a hit
 if any of the first k gallery items has the query's class) and mAP. Classification: error rate and the
-negative flip rate between an old and a new classifier (DESIGN.md, "Data protocol").
+negative flip rate between an old and a new classifier (docs/architecture.md and the README: the retrieval protocol).
 """
 
 from __future__ import annotations

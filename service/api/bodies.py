@@ -93,6 +93,8 @@ def parse_json(raw: bytes | str, what: str = "JSON body") -> Any:
         raise BadRequest(f"malformed {what}: {e}") from None
     except RecursionError:
         raise BadRequest(f"{what} is nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more than 4,300 digits (Python's int-parsing limit)
+        raise BadRequest(f"malformed {what}: {e}") from None
     if _SURROGATE_ESCAPE.search(data):
         where = _lone_surrogate(parsed, "")
         if where is not None:

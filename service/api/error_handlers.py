@@ -34,6 +34,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (serr.BackfillConflict, 409),
     (serr.NoActiveModel, 503),
     (serr.NoShadow, 404),
+    (serr.NoSourceKept, 404),
     (ModelCardError, 422),
     (ierr.RepeatedIds, 422),  # the request contradicts itself: nothing to do with what is stored
     (ierr.DuplicateIds, 409),

@@ -115,7 +115,7 @@ def _cannot_backfill(gallery: Any, blobs: BlobStore | None, limit: int = 20) -> 
 
 
 class CostReport:
-    """The backfill-cost report of one app (DESIGN.md): what re-embedding costs, and what each fraction buys."""
+    """The backfill-cost report of one app (docs/architecture.md): what re-embedding costs, and what each fraction buys."""
 
     def __init__(
         self,
@@ -128,7 +128,9 @@ class CostReport:
         price_per_cpu_hour: float,
         sample_size: int = 1000,
         max_pixels: int = 1 << 20,
+        label_key: str = "label",
     ) -> None:
+        self.label_key = label_key
         self.swap, self.models, self.probe = swap, models, probe
         self.gallery: Gallery = swap.gallery
         self.blobs, self.curves = blobs, curves
@@ -266,6 +268,7 @@ class CostReport:
                 sample_size,
                 self.models.get_or_none,
                 max_pixels=self.max_pixels,
+                label_key=self.label_key,
             )
             return (simulate(sample, same_space) if sample is not None else None), counts
 
@@ -280,7 +283,7 @@ class CostReport:
         if simulated is not None:
             method = "simulated"
             detail = (
-                f"{counts.get('simulated', 0)} sampled gallery items with a kept source and a 'label' in their "
+                f"{counts.get('simulated', 0)} sampled gallery items with a kept source and a {self.label_key!r} in their "
                 f"metadata: each is a query against the others (leave-one-out), the gallery mixing the "
                 f"candidate's embeddings (first fraction of the policy's order) and the stored ones"
             )
@@ -295,7 +298,7 @@ class CostReport:
                 FRACTIONS,
             )
             detail = (
-                "not enough sampled items with a kept source and a 'label' to simulate: a straight line between "
+                f"not enough sampled items with a kept source and a {self.label_key!r} to simulate: a straight line between "
                 "the card's cells (new/old at 0%, new/new at 100%), the same for both policies"
             )
             if line is None:

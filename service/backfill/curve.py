@@ -187,13 +187,14 @@ def sample_gallery(
     max_pixels: int = 1 << 20,
     seed: int = 0,
     max_gallery: int = 20_000,
+    label_key: str = "label",
 ) -> tuple[Sample | None, dict[str, int]]:
     """The labelled gallery of ``space`` (a seeded subsample of ``max_gallery`` above that) embedded by
     ``candidate`` from its kept sources, with both policies' orders, and a seeded sample of up to ``size``
     of its items with a source as the queries. Returns ``(sample or None, counts)``."""
     all_ids, all_versions, all_old = gallery.space_embeddings(space)
     records = gallery.items_by_id(all_ids.tolist())
-    labels_all = [label_of(records[i][2]) if i in records else None for i in all_ids.tolist()]
+    labels_all = [label_of(records[i][2], label_key) if i in records else None for i in all_ids.tolist()]
     keep_rows = [r for r, lab in enumerate(labels_all) if lab is not None]
     rng = np.random.default_rng(seed)
     with_source = [

@@ -1,4 +1,4 @@
-"""`graceful demo`: the whole story of DESIGN.md on real Fashion-MNIST, through the HTTP API.
+"""`graceful demo`: the whole story of the README on real Fashion-MNIST, through the HTTP API.
 
 1. train v1 on classes 0-4; start the service; ingest the gallery (8,000 test images) through HTTP;
 2. train v2 with BCT against v1, and an independent v2; show the backfill-cost report of each;

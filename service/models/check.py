@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,10 +34,11 @@ from service.errors import BadImage, TooLarge
 from service.images import decode_image
 from service.labels import label_of
 from service.models.cache import ModelCache
-from trainer import LoadedModel, embed_images, random_twin, relevance_metrics
+from trainer import LoadedModel, embed_images, random_twin
 
 log = logging.getLogger(__name__)
 
+NO_LABEL = -(2**62)  # the class of an item without one: it never matches a query's class
 MIN_LABELLED = 20  # fewer labelled queries than this: the labelled figures are too noisy to decide on
 TOP = 10
 
@@ -56,31 +56,42 @@ class CheckOptions:
     max_pixels: int = 1 << 20
 
 
-def _rankings(queries: np.ndarray, gallery: np.ndarray, self_pos: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """(Q, G-1) gallery positions, best first, each query's own position left out. Cosine on unit rows."""
-    out = np.empty((len(queries), gallery.shape[0] - 1), dtype=np.int64)
-    g = gallery.astype(np.float32)
-    for s in range(0, len(queries), chunk):
-        sims = queries[s : s + chunk].astype(np.float32) @ g.T  # (b, G)
-        rows = np.arange(sims.shape[0])
-        sims[rows, self_pos[s : s + chunk]] = -np.inf
-        out[s : s + chunk] = np.argsort(-sims, axis=1, kind="stable")[:, :-1]
-    return out
+CHUNK = 128  # queries ranked at a time: memory is CHUNK x gallery positions, never queries x gallery
 
 
-def _overlap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Mean overlap@10 of two (Q, >=10) rankings, and the share of queries whose ``a`` top-1 is not in
-    ``b``'s top-10."""
-    inter = [len(set(x[:TOP].tolist()) & set(y[:TOP].tolist())) / TOP for x, y in zip(a, b, strict=True)]
-    lost = [int(x[0]) not in set(y[:TOP].tolist()) for x, y in zip(a, b, strict=True)]
-    return float(np.mean(inter)), float(np.mean(lost))
+def _rankings(queries: np.ndarray, gallery: np.ndarray, self_pos: np.ndarray) -> np.ndarray:
+    """(Q, G-1) gallery positions, best first, each query's own position left out. Cosine on unit rows;
+    ``gallery`` (G, D) float32."""
+    sims = queries.astype(np.float32) @ gallery.T  # (Q, G)
+    sims[np.arange(len(queries)), self_pos] = -np.inf
+    return np.argsort(-sims, axis=1, kind="stable")[:, :-1]
 
 
-def _quality(ranked_labels: np.ndarray, qlabels: np.ndarray, n_rel: np.ndarray) -> dict[str, float]:
-    rel = ranked_labels == qlabels[:, None]
-    sums = relevance_metrics(rel, n_rel)
-    n = max(len(qlabels), 1)
-    return {k: round(v / n, 4) for k, v in sums.items()}
+def _overlap(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: overlap@10 of two (Q, >=10) rankings, and whether ``a``'s top-1 is missing from ``b``'s
+    top-10."""
+    inter = np.asarray(
+        [len(set(x[:TOP].tolist()) & set(y[:TOP].tolist())) / TOP for x, y in zip(a, b, strict=True)]
+    )
+    lost = np.asarray([int(x[0]) not in set(y[:TOP].tolist()) for x, y in zip(a, b, strict=True)])
+    return inter, lost
+
+
+def _per_query(ranked: np.ndarray, labels: np.ndarray, ql: np.ndarray, n_rel: np.ndarray) -> np.ndarray:
+    """(Q, 3): top-1 hit, top-5 hit (any of the first five has the query's class) and average precision."""
+    rel = labels[ranked] == ql[:, None]  # (Q, G-1)
+    precision = np.cumsum(rel, axis=1) / np.arange(1, rel.shape[1] + 1)
+    ap = (precision * rel).sum(axis=1) / np.maximum(n_rel, 1)
+    return np.stack([rel[:, 0], rel[:, :5].any(axis=1), ap], axis=1).astype(np.float64)
+
+
+def _quality(stats: np.ndarray) -> dict[str, float]:
+    means = stats.mean(axis=0) if len(stats) else np.zeros(3)
+    return {
+        "top1": round(float(means[0]), 4),
+        "top5": round(float(means[1]), 4),
+        "mAP": round(float(means[2]), 4),
+    }
 
 
 class CompatibilityCheck:
@@ -137,7 +148,8 @@ class CompatibilityCheck:
             return self._fallback(candidate, "the gallery is empty")
         cand_space = cand.card.space
         spaces = self.gallery.spaces()
-        if cand_space not in spaces or self.gallery.live_counts(cand_space)[1] < self.gallery.count():
+        total, in_space = self.gallery.live_counts(cand_space) if cand_space in spaces else (1, 0)
+        if in_space < total:  # both counts from one place: an ingest landing meanwhile cannot split them
             return {
                 "candidate": candidate,
                 "method": "none",
@@ -157,7 +169,8 @@ class CompatibilityCheck:
         with_source = np.asarray([i for i in common.tolist() if i in sources], dtype=np.int64)
         if len(with_source) < 2:
             return self._fallback(candidate, "no item of the gallery has a kept source")
-        sample = np.sort(rng.choice(with_source, size=min(opts.sample_size, len(with_source)), replace=False))
+        size = min(opts.sample_size, len(with_source), opts.max_gallery)
+        sample = np.sort(rng.choice(with_source, size=size, replace=False))
         gallery_ids = common
         subsampled = len(common) > opts.max_gallery
         if subsampled:
@@ -177,7 +190,7 @@ class CompatibilityCheck:
         pa, pc = active.preprocess, cand.preprocess
         for iid in sample.tolist():
             raw = self.blobs.get(sources[iid])
-            if raw is None:
+            if raw is None or iid not in records:  # deleted since it was listed
                 continue
             try:
                 what = f"item {records[iid][0]!r}"
@@ -199,9 +212,6 @@ class CompatibilityCheck:
         qa = embed_images(active, np.stack(qa_imgs))
         qc = embed_images(cand, np.stack(qc_imgs))
         self_pos = np.asarray([where[i] for i in kept], dtype=np.int64)
-        rank_a = _rankings(qa, gal_a, self_pos)
-        rank_c = _rankings(qc, gal_c, self_pos)
-        overlap, lost = _overlap(rank_a, rank_c)
         twin = random_twin(cand, seed=opts.seed)
         if twin is not None:
             qb = embed_images(twin, np.stack(qc_imgs))
@@ -210,31 +220,48 @@ class CompatibilityCheck:
             qb = rng.normal(size=qc.shape).astype(np.float32)
             qb /= np.linalg.norm(qb, axis=1, keepdims=True)
             baseline_what = "random unit vectors (an adapter version has no single architecture to randomise)"
-        b_overlap, b_lost = _overlap(rank_a, _rankings(qb, gal_c, self_pos))
+        labels = self._labels(gallery_ids)
+        ql = labels[self_pos] if labels is not None else None
+        counts = dict(zip(*np.unique(labels, return_counts=True), strict=True)) if labels is not None else {}
+        n_rel = np.asarray([counts.get(v, 1) - 1 for v in ql.tolist()]) if ql is not None else None
+        g_a, g_c = gal_a.astype(np.float32), gal_c.astype(np.float32)
+        n = len(kept)
+        overlap, lost, b_overlap, b_lost = (np.empty(n) for _ in range(4))
+        stats_a, stats_c = np.empty((n, 3)), np.empty((n, 3))
+        for s in range(0, n, CHUNK):
+            sl = slice(s, s + CHUNK)
+            rank_a = _rankings(qa[sl], g_a, self_pos[sl])
+            rank_c = _rankings(qc[sl], g_c, self_pos[sl])
+            overlap[sl], lost[sl] = _overlap(rank_a, rank_c)
+            b_overlap[sl], b_lost[sl] = _overlap(rank_a, _rankings(qb[sl], g_c, self_pos[sl]))
+            if labels is not None and ql is not None and n_rel is not None:
+                stats_a[sl] = _per_query(rank_a, labels, ql[sl], n_rel[sl])
+                stats_c[sl] = _per_query(rank_c, labels, ql[sl], n_rel[sl])
         result: dict[str, Any] = {
             "candidate": candidate,
             "active": active.version,
             "method": "measured",
             "sample": {
-                "queries": len(kept),
+                "queries": n,
                 "with_source": int(len(with_source)),
                 "gallery": int(len(gallery_ids)),
                 "gallery_subsampled": subsampled,
                 "seed": opts.seed,
             },
             "unlabelled": {
-                "overlap_at_10": round(overlap, 4),
-                "lost_top1": round(lost, 4),
+                "overlap_at_10": round(float(overlap.mean()), 4),
+                "lost_top1": round(float(lost.mean()), 4),
                 "baseline": {
-                    "overlap_at_10": round(b_overlap, 4),
-                    "lost_top1": round(b_lost, 4),
+                    "overlap_at_10": round(float(b_overlap.mean()), 4),
+                    "lost_top1": round(float(b_lost.mean()), 4),
                     "what": baseline_what,
                 },
             },
         }
-        labelled = self._labelled(kept, gallery_ids, rank_a, rank_c, active, cand)
-        if labelled is not None:
-            result["labelled"] = labelled
+        if ql is not None:
+            labelled = self._labelled(ql, stats_a, stats_c, active, cand)
+            if labelled is not None:
+                result["labelled"] = labelled
         result.update(self._verdict(result))
         result["seconds"] = round(time.perf_counter() - t0, 3)
         log.info(
@@ -246,52 +273,42 @@ class CompatibilityCheck:
         )
         return result
 
-    def _labelled(
-        self,
-        kept: Sequence[int],
-        gallery_ids: np.ndarray,
-        rank_a: np.ndarray,
-        rank_c: np.ndarray,
-        active: LoadedModel,
-        cand: LoadedModel,
-    ) -> dict[str, Any] | None:
+    def _labels(self, gallery_ids: np.ndarray) -> np.ndarray | None:
+        """(G,) int64 class of each gallery item (``NO_LABEL`` where its metadata has none), or None when
+        no item has one."""
         key = self.options.label_key
         meta = self.gallery.items_by_id(gallery_ids.tolist())
-        g_lab = np.asarray(
-            [label_of(meta[int(i)][2], key) if int(i) in meta else None for i in gallery_ids], dtype=object
-        )
-        has = np.asarray([v is not None for v in g_lab])
-        where = {int(i): p for p, i in enumerate(gallery_ids.tolist())}
-        q_rows = [r for r, iid in enumerate(kept) if has[where[iid]]]
-        if len(q_rows) < MIN_LABELLED:
+        found = [label_of(meta[int(i)][2], key) if int(i) in meta else None for i in gallery_ids.tolist()]
+        if all(v is None for v in found):
             return None
-        labels = np.where(has, g_lab, -(10**9)).astype(np.int64)  # unlabelled items never match
-        ql = np.asarray([labels[where[kept[r]]] for r in q_rows], dtype=np.int64)
-        n_rel = np.asarray([(labels == lab).sum() - 1 for lab in ql], dtype=np.int64)
-        la, lc = labels[rank_a[q_rows]], labels[rank_c[q_rows]]
-        right_a, right_c = la[:, 0] == ql, lc[:, 0] == ql
+        return np.asarray([NO_LABEL if v is None else v for v in found], dtype=np.int64)
+
+    def _labelled(
+        self, ql: np.ndarray, stats_a: np.ndarray, stats_c: np.ndarray, active: LoadedModel, cand: LoadedModel
+    ) -> dict[str, Any] | None:
+        """The labelled figures over the queries that have a class (``ql`` (Q,), per-query stats (Q, 3))."""
+        has = ql != NO_LABEL
+        if int(has.sum()) < MIN_LABELLED:
+            return None
+        ql, stats_a, stats_c = ql[has], stats_a[has], stats_c[has]
+        right_a, right_c = stats_a[:, 0] > 0, stats_c[:, 0] > 0
         old_classes, new_classes = set(active.card.classes), set(cand.card.classes)
 
         def figures(mask: np.ndarray) -> dict[str, Any]:
             return {
                 "queries": int(mask.sum()),
-                "active": _quality(la[mask], ql[mask], n_rel[mask]),
-                "candidate": _quality(lc[mask], ql[mask], n_rel[mask]),
-                "negative_flip_rate": round(float((right_a & ~right_c)[mask].mean()), 4)
-                if mask.any()
-                else None,
-                "positive_flip_rate": round(float((~right_a & right_c)[mask].mean()), 4)
-                if mask.any()
-                else None,
+                "active": _quality(stats_a[mask]),
+                "candidate": _quality(stats_c[mask]),
+                "negative_flip_rate": round(float((right_a & ~right_c)[mask].mean()), 4),
+                "positive_flip_rate": round(float((~right_a & right_c)[mask].mean()), 4),
             }
 
-        everything = np.ones(len(ql), dtype=bool)
         split = {
             "old": np.asarray([c in old_classes and c in new_classes for c in ql.tolist()]),
             "new": np.asarray([c in new_classes and c not in old_classes for c in ql.tolist()]),
             "unseen": np.asarray([c not in new_classes and c not in old_classes for c in ql.tolist()]),
         }
-        out = {"label_key": key, **figures(everything)}
+        out = {"label_key": self.options.label_key, **figures(np.ones(len(ql), dtype=bool))}
         out["by_class"] = {name: figures(m) for name, m in split.items() if m.any()}
         return out
 

@@ -110,8 +110,10 @@ class ShadowTraffic:
 
     def stop(self, version: str) -> dict[str, Any]:
         """End the shadow of ``version``; returns its final comparison."""
-        out = self.status(version)
         with self._cond:
+            out = self.status(
+                version
+            )  # NoShadow unless ``version`` is the one running, checked under the lock
             self._session = None
             self._queue.clear()
         out["running"] = False
@@ -150,6 +152,9 @@ class ShadowTraffic:
         s = self._session
         if s is None or self._rng.random() >= s.fraction:
             return
+        active = self.swap.active
+        if active is not None and active.version == s.version:
+            return  # the candidate was activated meanwhile: it answers the clients itself
         with self._cond:
             s.offered += 1
             if busy or len(self._queue) >= self.max_queue:

@@ -358,3 +358,18 @@ def test_small_matching_sets_of_an_approximate_index_never_walk_it(
     queries = random_vectors(2, D, seed=41)
     got = [[h.external_id for h in row] for row in hnsw.search("v1", queries, 10, filter={"label": 3})]
     assert got == _brute(data, queries, 10, {"label": 3})
+
+
+def test_a_boolean_and_a_number_filter_are_different_filters(gallery: Gallery) -> None:
+    # True == 1 in Python: the filters must still differ, in the cache of matching ids too
+    assert MetadataFilter.parse({"a": True}) != MetadataFilter.parse({"a": 1})
+    assert hash(MetadataFilter.parse({"a": True})) != hash(MetadataFilter.parse({"a": 1}))
+    assert MetadataFilter.parse({"a": 1}) == MetadataFilter.parse({"a": 1.0})
+    vecs = random_vectors(2, 8, seed=3)
+    gallery.register_version(VersionInfo("v", space="v", embedding_dim=8))
+    gallery.add(
+        [NewItem("yes", vecs[0], metadata={"a": True}), NewItem("one", vecs[1], metadata={"a": 1})], "v"
+    )
+    for spec, want in (({"a": True}, "yes"), ({"a": 1}, "one"), ({"a": True}, "yes")):
+        hits = gallery.search("v", vecs[:1], 5, filter=spec)[0]
+        assert [h.external_id for h in hits] == [want], spec

@@ -7,10 +7,11 @@ as a page. Blobs are content-addressed: the ETag is their digest, and a revalida
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Request, Response
 
 from index.errors import ItemNotFound
 from service.api.deps import BlobsDep, GalleryDep
+from service.errors import NoSourceKept
 from service.schemas import ErrorResponse
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
@@ -43,10 +44,9 @@ def item_image(external_id: str, request: Request, gallery: GalleryDep, blobs: B
     if rec is None:
         raise ItemNotFound([external_id])
     if rec.source_uri is None:
-        raise HTTPException(
-            404,
+        raise NoSourceKept(
             f"item {external_id[:200]!r} has no kept source image: it was ingested while "
-            "GRACEFUL_KEEP_SOURCES was off",
+            "GRACEFUL_KEEP_SOURCES was off"
         )
     etag = '"' + rec.source_uri.removeprefix("blob:") + '"'
     headers = {
@@ -59,9 +59,7 @@ def item_image(external_id: str, request: Request, gallery: GalleryDep, blobs: B
         return Response(status_code=304, headers=headers)
     data = blobs.get(rec.source_uri)
     if data is None:
-        raise HTTPException(
-            404, f"the source image of item {external_id[:200]!r} is missing from the blob store"
-        )
+        raise NoSourceKept(f"the source image of item {external_id[:200]!r} is missing from the blob store")
     kind = media_type(data)
     if kind == _OPAQUE:
         headers["Content-Disposition"] = "attachment"

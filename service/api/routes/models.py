@@ -42,7 +42,7 @@ Version = Annotated[
 
 # What GET /v1/models/active shows of a card: what a client needs to use the model, not how or where it was
 # trained (the card's train_config holds local paths).
-_PUBLIC_CARD_KEYS = (
+PUBLIC_CARD_KEYS = (
     "version",
     "arch",
     "embedding_dim",
@@ -91,7 +91,7 @@ def active_model(swap: SwapDep) -> ActiveResponse:
         version=a.version,
         space=a.space,
         activated_at=a.activated_at,
-        card={k: card[k] for k in _PUBLIC_CARD_KEYS if k in card},
+        card={k: card[k] for k in PUBLIC_CARD_KEYS if k in card},
     )
 
 

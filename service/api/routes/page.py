@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from service.api.deps import RegistryDep
-from service.api.routes.models import _PUBLIC_CARD_KEYS
+from service.api.routes.models import PUBLIC_CARD_KEYS, Version
 from service.errors import InvalidModel, ModelNotFound
 from service.schemas import ErrorResponse
 
@@ -50,14 +50,14 @@ def page() -> FileResponse:
     responses={404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
     summary="A version's public card: lineage, classes, preprocessing and its compatibility matrix",
 )
-def model_card(version: str, registry: RegistryDep) -> dict[str, Any]:
+def model_card(version: Version, registry: RegistryDep) -> dict[str, Any]:
     entry = next((e for e in registry.survey() if e.version == version), None)  # reads, writes nothing
     if entry is None:
         raise ModelNotFound(f"no model version {version[:200]!r} in the models dir")
     if entry.card is None:
         raise InvalidModel(entry.error or f"model folder {version!r} is refused")
     card = entry.card.model_dump(mode="json")
-    return {k: card[k] for k in _PUBLIC_CARD_KEYS if k in card}
+    return {k: card[k] for k in PUBLIC_CARD_KEYS if k in card}
 
 
 def install(app: FastAPI) -> None:
