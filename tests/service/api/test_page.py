@@ -20,25 +20,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.routes.item_images import media_type
-from service.images import encode_png, encode_png_base64
+from service.images import encode_png
 from service.settings import Settings
+from tests.support.payloads import item_payload
 from trainer.data import Dataset
 
 API_KEY = "page-test-key"
 H = {"X-API-Key": API_KEY}
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 NO_CHROMIUM = "Chromium is not available: apt-get install chromium chromium-driver (make test installs it)"
-
-
-def _items(ds: Dataset, indices, prefix: str = "g") -> list[dict]:
-    return [
-        {
-            "external_id": f"{prefix}{i}",
-            "image_base64": encode_png_base64(ds.images[i]),
-            "metadata": {"label": int(ds.labels[i])},
-        }
-        for i in indices
-    ]
 
 
 def _env(root: Path, models: Path) -> dict[str, str]:
@@ -79,7 +69,7 @@ def client(
     c = _app(tmp_path_factory.mktemp("page-app"), models_copy)
     try:
         _, gallery = split
-        r = c.post("/v1/items", json={"items": _items(tiny_test, gallery[:6])}, headers=H)
+        r = c.post("/v1/items", json={"items": item_payload(tiny_test, gallery[:6])}, headers=H)
         assert r.status_code == 200, r.text
         yield c
     finally:
@@ -142,12 +132,16 @@ def test_item_without_kept_source_has_no_image(models_copy: Path, tmp_path: Path
     kept, not_kept = int(gallery[0]), int(gallery[10])
     c = _app(tmp_path, models_copy)
     try:
-        assert c.post("/v1/items", json={"items": _items(tiny_test, [kept])}, headers=H).status_code == 200
+        assert (
+            c.post("/v1/items", json={"items": item_payload(tiny_test, [kept])}, headers=H).status_code == 200
+        )
     finally:
         c.__exit__(None, None, None)
     c = _app(tmp_path, models_copy, keep_sources=False)  # the same data dir and database, reopened
     try:
-        r = c.post("/v1/items", json={"items": _items(tiny_test, [not_kept], prefix="nokeep")}, headers=H)
+        r = c.post(
+            "/v1/items", json={"items": item_payload(tiny_test, [not_kept], prefix="nokeep")}, headers=H
+        )
         assert r.status_code == 200, r.text
         assert c.get(f"/v1/items/nokeep{not_kept}").json()["has_source"] is False
         r = c.get(f"/v1/items/nokeep{not_kept}/image")
@@ -261,7 +255,10 @@ def test_page_in_a_browser(tiny_models: Path, tiny_test: Dataset, split, tmp_pat
         queries, gallery = split
         stored = {f"g{i}" for i in gallery[:40]}
         r = httpx.post(
-            server.url + "/v1/items", json={"items": _items(tiny_test, gallery[:40])}, headers=H, timeout=60
+            server.url + "/v1/items",
+            json={"items": item_payload(tiny_test, gallery[:40])},
+            headers=H,
+            timeout=60,
         )
         assert r.status_code == 200, r.text
 
