@@ -435,13 +435,17 @@ class Gallery:
             with self.engine.begin() as conn:
                 n_deleted, removed = store.delete_items(conn, ids, missing_ok)
             self._items -= n_deleted
-            by_space: dict[str, list[int]] = defaultdict(list)
-            for sp, vid in removed:
-                by_space[sp].append(vid)
-            for sp, vids in by_space.items():
-                if sp in self._spaces:
-                    self._apply(self._spaces[sp], vids, None, None, None)
+            self._remove_vectors(removed)
             return n_deleted
+
+    def _remove_vectors(self, removed: Iterable[tuple[str, int]]) -> None:
+        """Drop committed deletions ``(space, vec_id)`` from the spaces' FAISS indexes (under the mutex)."""
+        by_space: dict[str, list[int]] = defaultdict(list)
+        for sp, vid in removed:
+            by_space[sp].append(vid)
+        for sp, vids in by_space.items():
+            if sp in self._spaces:
+                self._apply(self._spaces[sp], vids, None, None, None)
 
     def _apply(
         self,
@@ -614,12 +618,7 @@ class Gallery:
             with self.engine.begin() as conn:
                 deleted, missing, removed = item_sql.delete_found(conn, ids)
             self._items -= len(deleted)
-            by_space: dict[str, list[int]] = defaultdict(list)
-            for sp, vid in removed:
-                by_space[sp].append(vid)
-            for sp, vids in by_space.items():
-                if sp in self._spaces:
-                    self._apply(self._spaces[sp], vids, None, None, None)
+            self._remove_vectors(removed)
             return deleted, missing
 
     def update_metadata(
