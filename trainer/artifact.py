@@ -237,7 +237,7 @@ def _load_adapter(folder: Path, card: ModelCard) -> LoadedModel:
             f"adapter {card.version} was fitted to other weights of {base.version} than those in "
             f"{base_dir} (checksum differs): refit it"
         )
-    if base.preprocess != card.preprocess:
+    if Preprocess.from_dict(base.preprocess) != Preprocess.from_dict(card.preprocess):
         raise ModelCardError(f"adapter {card.version}: its input contract differs from {base.version}'s")
     new = load_model(base_dir)
     state = _load_state(folder, card)

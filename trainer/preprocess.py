@@ -1,34 +1,172 @@
-"""Turning uint8 images into the float tensors a model expects, and the augmentation used in training."""
+"""A model's input contract (stored in its card), turning images of any size into the uint8 arrays it takes,
+normalising them, and the augmentation used in training."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+RESIZE_POLICIES = ("fit", "pad", "stretch")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box")
+# Fashion-MNIST's pixel statistics: the contract of every card written before the contract had more fields.
+LEGACY_MEAN, LEGACY_STD = 0.2860, 0.3530
+
+
+def _per_channel(value: Any, channels: int, what: str) -> tuple[float, ...]:
+    vals = [float(v) for v in value] if isinstance(value, list | tuple) else [float(value)]
+    if len(vals) == 1:
+        vals = vals * channels
+    if len(vals) != channels:
+        raise ConfigError(f"preprocess {what} has {len(vals)} values for {channels} channels")
+    if what == "std" and min(vals) <= 0:
+        raise ConfigError(f"preprocess std must be > 0, got {vals}")
+    return tuple(vals)
+
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Input contract of a model, stored in its card: channels, size in pixels, and normalisation."""
+    """Input contract of a model, stored in its card.
+
+    ``channels`` 1 (luminance) or 3 (RGB); ``height`` x ``width`` pixels; ``resize`` how an image of
+    another size gets there: ``fit`` (shorter side to the size, then centre crop), ``pad`` (longer side to
+    the size, centred on black) or ``stretch`` (both sides, aspect ignored); per-channel ``mean`` and ``std``
+    of pixel values in [0, 1]; ``interpolation`` of the resize (a Pillow filter name).
+    """
 
     channels: int = 1
-    size: int = 28
-    mean: float = 0.2860
-    std: float = 0.3530
+    height: int = 28
+    width: int = 28
+    resize: str = "fit"
+    mean: tuple[float, ...] = field(default=(LEGACY_MEAN,))
+    std: tuple[float, ...] = field(default=(LEGACY_STD,))
+    interpolation: str = "bilinear"
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ConfigError(f"preprocess channels must be 1 or 3, got {self.channels}")
+        if not (1 <= self.height <= 4096 and 1 <= self.width <= 4096):
+            raise ConfigError(f"preprocess size must be 1-4096 pixels, got {self.height}x{self.width}")
+        if self.resize not in RESIZE_POLICIES:
+            raise ConfigError(
+                f"preprocess resize must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}"
+            )
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(
+                f"preprocess interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}"
+            )
+        object.__setattr__(self, "mean", _per_channel(self.mean, self.channels, "mean"))
+        object.__setattr__(self, "std", _per_channel(self.std, self.channels, "std"))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the arrays this contract produces."""
+        return (self.channels, self.height, self.width)
+
+    @property
+    def size(self) -> int:
+        """The side of a square contract (older code and cards speak of one size)."""
+        if self.height != self.width:
+            raise ConfigError(f"input is {self.height}x{self.width}, not square: use height and width")
+        return self.height
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "channels": self.channels,
+            "height": self.height,
+            "width": self.width,
+            "resize": self.resize,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> Preprocess:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        """Read a card's ``preprocess``; a card written before height/width (``size``, scalar mean/std)
+        keeps its contract."""
+        known = {k: d[k] for k in ("channels", "resize", "mean", "std", "interpolation") if k in d}
+        size = d.get("size")
+        height, width = d.get("height", size), d.get("width", size)
+        if height is not None:
+            known["height"] = int(height)
+        if width is not None:
+            known["width"] = int(width)
+        return cls(**known)
 
     def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) uint8 -> (B, C, H, W) float32, normalised."""
-        x = torch.as_tensor(images)
-        return (x.float() / 255.0 - self.mean) / self.std
+        """(B, C, H, W) uint8 -> (B, C, H, W) float32, normalised per channel."""
+        x = torch.as_tensor(images).float() / 255.0
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    # ---- any image -> this contract ----------------------------------------------------------------------
+
+    def scaled_size(self, w: int, h: int) -> tuple[int, int]:
+        """(width, height) an image of ``w`` x ``h`` is resized to before the crop (fit) or the pad (pad).
+
+        Decoders use it to ask for a reduced decode (JPEG draft) no smaller than this."""
+        if self.resize == "stretch":
+            return (self.width, self.height)
+        ratio = (max if self.resize == "fit" else min)(self.width / w, self.height / h)
+        # fit must cover the target and pad must fit in it, whatever the rounding
+        rnd = math.ceil if self.resize == "fit" else math.floor
+        sw, sh = max(1, rnd(w * ratio - 1e-9)), max(1, rnd(h * ratio - 1e-9))
+        if self.resize == "fit":
+            sw, sh = max(sw, self.width), max(sh, self.height)
+        else:
+            sw, sh = min(sw, self.width), min(sh, self.height)
+        return (sw, sh)
+
+    def from_pil(self, im: Image.Image) -> np.ndarray:
+        """A decoded Pillow image of any size and mode -> (C, H, W) uint8 under this contract.
+
+        Orientation (EXIF) is the decoder's business; this converts channels (luminance for 1) and resizes by
+        the policy. An image already of the contract's size is only converted.
+        """
+        from PIL import Image
+
+        im = im.convert("L" if self.channels == 1 else "RGB")
+        if im.size != (self.width, self.height):
+            resample = getattr(Image.Resampling, self.interpolation.upper())
+            sw, sh = self.scaled_size(*im.size)
+            # reducing_gap: Pillow first shrinks by an integer factor (cheap box filter), then resamples;
+            # within 1e-2 of the exact filter for factors this large, several times faster.
+            im = im.resize((sw, sh), resample, reducing_gap=3.0)
+            if self.resize == "fit":
+                left, top = (sw - self.width) // 2, (sh - self.height) // 2
+                im = im.crop((left, top, left + self.width, top + self.height))
+            elif self.resize == "pad":
+                canvas = Image.new(im.mode, (self.width, self.height), 0)
+                canvas.paste(im, ((self.width - sw) // 2, (self.height - sh) // 2))
+                im = canvas
+        arr = np.asarray(im, dtype=np.uint8)
+        return arr[None].copy() if self.channels == 1 else arr.transpose(2, 0, 1).copy()
+
+    def from_array(self, images: np.ndarray) -> np.ndarray:
+        """(B, C, H, W) uint8 of another contract -> (B, C', H', W') uint8 of this one (same images).
+
+        How a model with one contract sees images prepared for another: each through its own preprocessing.
+        Identity when the shapes already match."""
+        if images.shape[1:] == self.shape:
+            return images
+        from PIL import Image
+
+        out = np.empty((len(images), *self.shape), np.uint8)
+        for i, img in enumerate(images):
+            mode_arr = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+            out[i] = self.from_pil(Image.fromarray(np.ascontiguousarray(mode_arr)))
+        return out
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:

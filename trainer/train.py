@@ -168,7 +168,9 @@ def train(
     train_set = full_train.subset(classes)
     if cfg.limit:
         train_set = train_set.take(cfg.limit, seed=cfg.seed)
-    prep = Preprocess(channels=train_set.images.shape[1], size=train_set.images.shape[2])
+    prep = Preprocess(
+        channels=train_set.images.shape[1], height=train_set.images.shape[2], width=train_set.images.shape[3]
+    )
     model = build_model(
         cfg.arch,
         classes,
