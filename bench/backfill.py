@@ -150,12 +150,12 @@ def raw_throughput(loaded, pngs: list[bytes], batch: int) -> float:
 
 def _raw_throughput(loaded, pngs: list[bytes], batch: int) -> float:
     prep = loaded.preprocess
-    embed_images(loaded, np.zeros((8, prep.channels, prep.size, prep.size), np.uint8))  # warm
+    embed_images(loaded, np.zeros((8, *prep.shape), np.uint8))  # warm
     t0 = time.perf_counter()
     for s in range(0, len(pngs), batch):
         imgs = np.stack(
             [
-                decode_image(p, channels=prep.channels, size=prep.size, max_pixels=1 << 20, what="x")
+                decode_image(p, prep=prep, max_pixels=1 << 20, what="x")
                 for p in pngs[s : s + batch]
             ]
         )

@@ -456,14 +456,12 @@ def run(args) -> dict:
 
             def batched(png: bytes) -> None:
                 with batcher.announce():
-                    img = decode_image(
-                        png, channels=prep.channels, size=prep.size, max_pixels=1 << 20, what="q"
-                    )
+                    img = decode_image(png, prep=prep, max_pixels=1 << 20, what="q")
                     future = batcher.submit(active, SearchJob(img, 10, True))
                 future.result()
 
             def one_by_one(png: bytes) -> None:
-                img = decode_image(png, channels=prep.channels, size=prep.size, max_pixels=1 << 20, what="q")
+                img = decode_image(png, prep=prep, max_pixels=1 << 20, what="q")
                 vec = embed_images(v2, img[None])
                 hits = local.search(v2.card.space, vec, 10)[0]
                 local.get_metadata([h.external_id for h in hits])

@@ -100,6 +100,7 @@ def build_parts(settings: Settings, metrics: Metrics, stack: AsyncExitStack | No
         metrics,
         BatchBounds(s.batch_max_size, wait_s, s.batch_max_queue, worker_start),
         max_image_pixels=s.max_image_pixels,
+        strict_image_size=s.image_strict_size,
         shadow=shadow,
     )
     ingest = IngestPath(
@@ -109,6 +110,7 @@ def build_parts(settings: Settings, metrics: Metrics, stack: AsyncExitStack | No
         metrics,
         BatchBounds(s.ingest_batch_max_items, wait_s, s.batch_max_queue, worker_start),
         max_image_pixels=s.max_image_pixels,
+        strict_image_size=s.image_strict_size,
         keep_sources=s.keep_sources,
     )
     if stack is not None:  # queued requests finish before the gallery closes

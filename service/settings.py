@@ -41,7 +41,16 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="largest request body accepted")
     max_batch_items: int = Field(1024, gt=0, description="most items in one ingest request")
     max_image_pixels: int = Field(
-        1024 * 1024, gt=0, description="decoded images larger than this are refused"
+        1024 * 1024,
+        gt=0,
+        description="images decoding to more pixels than this are refused (a JPEG counts at its "
+        "reduced decode: a 12-megapixel photo for a 28x28 model decodes at 1/8 size; other formats count "
+        "their full size)",
+    )
+    image_strict_size: bool = Field(
+        False,
+        description="refuse images not exactly the model's input size (true), instead of resizing them "
+        "by the model card's contract (false)",
     )
     max_k: int = Field(1000, gt=0, description="largest k a search may ask for")
 

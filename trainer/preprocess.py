@@ -119,9 +119,10 @@ class Preprocess:
         if self.resize == "stretch":
             return (self.width, self.height)
         ratio = (max if self.resize == "fit" else min)(self.width / w, self.height / h)
-        # fit must cover the target and pad must fit in it, whatever the rounding
-        rnd = math.ceil if self.resize == "fit" else math.floor
-        sw, sh = max(1, rnd(w * ratio - 1e-9)), max(1, rnd(h * ratio - 1e-9))
+        # fit must cover the target and pad must fit in it, whatever the rounding; the tolerance goes the
+        # way that keeps an exact side exact (the side the ratio came from lands on the target, not 1 short)
+        rnd, eps = (math.ceil, -1e-9) if self.resize == "fit" else (math.floor, 1e-9)
+        sw, sh = max(1, rnd(w * ratio + eps)), max(1, rnd(h * ratio + eps))
         if self.resize == "fit":
             sw, sh = max(sw, self.width), max(sh, self.height)
         else:

@@ -35,7 +35,7 @@ from service.blobs import BlobStore
 from service.images import decode_image, encode_png
 from service.models.cache import ModelCache
 from service.models.hot_swap import HotSwap, backfill_report_url
-from trainer import LoadedModel, embed_images
+from trainer import LoadedModel, ModelCard, embed_images
 
 QUALITY_KEYS = ("top1", "top5", "mAP")
 
@@ -65,10 +65,10 @@ class ThroughputProbe:
             prep = loaded.preprocess
             rng = np.random.default_rng(0)
             pngs = [
-                encode_png(rng.integers(0, 256, (prep.channels, prep.size, prep.size), dtype=np.uint8))
+                encode_png(rng.integers(0, 256, prep.shape, dtype=np.uint8))
                 for _ in range(min(self.n_images, 64))
             ]
-            embed_images(loaded, np.zeros((8, prep.channels, prep.size, prep.size), np.uint8))  # warm
+            embed_images(loaded, np.zeros((8, *prep.shape), np.uint8))  # warm
             t0 = time.perf_counter()
             done = 0
             while done < self.n_images:
@@ -77,8 +77,7 @@ class ThroughputProbe:
                     [
                         decode_image(
                             pngs[(done + i) % len(pngs)],
-                            channels=prep.channels,
-                            size=prep.size,
+                            prep=prep,
                             max_pixels=1 << 30,
                             what="probe",
                         )
@@ -153,6 +152,8 @@ class CostReport:
         done, _ = gallery.backfill.progress(candidate)
         to_reembed = total - done
         problem = self.swap.problem(card)
+        if card.external:
+            return self._external(card, total, by_version, in_space, done, problem)
 
         loaded = self.models.get(candidate)
         tp = self.probe.measure(loaded)
@@ -212,6 +213,42 @@ class CostReport:
             "curve": curve,
             "cannot_backfill": _cannot_backfill(gallery, self.blobs),
             "report_url": backfill_report_url(candidate),
+        }
+
+    def _external(
+        self,
+        card: ModelCard,
+        total: int,
+        by_version: dict[str, int],
+        in_space: int,
+        done: int,
+        problem: str | None,
+    ) -> dict[str, Any]:
+        """The report of an external candidate: the counts stand, but graceful cannot embed with it, so
+        nothing is timed, priced or simulated; re-embedding is the team sending its vectors (upsert)."""
+        how = (
+            f"{card.version} is external: graceful cannot re-embed the gallery with it (no throughput to "
+            f"measure, no cost to predict); send its vectors of the items to re-embed with POST /v1/items "
+            f'({{"vector": [...], "model_version": "{card.version}"}}, upsert: true)'
+        )
+        return {
+            "candidate": card.version,
+            "format": card.format,
+            "space": card.space,
+            "compatible_with": card.compatible_with,
+            "items_total": total,
+            "items_per_version": by_version,
+            "items_in_candidate_space": in_space,
+            "items_embedded_by_candidate": done,
+            "items_to_reembed": total - done,
+            "needs_backfill": problem is not None,
+            "reason": problem,
+            "throughput": None,
+            "predicted": None,
+            "quality": None,
+            "curve": None,
+            "cannot_backfill": {"count": total - done, "examples": [], "reason": how},
+            "report_url": backfill_report_url(card.version),
         }
 
     def _measured(

@@ -230,8 +230,7 @@ def sample_gallery(
             images.append(
                 decode_image(
                     raw,
-                    channels=prep.channels,
-                    size=prep.size,
+                    prep=prep,
                     max_pixels=max_pixels,
                     what=f"item {records[iid][0]!r}",
                 )

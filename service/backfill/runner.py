@@ -46,7 +46,7 @@ from service.errors import BackfillConflict, BadImage, BadRequest, TooLarge
 from service.images import decode_image
 from service.models.cache import ModelCache
 from service.models.hot_swap import HotSwap, space_problem
-from trainer import LoadedModel, ModelCardError, embed_images
+from trainer import LoadedModel, ModelCardError, NoImageModel, embed_images
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,13 @@ class BackfillRunner:
         candidate may still run; unknown or refused versions raise the registry's errors."""
         if policy not in POLICIES:
             raise BadRequest(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
-        self.registry.entry(candidate)  # ModelNotFound / InvalidModel, and registers the version
+        card = self.registry.entry(candidate).card  # ModelNotFound / InvalidModel, and registers the version
+        if card is not None and card.external:
+            raise NoImageModel(
+                candidate,
+                "a backfill re-embeds the gallery's images, so it cannot run with it: send its vectors with "
+                "POST /v1/items (upsert: true) instead",
+            )
         spec = {
             "order": policy,
             "rate_limit": rate_limit if rate_limit is not None else self.rate_limit,
@@ -538,8 +544,7 @@ class BackfillRunner:
                 batch.images.append(
                     decode_image(
                         raw,
-                        channels=prep.channels,
-                        size=prep.size,
+                        prep=prep,
                         max_pixels=self.max_image_pixels,
                         what=f"item {eid!r}",
                     )

@@ -14,8 +14,8 @@ by the active model, and both search the stored gallery (the item itself left ou
 
 The verdict: with enough labelled queries, the candidate must not be worse than the active model on top-1
 and mAP (within ``tolerance``); otherwise its overlap@10 must beat the baseline's by ``min_overlap_gain``.
-Nothing to measure (no active model, an empty gallery, no kept sources) falls back to the card's space and
-says so. Results are cached per candidate and gallery state.
+Nothing to measure (no active model, an empty gallery, no kept sources, an external version on either side)
+falls back to the card's space and says so. Results are cached per candidate and gallery state.
 """
 
 from __future__ import annotations
@@ -144,6 +144,9 @@ class CompatibilityCheck:
         cand = self.models.get(candidate)
         if active is None or active_space is None:
             return self._fallback(candidate, "no model is active: there is nothing to compare with")
+        external = next((m.version for m in (cand, active) if m.card.external), None)
+        if external is not None:  # its embeddings are computed outside graceful: no source can be embedded
+            return self._fallback(candidate, f"{external} is external: graceful cannot embed images with it")
         if self.gallery.count() == 0:
             return self._fallback(candidate, "the gallery is empty")
         cand_space = cand.card.space
@@ -194,16 +197,8 @@ class CompatibilityCheck:
                 continue
             try:
                 what = f"item {records[iid][0]!r}"
-                qa_imgs.append(
-                    decode_image(
-                        raw, channels=pa.channels, size=pa.size, max_pixels=opts.max_pixels, what=what
-                    )
-                )
-                qc_imgs.append(
-                    decode_image(
-                        raw, channels=pc.channels, size=pc.size, max_pixels=opts.max_pixels, what=what
-                    )
-                )
+                qa_imgs.append(decode_image(raw, prep=pa, max_pixels=opts.max_pixels, what=what))
+                qc_imgs.append(decode_image(raw, prep=pc, max_pixels=opts.max_pixels, what=what))
                 kept.append(iid)
             except (BadImage, TooLarge):
                 continue

@@ -25,6 +25,7 @@ from service.models.cache import ModelCache
 from service.models.check import CompatibilityCheck
 from service.models.registry import ModelRegistry
 from trainer import LoadedModel, ModelCard, embed_images
+from trainer.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,9 @@ class ActiveModel:
         return self.loaded.card
 
     @property
-    def input_size(self) -> int:
-        return int(self.loaded.preprocess.size)
-
-    @property
-    def channels(self) -> int:
-        return int(self.loaded.preprocess.channels)
+    def prep(self) -> Preprocess:
+        """The model's input contract: what images are decoded and resized to for it."""
+        return self.loaded.preprocess
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """(N, C, H, W) uint8 -> (N, D) float32 unit-norm embeddings (for an adapter version: the new model's,
@@ -133,9 +131,11 @@ class HotSwap:
 
     def _load_and_warm(self, version: str) -> tuple[LoadedModel, int]:
         loaded = self.models.get(version)
+        if loaded.card.external:
+            return loaded, 0  # it embeds no images (its vectors arrive ready): nothing to warm
         prep = loaded.preprocess
         # Warm-up: the first forward allocates buffers and picks kernels; do it before taking traffic.
-        embed_images(loaded, np.zeros((WARM_IMAGES, prep.channels, prep.size, prep.size), dtype=np.uint8))
+        embed_images(loaded, np.zeros((WARM_IMAGES, *prep.shape), dtype=np.uint8))
         return loaded, WARM_IMAGES
 
     def measure(self, version: str) -> dict[str, Any]:

@@ -16,6 +16,11 @@ Hot swap: the batch's key is the model the requests captured when they started. 
 the registry's swap read lock, so an activation's check-and-swap cannot interleave; if the active model
 changed meanwhile to another embedding space (possible only over an empty or fully backfilled gallery),
 the request is refused with 409 rather than writing into a space the gallery no longer serves.
+
+Vectors (:class:`VectorJob`: embeddings computed outside graceful, each request made by one version) take the
+same queue, grouped by version: no forward, no sources, one transaction per group with the same per-request
+answers. Their version must write into the space the gallery serves, checked under the same read lock.
+Images are refused at once while an external version (which embeds none) is active.
 """
 
 from __future__ import annotations
@@ -38,11 +43,12 @@ from index.tables import Item
 from service.blobs import BlobStore
 from service.errors import IncompatibleModel, NoActiveModel
 from service.images import decode_image
-from service.models.hot_swap import ActiveModel, HotSwap
+from service.models.hot_swap import ActiveModel, HotSwap, backfill_report_url
 from service.observability import Metrics
 from service.schemas import IngestResponse
 from service.serving.batching import BatchBounds, MicroBatcher
 from service.serving.deadlines import result_within
+from trainer import NoImageModel
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,20 @@ class IngestJob:
         return len(self.rows)
 
 
+@dataclass(frozen=True, slots=True)
+class VectorJob:
+    """One ingest request of vectors computed outside graceful: ``rows`` of (external_id, vector, metadata
+    or None), every vector made by ``model_version``. Stored as they are (L2-normalised by the gallery):
+    no forward, no source bytes."""
+
+    rows: list[tuple[str, list[float], dict[str, Any] | None]]
+    model_version: str
+    upsert: bool = False
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
 class IngestPath:
     """Ingests of one app: owns the ingest micro-batcher and the blob-writer threads."""
 
@@ -74,10 +94,12 @@ class IngestPath:
         bounds: BatchBounds,
         *,
         max_image_pixels: int,
+        strict_image_size: bool = False,
         keep_sources: bool,
     ) -> None:
         self.gallery, self.swap, self.blobs, self.metrics = gallery, swap, blobs, metrics
         self.max_image_pixels, self.keep_sources = max_image_pixels, keep_sources
+        self.strict_image_size = strict_image_size
         self._pool = ThreadPoolExecutor(_BLOB_WRITERS, thread_name_prefix="blob-writer")
         self._sources = threading.Lock()  # blob writes up to their commit; a blob's check-then-remove
         self.batcher: MicroBatcher = MicroBatcher(
@@ -100,10 +122,16 @@ class IngestPath:
         """Around a request from its arrival to :meth:`start` (see :mod:`service.serving.batching`)."""
         return self.batcher.announce()
 
-    def start(self, job: IngestJob, deadline: float) -> Awaitable[IngestResponse]:
-        """Queue ``job`` with the model active now (the one its answer will name); await the answer."""
+    def start(self, job: IngestJob | VectorJob, deadline: float) -> Awaitable[IngestResponse]:
+        """Queue ``job`` with the model active now (the one an image job's answer will name); await the
+        answer. Images while an external version is active: :class:`NoImageModel` at once."""
         active = self.swap.require_active()
-        future = self.batcher.submit((active, job.upsert), job, deadline=deadline)
+        key: tuple = (active, job.upsert)
+        if isinstance(job, VectorJob):
+            key = (active, job.upsert, job.model_version)  # a group shares one version, one transaction
+        elif active.card.external:
+            raise NoImageModel(active.version)
+        future = self.batcher.submit(key, job, deadline=deadline)
         return result_within(
             future,
             deadline,
@@ -112,9 +140,9 @@ class IngestPath:
             "check GET /v1/items/{external_id} before sending it again (or send it with upsert)",
         )
 
-    def _run_batch(
-        self, key: tuple[ActiveModel, bool], jobs: Sequence[IngestJob]
-    ) -> list[IngestResponse | Exception]:
+    def _run_batch(self, key: tuple, jobs: Sequence[IngestJob]) -> list[IngestResponse | Exception]:
+        if isinstance(jobs[0], VectorJob):
+            return self._run_vector_batch(key, jobs)
         captured, upsert = key
         out: list[IngestResponse | Exception | None] = [None] * len(jobs)
         with self.swap.serving():
@@ -141,9 +169,9 @@ class IngestPath:
                             [
                                 decode_image(
                                     raw,
-                                    channels=captured.channels,
-                                    size=captured.input_size,
+                                    prep=captured.prep,
                                     max_pixels=self.max_image_pixels,
+                                    strict=self.strict_image_size,
                                     what=f"item {eid!r}",
                                 )
                                 for eid, raw, _ in job.rows
@@ -201,18 +229,7 @@ class IngestPath:
                     )
                     for r, (eid, _, meta) in enumerate(jobs[i].rows)
                 ]
-            write = self.gallery.upsert if upsert else self.gallery.add
-            try:
-                write([it for i in ok for it in items[i]], captured.version)
-            except GalleryError as e:
-                if len(ok) == 1:
-                    out[ok[0]] = e
-                else:  # refused as a group: write each on its own, so each gets its own answer
-                    for i in ok:
-                        try:
-                            write(items[i], captured.version)
-                        except GalleryError as e1:
-                            out[i] = e1
+            _write_jobs(self.gallery.upsert if upsert else self.gallery.add, items, captured.version, out)
             failed = False
         finally:
             if self.keep_sources:
@@ -232,6 +249,50 @@ class IngestPath:
                 dropped = {u for u in (*uris, *before.values()) if u is not None} - kept
                 if dropped:
                     self._drop_unreferenced(dropped)
+
+    def _run_vector_batch(
+        self, key: tuple[ActiveModel, bool, str], jobs: Sequence[VectorJob]
+    ) -> list[IngestResponse | Exception]:
+        """Store ``jobs``' vectors as their version's embeddings, in one transaction (each job in its own if
+        the group's is refused). The version must be valid and write into the space the gallery serves
+        (checked under the swap's read lock, so no activation slips between the check and the write)."""
+        _, upsert, version = key
+        card = self.swap.registry.entry(version).card  # ModelNotFound / InvalidModel: the whole group
+        assert card is not None  # entry() raises for refused folders
+        out: list[IngestResponse | Exception | None] = [None] * len(jobs)
+        with self.swap.serving():
+            active = self.swap.active
+            if active is None:
+                raise NoActiveModel(
+                    "no model is active: activate one with POST /v1/models/{version}/activate"
+                )
+            if card.space != active.space:
+                raise IncompatibleModel(
+                    f"the vectors come from {version}, which writes into space {card.space!r}, but the gallery "
+                    f"serves space {active.space!r} (active version {active.version}): they are not comparable "
+                    f"with its items; nothing was stored. Send vectors of a version of space {active.space!r}, "
+                    f"or re-embed the gallery first (cost: {backfill_report_url(version)})",
+                    candidate=version,
+                )
+            items = {
+                i: [
+                    NewItem(external_id=eid, vector=np.asarray(vec, dtype=np.float64), metadata=meta)
+                    for eid, vec, meta in job.rows
+                ]
+                for i, job in enumerate(jobs)
+            }
+            _write_jobs(self.gallery.upsert if upsert else self.gallery.add, items, version, out)
+        return [
+            e
+            if e is not None
+            else IngestResponse(
+                model_version=version,
+                space=card.space,
+                stored=[r[0] for r in job.rows],
+                count=len(job.rows),
+            )
+            for e, job in zip(out, jobs, strict=True)
+        ]
 
     def _referenced(self, uris: Collection[str]) -> set[str]:
         """Which of ``uris`` some stored item has as its source (one SQL query; index/ has no lookup by
@@ -302,6 +363,29 @@ class IngestPath:
             return [uri_of[d] for d in digests]
 
         return wait
+
+
+def _write_jobs(
+    write: Callable[[list[NewItem], str], Any],
+    items: dict[int, list[NewItem]],
+    version: str,
+    out: list[IngestResponse | Exception | None],
+) -> None:
+    """Write every job's ``items`` (job index -> its items) as ``version``'s in one transaction; if the
+    group is refused (two jobs with one external id, one colliding with a stored item, a bad vector), each
+    job is written on its own, so each gets its own answer: a refused job's error lands in ``out``."""
+    jobs = list(items)
+    try:
+        write([it for i in jobs for it in items[i]], version)
+    except GalleryError as e:
+        if len(jobs) == 1:
+            out[jobs[0]] = e
+            return
+        for i in jobs:
+            try:
+                write(items[i], version)
+            except GalleryError as e1:
+                out[i] = e1
 
 
 def _spans(jobs: Sequence[IngestJob], ok: list[int]) -> list[tuple[int, int]]:

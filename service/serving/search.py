@@ -30,6 +30,7 @@ from service.schemas import SearchHit, SearchResponse
 from service.serving.batching import BatchBounds, MicroBatcher
 from service.serving.deadlines import result_within, run_within
 from service.serving.shadow import ShadowTraffic
+from trainer import NoImageModel
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,10 +129,11 @@ class SearchPath:
         bounds: BatchBounds,
         *,
         max_image_pixels: int,
+        strict_image_size: bool = False,
         shadow: ShadowTraffic | None = None,
     ) -> None:
         self.gallery, self.swap, self.metrics = gallery, swap, metrics
-        self.max_image_pixels = max_image_pixels
+        self.max_image_pixels, self.strict_image_size = max_image_pixels, strict_image_size
         self.shadow = shadow
         self.batcher: MicroBatcher = MicroBatcher(
             "search",
@@ -166,11 +168,13 @@ class SearchPath:
         result. Raises the domain errors of a bad query at once."""
         if isinstance(query, ImageQuery):
             active = self.swap.require_active()
+            if active.card.external:
+                raise NoImageModel(active.version)
             image = decode_image(
                 query.raw,
-                channels=active.channels,
-                size=active.input_size,
+                prep=active.prep,
                 max_pixels=self.max_image_pixels,
+                strict=self.strict_image_size,
                 what="query image",
             )
             job = SearchJob(image, query.k, query.include_metadata, query.filter, raw=query.raw)

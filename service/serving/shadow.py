@@ -25,7 +25,7 @@ from service.errors import BadImage, BadRequest, IncompatibleModel, NoShadow, To
 from service.images import decode_image
 from service.models.cache import ModelCache
 from service.models.hot_swap import HotSwap
-from trainer import LoadedModel, embed_images
+from trainer import LoadedModel, NoImageModel, embed_images
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,11 @@ class ShadowTraffic:
         problem = self.swap.problem(card)
         if problem:
             raise IncompatibleModel(f"{version} cannot search this gallery: {problem}", candidate=version)
+        external = next((m for m in (card, active.card) if m.external), None)
+        if external is not None:  # a shadow answers image searches with the candidate
+            raise NoImageModel(
+                external.version, "a shadow compares the answers to image searches, so it cannot run"
+            )
         loaded = self.models.get(version)
         with self._cond:
             self._session = _Session(
@@ -183,21 +188,15 @@ class ShadowTraffic:
         t0 = time.perf_counter()
         prep = s.loaded.preprocess
         image = offer.image
-        if image.shape != (prep.channels, prep.size, prep.size):
-            if offer.raw is None:
-                s.failed += 1
-                return
+        if offer.raw is not None:  # the candidate sees the query through its own contract (size, resize)
             try:
-                image = decode_image(
-                    offer.raw,
-                    channels=prep.channels,
-                    size=prep.size,
-                    max_pixels=self.max_pixels,
-                    what="shadow query",
-                )
+                image = decode_image(offer.raw, prep=prep, max_pixels=self.max_pixels, what="shadow query")
             except (BadImage, TooLarge):
                 s.failed += 1
                 return
+        elif image.shape != prep.shape:
+            s.failed += 1
+            return
         vec = embed_images(s.loaded, np.array(image[None]))  # a writable copy for torch
         hits = self.gallery.search(s.loaded.card.space, vec, TOP)[0]
         elapsed_ms = (time.perf_counter() - t0) * 1e3

@@ -24,7 +24,11 @@ def _png(size: int, fmt: str = "PNG") -> str:
 def test_bad_inputs_get_4xx_with_a_message_and_store_nothing(make_server, tiny_test, tmp_path):
     (tmp_path / "models" / "broken").mkdir()
     (tmp_path / "models" / "broken" / "card.json").write_text('{"version": "broken"}')
-    server = make_server(GRACEFUL_MAX_BATCH_ITEMS="20", GRACEFUL_MAX_BODY_BYTES=str(200_000)).start()
+    server = make_server(
+        GRACEFUL_MAX_BATCH_ITEMS="20",
+        GRACEFUL_MAX_BODY_BYTES=str(200_000),
+        GRACEFUL_IMAGE_STRICT_SIZE="true",  # the wrong-size cases below: strict mode refuses them
+    ).start()
     c = server.client
     good = item_payload(tiny_test, [1, 2])
     assert c.post("/v1/items", json={"items": good}, headers=H).status_code == 200

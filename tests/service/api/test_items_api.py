@@ -123,7 +123,7 @@ def test_micro_batch_searches_each_filter_on_its_own(server, tiny_test, split) -
 
     def image(i: int) -> np.ndarray:
         raw = __import__("base64").b64decode(encode_png_base64(tiny_test.images[q_idx[i]]))
-        return decode_image(raw, channels=active.channels, size=active.input_size, max_pixels=10**6, what="q")
+        return decode_image(raw, prep=active.prep, max_pixels=10**6, what="q")
 
     filters = [
         None,

@@ -157,14 +157,14 @@ def test_models_activate_rollback_and_backfill_wait(client: GracefulClient, tiny
 def test_ingest_folder_ids_from_paths_and_bad_files_fail_alone(
     client: GracefulClient, folder: Path, tmp_path
 ) -> None:
-    _save(folder / "cats" / "big.png", np.zeros((40, 40), np.uint8))  # the model takes 28x28: refused
+    _save(folder / "cats" / "big.png", np.zeros((1100, 1000), np.uint8))  # over the pixel bound: refused
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")  # refused by the server
     _save(folder / "img00.jpg", np.zeros((28, 28), np.uint8), "JPEG")  # same id as img00.png
     summary = client.ingest_folder(folder, metadata={"source": "test"}, batch=5, progress=False)
     assert summary.files == 27
     failed = {Path(f).name: reason for f, reason in summary.failed}
     assert set(failed) == {"big.png", "broken.png", "img00.png"}, summary.failed
-    assert "28x28" in failed["big.png"] and "also the id of" in failed["img00.png"]
+    assert "GRACEFUL_MAX_IMAGE_PIXELS" in failed["big.png"] and "also the id of" in failed["img00.png"]
     assert len(summary.stored) == 24 and summary.versions == {"v1": 24}
     assert (
         "cats__img01" in summary.stored and "cats__old__img02" in summary.stored and "img00" in summary.stored
