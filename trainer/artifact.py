@@ -29,6 +29,7 @@ from trainer.preprocess import Preprocess
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FORMAT = "graceful-model/1"
+ONNX_FORMAT = "onnx"  # an ONNX export run by onnxruntime, with a head file (trainer/onnx_model.py)
 _PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"}
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -65,13 +66,25 @@ class ModelCard(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     weights: str = WEIGHTS_FILE
     weights_sha256: str | None = None
+    onnx_file: str | None = None  # format onnx: the export's file name in the folder, and its checksum
+    onnx_sha256: str | None = None
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     @field_validator("format")
     @classmethod
     def _known_format(cls, v: str) -> str:
-        if v != CARD_FORMAT:
-            raise ValueError(f"unknown card format {v!r} (this graceful reads {CARD_FORMAT!r})")
+        if v not in (CARD_FORMAT, ONNX_FORMAT):
+            raise ValueError(
+                f"unknown card format {v!r} (this graceful reads {CARD_FORMAT!r}, {ONNX_FORMAT!r})"
+            )
+        return v
+
+    @field_validator("onnx_file")
+    @classmethod
+    def _plain_onnx_name(cls, v: str | None) -> str | None:
+        # Like the weights: a plain file name inside the folder, so a card cannot point outside it.
+        if v is not None and (Path(v).name != v or not v.endswith(".onnx")):
+            raise ValueError(f"onnx_file must be a .onnx file name inside the folder, got {v!r}")
         return v
 
     @field_validator("weights")
@@ -211,6 +224,8 @@ def load_model(folder: str | os.PathLike[str]) -> LoadedModel:
     card = read_card(folder)
     if card.adapter_of is not None:
         return _load_adapter(folder, card)
+    if card.format == ONNX_FORMAT:
+        return _load_onnx(folder, card)
     weights = folder / card.weights
     state = _load_state(folder, card)
     try:
@@ -223,6 +238,13 @@ def load_model(folder: str | os.PathLike[str]) -> LoadedModel:
         ) from None
     model.eval().requires_grad_(False)
     return LoadedModel(card=card, model=model, path=folder)
+
+
+def _load_onnx(folder: Path, card: ModelCard) -> LoadedModel:
+    """An ONNX version: the head rows (safetensors, checksummed), then the graph, checked and test-run."""
+    from trainer.onnx_model import load_onnx_model
+
+    return LoadedModel(card=card, model=load_onnx_model(folder, card, _load_state(folder, card)), path=folder)
 
 
 def _load_adapter(folder: Path, card: ModelCard) -> LoadedModel:
@@ -293,8 +315,8 @@ def random_twin(loaded: LoadedModel, seed: int = 0) -> LoadedModel | None:
     """A model of ``loaded``'s architecture and input contract with seeded random weights: the
     no-information baseline a compatibility measurement is read against. None for an adapter version
     (its architecture is two models)."""
-    if loaded.card.adapter_of is not None:
-        return None
+    if loaded.card.adapter_of is not None or loaded.card.format == ONNX_FORMAT:
+        return None  # an ONNX graph's weights are not ours to randomise
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = EmbeddingModel(ArchConfig.from_dict(loaded.card.arch), list(loaded.card.classes))

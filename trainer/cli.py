@@ -290,3 +290,60 @@ def adapt_main(argv: Sequence[str] | None = None) -> int:
     for key, cell in card.metrics.get("matrix", {}).items():
         print(f"  {key:<24} top1 {cell['top1']:.4f}  top5 {cell['top5']:.4f}  mAP {cell['mAP']:.4f}")
     return 0
+
+
+def register_onnx_parser(prog: str = "graceful register-onnx") -> argparse.ArgumentParser:
+    from trainer.preprocess import INTERPOLATIONS, RESIZE_POLICIES
+
+    p = _Parser(
+        prog=prog,
+        description="Register an ONNX export as a model version folder (card + the file, checksummed); "
+        "the graph is checked and test-run, and a classifier head fitted on the training images.",
+    )
+    p.add_argument("model", help="the .onnx file: one image input (N, C, H, W), outputs (N, D) [and (N, K)]")
+    p.add_argument("--out", required=True, help="model version folder to write (its name is the version)")
+    p.add_argument("--size", type=int, nargs="+", required=True, metavar="H [W]", help="input height [width]")
+    p.add_argument("--channels", type=int, required=True, choices=[1, 3])
+    p.add_argument("--mean", type=float, nargs="+", required=True, help="per-channel mean of [0, 1] pixels")
+    p.add_argument("--std", type=float, nargs="+", required=True, help="per-channel std of [0, 1] pixels")
+    p.add_argument(
+        "--classes",
+        default=None,
+        help="the classes the export knows, in its logits' order, e.g. 0-4 (default: all, or 0..K-1)",
+    )
+    p.add_argument("--data", default=None, help="dataset whose training images fit the head")
+    p.add_argument("--resize", default="fit", choices=list(RESIZE_POLICIES))
+    p.add_argument("--interpolation", default="bilinear", choices=list(INTERPOLATIONS))
+    p.add_argument(
+        "--scale", type=float, default=4.0, help="cosine scale of a class-mean head (no logits output)"
+    )
+    p.add_argument(
+        "--sample", type=int, default=None, help="fit the head on a seeded slice of N training images"
+    )
+    p.add_argument(
+        "--max-mib", type=float, default=512, help="refuse ONNX files larger than this (MiB, default 512)"
+    )
+    p.add_argument("--threads", type=int, default=None)
+    return p
+
+
+def register_onnx_main(argv: Sequence[str] | None = None) -> int:
+    from trainer.register_onnx import RegisterConfig, register_onnx
+
+    try:
+        args = register_onnx_parser().parse_args(argv)
+        if not Path(args.model).is_file():
+            return _fail(f"ONNX file {args.model} does not exist")
+        cfg = RegisterConfig(
+            **{k: v for k, v in vars(args).items() if k != "max_mib"}, max_bytes=int(args.max_mib * 2**20)
+        )
+        result = register_onnx(cfg)
+    except TrainerError as e:
+        return _fail(str(e))
+    card, head = result.card, result.card.metrics.get("head", {})
+    print(
+        f"registered {card.version} at {result.path}: ONNX {card.embedding_dim}-d embeddings, "
+        f"{len(card.classes)} classes, head by {head.get('method')} on {head.get('sample')} images "
+        f"({result.seconds:.1f}s)"
+    )
+    return 0

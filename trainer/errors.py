@@ -21,3 +21,8 @@ class IncompatibleModelsError(TrainerError):
 
 class ConfigError(TrainerError):
     """An argument or configuration value is out of range."""
+
+
+class OnnxModelError(ModelCardError):
+    """An ONNX file is refused as a model version (not ONNX, wrong inputs or outputs, a custom operator,
+    too large, external data, or a checksum that no longer matches its card)."""

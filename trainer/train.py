@@ -157,10 +157,10 @@ def train(
     weights = cfg.bct_weights()
     out = Path(cfg.out)
     version = check_version_name(out.name)
-    old = load_model(cfg.old) if cfg.old else None
-    _check_old(cfg, old)
-    if cfg.threads:
+    if cfg.threads:  # before loading the old model: an ONNX one takes torch's thread count
         torch.set_num_threads(cfg.threads)
+    old = load_model(cfg.old) if cfg.old else None  # an ONNX folder too: embedded by onnxruntime
+    _check_old(cfg, old)
     gen = seed_everything(cfg.seed)
 
     full_train = load_split(cfg.data, "train")

@@ -57,6 +57,8 @@ def verify_weights(folder: Path, card: ModelCard) -> None:
     shapes = _header_shapes(weights)
     if card.adapter_of is not None:
         return  # an adapter's tensors are checked against its base model when it is loaded
+    if card.format == "onnx":
+        return _verify_onnx(folder, card, shapes)
     try:
         expected = _expected_shapes(card)
     except Exception as e:  # a card whose arch cannot be built
@@ -69,3 +71,16 @@ def verify_weights(folder: Path, card: ModelCard) -> None:
             f"{weights.name} in {folder.name} does not fit the architecture in its card "
             f"(missing {missing}, unexpected {extra}, other shapes {wrong}): refused"
         )
+
+
+def _verify_onnx(folder: Path, card: ModelCard, shapes: dict[str, tuple[int, ...]]) -> None:
+    """An ONNX version: its head file holds the (K, D) rows, and its graph passes the structural checks
+    (checksum, size, one image input of the card's contract, standard operators, no external data)."""
+    from trainer.onnx_model import HEAD_TENSOR, verify_onnx
+
+    expected = {HEAD_TENSOR: (len(card.classes), card.embedding_dim)}
+    if shapes != expected:
+        raise ModelCardError(
+            f"{card.weights} in {folder.name} holds {shapes}, expected {expected} (the ONNX version's head): refused"
+        )
+    verify_onnx(folder, card)
