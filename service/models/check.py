@@ -214,7 +214,10 @@ class CompatibilityCheck:
         else:
             qb = rng.normal(size=qc.shape).astype(np.float32)
             qb /= np.linalg.norm(qb, axis=1, keepdims=True)
-            baseline_what = "random unit vectors (an adapter version has no single architecture to randomise)"
+            baseline_what = (
+                "random unit vectors (an adapter or ONNX version has no single architecture of graceful's "
+                "to randomise)"
+            )
         labels = self._labels(gallery_ids)
         ql = labels[self_pos] if labels is not None else None
         counts = dict(zip(*np.unique(labels, return_counts=True), strict=True)) if labels is not None else {}
