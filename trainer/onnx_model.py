@@ -408,3 +408,41 @@ def verify_onnx(folder: Path, card: Any) -> None:
         raise OnnxModelError(
             f"{path.name} in {folder.name} writes {sig.embedding_dim}-d embeddings, card says {card.embedding_dim}"
         )
+
+
+class _ExportWrapper(nn.Module):
+    """``embed`` (+ ``classify``) of a graceful model as a graph's outputs."""
+
+    def __init__(self, model: nn.Module, logits: bool) -> None:
+        super().__init__()
+        self.model, self.logits = model, logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        emb = self.model.embed(x)
+        return (emb, self.model.classify(emb)) if self.logits else emb
+
+
+def export_onnx(model: nn.Module, shape: tuple[int, int, int], path: Path, logits: bool = True) -> Path:
+    """Export a graceful model (``embed``/``classify``) to ``path`` as an ONNX graph: input ``image`` (N, C,
+    H, W) for ``shape`` (C, H, W), outputs ``embedding`` (N, D) and, with ``logits``, ``logits`` (N, K); a
+    dynamic batch. TorchScript exporter (``dynamo=False``: no onnxscript needed). The model's training mode
+    is kept as it was (the exporter switches it)."""
+    import warnings
+
+    names = ["embedding", "logits"] if logits else ["embedding"]
+    was_training = model.training
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation notice of the TorchScript path
+            torch.onnx.export(
+                _ExportWrapper(model, logits).eval(),
+                (torch.zeros(2, *shape),),
+                str(path),
+                dynamo=False,
+                input_names=["image"],
+                output_names=names,
+                dynamic_axes={n: {0: "n"} for n in ["image", *names]},
+            )
+    finally:
+        model.train(was_training)
+    return path

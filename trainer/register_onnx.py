@@ -3,10 +3,11 @@
 The graph is checked (trainer/onnx_model.py) and test-run; then the training images of the card's classes
 are embedded once to give the version a classifier head, which BCT needs as the old model's head:
 
-- an export with a second (N, K) output (logits): the rows are fitted to those logits by least squares on
-  the embeddings (rows ``W`` minimising ||E W^T - L||); a cosine head is linear in unit embeddings, so
-  this reproduces the export's own classifier (exactly for a cosine head like graceful's), where class
-  means would only approximate it. Both are measured and stored in the card (``metrics.head``);
+- an export with a second (N, K) output (logits): the rows are fitted to those logits by least squares
+  (along the embeddings' own directions) on the embeddings (rows ``W`` minimising ||E W^T - L||); a cosine head is
+  linear in unit embeddings, so this reproduces the export's own classifier (exactly for a cosine head like
+  graceful's), where class means would only approximate it. Both are measured and stored in the card
+  (``metrics.head``), and the one whose argmax agrees better with the export's is kept;
 - an export without logits: the rows are the class-mean embeddings (the BCT paper's synthesised classifier).
 
 The folder is written under a temporary name and renamed into place at the end: a refused file leaves
@@ -123,10 +124,10 @@ def fit_head(
 ) -> tuple[torch.Tensor, float, dict[str, Any]]:
     """The head's (K, D) rows and scale, and what was measured choosing them.
 
-    With logits: least squares ``rows = argmin ||emb @ rows.T - logits||`` (scale: the rows' mean norm, as
-    a cosine head of scale s on unit embeddings has rows of norm s); the class-mean head is measured beside
-    it (agreement of its argmax with the export's) and kept instead if it agrees better (a sample whose
-    embeddings span fewer than D dims). Without: class means at ``scale``."""
+    With logits: least squares ``rows = argmin ||emb @ rows.T - logits||`` (``lstsq_rows``; the scale is
+    the rows' mean norm, as a cosine head of scale s on unit embeddings has rows of norm s); the class-mean
+    head is measured beside it (agreement of its argmax with the export's) and kept instead if it agrees
+    better. Without: class means at ``scale``."""
     from trainer.losses import class_means
 
     means = class_means(emb, rows, classes)  # (K, D)
@@ -136,7 +137,7 @@ def fit_head(
         info.update(method="class-mean", train_top1=acc(means))
         return means, scale, info
     target = logits.argmax(1)
-    fitted = torch.linalg.lstsq(emb.double(), logits.double()).solution.T.float()  # (K, D)
+    fitted = lstsq_rows(emb, logits)  # (K, D)
     fit_scale = float(fitted.norm(dim=1).mean())
     resid = float((emb @ fitted.T - logits).norm() / logits.norm().clamp_min(1e-12))
     agree = lambda w: round(float((cosine_logits(emb, w).argmax(1) == target).float().mean()), 4)  # noqa: E731
@@ -156,6 +157,19 @@ def fit_head(
         class_mean_train_top1=acc(means),
     )
     return (fitted, fit_scale, info) if use_fit else (means, scale, info)
+
+
+def lstsq_rows(emb: torch.Tensor, logits: torch.Tensor, rcond: float = 1e-4) -> torch.Tensor:
+    """(K, D) rows ``W`` minimising ||emb W^T - logits||, in float64, along the embeddings' own directions.
+
+    A trained model's embeddings fill a subspace of R^D (on Fashion-MNIST the real v1's singular values fall
+    from ~40 to ~1e-7): plain least squares puts arbitrary, large components along the unused directions,
+    and a cosine head, which divides by the rows' norms, is thrown off (agreement 0.99 on the real v1).
+    Directions with a singular value under ``rcond`` times the largest are left out (SVD least squares,
+    gelsd), so the rows stay in the embeddings' subspace, where a trained head's rows lie: the real v1's are
+    recovered exactly (cosine 1.0, norm = its scale 4)."""
+    sol = torch.linalg.lstsq(emb.double(), logits.double(), rcond=rcond, driver="gelsd").solution
+    return sol.T.float()
 
 
 def cosine_logits(emb: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -3,48 +3,20 @@ hostile) made with onnx.helper."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from trainer.artifact import load_model
+from trainer.onnx_model import export_onnx
 
 REGISTER_ARGS = ["--size", "28", "--channels", "1", "--mean", "0.286", "--std", "0.353"]
 
 
-class _Export(nn.Module):
-    """embed (+ classify) of a graceful model, as the graph's outputs."""
-
-    def __init__(self, model: nn.Module, logits: bool) -> None:
-        super().__init__()
-        self.model, self.logits = model, logits
-
-    def forward(self, x: torch.Tensor):
-        emb = self.model.embed(x)
-        return (emb, self.model.classify(emb)) if self.logits else emb
-
-
 def export_model(folder: Path, path: Path, logits: bool = True) -> Path:
-    """Export the model version at ``folder`` to ``path`` (TorchScript exporter, dynamic batch). The model is
-    loaded afresh: the exporter may leave a module in training mode."""
+    """Export the model version at ``folder`` to ``path`` (trainer.onnx_model.export_onnx: dynamic batch)."""
     loaded = load_model(folder)
-    c, h, w = loaded.preprocess.shape
-    names = ["embedding", "logits"] if logits else ["embedding"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _Export(loaded.model, logits).eval(),
-            (torch.zeros(2, c, h, w),),
-            str(path),
-            dynamo=False,
-            input_names=["image"],
-            output_names=names,
-            dynamic_axes={n: {0: "n"} for n in ["image", *names]},
-        )
-    return path
+    return export_onnx(loaded.model, loaded.preprocess.shape, path, logits=logits)
 
 
 def linear_graph(

@@ -66,7 +66,7 @@ def test_registered_export_embeds_like_torch(exported, tiny_data):
     head = card.metrics["head"]
     assert head["method"] == "logits-lstsq" and head["agreement_with_logits"] == 1.0
     cos = torch.nn.functional.cosine_similarity(onnx_v1.model.head.weight, v1.model.head.weight)
-    assert float(cos.min()) > 0.999 and abs(onnx_v1.model.head.scale - v1.model.head.scale) < 1e-3
+    assert float(cos.min()) > 0.999 and abs(onnx_v1.model.head.scale - v1.model.head.scale) < 1e-2
     np.testing.assert_array_equal(predict_labels(onnx_v1, b), predict_labels(v1, a))
     verify_weights(onnx_v1.path, card)  # what a models-dir survey runs
     assert random_twin(onnx_v1) is None  # an ONNX graph has no architecture of ours to randomise
