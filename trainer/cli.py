@@ -302,7 +302,7 @@ def register_onnx_parser(prog: str = "graceful register-onnx") -> argparse.Argum
     )
     p.add_argument("model", help="the .onnx file: one image input (N, C, H, W), outputs (N, D) [and (N, K)]")
     p.add_argument("--out", required=True, help="model version folder to write (its name is the version)")
-    p.add_argument("--size", type=int, nargs="+", required=True, metavar="H [W]", help="input height [width]")
+    p.add_argument("--size", type=int, nargs="+", required=True, metavar="PX", help="input height [width]")
     p.add_argument("--channels", type=int, required=True, choices=[1, 3])
     p.add_argument("--mean", type=float, nargs="+", required=True, help="per-channel mean of [0, 1] pixels")
     p.add_argument("--std", type=float, nargs="+", required=True, help="per-channel std of [0, 1] pixels")

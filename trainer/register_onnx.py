@@ -46,6 +46,7 @@ from trainer.onnx_model import (
 from trainer.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
+LSTSQ_RCOND = 1e-4  # directions of the embeddings under this share of the largest singular value: left out
 
 
 @dataclass
@@ -147,7 +148,7 @@ def fit_head(
     use_fit = fit_agree >= mean_agree
     info.update(
         method="logits-lstsq" if use_fit else "class-mean",
-        embedding_rank=int(torch.linalg.matrix_rank(emb.double())),
+        effective_rank=int(torch.linalg.matrix_rank(emb.double(), rtol=LSTSQ_RCOND)),  # what the fit uses
         relative_residual=round(resid, 6),
         agreement_with_logits=fit_agree if use_fit else mean_agree,
         lstsq_agreement_with_logits=fit_agree,
@@ -159,7 +160,7 @@ def fit_head(
     return (fitted, fit_scale, info) if use_fit else (means, scale, info)
 
 
-def lstsq_rows(emb: torch.Tensor, logits: torch.Tensor, rcond: float = 1e-4) -> torch.Tensor:
+def lstsq_rows(emb: torch.Tensor, logits: torch.Tensor, rcond: float | None = None) -> torch.Tensor:
     """(K, D) rows ``W`` minimising ||emb W^T - logits||, in float64, along the embeddings' own directions.
 
     A trained model's embeddings fill a subspace of R^D (on Fashion-MNIST the real v1's singular values fall
@@ -168,6 +169,7 @@ def lstsq_rows(emb: torch.Tensor, logits: torch.Tensor, rcond: float = 1e-4) -> 
     Directions with a singular value under ``rcond`` times the largest are left out (SVD least squares,
     gelsd), so the rows stay in the embeddings' subspace, where a trained head's rows lie: the real v1's are
     recovered exactly (cosine 1.0, norm = its scale 4)."""
+    rcond = LSTSQ_RCOND if rcond is None else rcond
     sol = torch.linalg.lstsq(emb.double(), logits.double(), rcond=rcond, driver="gelsd").solution
     return sol.T.float()
 
