@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -28,11 +28,30 @@ def external_id_problem(eid: str) -> str | None:
     return None
 
 
+MAX_VECTOR_DIM = (
+    65536  # longest vector an item may carry (the body bound, GRACEFUL_MAX_BODY_BYTES, comes first)
+)
+# Numbers only (no strings, no booleans), finite: a NaN or inf is refused naming its position.
+VectorValue = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
 class IngestItem(_Strict):
+    """An image (embedded by the active version), or a vector computed outside graceful with the version
+    that made it (``model_version``: the active version, or another of the space the gallery serves)."""
+
     external_id: str = Field(
         min_length=1, max_length=MAX_EXTERNAL_ID, json_schema_extra={"pattern": EXTERNAL_ID_PATTERN}
     )
-    image_base64: str = Field(min_length=1)
+    image_base64: str | None = Field(None, min_length=1)
+    vector: list[VectorValue] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_VECTOR_DIM,
+        description="the item's embedding by `model_version` (L2-normalised on input; a zero vector is refused)",
+    )
+    model_version: str | None = Field(
+        None, min_length=1, max_length=128, description="the version that computed `vector`"
+    )
     metadata: dict[str, Any] | None = None
 
     @field_validator("external_id")
@@ -42,6 +61,16 @@ class IngestItem(_Strict):
         if problem:
             raise ValueError(problem)
         return v
+
+    @model_validator(mode="after")
+    def _image_or_vector(self) -> IngestItem:
+        if (self.image_base64 is None) == (self.vector is None):
+            raise ValueError("give exactly one of image_base64 or vector (with model_version)")
+        if self.vector is not None and self.model_version is None:
+            raise ValueError("a vector needs model_version: the version that computed it")
+        if self.image_base64 is not None and self.model_version is not None:
+            raise ValueError("model_version goes with a vector; an image is embedded by the active version")
+        return self
 
 
 class IngestRequest(_Strict):
@@ -176,6 +205,11 @@ class ModelInfo(BaseModel):
     version: str
     valid: bool
     error: str | None = None
+    format: str | None = Field(
+        None,
+        description='"graceful-model/1" (graceful weights), "onnx" (an ONNX export) or "external" (no '
+        "weights: it takes vectors computed outside graceful, not images)",
+    )
     space: str | None = None
     compatible_with: str | None = None
     adapter_of: str | None = None

@@ -20,6 +20,7 @@ _EXPORTS = {
     "random_twin": "trainer.artifact",
     "read_card": "trainer.artifact",
     "ModelCardError": "trainer.errors",
+    "NoImageModel": "trainer.errors",
     "relevance_metrics": "trainer.metrics",
     "verify_weights": "trainer.verify",
 }
@@ -27,6 +28,7 @@ __all__ = [
     "LoadedModel",
     "ModelCard",
     "ModelCardError",
+    "NoImageModel",
     "adapter_base_folder",
     "embed_images",
     "file_sha256",
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
         random_twin,
         read_card,
     )
-    from trainer.errors import ModelCardError
+    from trainer.errors import ModelCardError, NoImageModel
     from trainer.metrics import relevance_metrics
     from trainer.verify import verify_weights
 

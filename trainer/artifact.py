@@ -16,19 +16,20 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.adapter import AdaptedModel, AdapterConfig, EmbeddingAdapter
-from trainer.errors import ModelCardError
+from trainer.errors import ModelCardError, NoImageModel
 from trainer.model import ArchConfig, CosineHead, EmbeddingModel
 from trainer.preprocess import Preprocess
 
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FORMAT = "graceful-model/1"
+EXTERNAL_FORMAT = "external"  # no weights: the version's embeddings are computed outside graceful
 ONNX_FORMAT = "onnx"  # an ONNX export run by onnxruntime, with a head file (trainer/onnx_model.py)
 _PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"}
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -53,9 +54,9 @@ class ModelCard(BaseModel):
 
     format: str = CARD_FORMAT
     version: str = Field(min_length=1, max_length=128, pattern=NAME_PATTERN)
-    arch: dict[str, Any]
+    arch: dict[str, Any] = Field(default_factory=dict)  # required unless external (see _external_rules)
     embedding_dim: int = Field(gt=0)
-    classes: list[int] = Field(min_length=1)
+    classes: list[int] = Field(default_factory=list)  # required unless external
     class_names: list[str] = Field(default_factory=list)
     space: str = Field(min_length=1, max_length=128, pattern=NAME_PATTERN)
     compatible_with: str | None
@@ -73,11 +74,32 @@ class ModelCard(BaseModel):
     @field_validator("format")
     @classmethod
     def _known_format(cls, v: str) -> str:
-        if v not in (CARD_FORMAT, ONNX_FORMAT):
+        if v not in (CARD_FORMAT, EXTERNAL_FORMAT, ONNX_FORMAT):
             raise ValueError(
-                f"unknown card format {v!r} (this graceful reads {CARD_FORMAT!r}, {ONNX_FORMAT!r})"
+                f"unknown card format {v!r} (this graceful reads {CARD_FORMAT!r}, {EXTERNAL_FORMAT!r}, "
+                f"{ONNX_FORMAT!r})"
             )
         return v
+
+    @model_validator(mode="after")
+    def _external_rules(self) -> ModelCard:
+        # Only an external version may leave out arch and classes: it has no network (classes stay optional,
+        # for the check's old/new split); it cannot be an adapter (an adapter maps a network's embeddings).
+        if self.external:
+            if self.adapter_of is not None:
+                raise ValueError("an external version cannot be an adapter (adapter_of)")
+        else:
+            missing = [f for f in ("arch", "classes") if not getattr(self, f)]
+            if missing:
+                raise ValueError(
+                    f"{' and '.join(missing)} required (only an external version may leave them out)"
+                )
+        return self
+
+    @property
+    def external(self) -> bool:
+        """Whether this version's embeddings are computed outside graceful (no weights, no image model)."""
+        return self.format == EXTERNAL_FORMAT
 
     @field_validator("onnx_file")
     @classmethod
@@ -96,12 +118,35 @@ class ModelCard(BaseModel):
         return v
 
 
+class ExternalModel:
+    """The model of an external version: it has none. Its embeddings are computed outside graceful and sent
+    as vectors; asking it to embed (or classify) raises :class:`NoImageModel`."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+    def embed(self, *_: object) -> torch.Tensor:
+        raise NoImageModel(self.version)
+
+    classify = embed
+
+    @property
+    def head(self) -> NoReturn:  # no classifier either
+        raise NoImageModel(self.version)
+
+    def eval(self) -> ExternalModel:
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> ExternalModel:
+        return self
+
+
 @dataclass
 class LoadedModel:
     """A model ready to embed: eval mode, no gradients, with its card and input contract."""
 
     card: ModelCard
-    model: EmbeddingModel | AdaptedModel
+    model: EmbeddingModel | AdaptedModel | ExternalModel
     path: Path
 
     @property
@@ -142,10 +187,15 @@ def save_model(
     save_file(state, str(tmp), metadata={"format": CARD_FORMAT})
     os.replace(tmp, weights)
     card = card.model_copy(update={"weights_sha256": file_sha256(weights)})
-    tmp_card = folder / (CARD_FILE + ".tmp")
-    tmp_card.write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
-    os.replace(tmp_card, folder / CARD_FILE)
+    write_card(folder, card)
     return card
+
+
+def write_card(folder: Path, card: ModelCard, exclude: set[str] | None = None) -> None:
+    """Write ``card.json`` atomically (a folder with a card is complete); ``exclude``: fields left out."""
+    tmp_card = folder / (CARD_FILE + ".tmp")
+    tmp_card.write_text(json.dumps(card.model_dump(mode="json", exclude=exclude), indent=2) + "\n")
+    os.replace(tmp_card, folder / CARD_FILE)
 
 
 def read_card(folder: str | os.PathLike[str]) -> ModelCard:
@@ -173,7 +223,7 @@ def read_card(folder: str | os.PathLike[str]) -> ModelCard:
         raise ModelCardError(f"{path} is not a valid model card: {problems}") from None
     if card.version != folder.name:
         raise ModelCardError(f"{path} says version {card.version!r} but the folder is named {folder.name!r}")
-    if card.embedding_dim != int(card.arch.get("embedding_dim", -1)):
+    if not card.external and card.embedding_dim != int(card.arch.get("embedding_dim", -1)):
         raise ModelCardError(
             f"{path}: embedding_dim {card.embedding_dim} differs from arch {card.arch.get('embedding_dim')}"
         )
@@ -222,6 +272,8 @@ def load_model(folder: str | os.PathLike[str]) -> LoadedModel:
     ``ModelCardError`` with the reason on anything odd."""
     folder = Path(folder)
     card = read_card(folder)
+    if card.external:
+        return LoadedModel(card=card, model=ExternalModel(card.version), path=folder)
     if card.adapter_of is not None:
         return _load_adapter(folder, card)
     if card.format == ONNX_FORMAT:
@@ -314,8 +366,8 @@ def predict_labels(loaded: LoadedModel, embeddings):
 def random_twin(loaded: LoadedModel, seed: int = 0) -> LoadedModel | None:
     """A model of ``loaded``'s architecture and input contract with seeded random weights: the
     no-information baseline a compatibility measurement is read against. None for an adapter version
-    (its architecture is two models)."""
-    if loaded.card.adapter_of is not None or loaded.card.format == ONNX_FORMAT:
+    (its architecture is two models) and an external one (it has none)."""
+    if loaded.card.adapter_of is not None or loaded.card.external or loaded.card.format == ONNX_FORMAT:
         return None  # an ONNX graph's weights are not ours to randomise
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

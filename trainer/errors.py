@@ -26,3 +26,16 @@ class ConfigError(TrainerError):
 class OnnxModelError(ModelCardError):
     """An ONNX file is refused as a model version (not ONNX, wrong inputs or outputs, a custom operator,
     too large, external data, or a checksum that no longer matches its card)."""
+
+
+class NoImageModel(TrainerError):
+    """A model version that cannot embed images: an external version, whose embeddings are computed outside
+    graceful (its vectors are sent instead). ``hint`` says what to do instead (default: send vectors)."""
+
+    def __init__(self, version: str, hint: str | None = None) -> None:
+        super().__init__(
+            f"version {version} is external: its embeddings are computed outside graceful, so it cannot embed "
+            "images; "
+            + (hint or f'send vectors, not images ({{"vector": [...], "model_version": "{version}"}})')
+        )
+        self.version = version

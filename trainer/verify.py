@@ -40,6 +40,8 @@ def _expected_shapes(card: ModelCard) -> dict[str, tuple[int, ...]]:
 
 def verify_weights(folder: Path, card: ModelCard) -> None:
     """Raise :class:`ModelCardError` saying why ``folder``'s weights do not belong to ``card``."""
+    if card.external:
+        return  # an external version has no weights: its embeddings are computed outside graceful
     weights = folder / card.weights
     if weights.is_symlink() or not weights.is_file():
         raise ModelCardError(f"{folder.name} has no regular weights file {card.weights} (links are refused)")

@@ -19,7 +19,7 @@ from index import errors as ierr
 from service import errors as serr
 from service.api.bodies import validation_message
 from service.models.hot_swap import backfill_report_url
-from trainer import ModelCardError
+from trainer import ModelCardError, NoImageModel
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (serr.NoShadow, 404),
     (serr.NoSourceKept, 404),
     (ModelCardError, 422),
+    (NoImageModel, 409),  # an image sent to an external version: it takes vectors
     (ierr.RepeatedIds, 422),  # the request contradicts itself: nothing to do with what is stored
     (ierr.DuplicateIds, 409),
     (ierr.UnknownBackfillJob, 404),
@@ -86,7 +87,7 @@ def install_error_handlers(app: FastAPI) -> None:
             body, status_code=status, headers={"connection": "close"} if status == 413 else None
         )
 
-    for cls in (serr.ServiceError, ierr.GalleryError, ModelCardError):
+    for cls in (serr.ServiceError, ierr.GalleryError, ModelCardError, NoImageModel):
         app.add_exception_handler(cls, domain_error)
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -60,9 +60,11 @@ def uncertainty_scores(
     ver = np.asarray(versions, dtype=object)
     for v in sorted(set(versions)):
         loaded = model_of(v)
-        if loaded is None:
+        if loaded is None or loaded.card.external:  # an external version has no head to score with
             log.warning(
-                "no loadable model for version %s: its items keep id order in the uncertainty policy", v
+                "no model with a head for version %s (missing, refused or external): its items keep id order "
+                "in the uncertainty policy",
+                v,
             )
             continue
         rows = np.flatnonzero(ver == v)

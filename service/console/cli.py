@@ -18,6 +18,7 @@ commands:
   check     measure a candidate version against a running service's gallery (as activation will)
   ingest    ingest image files (folders, files) into a running service
   search    search a running service by image (or stored item), with metadata filters
+  register-external  write a model version folder for embeddings computed outside graceful (no weights)
 
 `graceful <command> --help` for a command's options; `graceful --version` for the version."""
 
@@ -51,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from service.console.demo import demo_main
     from service.console.items import ingest_main, search_main
     from service.console.serve import serve_main
+    from trainer.external import register_external_main
 
     commands = {
         "train": train_main,
@@ -63,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": check_main,
         "ingest": ingest_main,
         "search": search_main,
+        "register-external": register_external_main,
     }
     if cmd not in commands:
         print(f"graceful: error: unknown command {cmd!r} (try `graceful --help`)", file=sys.stderr)

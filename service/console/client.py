@@ -290,6 +290,41 @@ class GracefulClient:
         ]
         return self.post("/v1/items", json={"items": items, "upsert": upsert})
 
+    def ingest_vectors(
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray | Sequence[Sequence[float]],
+        model_version: str,
+        metadata: Sequence[dict | None] | None = None,
+        upsert: bool = False,
+        batch_size: int = 1024,
+    ) -> dict:
+        """Ingest embeddings computed outside graceful ((n, d) floats, made by ``model_version``: the active
+        version or another of the gallery's space) under ``ids``, ``batch_size`` per request (each request
+        all-or-nothing; GRACEFUL_MAX_BATCH_ITEMS on the server bounds it). Returns ``{"model_version",
+        "space", "stored", "count"}`` over every request."""
+        rows = np.asarray(vectors, dtype=np.float64)
+        if rows.ndim != 2 or len(rows) != len(ids):
+            raise ValueError(f"vectors must be (len(ids)={len(ids)}, d), got shape {rows.shape}")
+        if metadata is not None and len(metadata) != len(ids):
+            raise ValueError(f"{len(metadata)} metadata for {len(ids)} ids: give one per id or none")
+        out: dict[str, Any] = {"model_version": model_version, "space": None, "stored": [], "count": 0}
+        for s in range(0, len(ids), max(1, int(batch_size))):
+            items = [
+                {
+                    "external_id": ids[i],
+                    "vector": rows[i].tolist(),
+                    "model_version": model_version,
+                    "metadata": metadata[i] if metadata else None,
+                }
+                for i in range(s, min(s + batch_size, len(ids)))
+            ]
+            answer = self.post("/v1/items", json={"items": items, "upsert": upsert})
+            out["space"] = answer["space"]
+            out["stored"] += answer["stored"]
+            out["count"] += answer["count"]
+        return out
+
     def ingest_images(
         self,
         ids: Sequence[str],

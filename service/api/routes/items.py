@@ -1,13 +1,16 @@
 """Ingest and delete gallery items.
 
 Ingest goes through the ingest micro-batcher (:mod:`service.serving.ingest`): concurrent requests share
-one model forward and one SQL transaction, each request still all-or-nothing.
+one model forward and one SQL transaction, each request still all-or-nothing. A JSON ingest carries images
+(embedded by the active version) or vectors computed outside graceful, each with its ``model_version``
+(one version per request), never both.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import PurePath
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel
@@ -35,7 +38,7 @@ from service.schemas import (
     external_id_problem,
 )
 from service.serving.deadlines import deadline_in
-from service.serving.ingest import IngestJob
+from service.serving.ingest import IngestJob, VectorJob
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
@@ -84,7 +87,7 @@ _INGEST_BODY = {
 }
 
 
-def _check_rows(settings: Settings, rows: list[tuple[str, bytes, dict | None]]) -> None:
+def _check_rows(settings: Settings, rows: Sequence[tuple[str, Any, dict | None]]) -> None:
     if not rows:
         raise BadRequest("empty batch: send at least one item")
     if len(rows) > settings.max_batch_items:
@@ -101,22 +104,40 @@ def _check_rows(settings: Settings, rows: list[tuple[str, bytes, dict | None]]) 
     response_model=IngestResponse,
     dependencies=WRITE,
     openapi_extra=_INGEST_BODY,
-    summary="Ingest images (JSON with base64 PNG/JPEG, or multipart files), embedded by the active model",
+    summary="Ingest images (JSON with base64 PNG/JPEG, or multipart files), embedded by the active model, "
+    "or vectors computed outside graceful (JSON, with the version that made them)",
 )
 async def ingest(request: Request, settings: SettingsDep, path: IngestDep) -> Response:
     deadline = deadline_in(settings.request_timeout_s)
     with path.arriving():  # the batcher may wait for this request while its body is read
-        rows, upsert = await _read_rows(request, settings)
-        _check_rows(settings, rows)
-        pending = path.start(IngestJob(rows, upsert), deadline)
+        job = await _read_job(request, settings)
+        _check_rows(settings, job.rows)
+        pending = path.start(job, deadline)
     answer = await pending
     return Response(answer.model_dump_json(), media_type="application/json")
 
 
-async def _read_rows(
-    request: Request, settings: Settings
-) -> tuple[list[tuple[str, bytes, dict | None]], bool]:
-    """The (external_id, image bytes, metadata) rows of a JSON or multipart ingest body, and its upsert flag."""
+def _vector_job(body: IngestRequest) -> VectorJob | None:
+    """The vector ingest a JSON body asks for (None: it holds images). Refuses a mix of images and
+    vectors, and vectors of several versions (one request is one version's transaction)."""
+    vectors = [it for it in body.items if it.vector is not None]
+    if not vectors:
+        return None
+    if len(vectors) != len(body.items):
+        raise BadRequest("an ingest holds images or vectors, not both: send them in separate requests")
+    versions = sorted({str(it.model_version) for it in vectors})
+    if len(versions) > 1:
+        raise BadRequest(
+            f"every vector of one ingest must come from one model_version, found {', '.join(versions[:5])}: "
+            "send each version's vectors in a request of its own"
+        )
+    rows = [(it.external_id, it.vector, it.metadata) for it in vectors if it.vector is not None]
+    return VectorJob(rows, versions[0], body.upsert)
+
+
+async def _read_job(request: Request, settings: Settings) -> IngestJob | VectorJob:
+    """The ingest a JSON or multipart body asks for: images as (external_id, image bytes, metadata) rows,
+    or (JSON only) vectors with their version; with its upsert flag."""
     rows: list[tuple[str, bytes, dict | None]] = []
     upsert = False
     if is_multipart(request):
@@ -146,12 +167,16 @@ async def _read_rows(
             rows.append((eid, raw, meta))
     else:
         body = await read_json(request, IngestRequest)
+        vectors = _vector_job(body)
+        if vectors is not None:
+            return vectors
         upsert = body.upsert
         for it in body.items:
+            assert it.image_base64 is not None  # an item holds an image or a vector (IngestItem)
             rows.append(
                 (it.external_id, decode_base64(it.image_base64, f"item {it.external_id!r}"), it.metadata)
             )
-    return rows, upsert
+    return IngestJob(rows, upsert)
 
 
 @router.get(

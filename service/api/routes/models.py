@@ -43,6 +43,7 @@ Version = Annotated[
 # What GET /v1/models/active shows of a card: what a client needs to use the model, not how or where it was
 # trained (the card's train_config holds local paths).
 PUBLIC_CARD_KEYS = (
+    "format",
     "version",
     "arch",
     "embedding_dim",
@@ -70,6 +71,7 @@ def list_models(registry: RegistryDep, swap: SwapDep) -> ModelsResponse:
             ModelInfo(
                 version=e.version,
                 valid=True,
+                format=e.card.format,
                 space=e.card.space,
                 compatible_with=e.card.compatible_with,
                 adapter_of=e.card.adapter_of,

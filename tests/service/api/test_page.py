@@ -159,6 +159,7 @@ def test_model_card_shows_public_keys_and_the_matrix(client):
     card = r.json()
     assert card["version"] == "v2" and card["compatible_with"] == "v1" and card["space"] == "v1"
     assert set(card) <= {
+        "format",
         "version",
         "arch",
         "embedding_dim",
