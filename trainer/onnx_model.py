@@ -348,6 +348,7 @@ def load_onnx_model(folder: Path, card: Any, state: dict[str, torch.Tensor]) -> 
     from trainer.preprocess import Preprocess
 
     path = onnx_path(folder, card)
+    _check_size(path, folder, card)
     data = path.read_bytes()
     if sha256_bytes(data) != card.onnx_sha256:
         raise OnnxModelError(f"{path} does not match the checksum in its card (corrupt or replaced): refused")
@@ -384,16 +385,21 @@ def onnx_path(folder: Path, card: Any) -> Path:
     return path
 
 
+def _check_size(path: Path, folder: Path, card: Any) -> None:
+    """The file is the size its card states (checked before reading it: a replaced file may be huge)."""
+    size = path.stat().st_size
+    stated = card.arch.get("onnx_bytes")
+    if stated is not None and size != int(stated):
+        raise OnnxModelError(f"{path.name} in {folder.name} is {size} bytes, its card says {stated}: refused")
+
+
 def verify_onnx(folder: Path, card: Any) -> None:
     """The checks of a models-dir survey for an ONNX version, without running it: the file's checksum and
     size, and the graph's structure (inputs, outputs, operator domains, no external data)."""
     from trainer.preprocess import Preprocess
 
     path = onnx_path(folder, card)
-    size = path.stat().st_size
-    stated = card.arch.get("onnx_bytes")
-    if stated is not None and size != int(stated):
-        raise OnnxModelError(f"{path.name} in {folder.name} is {size} bytes, its card says {stated}: refused")
+    _check_size(path, folder, card)
     data = path.read_bytes()
     if sha256_bytes(data) != card.onnx_sha256:
         raise OnnxModelError(

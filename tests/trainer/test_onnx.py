@@ -144,18 +144,24 @@ def test_broken_or_hostile_files_are_refused(exported, tiny_data, tmp_path, caps
     assert not out.exists() and not list(tmp_path.glob(".refused*"))  # nothing written
 
 
-def test_a_replaced_file_is_refused_at_load_and_survey(exported, tmp_path):
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda b: b[:-1] + bytes([b[-1] ^ 1]), "does not match the checksum in its card"),
+        (lambda b: b + bytes(1 << 20), "bytes, its card says"),  # grown: refused before it is read
+    ],
+    ids=["flipped-byte", "grown"],
+)
+def test_a_replaced_file_is_refused_at_load_and_survey(exported, tmp_path, change, reason):
     import shutil
 
     folder = tmp_path / "v1-onnx"
     shutil.copytree(exported / "v1-onnx", folder)
     card = read_card(folder)
     onnx_file = folder / "model.onnx"
-    data = bytearray(onnx_file.read_bytes())
-    data[-1] ^= 1
-    onnx_file.write_bytes(bytes(data))
+    onnx_file.write_bytes(change(onnx_file.read_bytes()))
     for check in (lambda: load_model(folder), lambda: verify_weights(folder, card)):
-        with pytest.raises(ModelCardError, match="checksum"):
+        with pytest.raises(ModelCardError, match=reason):
             check()
 
 
