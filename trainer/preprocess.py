@@ -140,14 +140,27 @@ class Preprocess:
         im = im.convert("L" if self.channels == 1 else "RGB")
         if im.size != (self.width, self.height):
             resample = getattr(Image.Resampling, self.interpolation.upper())
-            sw, sh = self.scaled_size(*im.size)
             # reducing_gap: Pillow first shrinks by an integer factor (cheap box filter), then resamples;
             # within 1e-2 of the exact filter for factors this large, several times faster.
-            im = im.resize((sw, sh), resample, reducing_gap=3.0)
             if self.resize == "fit":
-                left, top = (sw - self.width) // 2, (sh - self.height) // 2
-                im = im.crop((left, top, left + self.width, top + self.height))
-            elif self.resize == "pad":
+                # Crop and resize in one step from the exact (sub-pixel) centre region of the target's aspect:
+                # resizing to a rounded size first, then cropping, would stretch one axis by up to a pixel.
+                w, h = im.size
+                scale = max(self.width / w, self.height / h)
+                cw, ch = self.width / scale, self.height / scale
+                # clamped: in floating point cw or ch can come out a hair over the side (Pillow refuses the box)
+                box = (
+                    max(0.0, (w - cw) / 2),
+                    max(0.0, (h - ch) / 2),
+                    min(w, (w + cw) / 2),
+                    min(h, (h + ch) / 2),
+                )
+                im = im.resize((self.width, self.height), resample, box=box, reducing_gap=3.0)
+                sw, sh = self.width, self.height
+            else:
+                sw, sh = self.scaled_size(*im.size)
+                im = im.resize((sw, sh), resample, reducing_gap=3.0)
+            if self.resize == "pad":
                 canvas = Image.new(im.mode, (self.width, self.height), 0)
                 canvas.paste(im, ((self.width - sw) // 2, (self.height - sh) // 2))
                 im = canvas
