@@ -10,7 +10,6 @@ for ingest and search (``{"vector": [...], "model_version": ...}``); asking it t
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,23 +17,24 @@ from pathlib import Path
 from trainer.artifact import (
     CARD_FILE,
     EXTERNAL_FORMAT,
-    NAME_PATTERN,
     ModelCard,
     check_version_name,
     read_card,
     write_card,
 )
-from trainer.errors import ConfigError, TrainerError
+from trainer.errors import ConfigError, ModelCardError, TrainerError
 
 MAX_EXTERNAL_DIM = 65536  # a JSON ingest of 1024 such vectors is already past the default 32 MiB body bound
 
 
 def _name(value: str, flag: str) -> str:
-    if not (1 <= len(value) <= 128 and re.match(NAME_PATTERN, value)):
+    """``value`` if it can name a space or version (the rule of version names), else :class:`ConfigError`."""
+    try:
+        return check_version_name(value)
+    except ModelCardError:
         raise ConfigError(
             f"{flag} {value!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
-    return value
+        ) from None
 
 
 def register_external(

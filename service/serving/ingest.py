@@ -261,11 +261,7 @@ class IngestPath:
         assert card is not None  # entry() raises for refused folders
         out: list[IngestResponse | Exception | None] = [None] * len(jobs)
         with self.swap.serving():
-            active = self.swap.active
-            if active is None:
-                raise NoActiveModel(
-                    "no model is active: activate one with POST /v1/models/{version}/activate"
-                )
+            active = self.swap.require_active()
             if card.space != active.space:
                 raise IncompatibleModel(
                     f"the vectors come from {version}, which writes into space {card.space!r}, but the gallery "

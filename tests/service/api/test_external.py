@@ -210,12 +210,18 @@ def test_images_are_refused_while_an_external_version_is_active(ext_server, tiny
         c.post("/v1/items", files={"files": ("a.png", tiny_test_png(tiny_test))}, headers=H),
         c.post("/v1/search", json={"image_base64": png}),
         c.post("/v1/search", files={"image": ("q.png", tiny_test_png(tiny_test))}),
+        c.post(
+            "/v1/search/batch",
+            json={"searches": [{"vector": [1.0] * DIM, "model_version": "ext"}, {"image_base64": png}]},
+        ),
     ]
     for r in refusals:
         assert r.status_code == 409, r.text
         detail = r.json()["detail"]
         assert "ext is external" in detail and "send vectors, not images" in detail
     assert _count(c) == 0
+    r = c.post("/v1/search/batch", json={"searches": [{"vector": [1.0] * DIM, "model_version": "ext"}] * 2})
+    assert r.status_code == 200 and len(r.json()["results"]) == 2
     # the image-only machinery says why it cannot run for an external version
     r = c.post("/v1/backfill", json={"candidate": "ext"}, headers=H)
     assert r.status_code == 409 and "a backfill re-embeds the gallery's images" in r.json()["detail"]
