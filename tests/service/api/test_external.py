@@ -4,6 +4,7 @@ images refused while such a version is active, and the same guard and bookkeepin
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -33,6 +34,10 @@ def _items(vectors: np.ndarray, version: str = "ext", prefix: str = "x") -> list
         {"external_id": f"{prefix}{i}", "vector": v.tolist(), "model_version": version, "metadata": {"i": i}}
         for i, v in enumerate(vectors)
     ]
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    return base64.b64decode(encode_png_base64(image))
 
 
 def _count(c) -> int:
@@ -207,9 +212,9 @@ def test_images_are_refused_while_an_external_version_is_active(ext_server, tiny
     png = encode_png_base64(tiny_test.images[0])
     refusals = [
         c.post("/v1/items", json={"items": [{"external_id": "a", "image_base64": png}]}, headers=H),
-        c.post("/v1/items", files={"files": ("a.png", tiny_test_png(tiny_test))}, headers=H),
+        c.post("/v1/items", files={"files": ("a.png", _png_bytes(tiny_test.images[0]))}, headers=H),
         c.post("/v1/search", json={"image_base64": png}),
-        c.post("/v1/search", files={"image": ("q.png", tiny_test_png(tiny_test))}),
+        c.post("/v1/search", files={"image": ("q.png", _png_bytes(tiny_test.images[0]))}),
         c.post(
             "/v1/search/batch",
             json={"searches": [{"vector": [1.0] * DIM, "model_version": "ext"}, {"image_base64": png}]},
@@ -227,12 +232,6 @@ def test_images_are_refused_while_an_external_version_is_active(ext_server, tiny
     assert r.status_code == 409 and "a backfill re-embeds the gallery's images" in r.json()["detail"]
     r = c.post("/v1/models/v1/shadow", json={"fraction": 0.5}, headers=H)
     assert r.status_code == 409 and "ext is external" in r.json()["detail"]
-
-
-def tiny_test_png(ds) -> bytes:
-    import base64
-
-    return base64.b64decode(encode_png_base64(ds.images[0]))
 
 
 def test_restart_keeps_the_items_and_delete_works(make_server, models_dir) -> None:
