@@ -8,7 +8,8 @@ class ServiceError(Exception):
 
 
 class BadImage(ServiceError):
-    """An image that does not decode, is not PNG/JPEG, or has the wrong size or channels."""
+    """An image that does not decode, is not PNG/JPEG/WebP, or (``GRACEFUL_IMAGE_STRICT_SIZE``) is not the
+    model's input size."""
 
 
 class BadRequest(ServiceError):
