@@ -154,10 +154,7 @@ def _raw_throughput(loaded, pngs: list[bytes], batch: int) -> float:
     t0 = time.perf_counter()
     for s in range(0, len(pngs), batch):
         imgs = np.stack(
-            [
-                decode_image(p, prep=prep, max_pixels=1 << 20, what="x")
-                for p in pngs[s : s + batch]
-            ]
+            [decode_image(p, prep=prep, max_pixels=1 << 20, what="x") for p in pngs[s : s + batch]]
         )
         embed_images(loaded, imgs)
     return len(pngs) / (time.perf_counter() - t0)
