@@ -21,7 +21,7 @@ from service.errors import BadImage, TooLarge
 if TYPE_CHECKING:
     from PIL import Image
 
-    from trainer.preprocess import Preprocess
+    from trainer import Preprocess
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 ACCEPTED = "PNG, JPEG or WebP"

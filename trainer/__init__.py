@@ -21,6 +21,7 @@ _EXPORTS = {
     "read_card": "trainer.artifact",
     "ModelCardError": "trainer.errors",
     "NoImageModel": "trainer.errors",
+    "Preprocess": "trainer.preprocess",
     "relevance_metrics": "trainer.metrics",
     "verify_weights": "trainer.verify",
 }
@@ -29,6 +30,7 @@ __all__ = [
     "ModelCard",
     "ModelCardError",
     "NoImageModel",
+    "Preprocess",
     "adapter_base_folder",
     "embed_images",
     "file_sha256",
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     )
     from trainer.errors import ModelCardError, NoImageModel
     from trainer.metrics import relevance_metrics
+    from trainer.preprocess import Preprocess
     from trainer.verify import verify_weights
 
 

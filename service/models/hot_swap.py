@@ -24,8 +24,7 @@ from service.errors import CheckFailed, IncompatibleModel, NoActiveModel, Nothin
 from service.models.cache import ModelCache
 from service.models.check import CompatibilityCheck
 from service.models.registry import ModelRegistry
-from trainer import LoadedModel, ModelCard, embed_images
-from trainer.preprocess import Preprocess
+from trainer import LoadedModel, ModelCard, Preprocess, embed_images
 
 log = logging.getLogger(__name__)
 
