@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.adapter import AdaptedModel, AdapterConfig, EmbeddingAdapter
+from trainer.backbones import BackboneLibraryMissing
 from trainer.errors import ModelCardError, NoImageModel
 from trainer.model import ArchConfig, CosineHead, EmbeddingModel
 from trainer.preprocess import Preprocess
@@ -284,6 +285,8 @@ def load_model(folder: str | os.PathLike[str]) -> LoadedModel:
         arch = ArchConfig.from_dict(card.arch)
         model = EmbeddingModel(arch, list(card.classes))
         model.load_state_dict(state, strict=True)
+    except BackboneLibraryMissing as e:  # a library backbone (timm:NAME) without its library here
+        raise ModelCardError(f"model {card.version}: {e}") from None
     except Exception as e:  # a shape or key mismatch: the weights do not belong to this card
         raise ModelCardError(
             f"{weights} does not fit the architecture in its card: {str(e).splitlines()[0]}"

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.backbones import LibraryBackbone, is_library_arch
 from trainer.errors import ConfigError
 
 
@@ -46,6 +47,10 @@ class ArchConfig:
             raise ConfigError(f"stem_stride must be 1 or 2, got {self.stem_stride}")
 
     def to_dict(self) -> dict:
+        if is_library_arch(self.name):  # a library backbone (timm:NAME): no preset shape fields
+            from trainer.backbones import arch_record
+
+            return arch_record(self)
         return asdict(self)
 
     @classmethod
@@ -133,7 +138,12 @@ class EmbeddingModel(nn.Module):
             raise ConfigError(f"{len(classes)} classes for a head of {cfg.num_classes} rows")
         self.cfg = cfg
         self.classes = list(classes)
-        self.backbone = Backbone(cfg)
+        # A preset's ResNet, or a library's network (trainer.backbones, "timm:NAME"): the same (B, D) contract.
+        self.backbone: nn.Module = (
+            LibraryBackbone(cfg.name, cfg.in_channels, cfg.embedding_dim)
+            if is_library_arch(cfg.name)
+            else Backbone(cfg)
+        )
         self.head = CosineHead(cfg.embedding_dim, cfg.num_classes, cfg.scale)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,10 +172,31 @@ class EmbeddingModel(nn.Module):
         return lut[labels]
 
 
-def build_model(arch: str, classes: list[int], **overrides: object) -> EmbeddingModel:
-    """A fresh model from a preset name plus overrides (width, depth, embedding_dim, scale ...)."""
+def build_model(
+    arch: str,
+    classes: list[int],
+    *,
+    backbone_weights: str | None = None,
+    input_size: tuple[int, int] | None = None,
+    **overrides: object,
+) -> EmbeddingModel:
+    """A fresh model from a preset name plus overrides (width, depth, embedding_dim, scale ...), or from a
+    library backbone ("timm:resnet18"; optionally initialised from ``backbone_weights``, a safetensors file,
+    and checked to take ``input_size`` (height, width)): trainer.backbones."""
+    if is_library_arch(arch):
+        from trainer.backbones import build_library_model
+
+        return build_library_model(arch, classes, backbone_weights, input_size, **overrides)
+    if backbone_weights is not None:
+        raise ConfigError(
+            f"--backbone-weights initialises a library backbone (--arch timm:NAME); preset {arch!r} trains "
+            "from random weights"
+        )
     if arch not in ARCH_PRESETS:
-        raise ConfigError(f"unknown arch {arch!r}: choose one of {', '.join(ARCH_PRESETS)}")
+        raise ConfigError(
+            f"unknown arch {arch!r}: choose one of {', '.join(ARCH_PRESETS)}, or a library backbone "
+            "timm:NAME (e.g. timm:resnet18)"
+        )
     params = {**ARCH_PRESETS[arch], **{k: v for k, v in overrides.items() if v is not None}}
     cfg = ArchConfig(name=arch, num_classes=len(classes), **params)  # type: ignore[arg-type]
     return EmbeddingModel(cfg, classes)
