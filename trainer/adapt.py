@@ -3,6 +3,10 @@
 The result is a model version folder next to the new model's: its card says ``space`` = the old model's
 space, ``compatible_with`` = the old version and ``adapter_of`` = the new version, so a service activates it
 over a gallery of old embeddings with no backfill (queries: new model, then adapter).
+
+The two models may take different inputs (say a 28x28 grey old model and a 64x64 RGB new one): each embeds
+the same sample images through its own input contract (``trainer.evaluate.embed_models``), and the adapter
+version takes the new model's contract.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from trainer.adapter import ADAPTER_KINDS, AdaptedModel, MLPFit, class_mean_head, fit_adapter
-from trainer.artifact import LoadedModel, ModelCard, check_version_name, embed_images, load_model, save_model
+from trainer.artifact import LoadedModel, ModelCard, check_version_name, load_model, save_model
 from trainer.data import load_split
 from trainer.errors import ConfigError
+from trainer.evaluate import embed_models
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,7 @@ class AdaptConfig:
     steps: int = 3000  # mlp only
     eval_limit: int | None = None  # evaluate the card's metrics on a slice of the test split
     threads: int | None = None
+    workers: int | None = None  # image-folder decoding processes; None = trainer.data.default_workers()
 
 
 @dataclass
@@ -71,11 +77,6 @@ def _check(cfg: AdaptConfig) -> tuple[LoadedModel, LoadedModel]:
             )
     if new.version == old.version or out.name in (new.version, old.version):
         raise ConfigError("--new, --old and --out must be three different versions")
-    if new.card.preprocess != old.card.preprocess:
-        raise ConfigError(
-            f"{new.version} and {old.version} take different inputs (preprocess): one sample "
-            "cannot be embedded by both"
-        )
     return new, old
 
 
@@ -87,8 +88,9 @@ def adapt(cfg: AdaptConfig) -> AdaptResult:
     split = load_split(cfg.data, cfg.split)
     sample = split.take(cfg.sample, seed=cfg.seed) if cfg.sample else split
     t0 = time.perf_counter()
-    x = embed_images(new, sample.images)  # (N, D_new)
-    y = embed_images(old, sample.images)  # (N, D_old)
+    # The same images, each model through its own contract.
+    embs = embed_models([new, old], sample, workers=cfg.workers)
+    x, y = embs[new.version], embs[old.version]  # (N, D_new), (N, D_old)
     t_embed = time.perf_counter() - t0
     adapter, info = fit_adapter(cfg.kind, x, y, MLPFit(hidden=cfg.hidden, steps=cfg.steps, seed=cfg.seed))
     seconds = time.perf_counter() - t0 - t_embed
@@ -140,7 +142,7 @@ def _attach_metrics(
     test = load_split(cfg.data, "test")
     if cfg.eval_limit:
         test = test.take(cfg.eval_limit, seed=0)
-    report = evaluate_models([old, new, adapted], test)
+    report = evaluate_models([old, new, adapted], test, workers=cfg.workers)
     metrics: dict[str, Any] = report.card_metrics(card.version)
     card = card.model_copy(update={"metrics": metrics})
     return save_model(out, adapted.model, card)

@@ -33,9 +33,21 @@ def train_parser(prog: str = "graceful train") -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model version folder to write (its name is the version)")
     p.add_argument("--data", default=None, help="dataset folder (IDX files or train/ test/ image folders)")
     p.add_argument("--classes", default=None, help="class subset, e.g. 0-4 (default: all)")
-    p.add_argument("--arch", default="resnet", help="architecture preset: resnet, resnet-wide, small")
+    p.add_argument(
+        "--arch",
+        default="resnet",
+        help="architecture preset: resnet, resnet-wide, small; or a library backbone timm:NAME "
+        "(e.g. timm:resnet18; needs the 'backbones' extra)",
+    )
+    p.add_argument(
+        "--backbone-weights",
+        default=None,
+        metavar="FILE.safetensors",
+        help="initial weights of a timm:NAME backbone: the library model's state dict (never a pickle)",
+    )
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--stem-stride", type=int, default=None, choices=[1, 2], help="2: cheaper on large inputs")
     p.add_argument("--embedding-dim", type=int, default=128)
     p.add_argument("--scale", type=float, default=4.0, help="cosine-softmax scale of the head")
     p.add_argument("--epochs", type=int, default=8)
@@ -102,6 +114,27 @@ def train_parser(prog: str = "graceful train") -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-augment", dest="augment", action="store_false")
+    # The new model's input contract (its card's preprocess) and where it trains.
+    p.add_argument(
+        "--size", default=None, metavar="N|HxW", help="input size (default: IDX data's own; folders 64)"
+    )
+    p.add_argument("--channels", type=int, default=None, choices=[1, 3], help="default: IDX 1, folders 3")
+    p.add_argument("--resize", default=None, choices=["fit", "pad", "stretch"], help="default fit")
+    p.add_argument(
+        "--mean",
+        type=float,
+        nargs="+",
+        default=None,
+        help="per channel, of [0, 1] pixels (default: Fashion-MNIST's for 1 channel, ImageNet's for 3)",
+    )
+    p.add_argument("--std", type=float, nargs="+", default=None, help="per channel (default: as --mean)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="image-folder decoding processes (default: CPUs-1, 1-4; 0: none)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -160,6 +193,7 @@ def adapt_parser(prog: str = "graceful adapt") -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", choices=["train", "test"], help="where the sample comes from")
     p.add_argument("--data", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="image-folder decoding processes (0: none)")
     p.add_argument("--hidden", type=int, default=256, help="hidden units of the mlp adapter")
     p.add_argument("--steps", type=int, default=3000, help="training steps of the mlp adapter")
     p.add_argument(

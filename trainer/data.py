@@ -1,7 +1,10 @@
 """Datasets: IDX files of the MNIST family, folders of images, class subsets and the retrieval split.
 
-Images are kept as uint8 arrays of shape (N, C, H, W); labels as int64 (N,). Converting to float and
-normalising is the model's job (see ``trainer.preprocess``), so a dataset is cheap to hold and to slice.
+IDX data (``Dataset``) is held in memory as uint8 arrays of shape (N, C, H, W), labels int64 (N,): small and
+as fast to slice as it gets. A folder of images of any size and colour (``ImageFolder``) is held as file
+names only and decoded lazily, by a torch ``DataLoader`` with worker processes (``iter_views``), so memory does
+not grow with the dataset. Either way a batch comes as uint8 arrays under a model's input contract
+(``trainer.preprocess.Preprocess``); converting to float and normalising is the model's job.
 """
 
 from __future__ import annotations
@@ -10,13 +13,17 @@ import gzip
 import os
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+import torch.utils.data
 
 from trainer.errors import DatasetError
+from trainer.preprocess import Preprocess
 
 # The Debian package `dataset-fashion-mnist` installs here (under the system prefix).
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -179,37 +186,277 @@ def _load_idx_split(root: Path, split: str) -> Dataset:
     return Dataset(images[:, None, :, :].copy(), labels.astype(np.int64), names)
 
 
-def _load_image_folder(root: Path, size: int, channels: int) -> Dataset:
+# ---- folders of images: decoded lazily, one file at a time ------------------------------------------------
+
+_ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_EXIF_ORIENTATION = 0x0112
+
+
+def default_workers() -> int:
+    """Decoding processes of a folder loader: every core but one (left to the training step), 1 to 4.
+
+    On 2 cores: 1. A photo of a few hundred pixels decodes into a 64x64 view in about 1 ms, several times
+    faster than 2 cores train on it (BENCHMARKS.md, "Photos"), so one worker keeps up."""
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
+def _orientation(im) -> int:
+    """The EXIF orientation, 1 when absent or unreadable (a broken EXIF block does not lose the picture)."""
+    try:
+        value = int(im.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # Pillow raises many types on malformed EXIF
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _eight_bit(im):
+    """A decoded image in a mode that converts to L or RGB faithfully, as the service decodes
+    (service/images.py): transparency composited on black, 16-bit grey scaled to 8 bits."""
     from PIL import Image
 
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise DatasetError(f"{root} has no class subfolders")
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for f in sorted((root / name).iterdir()):
-            if f.suffix.lower() not in _IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(f) as im:
-                    im = im.convert("L" if channels == 1 else "RGB").resize((size, size))
-                    arr = np.asarray(im, dtype=np.uint8)
-            except OSError as e:
-                raise DatasetError(f"cannot decode image {f}: {e}") from e
-            images.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
-            labels.append(label)
-    if not images:
-        raise DatasetError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) under {root}")
-    return Dataset(np.stack(images), np.asarray(labels, dtype=np.int64), classes)
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(im).astype(np.int64)
+        return Image.fromarray(np.clip(arr >> 8, 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        im.mode in ("P", "L", "RGB") and "transparency" in im.info
+    ):
+        rgba = im.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (0, 0, 0))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return im
 
 
-def load_split(
-    data_dir: str | os.PathLike[str] | None, split: str, *, size: int = 28, channels: int = 1
-) -> Dataset:
+def decode_views(path: str | os.PathLike[str], preps: Sequence[Preprocess]) -> list[np.ndarray]:
+    """Decode one image file once and prepare it under each contract: one (C, H, W) uint8 array per prep.
+
+    As the service decodes an uploaded image: the EXIF orientation is applied (as ``ImageOps.exif_transpose``
+    does); a JPEG is decoded reduced (Pillow's ``draft``, a power-of-two DCT scaling) to no less than the
+    largest size any contract resizes it to before its crop or pad; transparency is composited on black. Any
+    failure, including Pillow's decompression-bomb limit, is a ``DatasetError`` naming the file.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            orientation = _orientation(im)
+            if im.format == "JPEG" and preps:
+                w, h = im.size
+                if orientation in _ROTATING_ORIENTATIONS:
+                    w, h = h, w  # the contracts see the image upright
+                sizes = [p.scaled_size(w, h) for p in preps]
+                need_w, need_h = max(s[0] for s in sizes), max(s[1] for s in sizes)
+                if orientation in _ROTATING_ORIENTATIONS:
+                    need_w, need_h = need_h, need_w
+                gray = all(p.channels == 1 for p in preps) and im.mode == "RGB"
+                im.draft("L" if gray else im.mode, (need_w, need_h))
+            im.load()
+            out = _eight_bit(im)
+            if orientation != 1:
+                out = _transpose(out, orientation)  # what ImageOps.exif_transpose applies
+            return [p.from_pil(out) for p in preps]
+    except DatasetError:
+        raise
+    except Exception as e:  # any decoder failure is the file's fault: name it
+        raise DatasetError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+
+
+def _transpose(im, orientation: int):
+    """``ImageOps.exif_transpose``'s transpose for an image that no longer carries the EXIF block."""
+    from PIL import Image
+
+    T = Image.Transpose
+    method = {
+        2: T.FLIP_LEFT_RIGHT,
+        3: T.ROTATE_180,
+        4: T.FLIP_TOP_BOTTOM,
+        5: T.TRANSPOSE,
+        6: T.ROTATE_270,
+        7: T.TRANSVERSE,
+        8: T.ROTATE_90,
+    }[orientation]
+    return im.transpose(method)
+
+
+class ImageFolder:
+    """One split of a folder dataset (``<split>/<class>/<file>``), held as file names and labels only.
+
+    Nothing is decoded until asked (``views``, or a loader from ``iter_views``), so memory does not grow with
+    the number of images: the names sit in one numpy bytes array (no Python object per file, so forked
+    loader workers do not copy them page by page through reference counts). Classes are the subfolders in
+    sorted order (label = position); files are in sorted order within a class.
+    """
+
+    def __init__(self, root: Path, files: np.ndarray, labels: np.ndarray, class_names: list[str]) -> None:
+        if files.shape != labels.shape:
+            raise DatasetError(f"{files.shape[0]} files for {labels.shape[0]} labels")
+        self.root = Path(root)
+        self.files = files  # (N,) bytes: UTF-8 paths relative to root
+        self.labels = labels.astype(np.int64)  # (N,)
+        self.class_names = list(class_names)
+
+    @classmethod
+    def scan(cls, root: Path) -> ImageFolder:
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if not classes:
+            raise DatasetError(f"{root} has no class subfolders (expected {root}/<class>/<image files>)")
+        files: list[bytes] = []
+        labels: list[int] = []
+        for label, name in enumerate(classes):
+            names = sorted(
+                e.name
+                for e in os.scandir(root / name)
+                if e.is_file() and Path(e.name).suffix.lower() in _IMAGE_SUFFIXES
+            )
+            files.extend(f"{name}/{n}".encode() for n in names)
+            labels.extend([label] * len(names))
+        if not files:
+            raise DatasetError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) under {root}")
+        return cls(root, np.array(files, dtype=np.bytes_), np.asarray(labels, np.int64), classes)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def path(self, i: int) -> Path:
+        return self.root / self.files[i].decode()
+
+    def _select(self, idx: np.ndarray) -> ImageFolder:
+        return ImageFolder(self.root, self.files[idx], self.labels[idx], self.class_names)
+
+    def subset(self, classes: Sequence[int]) -> ImageFolder:
+        """The files whose label is in ``classes`` (labels keep their values)."""
+        unknown = sorted(set(classes) - set(range(self.num_classes)))
+        if unknown:
+            raise DatasetError(
+                f"classes {unknown} do not exist: {self.root} has classes 0-{self.num_classes - 1}"
+            )
+        return self._select(np.isin(self.labels, np.asarray(list(classes), dtype=np.int64)))
+
+    def take(self, n: int, seed: int = 0) -> ImageFolder:
+        """A seeded random slice of at most ``n`` files (the same draw as ``Dataset.take``)."""
+        if n >= len(self):
+            return self
+        return self._select(np.sort(np.random.default_rng(seed).choice(len(self), size=n, replace=False)))
+
+    def views(self, i: int, preps: Sequence[Preprocess]) -> list[np.ndarray]:
+        """File ``i`` decoded once, as a (C, H, W) uint8 array under each contract."""
+        return decode_views(self.path(i), preps)
+
+
+Split = Dataset | ImageFolder
+
+
+class _Failure:
+    """What a loader worker hands back instead of raising: the main process raises it as one clear line
+    (an exception raised in a worker comes back wrapped in the worker's traceback)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class _FolderViews(torch.utils.data.Dataset):
+    """A torch ``Dataset`` over an ``ImageFolder``: item i is (one uint8 array per contract, label)."""
+
+    def __init__(self, folder: ImageFolder, preps: Sequence[Preprocess]) -> None:
+        self.folder, self.preps = folder, list(preps)
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.folder.views(i, self.preps), int(self.folder.labels[i])
+        except DatasetError as e:
+            return _Failure(str(e))
+
+
+def _collate(items):
+    for item in items:
+        if isinstance(item, _Failure):
+            return item
+    n = len(items[0][0])
+    views = tuple(torch.from_numpy(np.stack([it[0][k] for it in items])) for k in range(n))
+    return views, torch.tensor([it[1] for it in items], dtype=torch.int64)
+
+
+def iter_views(
+    ds: Split,
+    preps: Sequence[Preprocess],
+    batch_size: int,
+    order: np.ndarray | torch.Tensor | None = None,
+    workers: int | None = None,
+) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    """Batches of ``ds`` seen through each contract: ((B, C_k, H_k, W_k) uint8 per prep, (B,) labels).
+
+    ``order`` is the item order (None: as stored). Each model sees every image through its own contract,
+    from the source image: an in-memory ``Dataset`` is sliced, and converted with ``Preprocess.from_array``
+    only for a contract of another shape (none for IDX data under its own shape: as fast as a slice); an
+    ``ImageFolder`` is decoded by a torch ``DataLoader`` with ``workers`` processes (None: ``default_workers()``,
+    0: in this process), each file once for all contracts. Preps that are equal (or, for in-memory data,
+    of the data's own shape) yield the *same* tensor object, so callers can tell a view is shared.
+    """
+    uniq = list(dict.fromkeys(preps))
+    where = [uniq.index(p) for p in preps]
+    idx_all = torch.as_tensor(order) if order is not None else torch.arange(len(ds))
+    if isinstance(ds, Dataset):
+        images, labels = torch.from_numpy(ds.images), torch.from_numpy(ds.labels)
+        native = tuple(ds.images.shape[1:])
+        for i in range(0, len(ds), batch_size):
+            idx = idx_all[i : i + batch_size]
+            x = images[idx]
+            made = [x if p.shape == native else torch.from_numpy(p.from_array(x.numpy())) for p in uniq]
+            yield tuple(made[k] for k in where), labels[idx]
+        return
+    workers = default_workers() if workers is None else workers
+    batches = [idx_all[i : i + batch_size].tolist() for i in range(0, len(ds), batch_size)]
+    loader = torch.utils.data.DataLoader(
+        _FolderViews(ds, uniq),
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_collate,
+        prefetch_factor=2 if workers else None,
+    )
+    for batch in loader:
+        if isinstance(batch, _Failure):
+            raise DatasetError(batch.message)
+        made, labels = batch
+        yield tuple(made[k] for k in where), labels
+
+
+def augment_views(
+    views: Sequence[torch.Tensor], generator: torch.Generator, pad: int = 2
+) -> tuple[torch.Tensor, ...]:
+    """``trainer.preprocess.augment`` applied alike to every view of a batch: the same random horizontal
+    flip per image, and the same shift, scaled to each view's size (``pad`` pixels on the first view).
+    The random draws are ``augment``'s, so a single view gets exactly what ``augment`` gives it; a view
+    object repeated in ``views`` is augmented once."""
+    b, _, h0, w0 = views[0].shape
+    flip = torch.rand(b, generator=generator) < 0.5
+    dy, dx = (int(v) - pad for v in torch.randint(0, 2 * pad + 1, (2,), generator=generator))
+    done: dict[int, torch.Tensor] = {}
+    out = []
+    for v in views:
+        if id(v) not in done:
+            h, w = v.shape[2:]
+            py, px = round(pad * h / h0), round(pad * w / w0)
+            sy, sx = round(dy * h / h0), round(dx * w / w0)
+            x = torch.where(flip[:, None, None, None], v.flip(3), v)
+            padded = F.pad(x, (px, px, py, py))
+            done[id(v)] = padded[:, :, py + sy : py + sy + h, px + sx : px + sx + w]
+        out.append(done[id(v)])
+    return tuple(out)
+
+
+def load_split(data_dir: str | os.PathLike[str] | None, split: str) -> Split:
     """Load the ``train`` or ``test`` split of a dataset directory.
 
-    The directory holds either IDX files named like Fashion-MNIST's (``train-images-idx3-ubyte[.gz]`` ...)
-    or ``train/`` and ``test/`` folders with one subfolder of images per class.
+    The directory holds either IDX files named like Fashion-MNIST's (``train-images-idx3-ubyte[.gz]`` ...),
+    read into memory as a ``Dataset``, or ``train/`` and ``test/`` folders with one subfolder of images per
+    class, listed (not decoded) as an ``ImageFolder``.
     """
     if split not in _SPLIT_PREFIX:
         raise DatasetError(f"unknown split {split!r}: expected 'train' or 'test'")
@@ -217,5 +464,5 @@ def load_split(
     if not root.is_dir():
         raise DatasetError(f"dataset directory {root} does not exist; {INSTALL_HINT}")
     if (root / split).is_dir():
-        return _load_image_folder(root / split, size, channels)
+        return ImageFolder.scan(root / split)
     return _load_idx_split(root, split)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from trainer.artifact import LoadedModel, embed_images, predict_labels
-from trainer.data import Dataset, query_gallery_split
+from trainer.data import Dataset, Split, iter_views, query_gallery_split
 from trainer.metrics import negative_flips, retrieval_metrics, update_gain
 
 METRICS = ("top1", "top5", "mAP")
@@ -65,8 +65,37 @@ def _split_metrics(q, ql, g, gl, old_classes: list[int]) -> dict[str, Any]:
     return cell
 
 
+def embed_models(
+    models: list[LoadedModel], ds: Split, batch_size: int = 256, workers: int | None = None
+) -> dict[str, np.ndarray]:
+    """Each model's (N, D) embeddings of ``ds``, every model through its own input contract.
+
+    In-memory data of a model's own shape is embedded as one array, as always; anything else is streamed
+    once for all the other models (a folder's images are decoded once each, by loader workers), so what is
+    held is the embeddings (N x D floats per model), never the decoded split."""
+    out: dict[str, np.ndarray] = {}
+    streamed = []
+    for m in models:
+        if isinstance(ds, Dataset) and m.preprocess.shape == ds.images.shape[1:]:
+            out[m.version] = embed_images(m, ds.images)
+        else:
+            streamed.append(m)
+    parts: dict[str, list[np.ndarray]] = {m.version: [] for m in streamed}
+    if streamed:
+        for views, _ in iter_views(ds, [m.preprocess for m in streamed], batch_size, None, workers):
+            for m, v in zip(streamed, views, strict=True):
+                parts[m.version].append(embed_images(m, v.numpy()))
+    for m in streamed:
+        out[m.version] = np.concatenate(parts[m.version]) if parts[m.version] else embed_images(m, [])
+    return out
+
+
 def evaluate_models(
-    models: list[LoadedModel], test: Dataset, old_classes: list[int] | None = None, every: int = 5
+    models: list[LoadedModel],
+    test: Split,
+    old_classes: list[int] | None = None,
+    every: int = 5,
+    workers: int | None = None,
 ) -> CompatReport:
     """Compatibility matrix, BCT criterion / update gain, and negative flips for ``models`` (oldest first)."""
     if not models:
@@ -77,7 +106,7 @@ def evaluate_models(
     old_classes = list(old_classes if old_classes is not None else models[0].card.classes)
     q_idx, g_idx = query_gallery_split(len(test), every)
     labels = test.labels
-    embs = {m.version: embed_images(m, test.images) for m in models}
+    embs = embed_models(models, test, workers=workers)
     report = CompatReport(
         models=names, old_classes=old_classes, spaces={m.version: m.card.space for m in models}
     )

@@ -3,6 +3,7 @@ model version folder."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from trainer.artifact import LoadedModel, ModelCard, check_version_name, load_model, save_model
-from trainer.data import Dataset, load_split, parse_classes
+from trainer.data import Dataset, Split, augment_views, iter_views, load_split, parse_classes
 from trainer.errors import ConfigError, IncompatibleModelsError
 from trainer.losses import (
     PC_KINDS,
@@ -31,7 +32,7 @@ from trainer.losses import (
     task_loss,
 )
 from trainer.model import build_model
-from trainer.preprocess import Preprocess, augment
+from trainer.preprocess import LEGACY_MEAN, LEGACY_STD, Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ class TrainConfig:
     out: str
     data: str | None = None
     classes: str | None = None  # e.g. "0-4"; None = every class of the dataset
-    arch: str = "resnet"
+    arch: str = "resnet"  # a preset, or a library backbone "timm:NAME" (trainer.backbones)
+    backbone_weights: str | None = None  # a library backbone's initial weights (.safetensors)
     width: int | None = None
     depth: int | None = None
     embedding_dim: int = 128
@@ -70,6 +72,16 @@ class TrainConfig:
     eval_limit: int | None = None  # evaluate the card's metrics on a slice of the test split
     threads: int | None = None
     augment: bool = True
+    # The new model's input contract (card ``preprocess``; see _contract). None: IDX data's own shape, or
+    # 64x64 RGB for image folders; size "N" or "HxW".
+    size: str | None = None
+    channels: int | None = None
+    resize: str | None = None  # None = "fit"
+    mean: list[float] | None = None  # None: the usual values for the channels (_contract)
+    std: list[float] | None = None
+    workers: int | None = None  # image-folder decoding processes; None = trainer.data.default_workers()
+    device: str = "cpu"
+    stem_stride: int | None = None  # None = the preset's; 2 halves larger inputs in the stem's conv
 
     def bct_weights(self) -> BCTWeights:
         base = BCTWeights.recipe(self.bct or "full")
@@ -112,14 +124,78 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def _batches(
-    ds: Dataset, batch_size: int, gen: torch.Generator | None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(uint8 images (B, C, H, W), labels (B,)) in a seeded shuffled order (or in order if gen is None)."""
+    ds: Split, preps: list[Preprocess], batch_size: int, gen: torch.Generator | None, workers: int | None
+) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    """(uint8 images (B, C, H, W) under each contract, labels (B,)) in a seeded shuffled order (or in order
+    if gen is None): each model sees every image through its own contract (trainer.data.iter_views)."""
     order = torch.randperm(len(ds), generator=gen) if gen is not None else torch.arange(len(ds))
-    images, labels = torch.from_numpy(ds.images), torch.from_numpy(ds.labels)
-    for i in range(0, len(ds), batch_size):
-        idx = order[i : i + batch_size]
-        yield images[idx], labels[idx]
+    yield from iter_views(ds, preps, batch_size, order, workers)
+
+
+# The usual per-channel statistics: Fashion-MNIST's for one channel (the contract of every model before
+# contracts had more fields, so IDX training keeps its cards), ImageNet's for RGB (what the backbones of
+# model libraries are trained with; measured statistics of a training sample would tie the card to it).
+RGB_MEAN, RGB_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FOLDER_SIZE, FOLDER_CHANNELS = 64, 3
+
+
+def parse_size(size: str | int | None) -> tuple[int, int] | None:
+    """``"64"`` or ``"64x48"`` (height x width) -> (height, width)."""
+    if size is None:
+        return None
+    parts = str(size).lower().split("x")
+    try:
+        h, w = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
+    except ValueError:
+        h = w = 0
+    if h < 1 or w < 1:
+        raise ConfigError(f"--size takes N or HxW (e.g. 64 or 64x48), got {size!r}")
+    return h, w
+
+
+def _contract(cfg: TrainConfig, train_set: Split) -> Preprocess:
+    """The new model's input contract: IDX data keeps its own shape unless told; folders default to
+    64x64 RGB; mean/std default to the usual values for the channels (RGB_MEAN above)."""
+    size = parse_size(cfg.size)
+    if isinstance(train_set, Dataset):
+        c, h, w = train_set.images.shape[1:]
+    else:
+        c, h, w = FOLDER_CHANNELS, FOLDER_SIZE, FOLDER_SIZE
+    channels = cfg.channels or c
+    height, width = size or (h, w)
+    mean = cfg.mean or ((LEGACY_MEAN,) if channels == 1 else RGB_MEAN)
+    std = cfg.std or ((LEGACY_STD,) if channels == 1 else RGB_STD)
+    return Preprocess(
+        channels=channels, height=height, width=width, resize=cfg.resize or "fit", mean=mean, std=std
+    )
+
+
+def _to_device(
+    dev: torch.device, model: torch.nn.Module, old: LoadedModel | None, old_head: torch.nn.Module | None
+) -> torch.device:
+    """Move the new model, the BCT head and a torch old model to ``dev``; returns the device the old model
+    takes its inputs on (an old model that is no torch module stays where it runs)."""
+    model.to(dev)
+    torch_old = old is not None and isinstance(old.model, torch.nn.Module)
+    if old_head is not None:
+        if old is not None and not torch_old and dev.type != "cpu" and old_head.old is old.model.head:
+            old_head.old = copy.deepcopy(old_head.old)  # the old model's own head stays where it runs
+        old_head.to(dev)
+    if old is not None and torch_old:
+        old.model.to(dev)
+        return dev
+    return torch.device("cpu")
+
+
+def _device(name: str) -> torch.device:
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ConfigError(f"--device takes cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {name} asked, but torch {torch.__version__} sees no CUDA device (a CPU build, or no "
+            "GPU/driver on this machine): train with --device cpu"
+        )
+    return torch.device(name)
 
 
 def _check_old(cfg: TrainConfig, old: LoadedModel | None) -> None:
@@ -157,6 +233,10 @@ def train(
     weights = cfg.bct_weights()
     out = Path(cfg.out)
     version = check_version_name(out.name)
+    dev = _device(cfg.device)
+    parse_size(cfg.size)
+    if cfg.workers is not None and cfg.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {cfg.workers}")
     if cfg.threads:  # before loading the old model: an ONNX one takes torch's thread count
         torch.set_num_threads(cfg.threads)
     old = load_model(cfg.old) if cfg.old else None  # an ONNX folder too: embedded by onnxruntime
@@ -168,9 +248,7 @@ def train(
     train_set = full_train.subset(classes)
     if cfg.limit:
         train_set = train_set.take(cfg.limit, seed=cfg.seed)
-    prep = Preprocess(
-        channels=train_set.images.shape[1], height=train_set.images.shape[2], width=train_set.images.shape[3]
-    )
+    prep = _contract(cfg, train_set)
     model = build_model(
         cfg.arch,
         classes,
@@ -179,15 +257,19 @@ def train(
         embedding_dim=cfg.embedding_dim,
         scale=cfg.scale,
         in_channels=prep.channels,
+        stem_stride=cfg.stem_stride,
+        backbone_weights=cfg.backbone_weights,
+        input_size=(prep.height, prep.width),
     )
 
     old_head = centres = None
     if cfg.bct and old is not None:
         old_prep = old.preprocess
         # Old-model class means over the *new* training set: synthesised rows for unseen classes, and centres.
+        # Each image through the old model's own contract; on the CPU (the old model moves to --device after).
         old_emb_rows = embed_rows(
             old.model,
-            ((old_prep(x), y) for x, y in _batches(train_set, 1024, None)),
+            ((old_prep(x), y) for (x,), y in _batches(train_set, [old_prep], 1024, None, cfg.workers)),
             classes,
             old.card.embedding_dim,
         )
@@ -240,22 +322,33 @@ def train(
         ),
     )
 
+    # The old model sees each image through its own contract: a second view of the same decoded image.
+    needs_old = pc_rows is not None or (old_head is not None and bool(weights.to_old_embedding))
+    preps = [prep, old.preprocess] if needs_old and old is not None else [prep]
+    pad = max(2, round(2 * min(prep.height, prep.width) / 28))  # augmentation shift: 2 px at 28x28
+    old_dev = _to_device(dev, model, old, old_head)
+    if centres is not None:
+        centres = centres.to(dev)
+    if pc_rows is not None:
+        pc_rows = (pc_rows[0].to(dev), pc_rows[1].to(dev))
+
     history: list[dict[str, float]] = []
     step, t0 = 0, time.perf_counter()
     model.train()
     for epoch in range(cfg.epochs):
         sums: dict[str, float] = {}
-        for xb, yb in _batches(train_set, cfg.batch_size, gen):
-            x8 = augment(xb, gen) if cfg.augment else xb
-            emb, logits = model(prep(x8))  # (B, D), (B, K)
+        for views, yb in _batches(train_set, preps, cfg.batch_size, gen, cfg.workers):
+            views = augment_views(views, gen, pad) if cfg.augment else views
+            x8, old8 = views[0], views[-1]
+            yb = yb.to(dev)
+            emb, logits = model(prep(x8).to(dev))  # (B, D), (B, K)
             rows = model.label_to_row(yb)
             terms = {"task": task_loss(logits, rows)}
             old_emb = old_logits = None
-            if old is not None and (
-                pc_rows is not None or (old_head is not None and weights.to_old_embedding)
-            ):
-                with torch.no_grad():
-                    old_emb, old_logits = old.model(old.preprocess(x8))  # (B, D_old), (B, K_old)
+            if needs_old and old is not None:
+                with torch.no_grad():  # (B, D_old), (B, K_old)
+                    old_emb, old_logits = old.model(old.preprocess(old8).to(old_dev))
+                    old_emb, old_logits = old_emb.to(dev), old_logits.to(dev)
             if old_head is not None:
                 terms.update(bct_losses(emb, rows, old_head, weights, centres, old_emb))
             if pc is not None and pc_rows is not None and old is not None and old_logits is not None:
@@ -275,6 +368,7 @@ def train(
         log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, history[-1])
     seconds = time.perf_counter() - t0
     model.eval()
+    _to_device(torch.device("cpu"), model, old, old_head)
 
     card = ModelCard(
         version=version,
@@ -307,25 +401,37 @@ def _attach_metrics(out: Path, card: ModelCard, old: LoadedModel | None, cfg: Tr
     if cfg.eval_limit:
         test = test.take(cfg.eval_limit, seed=0)
     models = [old, new] if old is not None else [new]
-    report = evaluate_models(models, test)
+    report = evaluate_models(models, test, workers=cfg.workers)
     card = card.model_copy(update={"metrics": report.card_metrics(new.version)})
     return save_model(out, new.model, card)
 
 
 def _resolved(cfg: TrainConfig) -> dict[str, object]:
     """The BCT weights a run actually used: a recipe whose defaults change must not reuse older models."""
-    return {"bct_weights": asdict(cfg.bct_weights()) if cfg.bct else None}
+    from trainer.artifact import file_sha256
+
+    return {
+        "bct_weights": asdict(cfg.bct_weights()) if cfg.bct else None,
+        # the file a library backbone started from, by content (a path alone may be overwritten)
+        **(
+            {"backbone_weights_sha256": file_sha256(Path(cfg.backbone_weights))}
+            if cfg.backbone_weights and Path(cfg.backbone_weights).is_file()
+            else {}
+        ),
+    }
 
 
 def reusable(cfg: TrainConfig) -> bool:
-    """True when ``cfg.out`` holds a complete model trained with the same settings (threads aside).
+    """True when ``cfg.out`` holds a complete model trained with the same settings (threads, loader workers
+    and device aside).
 
     A folder is complete once its card exists (written last), so an interrupted run is never reused.
     """
     from trainer.artifact import read_card
     from trainer.errors import ModelCardError
 
-    wanted = {k: v for k, v in {**asdict(cfg), **_resolved(cfg)}.items() if k not in ("out", "threads")}
+    skip = ("out", "threads", "workers", "device")  # where and how fast, not what is trained
+    wanted = {k: v for k, v in {**asdict(cfg), **_resolved(cfg)}.items() if k not in skip}
     try:
         have = dict(read_card(cfg.out).train_config)
     except ModelCardError:

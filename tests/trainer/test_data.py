@@ -9,6 +9,7 @@ from PIL import Image
 
 from trainer.data import Dataset, load_split, parse_classes, query_gallery_split, read_idx
 from trainer.errors import DatasetError
+from trainer.preprocess import Preprocess
 
 
 def _idx_bytes(arr: np.ndarray) -> bytes:
@@ -60,12 +61,13 @@ def test_image_folders(tmp_path):
             d.mkdir(parents=True)
             for i in range(3):
                 Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(d / f"{i}.png")
-    ds = load_split(tmp_path, "train")
-    assert ds.images.shape == (6, 1, 28, 28)
+    ds = load_split(tmp_path, "train")  # listed, not decoded (trainer/data.py ImageFolder)
+    assert len(ds) == 6 and ds.views(0, [Preprocess()])[0].shape == (1, 28, 28)
     assert ds.class_names == ["cat", "dog"] and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
     (tmp_path / "test" / "cat" / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(DatasetError, match="cannot decode"):
-        load_split(tmp_path, "test")
+    test = load_split(tmp_path, "test")
+    with pytest.raises(DatasetError, match="cannot decode image .*bad.png"):
+        test.views([f.decode() for f in test.files].index("cat/bad.png"), [Preprocess()])
 
 
 def test_parse_classes():
