@@ -25,8 +25,13 @@ HOT_PATH_EXAMPLES = 40  # ingest and search, where the batching is
 
 def _put_real_images(body, png: str) -> None:
     """Replace generated ``image_base64`` strings (never a decodable image) with a real PNG and bring a
-    positive ``k`` within bounds, in place."""
+    positive ``k`` within bounds, in place. An ingest item (it has an ``external_id``) becomes an image item:
+    the schema allows an image or a vector, and a generated item rarely holds exactly one."""
     if isinstance(body, dict):
+        if "external_id" in body:
+            body["image_base64"] = png
+            body.pop("vector", None)
+            body.pop("model_version", None)
         for key, value in body.items():
             if key == "image_base64" and isinstance(value, str):
                 body[key] = png

@@ -48,7 +48,13 @@ def test_swaps_under_load_fail_no_request(make_server, tiny_test, split):
         t.start()
     swaps = 0
     try:
-        for n in range(12):
+        # At least 12 swaps, and on until the clients have sent enough searches to overlap them: a fixed
+        # number of swaps finishes before 50 searches on a busy 2-core machine. Bounded either way.
+        for n in range(200):
+            with lock:
+                done = sum(versions.values())
+            if n >= 12 and n % 2 == 0 and done > 50:
+                break
             target = "v2" if n % 2 == 0 else "v1"
             r = server.client.post(f"/v1/models/{target}/activate", headers={"X-API-Key": API_KEY})
             assert r.status_code == 200, r.text
