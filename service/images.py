@@ -29,10 +29,6 @@ _JPEG_FORMATS = ("JPEG", "MPO")  # MPO: a JPEG with extra frames (depth maps, pr
 # Names of the settings a refusal points to (service/settings.py; tests check they match).
 PIXELS_SETTING = "GRACEFUL_MAX_IMAGE_PIXELS"
 STRICT_SETTING = "GRACEFUL_IMAGE_STRICT_SIZE"
-_ORIENTATION_TAG = 0x0112
-# EXIF orientation -> the transpose that displays the image upright (as PIL.ImageOps.exif_transpose does).
-_TRANSPOSE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270"}
-_TRANSPOSE |= {7: "TRANSVERSE", 8: "ROTATE_90"}
 # Formats people send that are not accepted, by their leading bytes: named in the refusal.
 _MAGIC = (
     (b"GIF8", "GIF"),
@@ -68,33 +64,6 @@ def _sniff(raw: bytes) -> str | None:
     if raw.lstrip()[:5].lower() in (b"<?xml", b"<svg "):
         return "SVG"
     return None
-
-
-def _orientation(im: Image.Image) -> int:
-    """The EXIF orientation (1-8; 1 when absent or unreadable: a broken EXIF block does not refuse a photo)."""
-    try:
-        value = int(im.getexif().get(_ORIENTATION_TAG, 1))
-    except Exception:  # Pillow raises many types on malformed EXIF; the pixels may still be fine
-        return 1
-    return value if value in _TRANSPOSE else 1
-
-
-def _eight_bit(im: Image.Image) -> Image.Image:
-    """Any decoded mode -> one that converts to L or RGB faithfully: transparency composited on black,
-    16/32-bit integer images scaled to 8 bits (Pillow's own conversion clips them at 255: all white)."""
-    from PIL import Image
-
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        arr = np.asarray(im).astype(np.int64)
-        return Image.fromarray(np.clip(arr >> 8, 0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        im.mode in ("P", "L", "RGB") and "transparency" in im.info
-    ):
-        rgba = im.convert("RGBA")
-        out = Image.new("RGB", rgba.size, (0, 0, 0))
-        out.paste(rgba, mask=rgba.getchannel("A"))
-        return out
-    return im
 
 
 def decode_image(
@@ -160,6 +129,8 @@ def _decode_opened(
 ) -> np.ndarray:
     from PIL import Image
 
+    from trainer import ROTATING_ORIENTATIONS, eight_bit, exif_orientation, upright
+
     w, h = im.size
     if w < 1 or h < 1:
         raise BadImage(f"{what}: image of {w}x{h} pixels has no pixels")
@@ -174,8 +145,8 @@ def _decode_opened(
     jpeg = draft and im.format in _JPEG_FORMATS
     if not jpeg:  # before the EXIF is read: a PNG's may follow its pixels, and reading it decodes them
         _check_pixels(w, h, w, h, max_pixels, what)
-    orientation = _orientation(im)
-    swapped = orientation in (5, 6, 7, 8)  # stored on its side: width and height trade places when shown
+    orientation = exif_orientation(im)
+    swapped = orientation in ROTATING_ORIENTATIONS  # width and height trade places when shown
     shown = (h, w) if swapped else (w, h)
     if strict and shown != (prep.width, prep.height):
         raise BadImage(
@@ -191,10 +162,7 @@ def _decode_opened(
     if getattr(im, "n_frames", 1) > 1:
         im.seek(0)  # animated PNG/WebP, MPO: the first frame is the picture
     im.load()
-    out = _eight_bit(im)
-    if orientation != 1:
-        out = out.transpose(getattr(Image.Transpose, _TRANSPOSE[orientation]))
-    return prep.from_pil(out)
+    return prep.from_pil(upright(eight_bit(im), orientation))
 
 
 def encode_png(image: np.ndarray) -> bytes:

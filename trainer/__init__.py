@@ -22,6 +22,10 @@ _EXPORTS = {
     "ModelCardError": "trainer.errors",
     "NoImageModel": "trainer.errors",
     "Preprocess": "trainer.preprocess",
+    "ROTATING_ORIENTATIONS": "trainer.preprocess",
+    "eight_bit": "trainer.preprocess",
+    "exif_orientation": "trainer.preprocess",
+    "upright": "trainer.preprocess",
     "relevance_metrics": "trainer.metrics",
     "verify_weights": "trainer.verify",
 }
@@ -31,6 +35,10 @@ __all__ = [
     "ModelCardError",
     "NoImageModel",
     "Preprocess",
+    "ROTATING_ORIENTATIONS",
+    "eight_bit",
+    "exif_orientation",
+    "upright",
     "adapter_base_folder",
     "embed_images",
     "file_sha256",
@@ -54,7 +62,7 @@ if TYPE_CHECKING:
     )
     from trainer.errors import ModelCardError, NoImageModel
     from trainer.metrics import relevance_metrics
-    from trainer.preprocess import Preprocess
+    from trainer.preprocess import ROTATING_ORIENTATIONS, Preprocess, eight_bit, exif_orientation, upright
     from trainer.verify import verify_weights
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import torch.utils.data
 
 from trainer.errors import DatasetError
-from trainer.preprocess import Preprocess
+from trainer.preprocess import ROTATING_ORIENTATIONS, Preprocess, eight_bit, exif_orientation, upright
 
 # The Debian package `dataset-fashion-mnist` installs here (under the system prefix).
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -188,9 +188,6 @@ def _load_idx_split(root: Path, split: str) -> Dataset:
 
 # ---- folders of images: decoded lazily, one file at a time ------------------------------------------------
 
-_ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
-_EXIF_ORIENTATION = 0x0112
-
 
 def default_workers() -> int:
     """Decoding processes of a folder loader: every core but one (left to the training step), 1 to 4.
@@ -198,33 +195,6 @@ def default_workers() -> int:
     On 2 cores: 1. A photo of a few hundred pixels decodes into a 64x64 view in about 1 ms, several times
     faster than 2 cores train on it (BENCHMARKS.md, "Photos"), so one worker keeps up."""
     return max(1, min(4, (os.cpu_count() or 1) - 1))
-
-
-def _orientation(im) -> int:
-    """The EXIF orientation, 1 when absent or unreadable (a broken EXIF block does not lose the picture)."""
-    try:
-        value = int(im.getexif().get(_EXIF_ORIENTATION, 1))
-    except Exception:  # Pillow raises many types on malformed EXIF
-        return 1
-    return value if 1 <= value <= 8 else 1
-
-
-def _eight_bit(im):
-    """A decoded image in a mode that converts to L or RGB faithfully, as the service decodes
-    (service/images.py): transparency composited on black, 16-bit grey scaled to 8 bits."""
-    from PIL import Image
-
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        arr = np.asarray(im).astype(np.int64)
-        return Image.fromarray(np.clip(arr >> 8, 0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        im.mode in ("P", "L", "RGB") and "transparency" in im.info
-    ):
-        rgba = im.convert("RGBA")
-        out = Image.new("RGB", rgba.size, (0, 0, 0))
-        out.paste(rgba, mask=rgba.getchannel("A"))
-        return out
-    return im
 
 
 def decode_views(path: str | os.PathLike[str], preps: Sequence[Preprocess]) -> list[np.ndarray]:
@@ -239,43 +209,24 @@ def decode_views(path: str | os.PathLike[str], preps: Sequence[Preprocess]) -> l
 
     try:
         with Image.open(path) as im:
-            orientation = _orientation(im)
+            orientation = exif_orientation(im)
             if im.format == "JPEG" and preps:
                 w, h = im.size
-                if orientation in _ROTATING_ORIENTATIONS:
+                if orientation in ROTATING_ORIENTATIONS:
                     w, h = h, w  # the contracts see the image upright
                 sizes = [p.scaled_size(w, h) for p in preps]
                 need_w, need_h = max(s[0] for s in sizes), max(s[1] for s in sizes)
-                if orientation in _ROTATING_ORIENTATIONS:
+                if orientation in ROTATING_ORIENTATIONS:
                     need_w, need_h = need_h, need_w
                 gray = all(p.channels == 1 for p in preps) and im.mode == "RGB"
                 im.draft("L" if gray else im.mode, (need_w, need_h))
             im.load()
-            out = _eight_bit(im)
-            if orientation != 1:
-                out = _transpose(out, orientation)  # what ImageOps.exif_transpose applies
+            out = upright(eight_bit(im), orientation)
             return [p.from_pil(out) for p in preps]
     except DatasetError:
         raise
     except Exception as e:  # any decoder failure is the file's fault: name it
         raise DatasetError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
-
-
-def _transpose(im, orientation: int):
-    """``ImageOps.exif_transpose``'s transpose for an image that no longer carries the EXIF block."""
-    from PIL import Image
-
-    T = Image.Transpose
-    method = {
-        2: T.FLIP_LEFT_RIGHT,
-        3: T.ROTATE_180,
-        4: T.FLIP_TOP_BOTTOM,
-        5: T.TRANSPOSE,
-        6: T.ROTATE_270,
-        7: T.TRANSVERSE,
-        8: T.ROTATE_90,
-    }[orientation]
-    return im.transpose(method)
 
 
 class ImageFolder:

@@ -183,6 +183,51 @@ class Preprocess:
         return out
 
 
+# ---- a decoded picture, before the contract: shared by the service's decoder and the folder loader -----------
+
+EXIF_ORIENTATION_TAG = 0x0112
+ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # stored on its side: width and height trade places when shown
+# EXIF orientation -> the transpose that shows the picture upright (as PIL.ImageOps.exif_transpose does).
+_UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270"}
+_UPRIGHT |= {7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1-8; 1 when absent or unreadable: a broken EXIF block does not lose a picture)."""
+    try:
+        value = int(im.getexif().get(EXIF_ORIENTATION_TAG, 1))
+    except Exception:  # Pillow raises many types on malformed EXIF; the pixels may still be fine
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
+def upright(im: Image.Image, orientation: int) -> Image.Image:
+    """``im`` turned as its EXIF ``orientation`` says it is shown (``exif_transpose`` on a decoded image)."""
+    from PIL import Image
+
+    if orientation not in _UPRIGHT:
+        return im
+    return im.transpose(getattr(Image.Transpose, _UPRIGHT[orientation]))
+
+
+def eight_bit(im: Image.Image) -> Image.Image:
+    """Any decoded mode -> one that converts to L or RGB faithfully: transparency composited on black (the
+    ``pad`` colour), 16/32-bit integer images scaled to 8 bits (Pillow's own conversion clips them at 255)."""
+    from PIL import Image
+
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(im).astype(np.int64)
+        return Image.fromarray(np.clip(arr >> 8, 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        im.mode in ("P", "L", "RGB") and "transparency" in im.info
+    ):
+        rgba = im.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (0, 0, 0))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return im
+
+
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
     """Random horizontal flip and random shift by up to ``pad`` pixels, batch-wise. (B, C, H, W) -> same."""
     b, _, h, w = x.shape
