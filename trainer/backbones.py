@@ -227,33 +227,3 @@ def check_input_size(backbone: LibraryBackbone, channels: int, height: int, widt
         ) from None
     finally:
         backbone.train(was)
-
-
-_PRESET_SHAPE = ("width", "depth", "stages", "stem_stride")
-
-
-def build_library_model(
-    arch: str,
-    classes: list[int],
-    weights: str | os.PathLike[str] | None = None,
-    input_size: tuple[int, int] | None = None,
-    **overrides: object,
-):
-    """A fresh EmbeddingModel around a library backbone: random init, or the body from ``weights``."""
-    from trainer.model import ArchConfig, EmbeddingModel
-
-    split_arch(arch)
-    shaped = [k for k in _PRESET_SHAPE if overrides.get(k) is not None]
-    if shaped:
-        flag = shaped[0].replace("_", "-")
-        raise ConfigError(f"--{flag} shapes the presets; {arch} has the shape its library gives it")
-    params = {k: v for k, v in overrides.items() if v is not None}
-    if weights is not None:
-        check_weights_file(weights)  # before the library is asked for anything
-    cfg = ArchConfig(name=arch, num_classes=len(classes), **params)  # type: ignore[arg-type]
-    model = EmbeddingModel(cfg, classes)
-    if weights is not None:
-        load_body_weights(model.backbone, weights)  # type: ignore[arg-type]
-    if input_size is not None:
-        check_input_size(model.backbone, cfg.in_channels, *input_size)  # type: ignore[arg-type]
-    return model

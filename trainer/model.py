@@ -7,13 +7,21 @@ embedding, ``classify(emb)`` is the head alone. BCT relies on it: a new model's 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.backbones import LibraryBackbone, is_library_arch
+from trainer.backbones import (
+    LibraryBackbone,
+    check_input_size,
+    check_weights_file,
+    is_library_arch,
+    load_body_weights,
+    split_arch,
+)
 from trainer.errors import ConfigError
 
 
@@ -184,9 +192,7 @@ def build_model(
     library backbone ("timm:resnet18"; optionally initialised from ``backbone_weights``, a safetensors file,
     and checked to take ``input_size`` (height, width)): trainer.backbones."""
     if is_library_arch(arch):
-        from trainer.backbones import build_library_model
-
-        return build_library_model(arch, classes, backbone_weights, input_size, **overrides)
+        return _build_library_model(arch, classes, backbone_weights, input_size, **overrides)
     if backbone_weights is not None:
         raise ConfigError(
             f"--backbone-weights initialises a library backbone (--arch timm:NAME); preset {arch!r} trains "
@@ -204,3 +210,32 @@ def build_model(
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# Preset shape fields: a library backbone has the shape its library gives it.
+_PRESET_SHAPE = ("width", "depth", "stages", "stem_stride")
+
+
+def _build_library_model(
+    arch: str,
+    classes: list[int],
+    weights: str | os.PathLike[str] | None = None,
+    input_size: tuple[int, int] | None = None,
+    **overrides: object,
+) -> EmbeddingModel:
+    """A fresh EmbeddingModel around a library backbone: random init, or the body from ``weights``."""
+    split_arch(arch)
+    shaped = [k for k in _PRESET_SHAPE if overrides.get(k) is not None]
+    if shaped:
+        flag = shaped[0].replace("_", "-")
+        raise ConfigError(f"--{flag} shapes the presets; {arch} has the shape its library gives it")
+    params = {k: v for k, v in overrides.items() if v is not None}
+    if weights is not None:
+        check_weights_file(weights)  # before the library is asked for anything
+    cfg = ArchConfig(name=arch, num_classes=len(classes), **params)  # type: ignore[arg-type]
+    model = EmbeddingModel(cfg, classes)
+    if weights is not None:
+        load_body_weights(model.backbone, weights)  # type: ignore[arg-type]
+    if input_size is not None:
+        check_input_size(model.backbone, cfg.in_channels, *input_size)  # type: ignore[arg-type]
+    return model
