@@ -172,7 +172,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     from service.api.error_handlers import install_error_handlers
     from service.api.limits import BodyLimitMiddleware
-    from service.api.routes import backfill, health, index, item_images, items, models, page, search
+    from service.api.routes import (
+        backfill,
+        export,
+        health,
+        index,
+        item_images,
+        items,
+        models,
+        page,
+        search,
+    )
     from service.observability import MetricsMiddleware
 
     metrics = Metrics()
@@ -195,6 +205,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for r in (
         items.router,
         item_images.router,
+        export.router,
         search.router,
         models.router,
         backfill.router,

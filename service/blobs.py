@@ -17,6 +17,18 @@ from index import atomic
 
 SCHEME = "blob:"
 _HEX = re.compile(r"^[0-9a-f]{64}$")
+OPAQUE = "application/octet-stream"
+
+
+def media_type(data: bytes) -> str:
+    """The image type of ``data`` by its magic bytes (PNG, JPEG, WebP), else ``application/octet-stream``."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return OPAQUE
 
 
 class BlobStore:

@@ -48,6 +48,10 @@ class NoSourceKept(ServiceError, LookupError):
     """An item whose source bytes are not kept (ingested with keep_sources off, or missing from the store)."""
 
 
+class NothingToExport(ServiceError):
+    """An export of kept sources asked of a gallery that holds none (empty, or every source dropped)."""
+
+
 class NoShadow(ServiceError, LookupError):
     """No shadow comparison of that version is running."""
 

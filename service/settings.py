@@ -110,6 +110,12 @@ class Settings(BaseSettings):
     keep_sources: bool = Field(
         True, description="keep ingested image bytes so items can be re-embedded later"
     )
+    export_max_sample: int = Field(
+        50_000,
+        ge=1,
+        description="most kept sources one GET /v1/gallery/sources/export may sample (each is read into "
+        "a temporary zip file before it is sent)",
+    )
     backfill_batch_size: int = Field(
         256, gt=0, le=4096, description="items per backfill transaction (default)"
     )

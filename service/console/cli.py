@@ -18,6 +18,7 @@ commands:
   check     measure a candidate version against a running service's gallery (as activation will)
   ingest    ingest image files (folders, files) into a running service
   search    search a running service by image (or stored item), with metadata filters
+  export-sources  write a seeded sample of a running service's kept source images into a folder
   register-external  write a model version folder for embeddings computed outside graceful (no weights)
 
 `graceful <command> --help` for a command's options; `graceful --version` for the version."""
@@ -50,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from service.console.backfill import backfill_main
     from service.console.check import check_main
     from service.console.demo import demo_main
+    from service.console.export import export_sources_main
     from service.console.items import ingest_main, search_main
     from service.console.serve import serve_main
     from trainer.external import register_external_main
@@ -65,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": check_main,
         "ingest": ingest_main,
         "search": search_main,
+        "export-sources": export_sources_main,
         "register-external": register_external_main,
     }
     if cmd not in commands:

@@ -25,6 +25,9 @@ Usage::
     c.patch_metadata("cats__tom", {"reviewed": True, "draft": None})   # None removes a key
     c.delete(["cats__tom"])                     # {"deleted": [...], "missing": [...]}
 
+    # a seeded sample of the gallery's kept source images, into a folder (for `graceful train --unlabeled`)
+    c.export_sources("unlabeled/", sample=5000, seed=0)     # ExportSummary: .written, .without_source
+
     # models and backfill
     c.models(); c.active(); c.check("v2"); c.activate("v2"); c.rollback()
     job = c.backfill_start("v2", policy="uncertainty")
@@ -42,14 +45,19 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import os
+import re
+import shutil
+import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import numpy as np
@@ -60,6 +68,8 @@ from trainer.metrics import relevance_metrics
 __all__ = [
     "IMAGE_SUFFIXES",
     "ApiError",
+    "DestinationNotEmpty",
+    "ExportSummary",
     "GracefulClient",
     "HttpEval",
     "IngestSummary",
@@ -75,6 +85,9 @@ MAX_BATCH_SEARCHES = 64  # the server's bound on POST /v1/search/batch
 _SEPARATOR = "__"  # "/" in a relative path becomes this: external ids may not contain "/"
 _RETRY_STATUS = 503
 _REFUSED = (409, 413, 422)  # what the server answers for a bad item (ingest_folder isolates and reports it)
+_EXPORT_PATH = "/v1/gallery/sources/export"
+# the only member names an export is unpacked under: one plain name, no folder, no leading dot (no "..")
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -116,6 +129,39 @@ class IngestSummary:
         text = f"ingested {len(self.stored)} of {self.files} files in {self.seconds:.1f}s ({rate:.0f}/s)"
         text += f" by {by}" if by else ""
         return text + (f"; {len(self.failed)} failed" if self.failed else "")
+
+
+class DestinationNotEmpty(Exception):
+    """:meth:`GracefulClient.export_sources` into a folder that already holds something (without ``force``)."""
+
+
+@dataclass
+class ExportSummary:
+    """What :meth:`GracefulClient.export_sources` wrote into ``dest``: the image files' names, the items
+    skipped (no kept source, or missing from the server's store), archive members refused for their name,
+    the archive's size in bytes, and the server's manifest (also written as ``dest/manifest.json``)."""
+
+    dest: Path
+    written: list[str] = field(default_factory=list)
+    without_source: int = 0
+    missing_from_store: int = 0
+    refused: list[str] = field(default_factory=list)
+    bytes: int = 0
+    seconds: float = 0.0
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        """One line: ``exported 120 files (3.4 MB) into DIR in 1.2s (seed 0); 5 skipped without a source``."""
+        text = (
+            f"exported {len(self.written)} files ({self.bytes / 1e6:.1f} MB) into {self.dest} in "
+            f"{self.seconds:.1f}s (seed {self.manifest.get('seed', '?')})"
+        )
+        skipped = [f"{self.without_source} skipped without a kept source"] if self.without_source else []
+        if self.missing_from_store:
+            skipped.append(f"{self.missing_from_store} missing from the server's blob store")
+        if self.refused:
+            skipped.append(f"{len(self.refused)} archive entries refused for their name")
+        return text + ("; " + ", ".join(skipped) if skipped else "")
 
 
 ImageLike = Any  # str | os.PathLike | bytes | PIL.Image.Image | np.ndarray
@@ -558,6 +604,104 @@ class GracefulClient:
             f"/v1/items/{_quote(external_id)}",
             json={"metadata": None if metadata is None else dict(metadata), "merge": merge},
         )
+
+    # ------------------------------------------------------------------ export
+    def export_sources(
+        self,
+        dest_dir: str | os.PathLike[str],
+        sample: int,
+        seed: int = 0,
+        *,
+        force: bool = False,
+        progress: bool = True,
+    ) -> ExportSummary:
+        """Download a seeded sample of ``sample`` items' kept source images (``GET
+        /v1/gallery/sources/export``: the same seed over the same items gives the same files) and unpack it
+        into ``dest_dir`` (made if missing) as ``<item_id>.<png|jpg|webp|bin>`` plus ``manifest.json``.
+        A progress bar in bytes while downloading (``progress``).
+
+        :class:`DestinationNotEmpty` when ``dest_dir`` exists and holds anything (checked before
+        downloading; ``force`` writes into it anyway, replacing files of the same names). Only members with
+        a plain file name are written (no folders, no ``..``): others are listed in ``refused``.
+        :class:`ApiError` for an HTTP error answer (nothing is written then)."""
+        started = time.perf_counter()
+        dest = Path(dest_dir)
+        if dest.exists() and not dest.is_dir():
+            raise DestinationNotEmpty(f"{dest} exists and is not a folder")
+        if not force and dest.is_dir() and any(dest.iterdir()):
+            raise DestinationNotEmpty(f"{dest} is not empty (use --force to write into it anyway)")
+        summary = ExportSummary(dest=dest)
+        params = {"sample": int(sample), "seed": int(seed)}
+        with tempfile.TemporaryFile() as archive:  # on disk: an export may be larger than memory allows
+            summary.bytes = self._download(_EXPORT_PATH, params, archive, progress)
+            archive.seek(0)
+            dest.mkdir(parents=True, exist_ok=True)
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    if info.is_dir() or not _PLAIN_NAME.match(info.filename):
+                        summary.refused.append(info.filename)
+                        continue
+                    target = dest / info.filename
+                    if target.is_symlink() or target.exists():
+                        target.unlink()  # (force) replace, never write through a link left in the folder
+                    with zf.open(info) as src, open(target, "xb") as out:
+                        shutil.copyfileobj(src, out, 1024 * 1024)
+                    if info.filename == "manifest.json":
+                        with contextlib.suppress(ValueError):
+                            summary.manifest = json.loads(target.read_text(encoding="utf-8"))
+                    else:
+                        summary.written.append(info.filename)
+        m = summary.manifest
+        summary.without_source = int(m.get("without_source", 0))
+        summary.missing_from_store = int(m.get("missing_from_store", 0))
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    def _download(self, path: str, params: Mapping[str, Any], out: IO[bytes], progress: bool) -> int:
+        """Stream a GET answer's body into ``out`` (retrying as :meth:`request` does a GET, from the start);
+        returns its size in bytes. :class:`ApiError` for an HTTP error answer."""
+        attempt = 0
+        while True:
+            delay: float | None = None
+            try:
+                with self.http.stream("GET", path, params=params, headers=self.headers) as r:
+                    if r.status_code == _RETRY_STATUS and attempt < self.retries:
+                        delay = self._delay(attempt, r)
+                    elif r.status_code >= 400:
+                        r.read()
+                        self._ok(r)  # raises ApiError with the server's detail
+                    else:
+                        return self._save_body(r, out, progress)
+            except httpx.TransportError:  # a GET changes nothing: retried, from the first byte again
+                if attempt >= self.retries:
+                    raise
+                delay = self._delay(attempt, None)
+            out.seek(0)
+            out.truncate()
+            self.sleep(delay or 0.0)
+            attempt += 1
+
+    @staticmethod
+    def _save_body(r: httpx.Response, out: IO[bytes], progress: bool) -> int:
+        total = int(r.headers.get("content-length", 0)) or None
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=total, desc="export", unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True
+            )
+        size = 0
+        try:
+            for chunk in r.iter_bytes(1024 * 1024):
+                out.write(chunk)
+                size += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+        return size
 
     # ------------------------------------------------------------------ models
     def models(self) -> dict:

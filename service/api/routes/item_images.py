@@ -11,23 +11,11 @@ from fastapi import APIRouter, Request, Response
 
 from index.errors import ItemNotFound
 from service.api.deps import BlobsDep, GalleryDep
+from service.blobs import OPAQUE, media_type
 from service.errors import NoSourceKept
 from service.schemas import ErrorResponse
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
-
-_OPAQUE = "application/octet-stream"
-
-
-def media_type(data: bytes) -> str:
-    """The image type of ``data`` by its magic bytes (PNG, JPEG, WebP), else ``application/octet-stream``."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return _OPAQUE
 
 
 @router.get(
@@ -61,6 +49,6 @@ def item_image(external_id: str, request: Request, gallery: GalleryDep, blobs: B
     if data is None:
         raise NoSourceKept(f"the source image of item {external_id[:200]!r} is missing from the blob store")
     kind = media_type(data)
-    if kind == _OPAQUE:
+    if kind == OPAQUE:
         headers["Content-Disposition"] = "attachment"
     return Response(data, media_type=kind, headers=headers)
