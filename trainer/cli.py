@@ -108,6 +108,25 @@ def train_parser(prog: str = "graceful train") -> argparse.ArgumentParser:
         default=None,
         help="weight of the PC term against the task loss (default 1; fd-lm 0.05)",
     )
+    p.add_argument(
+        "--unlabeled",
+        default=None,
+        metavar="DIR",
+        help="unlabeled images for --bct (a gallery export, any folder of images, or a dataset folder): "
+        "keeps the new model compatible on classes neither model was trained on",
+    )
+    p.add_argument(
+        "--unlabeled-limit", type=int, default=None, metavar="N", help="a seeded sample of N of them"
+    )
+    p.add_argument("--unlabeled-weight", type=float, default=None, help="weight of their pull (default 4)")
+    p.add_argument(
+        "--unlabeled-target",
+        default=None,
+        choices=["neighbours", "old"],
+        help="pull towards the mean of the old embeddings of each image's nearest neighbours (default), or "
+        "towards its own old embedding",
+    )
+    p.add_argument("--unlabeled-k", type=int, default=None, help="neighbours per image (default 10)")
     p.add_argument("--limit", type=int, default=None, help="train on a seeded slice of N images")
     p.add_argument(
         "--eval-limit", type=int, default=None, help="evaluate the card's metrics on N test images"
@@ -233,6 +252,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             return _fail("--old is only used with --bct or --pc (to train independently, leave --old out)")
         if cfg.pc and not cfg.old:
             return _fail("--pc needs --old DIR (the model whose right answers to keep)")
+        if cfg.unlabeled and not cfg.bct:
+            return _fail("--unlabeled is a BCT term: it needs --old DIR and --bct")
+        if cfg.unlabeled and not Path(cfg.unlabeled).is_dir():
+            return _fail(f"unlabeled image folder {cfg.unlabeled} does not exist")
         if cfg.classes is not None:
             from trainer.data import parse_classes
 

@@ -2,7 +2,8 @@
 
 Each model embeds the test split once; the query set (index % 5 == 0) embedded by the query model searches
 the gallery (the rest) embedded by the gallery model. Cells exist where the embedding sizes match. Metrics
-are given overall and split by the query's class: old classes (those of the first model) and new ones.
+are given overall and split by the query's class: old classes (those of the first model), new ones (known to
+a later model only) and unseen ones (known to no model).
 """
 
 from __future__ import annotations
@@ -56,10 +57,15 @@ class CompatReport:
         }
 
 
-def _split_metrics(q, ql, g, gl, old_classes: list[int]) -> dict[str, Any]:
+def _split_metrics(q, ql, g, gl, old_classes: list[int], known: list[int]) -> dict[str, Any]:
+    """Metrics of (Q, D) queries with labels (Q,) against a (G, D) gallery, overall and split three ways by
+    the query's class: ``old_classes`` (the first model's), ``new_classes`` (known to a later model only) and
+    ``unseen_classes`` (known to no model: the items every real gallery holds). Empty parts are left out."""
     cell: dict[str, Any] = retrieval_metrics(q, ql, g, gl)
     is_old = np.isin(ql, old_classes)
-    for name, mask in (("old_classes", is_old), ("new_classes", ~is_old)):
+    is_known = np.isin(ql, known)
+    parts = (("old_classes", is_old), ("new_classes", is_known & ~is_old), ("unseen_classes", ~is_known))
+    for name, mask in parts:
         if mask.any():
             cell[name] = retrieval_metrics(q[mask], ql[mask], g, gl)
     return cell
@@ -107,6 +113,7 @@ def evaluate_models(
     q_idx, g_idx = query_gallery_split(len(test), every)
     labels = test.labels
     embs = embed_models(models, test, workers=workers)
+    known = sorted({c for m in models for c in m.card.classes} | set(old_classes))
     report = CompatReport(
         models=names, old_classes=old_classes, spaces={m.version: m.card.space for m in models}
     )
@@ -116,7 +123,12 @@ def evaluate_models(
             if qm.card.embedding_dim != gm.card.embedding_dim:
                 continue
             report.matrix[f"{qm.version}/{gm.version}"] = _split_metrics(
-                embs[qm.version][q_idx], labels[q_idx], embs[gm.version][g_idx], labels[g_idx], old_classes
+                embs[qm.version][q_idx],
+                labels[q_idx],
+                embs[gm.version][g_idx],
+                labels[g_idx],
+                old_classes,
+                known,
             )
 
     preds = {m.version: predict_labels(m, embs[m.version]) for m in models}

@@ -9,7 +9,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,8 @@ from trainer.losses import (
 )
 from trainer.model import build_model
 from trainer.preprocess import LEGACY_MEAN, LEGACY_STD, Preprocess
+from trainer.unlabeled import UnlabeledPull, load_unlabeled, unlabeled_loss, unlabeled_targets
+from trainer.warm_start import warm_start
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,14 @@ class TrainConfig:
     pc_beta: float | None = None
     pc_temperature: float | None = None
     pc_weight: float | None = None
+    # Unlabeled images for BCT (trainer.unlabeled): a dataset folder or any folder of images, e.g. a gallery
+    # export; the new model's embedding of each is pulled towards a target in the old space.
+    unlabeled: str | None = None
+    unlabeled_limit: int | None = None  # a seeded sample of at most this many
+    unlabeled_weight: float | None = None  # None = UnlabeledPull's defaults
+    unlabeled_target: str | None = None
+    unlabeled_k: int | None = None
+    init_from_old: bool = False  # start from the old model's weights (trainer.warm_start); needs --bct
     limit: int | None = None  # train on a seeded slice of this many images (tests, quick runs)
     eval_limit: int | None = None  # evaluate the card's metrics on a slice of the test split
     threads: int | None = None
@@ -95,6 +105,12 @@ class TrainConfig:
             influence_scale=base.influence_scale if self.influence_scale is None else self.influence_scale,
             new_rows=base.new_rows if self.new_rows is None else self.new_rows,
         )
+
+    def unlabeled_pull(self) -> UnlabeledPull | None:
+        if self.unlabeled is None:
+            return None
+        given = {"weight": self.unlabeled_weight, "target": self.unlabeled_target, "k": self.unlabeled_k}
+        return UnlabeledPull(**{k: v for k, v in given.items() if v is not None})  # type: ignore[arg-type]
 
     def pc_loss(self) -> FocalDistillation | None:
         if self.pc is None:
@@ -198,11 +214,28 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _cycle(
+    ds: Split, preps: list[Preprocess], batch_size: int, seed: int, workers: int | None
+) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    """Endless augmented batches of an unlabeled set: ((B, C, H, W) uint8 per contract, augmented alike,
+    (B,) rows), a new seeded order on every pass, on its own generator (the labelled stream draws as
+    without it)."""
+    gen = torch.Generator().manual_seed(seed + 7919)
+    pad = max(2, round(2 * min(preps[0].height, preps[0].width) / 28))
+    while True:
+        for views, rows in _batches(ds, preps, batch_size, gen, workers):
+            yield augment_views(views, gen, pad), rows
+
+
 def _check_old(cfg: TrainConfig, old: LoadedModel | None) -> None:
     if cfg.bct and old is None:
         raise ConfigError("--bct needs --old DIR (the model whose embedding space to stay compatible with)")
     if cfg.pc and old is None:
         raise ConfigError("--pc needs --old DIR (the model whose right answers to keep)")
+    if cfg.unlabeled and not cfg.bct:
+        raise ConfigError("--unlabeled is a BCT term: it needs --old DIR and --bct")
+    if cfg.init_from_old and not cfg.bct:
+        raise ConfigError("--init-from-old needs --old DIR and --bct")
     if old is not None and old.card.adapter_of is not None:
         raise ConfigError(
             f"--old {old.version} is an adapter version: train against the model it adapts to "
@@ -231,6 +264,7 @@ def train(
         raise ConfigError(f"unknown PC loss {cfg.pc!r}: choose one of {', '.join(PC_KINDS)}")
     pc = cfg.pc_loss()
     weights = cfg.bct_weights()
+    pull = cfg.unlabeled_pull()
     out = Path(cfg.out)
     version = check_version_name(out.name)
     dev = _device(cfg.device)
@@ -294,6 +328,27 @@ def train(
             old_head.synthesized.shape[0],
         )
 
+    if cfg.init_from_old and old is not None:
+        warm_start(model, prep, old, old_head.weight() if old_head is not None else None)
+        log.info("started from %s's weights", old.version)
+
+    unl_targets = unl_batches = None
+    if pull is not None and old is not None and cfg.unlabeled:
+        unl_set = load_unlabeled(cfg.unlabeled, cfg.unlabeled_limit, cfg.seed)
+        if pull.target != "old":
+            unl_targets = unlabeled_targets(old.model, old.preprocess, unl_set, pull, cfg.workers)
+        # "old": the old model embeds the same augmented view each step (exact distillation); other
+        # targets are fixed per image, computed once from the clean image.
+        unl_preps = [prep, old.preprocess] if pull.target == "old" else [prep]
+        unl_batches = _cycle(unl_set, unl_preps, pull.batch, cfg.seed, cfg.workers)
+        log.info(
+            "unlabeled pull: %d images from %s, target %s, weight %g",
+            len(unl_set),
+            cfg.unlabeled,
+            pull.target,
+            pull.weight,
+        )
+
     pc_rows = None
     if pc is not None and old is not None:
         pc_rows = shared_class_rows(old.model.classes, classes)
@@ -329,6 +384,8 @@ def train(
     old_dev = _to_device(dev, model, old, old_head)
     if centres is not None:
         centres = centres.to(dev)
+    if unl_targets is not None:
+        unl_targets = unl_targets.to(dev)
     if pc_rows is not None:
         pc_rows = (pc_rows[0].to(dev), pc_rows[1].to(dev))
 
@@ -353,6 +410,15 @@ def train(
                 terms.update(bct_losses(emb, rows, old_head, weights, centres, old_emb))
             if pc is not None and pc_rows is not None and old is not None and old_logits is not None:
                 terms.update(focal_distillation(logits, old_logits, old.model.label_to_row(yb), pc_rows, pc))
+            if pull is not None and unl_batches is not None and old is not None:
+                uviews, urows = next(unl_batches)
+                if pull.target == "old":
+                    with torch.no_grad():
+                        target = old.model.embed(old.preprocess(uviews[-1]).to(old_dev)).to(dev)
+                else:
+                    assert unl_targets is not None
+                    target = unl_targets[urows]
+                terms.update(unlabeled_loss(model.embed(prep(uviews[0]).to(dev)), target, pull.weight))
             loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[union-attr]
@@ -412,6 +478,7 @@ def _resolved(cfg: TrainConfig) -> dict[str, object]:
 
     return {
         "bct_weights": asdict(cfg.bct_weights()) if cfg.bct else None,
+        "unlabeled_pull": asdict(pull) if (pull := cfg.unlabeled_pull()) else None,
         # the file a library backbone started from, by content (a path alone may be overwritten)
         **(
             {"backbone_weights_sha256": file_sha256(Path(cfg.backbone_weights))}
@@ -442,4 +509,6 @@ def reusable(cfg: TrainConfig) -> bool:
             have["bct_weights"] = asdict(BCTWeights(**have["bct_weights"]))
         except (TypeError, ConfigError):
             return False
-    return all(have.get(k) == v for k, v in wanted.items())
+    # A field added to TrainConfig later is at its default in a card written before it existed.
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    return all(have.get(k, defaults.get(k)) == v for k, v in wanted.items())
