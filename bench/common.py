@@ -45,7 +45,9 @@ def command_line() -> str:
 
 
 def compat_seed(seed: int) -> Path:
-    """bench/compat.py's model folders of one seed (full protocol, default --out)."""
+    """The closed-world v1 / v2 pair of one seed (classes 0-4 / 0-9, 6 / 12 epochs, the full recipe) as
+    bench/compat.py wrote it before its open-world splits; reused when present. compat.py now writes its
+    splits beside it (bench/out/compat/<OLD>_<NEW>/)."""
     return REPO / "bench" / "out" / "compat" / "full" / f"seed{seed}"
 
 

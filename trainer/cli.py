@@ -112,21 +112,28 @@ def train_parser(prog: str = "graceful train") -> argparse.ArgumentParser:
         "--unlabeled",
         default=None,
         metavar="DIR",
-        help="unlabeled images for --bct (a gallery export, any folder of images, or a dataset folder): "
-        "keeps the new model compatible on classes neither model was trained on",
+        help="unlabeled images for --bct (a gallery export, any folder of images, or a dataset folder): the "
+        "new model's embedding of each is pulled towards the old model's, so classes neither model was "
+        "trained on stay near where the old gallery holds them",
     )
     p.add_argument(
         "--unlabeled-limit", type=int, default=None, metavar="N", help="a seeded sample of N of them"
     )
-    p.add_argument("--unlabeled-weight", type=float, default=None, help="weight of their pull (default 4)")
+    p.add_argument("--unlabeled-weight", type=float, default=None, help="weight of their pull (default 16)")
     p.add_argument(
         "--unlabeled-target",
         default=None,
         choices=["neighbours", "old"],
-        help="pull towards the mean of the old embeddings of each image's nearest neighbours (default), or "
-        "towards its own old embedding",
+        help="pull towards the old model's embedding of the same view (default), or towards the mean of "
+        "the old embeddings of each image's nearest neighbours",
     )
     p.add_argument("--unlabeled-k", type=int, default=None, help="neighbours per image (default 10)")
+    p.add_argument(
+        "--init-from-old",
+        action="store_true",
+        help="start from --old's weights (same architecture and input contract): a small step from the old "
+        "model; use a smaller --lr (0.02)",
+    )
     p.add_argument("--limit", type=int, default=None, help="train on a seeded slice of N images")
     p.add_argument(
         "--eval-limit", type=int, default=None, help="evaluate the card's metrics on N test images"
