@@ -118,9 +118,11 @@ def test_the_unlabeled_pull_keeps_unseen_classes_where_the_old_model_puts_them(t
             **base,
         )
     )
-    assert not reusable(
-        TrainConfig(out=str(tmp_path / "pulled"), unlabeled=str(tiny_data), unlabeled_weight=16.0, **base)
-    )
+    for other in ({"unlabeled_target": "neighbours"}, {"unlabeled_weight": 8.0}, {"unlabeled_limit": 50}):
+        cfg = {"unlabeled_weight": 16.0, "unlabeled_target": "old", **other}
+        assert not reusable(
+            TrainConfig(out=str(tmp_path / "pulled"), unlabeled=str(tiny_data), **cfg, **base)
+        )
 
 
 def test_warm_start_begins_as_the_old_model(v1, tiny_data):
@@ -212,4 +214,4 @@ def test_unlabeled_images_from_a_folder_like_a_gallery_export(tmp_path, tiny_dat
         )
     )
     assert res.history[-1]["unlabeled"] > 0
-    assert res.card.train_config["unlabeled_pull"]["target"] == "neighbours"
+    assert res.card.train_config["unlabeled_pull"] == {"weight": 16.0, "target": "old", "k": 10, "batch": 128}
