@@ -265,6 +265,19 @@ class ImageFolder:
             raise DatasetError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) under {root}")
         return cls(root, np.array(files, dtype=np.bytes_), np.asarray(labels, np.int64), classes)
 
+    @classmethod
+    def scan_unlabeled(cls, root: Path) -> ImageFolder:
+        """Every image file below ``root`` (any depth, sorted), with no classes: each label is the file's row
+        (0..N-1). Raises ``DatasetError`` when there is none."""
+        files = sorted(
+            p.relative_to(root).as_posix().encode()
+            for p in root.rglob("*")
+            if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES
+        )
+        if not files:
+            raise DatasetError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) under {root}")
+        return cls(root, np.array(files, dtype=np.bytes_), np.arange(len(files), dtype=np.int64), [])
+
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 

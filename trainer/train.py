@@ -214,6 +214,11 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _shift_pad(prep: Preprocess) -> int:
+    """The augmentation's largest shift in pixels for inputs under ``prep``: 2 px at 28x28, scaled."""
+    return max(2, round(2 * min(prep.height, prep.width) / 28))
+
+
 def _cycle(
     ds: Split, preps: list[Preprocess], batch_size: int, seed: int, workers: int | None
 ) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
@@ -221,7 +226,7 @@ def _cycle(
     (B,) rows), a new seeded order on every pass, on its own generator (the labelled stream draws as
     without it)."""
     gen = torch.Generator().manual_seed(seed + 7919)
-    pad = max(2, round(2 * min(preps[0].height, preps[0].width) / 28))
+    pad = _shift_pad(preps[0])
     while True:
         for views, rows in _batches(ds, preps, batch_size, gen, workers):
             yield augment_views(views, gen, pad), rows
@@ -380,7 +385,7 @@ def train(
     # The old model sees each image through its own contract: a second view of the same decoded image.
     needs_old = pc_rows is not None or (old_head is not None and bool(weights.to_old_embedding))
     preps = [prep, old.preprocess] if needs_old and old is not None else [prep]
-    pad = max(2, round(2 * min(prep.height, prep.width) / 28))  # augmentation shift: 2 px at 28x28
+    pad = _shift_pad(prep)
     old_dev = _to_device(dev, model, old, old_head)
     if centres is not None:
         centres = centres.to(dev)

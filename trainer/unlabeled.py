@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.data import _IMAGE_SUFFIXES, Dataset, ImageFolder, Split, iter_views, load_split
+from trainer.data import Dataset, ImageFolder, Split, iter_views, load_split
 from trainer.errors import ConfigError, DatasetError
 from trainer.preprocess import Preprocess
 
@@ -69,17 +69,10 @@ def load_unlabeled(path: str | os.PathLike[str], limit: int | None = None, seed:
     try:
         ds = load_split(root, "train")
     except DatasetError:
-        files = sorted(
-            p.relative_to(root).as_posix().encode()
-            for p in root.rglob("*")
-            if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES
-        )
-        if not files:
-            raise DatasetError(
-                f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) under {root}, and no dataset split in it"
-            ) from None
-        arr = np.array(files, dtype=np.bytes_)
-        ds = ImageFolder(root, arr, _rows(len(arr)), [])
+        try:
+            ds = ImageFolder.scan_unlabeled(root)
+        except DatasetError as e:
+            raise DatasetError(f"{e}, and no dataset split in it") from None
     if limit is not None:
         ds = ds.take(limit, seed=seed)
     if isinstance(ds, Dataset):
