@@ -248,6 +248,8 @@ def _progress_bar(desc: str, quiet: bool):
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
+    """`graceful train`; under torchrun (trainer.distributed) every process runs it, rank 0 alone prints."""
+    from trainer.distributed import is_main_process
     from trainer.train import TrainConfig, train
 
     try:
@@ -267,7 +269,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             from trainer.data import parse_classes
 
             parse_classes(cfg.classes)
-        update, close = _progress_bar(f"train {Path(cfg.out).name}", args.quiet)
+        main_rank = is_main_process()
+        update, close = _progress_bar(f"train {Path(cfg.out).name}", args.quiet or not main_rank)
         try:
             result = train(cfg, progress=update)
         finally:
@@ -275,6 +278,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except TrainerError as e:
         return _fail(str(e))
     card = result.card
+    if not main_rank:
+        return 0
     print(
         f"saved {card.version} to {result.path} (space {card.space}, compatible_with {card.compatible_with}, "
         f"{result.seconds:.0f}s)"
@@ -411,3 +416,24 @@ def register_onnx_main(argv: Sequence[str] | None = None) -> int:
         f"({result.seconds:.1f}s)"
     )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m trainer.cli train|eval|adapt|register-onnx ...``: the trainer's commands of `graceful`
+    without the service's console, e.g. for ``torchrun --nproc-per-node N -m trainer.cli train ...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {
+        "train": train_main,
+        "eval": eval_main,
+        "adapt": adapt_main,
+        "register-onnx": register_onnx_main,
+    }
+    if not argv or argv[0] not in commands:
+        return _fail(f"python -m trainer.cli takes one of {', '.join(commands)} (got {argv[:1]})")
+    rest = argv[1:]
+    setup_logging("-v" in rest or "--verbose" in rest)
+    return commands[argv[0]]([a for a in rest if a not in ("-v", "--verbose")])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

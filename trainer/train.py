@@ -1,5 +1,6 @@
 """The training loop: task loss, optionally BCT and/or PC (focal distillation) against an old model; saves a
-model version folder."""
+model version folder. Under torchrun it trains with DDP, one share of each global batch per process
+(trainer.distributed)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.artifact import LoadedModel, ModelCard, check_version_name, load_model, save_model
-from trainer.data import Dataset, Split, augment_views, iter_views, load_split, parse_classes
+from trainer import distributed
+from trainer.artifact import LoadedModel, ModelCard, check_version_name, load_model, read_card, save_model
+from trainer.data import Dataset, ImageFolder, Split, augment_views, iter_views, load_split, parse_classes
+from trainer.distributed import Dist, check_shards, global_view, local_rows, shard_batches, sync_batchnorm
 from trainer.errors import ConfigError, IncompatibleModelsError
 from trainer.losses import (
     PC_KINDS,
@@ -219,17 +222,80 @@ def _shift_pad(prep: Preprocess) -> int:
     return max(2, round(2 * min(prep.height, prep.width) / 28))
 
 
+Step = tuple[tuple[torch.Tensor, ...], torch.Tensor, float]
+
+
+def _steps(
+    ds: Split,
+    preps: list[Preprocess],
+    batch_size: int,
+    gen: torch.Generator,
+    workers: int | None,
+    pad: int | None,
+    ctx: Dist,
+) -> Iterator[Step]:
+    """One seeded pass over ``ds``, a step per global batch of ``batch_size``: (this process's views, (m, C, H, W)
+    uint8 per contract, augmented alike when ``pad`` is given; their (m,) labels; the weight on its per-sample
+    means). A plain run takes the whole batch, weight 1. Under DDP every rank draws the same permutation and
+    the same augmentation *of the whole global batch* from ``gen`` (a zero-filled global batch around its
+    share: the flips and the shift are drawn per global batch), so each image gets exactly the order and
+    the augmentation of single-process training; the weight is m * world / global batch
+    (trainer.distributed.Share.weight)."""
+    if not ctx.active:
+        for views, labels in _batches(ds, preps, batch_size, gen, workers):
+            yield (augment_views(views, gen, pad) if pad is not None else views), labels, 1.0
+        return
+    order = torch.randperm(len(ds), generator=gen)
+    local, shares = shard_batches(order, batch_size, ctx.rank, ctx.world_size)
+    batches = iter_views(_rows_of(ds, local.numpy()), preps, batch_size // ctx.world_size, None, workers)
+    for (views, labels), share in zip(batches, shares, strict=True):
+        # A view object repeated in ``views`` (a contract shared by two models) stays one object.
+        made: dict[int, torch.Tensor] = {}
+        if pad is not None:
+            full = {id(v): global_view(v, share) for v in views}
+            aug = augment_views(tuple(full[id(v)] for v in views), gen, pad)
+            for a in aug:
+                made[id(a)] = made[id(a)] if id(a) in made else local_rows(a, share)
+            mine = tuple(made[id(a)] for a in aug)
+        else:
+            for v in views:
+                made[id(v)] = made[id(v)] if id(v) in made else v[share.valid]
+            mine = tuple(made[id(v)] for v in views)
+        yield mine, labels[share.valid], share.weight(ctx.world_size)
+
+
+def _rows_of(ds: Split, idx: np.ndarray) -> Split:
+    """Rows ``idx`` (M,) of ``ds``, in that order, as a split of their own (iter_views walks a whole split;
+    an in-memory one is copied: this rank's share of an epoch)."""
+    if isinstance(ds, Dataset):
+        return Dataset(ds.images[idx], ds.labels[idx], ds.class_names)
+    return ImageFolder(ds.root, ds.files[idx], ds.labels[idx], ds.class_names)
+
+
 def _cycle(
-    ds: Split, preps: list[Preprocess], batch_size: int, seed: int, workers: int | None
-) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
-    """Endless augmented batches of an unlabeled set: ((B, C, H, W) uint8 per contract, augmented alike,
-    (B,) rows), a new seeded order on every pass, on its own generator (the labelled stream draws as
-    without it)."""
+    ds: Split, preps: list[Preprocess], batch_size: int, seed: int, workers: int | None, ctx: Dist
+) -> Iterator[Step]:
+    """Endless augmented batches of an unlabeled set, as ``_steps`` gives them ((m,) rows for labels), a new
+    seeded order on every pass, on its own generator (the labelled stream draws as without it)."""
     gen = torch.Generator().manual_seed(seed + 7919)
     pad = _shift_pad(preps[0])
     while True:
-        for views, rows in _batches(ds, preps, batch_size, gen, workers):
-            yield augment_views(views, gen, pad), rows
+        yield from _steps(ds, preps, batch_size, gen, workers, pad, ctx)
+
+
+class _Forward(torch.nn.Module):
+    """A step's forward passes of the new model as one module call, so DDP wraps them together: the labelled
+    batch (B, C, H, W) -> (B, D), (B, K), and an unlabeled batch (U, C, H, W) -> (U, D) when given."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, x: torch.Tensor, ux: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        emb, logits = self.model(x)
+        return emb, logits, (self.model.embed(ux) if ux is not None else None)
 
 
 def _check_old(cfg: TrainConfig, old: LoadedModel | None) -> None:
@@ -260,7 +326,18 @@ def train(
     """Train one model version and save it to ``cfg.out``.
 
     ``progress(step, total_steps, terms)`` is called after every step (the CLI draws a bar with it).
+
+    Under torchrun (``WORLD_SIZE`` > 1, trainer.distributed) each process trains its share of every global
+    batch of ``cfg.batch_size`` with DDP; only rank 0 reports progress, writes ``cfg.out`` and evaluates, the
+    others wait for it and return the card it wrote. The card's ``train_config.world_size`` says how many.
     """
+    with distributed.session(cfg.device) as ctx:
+        return _train(cfg, progress, ctx)
+
+
+def _train(
+    cfg: TrainConfig, progress: Callable[[int, int, dict[str, float]], None] | None, ctx: Dist
+) -> TrainResult:
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise ConfigError("epochs and batch size must be >= 1 and lr > 0")
     if cfg.bct not in (None, "full", "plain"):
@@ -272,7 +349,7 @@ def train(
     pull = cfg.unlabeled_pull()
     out = Path(cfg.out)
     version = check_version_name(out.name)
-    dev = _device(cfg.device)
+    dev = _device(distributed.device_for(cfg.device, ctx.local_rank) if ctx.active else cfg.device)
     parse_size(cfg.size)
     if cfg.workers is not None and cfg.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {cfg.workers}")
@@ -287,6 +364,8 @@ def train(
     train_set = full_train.subset(classes)
     if cfg.limit:
         train_set = train_set.take(cfg.limit, seed=cfg.seed)
+    if ctx.active:
+        check_shards(len(train_set), cfg.batch_size, ctx.world_size)
     prep = _contract(cfg, train_set)
     model = build_model(
         cfg.arch,
@@ -340,12 +419,14 @@ def train(
     unl_targets = unl_batches = None
     if pull is not None and old is not None and cfg.unlabeled:
         unl_set = load_unlabeled(cfg.unlabeled, cfg.unlabeled_limit, cfg.seed)
+        if ctx.active:
+            check_shards(len(unl_set), pull.batch, ctx.world_size, "unlabeled images")
         if pull.target != "old":
             unl_targets = unlabeled_targets(old.model, old.preprocess, unl_set, pull, cfg.workers)
         # "old": the old model embeds the same augmented view each step (exact distillation); other
         # targets are fixed per image, computed once from the clean image.
         unl_preps = [prep, old.preprocess] if pull.target == "old" else [prep]
-        unl_batches = _cycle(unl_set, unl_preps, pull.batch, cfg.seed, cfg.workers)
+        unl_batches = _cycle(unl_set, unl_preps, pull.batch, cfg.seed, cfg.workers, ctx)
         log.info(
             "unlabeled pull: %d images from %s, target %s, weight %g",
             len(unl_set),
@@ -394,16 +475,33 @@ def train(
     if pc_rows is not None:
         pc_rows = (pc_rows[0].to(dev), pc_rows[1].to(dev))
 
+    # DDP over the new model only: the frozen old model and BCT's old head stay outside it, unwrapped. Its
+    # BatchNorm layers compute training statistics over the global batch (trainer.distributed.sync_batchnorm:
+    # what one process would compute), and their running statistics are the same on every rank.
+    restore_bn = sync_batchnorm(model, ctx)
+    forward = _Forward(model)
+    net: torch.nn.Module = forward
+    if ctx.active:
+        net = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
+
     history: list[dict[str, float]] = []
     step, t0 = 0, time.perf_counter()
     model.train()
     for epoch in range(cfg.epochs):
         sums: dict[str, float] = {}
-        for views, yb in _batches(train_set, preps, cfg.batch_size, gen, cfg.workers):
-            views = augment_views(views, gen, pad) if cfg.augment else views
+        steps = _steps(train_set, preps, cfg.batch_size, gen, cfg.workers, pad if cfg.augment else None, ctx)
+        for views, yb, w in steps:
             x8, old8 = views[0], views[-1]
             yb = yb.to(dev)
-            emb, logits = model(prep(x8).to(dev))  # (B, D), (B, K)
+            uviews = urows = None
+            uw = 1.0
+            if pull is not None and unl_batches is not None:
+                uviews, urows, uw = next(unl_batches)
+            emb, logits, uemb = net(  # (B, D), (B, K), (U, D) or None
+                prep(x8).to(dev), prep(uviews[0]).to(dev) if uviews is not None else None
+            )
             rows = model.label_to_row(yb)
             terms = {"task": task_loss(logits, rows)}
             old_emb = old_logits = None
@@ -415,29 +513,36 @@ def train(
                 terms.update(bct_losses(emb, rows, old_head, weights, centres, old_emb))
             if pc is not None and pc_rows is not None and old is not None and old_logits is not None:
                 terms.update(focal_distillation(logits, old_logits, old.model.label_to_row(yb), pc_rows, pc))
-            if pull is not None and unl_batches is not None and old is not None:
-                uviews, urows = next(unl_batches)
+            uterms: dict[str, torch.Tensor] = {}
+            if pull is not None and uviews is not None and uemb is not None and old is not None:
                 if pull.target == "old":
                     with torch.no_grad():
                         target = old.model.embed(old.preprocess(uviews[-1]).to(old_dev)).to(dev)
                 else:
-                    assert unl_targets is not None
+                    assert unl_targets is not None and urows is not None
                     target = unl_targets[urows]
-                terms.update(unlabeled_loss(model.embed(prep(uviews[0]).to(dev)), target, pull.weight))
+                uterms = unlabeled_loss(uemb, target, pull.weight)
+            if ctx.active:
+                # Every term is a mean over its batch: weighted by share, DDP's gradient average over the
+                # ranks is the gradient of the global batch's mean (equal shares: weight 1).
+                terms = {k: v * w for k, v in terms.items()}
+                uterms = {k: v * uw for k, v in uterms.items()}
+            terms.update(uterms)
             loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[union-attr]
             opt.step()
             sched.step()
             step += 1
-            scalars = {k: float(v.detach()) for k, v in terms.items()}
+            scalars = _global_terms(terms, ctx)
             for k, v in scalars.items():
                 sums[k] = sums.get(k, 0.0) + v
-            if progress:
+            if progress and ctx.is_main:
                 progress(step, total, scalars)
         history.append({"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()}})
         log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, history[-1])
     seconds = time.perf_counter() - t0
+    restore_bn()
     model.eval()
     _to_device(torch.device("cpu"), model, old, old_head)
 
@@ -454,13 +559,27 @@ def train(
             **asdict(cfg),
             **_resolved(cfg),
             "train_images": len(train_set),
+            "world_size": ctx.world_size,  # processes that trained it (trainer.distributed); 1: a plain run
             "seconds": round(seconds, 1),
             "images_per_second": round(len(train_set) * cfg.epochs / seconds, 1),
         },
     )
-    card = save_model(out, model, card)
-    card = _attach_metrics(out, card, old, cfg)
+    if ctx.is_main:  # one writer; the other ranks wait until the folder is complete and read its card
+        card = save_model(out, model, card)
+        card = _attach_metrics(out, card, old, cfg)
+    ctx.barrier()
+    if not ctx.is_main:
+        card = read_card(out)
     return TrainResult(card=card, path=out, history=history, seconds=seconds)
+
+
+def _global_terms(terms: dict[str, torch.Tensor], ctx: Dist) -> dict[str, float]:
+    """The step's loss terms as floats: under DDP the global batch's (the weighted shares summed over the
+    ranks, divided by their number; one small all-reduce), so logs read as in single-process training."""
+    if not ctx.active:
+        return {k: float(v.detach()) for k, v in terms.items()}
+    vec = ctx.sum_(torch.stack([v.detach() for v in terms.values()]))  # (T,)
+    return {k: float(v) / ctx.world_size for k, v in zip(terms, vec, strict=True)}
 
 
 def _attach_metrics(out: Path, card: ModelCard, old: LoadedModel | None, cfg: TrainConfig) -> ModelCard:
