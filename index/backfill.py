@@ -6,6 +6,10 @@ runs under (free JSON, e.g. batch size or order), and the progress counters a ru
 An ordered job also has its order (``backfill_order``: position -> item, written once); items a job could
 not re-embed are in ``backfill_skips``. Pending items are always computed against the embeddings, so a
 resumed job skips what was committed before a crash, whatever its counters said.
+Several service replicas may share the database: a job runs where its lease is held (``owner``,
+``lease_until``; :func:`claim_job`, :func:`renew_lease`, :func:`release_job`), and any replica claims a job
+whose lease ran out. Lease times are the replicas' own UTC clocks (portable SQL), so they must agree to well
+within a lease.
 Plain functions over a caller-owned :class:`sqlalchemy.Connection`.
 """
 
@@ -13,11 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import Connection, Table, and_, delete, func, select, update
+from sqlalchemy import Connection, Table, and_, delete, func, or_, select, update
 
 from .errors import InvalidInput, UnknownBackfillJob
 from .tables import BackfillJob, BackfillOrder, BackfillSkip, Embedding, Item, utcnow
@@ -46,6 +50,8 @@ class BackfillJobInfo:
     error: str | None
     created_at: datetime
     updated_at: datetime
+    owner: str | None = None  # the replica holding the job's lease (None: nobody runs it)
+    lease_until: datetime | None = None  # UTC
 
 
 def _info(r: Any) -> BackfillJobInfo:
@@ -60,6 +66,8 @@ def _info(r: Any) -> BackfillJobInfo:
         error=r.error,
         created_at=r.created_at,
         updated_at=r.updated_at,
+        owner=r.owner,
+        lease_until=r.lease_until,
     )
 
 
@@ -297,3 +305,45 @@ def update_job(
     get_job(conn, job_id)
     conn.execute(update(jobs_t).where(jobs_t.c.id == job_id).values(**values))
     return get_job(conn, job_id)
+
+
+def claim_job(conn: Connection, job_id: int, owner: str, lease_s: float) -> bool:
+    """Take (or keep) a job's lease for ``lease_s`` seconds: True when ``owner`` holds it now. One UPDATE, so
+    of replicas claiming at once exactly one wins: it succeeds only if nobody holds the lease, ``owner``
+    already does, or the holder's lease ran out (it died, or stalled past its lease)."""
+    now = utcnow()
+    res = conn.execute(
+        update(jobs_t)
+        .where(
+            jobs_t.c.id == job_id,
+            or_(
+                jobs_t.c.owner.is_(None),
+                jobs_t.c.owner == owner,
+                jobs_t.c.lease_until.is_(None),
+                jobs_t.c.lease_until < now,
+            ),
+        )
+        .values(owner=owner, lease_until=now + timedelta(seconds=lease_s))
+    )
+    return res.rowcount == 1
+
+
+def renew_lease(conn: Connection, job_id: int, owner: str, lease_s: float) -> bool:
+    """Extend ``owner``'s lease of a job by ``lease_s`` seconds from now; False when it no longer holds it
+    (another replica took the job over): the caller must stop working on the job."""
+    res = conn.execute(
+        update(jobs_t)
+        .where(jobs_t.c.id == job_id, jobs_t.c.owner == owner)
+        .values(lease_until=utcnow() + timedelta(seconds=lease_s))
+    )
+    return res.rowcount == 1
+
+
+def release_job(conn: Connection, job_id: int, owner: str) -> bool:
+    """Give a job's lease up (no-op, False, when ``owner`` does not hold it)."""
+    res = conn.execute(
+        update(jobs_t)
+        .where(jobs_t.c.id == job_id, jobs_t.c.owner == owner)
+        .values(owner=None, lease_until=None)
+    )
+    return res.rowcount == 1

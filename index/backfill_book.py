@@ -43,6 +43,25 @@ class BackfillBook:
         with self._engine.begin() as conn:
             return backfill.update_job(conn, job_id, **changes)
 
+    # ------------------------------------------------------------------ leases (several replicas, one database)
+    def claim_job(self, job_id: int, owner: str, lease_s: float) -> bool:
+        """Take or keep a job's lease for ``lease_s`` seconds; True when ``owner`` holds it now (atomic)."""
+        self._check_open()
+        with self._engine.begin() as conn:
+            return backfill.claim_job(conn, int(job_id), owner, float(lease_s))
+
+    def renew_lease(self, job_id: int, owner: str, lease_s: float) -> bool:
+        """Extend ``owner``'s lease by ``lease_s`` seconds from now; False when another replica holds it."""
+        self._check_open()
+        with self._engine.begin() as conn:
+            return backfill.renew_lease(conn, int(job_id), owner, float(lease_s))
+
+    def release_job(self, job_id: int, owner: str) -> bool:
+        """Give up ``owner``'s lease of a job (False when it did not hold it)."""
+        self._check_open()
+        with self._engine.begin() as conn:
+            return backfill.release_job(conn, int(job_id), owner)
+
     # ------------------------------------------------------------------ progress and pending items
     def progress(self, candidate: str) -> tuple[int, int]:
         """``(done, total)``: items embedded by ``candidate`` in its space, and all items."""

@@ -19,6 +19,8 @@ Layout, and why:
 - ``backfill_order``: a job's re-embedding order (uncertainty-first policy), written once when the job
   starts, so a resumed job follows the same order. ``backfill_skips``: items a job could not re-embed (no
   kept source, unreadable source) and why. Both cascade with their job and with the item.
+- ``backfill_jobs.owner`` / ``lease_until``: which service replica runs a job, and until when its lease holds
+  (several replicas share one database; another takes a job over once its owner stops renewing).
 """
 
 from __future__ import annotations
@@ -138,6 +140,9 @@ class BackfillJob(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # the lease (migration 0004): the replica running the job, and until when; null while nobody runs it
+    owner: Mapped[str | None] = mapped_column(String(NAME_LEN), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class BackfillOrder(Base):

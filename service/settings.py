@@ -124,6 +124,20 @@ class Settings(BaseSettings):
         gt=0,
         description="items/s cap of backfill jobs that set none (unset: as fast as the CPU allows)",
     )
+    backfill_lease_s: float = Field(
+        15.0,
+        gt=0,
+        description="seconds a replica's lease on a running backfill job lasts unless renewed (several "
+        "replicas on one database: another takes the job over once it runs out)",
+    )
+    ray_workers: int = Field(
+        2, ge=1, le=1024, description="actors of a Ray backfill job (engine ray) that names none"
+    )
+    ray_address: str | None = Field(
+        None,
+        description="the Ray cluster of Ray backfill jobs that name none (unset: a local cluster the server "
+        "starts); its workers must see the models dir and the data dir at the same paths",
+    )
     backfill_curve_sample: int = Field(
         1000,
         ge=0,

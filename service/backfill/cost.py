@@ -6,6 +6,9 @@ their sources and carry labels: no backfill (candidate queries over the stored e
 quality by the compatibility check (:mod:`service.models.check`), full backfill by the curve's last point;
 otherwise it comes from the candidate's card (its compatibility matrix against its parent).
 
+With ``workers`` N (several Ray actors, or machines), times divide the items by N x the measured single-worker
+rate: a prediction, not a measurement with N workers (the report says so); a rate cap still caps the total.
+
 The curve (``curve``): expected quality after 0-100% of the items are re-embedded, under each order policy,
 and the time each fraction takes at the measured throughput (or a given items/s cap). Simulated on a sample
 of the gallery's own items when their sources and labels are kept, else a line between the card's cells
@@ -38,6 +41,7 @@ from service.models.hot_swap import HotSwap, backfill_report_url
 from trainer import LoadedModel, ModelCard, embed_images
 
 QUALITY_KEYS = ("top1", "top5", "mAP")
+WORKERS_NOTE = "predicted from the measured single-worker rate x N; not measured with N workers"
 
 
 @dataclass(frozen=True)
@@ -139,9 +143,11 @@ class CostReport:
             max_pixels,
         )
 
-    def report(self, candidate: str, rate_limit: float | None = None) -> dict[str, Any]:
+    def report(self, candidate: str, rate_limit: float | None = None, workers: int = 1) -> dict[str, Any]:
         """The report for ``candidate`` (a valid version: ModelNotFound / InvalidModel otherwise), with the
-        curve of expected quality per fraction backfilled and the items that cannot be backfilled."""
+        curve of expected quality per fraction backfilled and the items that cannot be backfilled; times
+        for ``workers`` workers of the measured rate each (capped by ``rate_limit``, items/s)."""
+        workers = max(1, int(workers))
         entry = self.swap.registry.entry(candidate)
         card = entry.card
         assert card is not None  # entry() raises for refused folders
@@ -157,9 +163,10 @@ class CostReport:
 
         loaded = self.models.get(candidate)
         tp = self.probe.measure(loaded)
-        per_second = min(tp.images_per_second, rate_limit) if rate_limit else tp.images_per_second
+        combined = tp.images_per_second * workers  # images/s of N workers, each as fast as the one measured
+        per_second = min(combined, rate_limit) if rate_limit else combined
         seconds = to_reembed / per_second if per_second > 0 else float("inf")
-        cpu_hours = seconds * tp.threads / 3600.0
+        cpu_hours = seconds * tp.threads * workers / 3600.0
 
         # Which version's embeddings a no-backfill search would meet: the one holding most items of the space.
         space_versions = {
@@ -199,8 +206,13 @@ class CostReport:
                 "threads": tp.threads,
                 "what": f"decode PNG + embed, batches of {tp.batch}, on this machine",
                 "rate_limit": rate_limit,
+                "workers": workers,
+                "per_worker_images_per_second": round(tp.images_per_second, 1),
+                "predicted_images_per_second": round(per_second, 1),
+                "note": WORKERS_NOTE if workers > 1 else "measured with one worker",
             },
             "predicted": {
+                "workers": workers,
                 "wall_seconds": round(seconds, 2),
                 # significant digits, not decimals: a small gallery's cost must not read as zero
                 "wall_hours": float(f"{seconds / 3600.0:.4g}"),

@@ -20,17 +20,30 @@ candidate until every item has an embedding there (then the swap is one referenc
 Control (pause / resume / cancel) changes the job's status in SQL under this runner's lock; the thread
 checks it between batches, so a change takes effect within one batch. ``rate_limit`` caps items/s: batches
 shrink to about a quarter of a second's budget and the thread sleeps between them (waking on control).
+
+Engines: ``local`` (default) embeds in this thread; ``ray`` (:mod:`service.backfill.ray_engine`) embeds on a
+Ray Data actor pool and writes here, through the same exactly-once path. The job's ``policy`` JSON says which.
+
+Several replicas on one database: a job runs in the replica holding its lease (``owner``, ``lease_until`` in
+SQL). The thread only takes a job it can claim, renews the lease between batches (at most every
+``lease_s / 5``, and from a helper thread during long steps without batches: ordering, a Ray pool starting),
+and gives it up when it leaves the job; a replica that dies stops renewing, and another claims the job once
+the lease ran out. Pause/resume/cancel from any replica work through the SQL status the owner reads.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import secrets
+import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +54,10 @@ from index import Gallery
 from index.backfill import BackfillJobInfo
 from index.errors import GalleryClosed, ItemNotFound
 from service.backfill.order import POLICIES, uncertainty_order
+from service.backfill.ray_engine import ENGINES, RayOptions, ray_installed, require_ray
+from service.backfill.sources import read_source
 from service.blobs import BlobStore
-from service.errors import BackfillConflict, BadImage, BadRequest, TooLarge
-from service.images import decode_image
+from service.errors import BackfillConflict, BadRequest
 from service.models.cache import ModelCache
 from service.models.hot_swap import HotSwap, space_problem
 from trainer import LoadedModel, ModelCardError, NoImageModel, embed_images
@@ -53,6 +67,69 @@ log = logging.getLogger(__name__)
 ACTIVE = ("pending", "running", "paused")  # a job that may still re-embed items
 RATE_WINDOW_S = 10.0
 PROGRESS_EVERY_S = 1.0  # the job row's counters are rewritten this often (one small commit), not per batch
+LEASE_S = 15.0
+
+
+def runner_id() -> str:
+    """``hostname:pid:random``: unique per runner, and says where a job runs."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class _Lease:
+    """This runner's hold on one job's lease (``lost`` once another replica took the job over)."""
+
+    def __init__(self, gallery: Gallery, job_id: int, owner: str, lease_s: float) -> None:
+        self.gallery, self.job_id, self.owner, self.lease_s = gallery, job_id, owner, lease_s
+        self.lost = False
+        self._renewed = time.monotonic()
+        self._lock = threading.Lock()
+
+    def renew(self, force: bool = False) -> bool:
+        """Extend the lease (at most every lease_s / 5 unless ``force``: one UPDATE, not one per batch);
+        False once lost. A database error keeps going: the next renewal tells whether the lease held."""
+        with self._lock:
+            if self.lost:
+                return False
+            if not force and time.monotonic() - self._renewed < self.lease_s / 5:
+                return True
+            try:
+                ok = self.gallery.backfill.renew_lease(self.job_id, self.owner, self.lease_s)
+            except GalleryClosed:
+                return False
+            except Exception:
+                log.exception("backfill job %d: cannot renew its lease", self.job_id)
+                return True
+            self._renewed = time.monotonic()
+            if not ok:
+                self.lost = True
+                log.warning(
+                    "backfill job %d: its lease was taken over by another replica; leaving it", self.job_id
+                )
+            return ok
+
+    @contextmanager
+    def kept(self) -> Iterator[None]:
+        """Renew from a helper thread every lease_s / 3 while a step without batches runs (ordering, a Ray
+        pool starting or recovering), so a slow step does not hand the job to another replica."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.lease_s / 3) and self.renew(force=True):
+                pass
+
+        t = threading.Thread(target=beat, name=f"backfill-lease-{self.job_id}", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            done.set()
+            t.join()
+
+    def release(self) -> None:
+        try:
+            self.gallery.backfill.release_job(self.job_id, self.owner)
+        except Exception:  # closed or unreachable: the lease runs out by itself
+            log.debug("backfill job %d: lease not released", self.job_id, exc_info=True)
 
 
 @dataclass
@@ -151,8 +228,15 @@ class BackfillRunner:
         max_image_pixels: int = 1 << 20,
         on_embedded: Callable[[str, int], None] | None = None,
         idle_poll_s: float = 5.0,
+        lease_s: float = LEASE_S,
+        owner: str | None = None,
+        ray: RayOptions | None = None,
     ) -> None:
         self.gallery, self.swap, self.models, self.blobs = gallery, swap, models, blobs
+        self.lease_s = lease_s
+        self.owner = owner or runner_id()
+        self.ray = ray or RayOptions()
+        self._lease: _Lease | None = None  # the lease of the job the thread is in
         self.registry = swap.registry
         self.batch_size, self.rate_limit = batch_size, rate_limit
         self.max_image_pixels = max_image_pixels
@@ -194,11 +278,20 @@ class BackfillRunner:
         rate_limit: float | None = None,
         batch_size: int | None = None,
         stop_at: float | None = None,
+        engine: str = "local",
+        address: str | None = None,
+        workers: int | None = None,
     ) -> BackfillJobInfo:
         """A new ``pending`` job. Refused (:class:`BackfillConflict`) while another job of the same
-        candidate may still run; unknown or refused versions raise the registry's errors."""
+        candidate may still run; unknown or refused versions raise the registry's errors. ``engine="ray"``
+        embeds on a Ray cluster (``address``; None: a local one) with ``workers`` actors (None: the
+        service's default); :class:`~service.backfill.ray_engine.RayUnavailable` when Ray is not installed."""
         if policy not in POLICIES:
             raise BadRequest(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+        if engine not in ENGINES:
+            raise BadRequest(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+        if engine == "ray":
+            require_ray()
         card = self.registry.entry(candidate).card  # ModelNotFound / InvalidModel, and registers the version
         if card is not None and card.external:
             raise NoImageModel(
@@ -211,6 +304,10 @@ class BackfillRunner:
             "rate_limit": rate_limit if rate_limit is not None else self.rate_limit,
             "batch_size": int(batch_size or self.batch_size),
             "stop_at": stop_at,
+            # engine fields live in the policy JSON (no migration); workers None: the runner's default
+            "engine": engine,
+            "address": address if engine == "ray" else None,
+            "workers": workers if engine == "ray" else None,
         }
         with self._cond:
             busy = [j.id for j in self.gallery.backfill.list_jobs(candidate) if j.status in ACTIVE]
@@ -289,6 +386,7 @@ class BackfillRunner:
             done, total = live.done, live.total
         left = max(total - done - n_skip, 0)
         # what this process last read of the candidate's folder: a poll never re-reads (or re-hashes) it
+        engine = spec.get("engine") or "local"
         known = self.registry.known(job.candidate)
         can_activate = (
             None if known is None or known.card is None else space_problem(self.gallery, known.card) is None
@@ -303,6 +401,9 @@ class BackfillRunner:
             "rate_limit": spec.get("rate_limit"),
             "batch_size": int(spec.get("batch_size") or self.batch_size),
             "stop_at": spec.get("stop_at"),
+            "engine": engine,
+            "workers": (spec.get("workers") or self.ray.workers) if engine == "ray" else None,
+            "owner": job.owner,
             "done": done,
             "total": total,
             "skipped": n_skip,
@@ -338,6 +439,7 @@ class BackfillRunner:
                 if job is None:
                     self._cond.wait(self.idle_poll_s)
                     continue
+            lease = self._lease = _Lease(self.gallery, job.id, self.owner, self.lease_s)
             try:
                 self._run(job)
             except GalleryClosed:
@@ -356,25 +458,51 @@ class BackfillRunner:
                     log.exception("backfill job %d: cannot record the failure", job.id)
                     with self._cond:
                         self._cond.wait(self.idle_poll_s)
+            finally:  # the job left running here (or this runner stops): another replica may take it now
+                self._lease = None
+                lease.release()
 
     def _next_job(self) -> BackfillJobInfo | None:
-        """The oldest running job, else the oldest pending one (then marked running). Under the lock."""
-        jobs = self.gallery.backfill.list_jobs()
+        """The oldest running job, else the oldest pending one (then marked running), among those this
+        runner can claim (no other replica holds their lease) and run. Under the lock."""
+        book = self.gallery.backfill
         for status in ("running", "pending"):
-            for j in jobs:
-                if j.status == status:
-                    return (
-                        j if status == "running" else self.gallery.backfill.update_job(j.id, status="running")
-                    )
+            for j in book.list_jobs():
+                if j.status != status or not self._can_run(j):
+                    continue
+                if not book.claim_job(j.id, self.owner, self.lease_s):
+                    continue  # another replica runs it
+                j = book.get_job(j.id)  # a control call of another replica may have come meanwhile
+                if j.status == "pending":
+                    return book.update_job(j.id, status="running")
+                if j.status == "running":
+                    return j
+                book.release_job(j.id, self.owner)
         return None
 
+    def _can_run(self, job: BackfillJobInfo) -> bool:
+        """A Ray job is left to replicas that have Ray installed (create() refused it where none is)."""
+        return (job.policy or {}).get("engine", "local") != "ray" or ray_installed()
+
     def _status(self, job_id: int) -> BackfillJobInfo | None:
-        """The job as it is now, or None when the thread must leave it (stopping, or not running)."""
+        """The job as it is now, or None when the thread must leave it (stopping, not running, or its lease
+        taken over by another replica). Renews the lease."""
         with self._cond:
             if self._stopping:
                 return None
+            if self._lease is not None and not self._lease.renew():
+                return None
             job = self.gallery.backfill.get_job(job_id)
             return job if job.status == "running" else None
+
+    @contextmanager
+    def _lease_kept(self) -> Iterator[None]:
+        """Keep the current job's lease from a helper thread while a step without batches runs."""
+        if self._lease is None:
+            yield
+            return
+        with self._lease.kept():
+            yield
 
     def _finish(self, job_id: int, status: str, done: int, total: int, error: str | None = None) -> None:
         with self._cond:
@@ -404,7 +532,10 @@ class BackfillRunner:
         if ordered and "ordered_items" not in spec:
             live.phase = "ordering"
             space = self.swap.serving_space()
-            order = uncertainty_order(self.gallery, space, self.models.get_or_none, loaded) if space else None
+            with self._lease_kept():
+                order = (
+                    uncertainty_order(self.gallery, space, self.models.get_or_none, loaded) if space else None
+                )
             n = (
                 self.gallery.backfill.set_order(job.id, order.item_ids.tolist(), order.scores.tolist())
                 if order
@@ -425,6 +556,11 @@ class BackfillRunner:
         done, total = self.gallery.backfill.progress(candidate)
         self.gallery.backfill.update_job(job.id, done=done, total=total)
         live.done, live.total = done, total
+        if spec.get("engine") == "ray":
+            from service.backfill.ray_engine import run_ray  # imports ray: only for Ray jobs
+
+            run_ray(self, job, live, cursor, loaded, done, total)
+            return
         saved_at = time.monotonic()
         prep = loaded.preprocess
         paced_from, paced_items, paced_rate = time.monotonic(), 0, None
@@ -478,22 +614,7 @@ class BackfillRunner:
                     live.timed("list", t0)
                     batch = self._load(rows, candidate, prep, live)
                 if batch.size == 0:
-                    done, total = self.gallery.backfill.progress(candidate)
-                    n_skip = self.gallery.backfill.skips(job.id, 0)[0]
-                    if n_skip and not live.reembedded:
-                        # nothing was re-embedded though items were pending: not "done" (nothing was)
-                        why = (
-                            f"no item had a usable source ({n_skip} skipped): nothing was re-embedded; "
-                            "see skipped_examples, ingest the items again (or keep sources), then start a "
-                            "new job"
-                        )
-                        log.warning("backfill job %d: %s", job.id, why)
-                        self._finish(job.id, "failed", done, total, error=why)
-                        return
-                    log.info(
-                        "backfill job %d: complete, %d/%d embedded by %s", job.id, done, total, candidate
-                    )
-                    self._finish(job.id, "done", done, total)
+                    self._complete(job, live)
                     return
                 next_limit = (
                     limit
@@ -504,18 +625,43 @@ class BackfillRunner:
                     # Overlap listing, reading and decoding the next batch with this one's embedding and commit.
                     ahead = self._pool.submit(self._read_ahead, cursor, next_limit, candidate, prep, live)
                 n_ok, n_skip = self._store(job.id, candidate, batch, loaded, live)
-                done += n_ok
-                total = self.gallery.live_counts(job.space)[0]
-                live.done, live.total = done, total
-                live.reembedded += n_ok
-                live.tick(n_ok + n_skip)
-                if time.monotonic() - saved_at >= PROGRESS_EVERY_S:
-                    self.gallery.backfill.update_job(job.id, done=done, total=total)
-                    saved_at = time.monotonic()
+                done, total, saved_at = self._account(job, live, done, n_ok, n_skip, saved_at)
                 paced_items += n_ok + n_skip
         finally:
             if ahead is not None:  # a batch read ahead is not committed: drop it, once its reads finish
                 wait([ahead])
+
+    def _complete(self, job: BackfillJobInfo, live: _Live) -> None:
+        """No pending item is left: the job is done, or failed when every item it had was skipped."""
+        done, total = self.gallery.backfill.progress(job.candidate)
+        n_skip = self.gallery.backfill.skips(job.id, 0)[0]
+        if n_skip and not live.reembedded:
+            # nothing was re-embedded though items were pending: not "done" (nothing was)
+            why = (
+                f"no item had a usable source ({n_skip} skipped): nothing was re-embedded; "
+                "see skipped_examples, ingest the items again (or keep sources), then start a "
+                "new job"
+            )
+            log.warning("backfill job %d: %s", job.id, why)
+            self._finish(job.id, "failed", done, total, error=why)
+            return
+        log.info("backfill job %d: complete, %d/%d embedded by %s", job.id, done, total, job.candidate)
+        self._finish(job.id, "done", done, total)
+
+    def _account(
+        self, job: BackfillJobInfo, live: _Live, done: int, n_ok: int, n_skip: int, saved_at: float
+    ) -> tuple[int, int, float]:
+        """Count a written batch; rewrite the job row's counters every PROGRESS_EVERY_S.
+        Returns ``(done, total, saved_at)``."""
+        done += n_ok
+        total = self.gallery.live_counts(job.space)[0]
+        live.done, live.total = done, total
+        live.reembedded += n_ok
+        live.tick(n_ok + n_skip)
+        if time.monotonic() - saved_at >= PROGRESS_EVERY_S:
+            self.gallery.backfill.update_job(job.id, done=done, total=total)
+            saved_at = time.monotonic()
+        return done, total, saved_at
 
     def _read_ahead(
         self, cursor: _Cursor, limit: int, candidate: str, prep: Any, live: _Live
@@ -533,25 +679,19 @@ class BackfillRunner:
         t0 = time.perf_counter()
         batch = _Batch(size=len(rows or []))
         for iid, eid, uri in rows or []:
-            if uri is None:
-                batch.skips.append((iid, "no source kept (ingested while keep_sources was off)"))
-                continue
-            raw = self.blobs.get(uri)
-            if raw is None:
-                batch.skips.append((iid, f"source {uri[:80]} is not in the blob store"))
-                continue
-            try:
-                batch.images.append(
-                    decode_image(
-                        raw,
-                        prep=prep,
-                        max_pixels=self.max_image_pixels,
-                        what=f"item {eid!r}",
-                    )
-                )
+            got = read_source(
+                self.blobs,
+                uri,
+                prep=prep,
+                max_pixels=self.max_image_pixels,
+                external_id=eid,
+                candidate=candidate,
+            )
+            if isinstance(got, str):
+                batch.skips.append((iid, got))
+            else:
+                batch.images.append(got)
                 batch.eids.append(eid)
-            except (BadImage, TooLarge) as e:
-                batch.skips.append((iid, f"source does not fit {candidate}: {e}"))
         live.timed("read_decode", t0)
         return batch
 
@@ -560,12 +700,28 @@ class BackfillRunner:
     ) -> tuple[int, int]:
         """Embed a batch and commit it (``gallery.reembed``: SQL, then FAISS); record its skips (they leave
         the job's pending list). Returns ``(re-embedded, skipped)``."""
+        pairs: list[tuple[str, np.ndarray]] = []
+        if batch.eids:
+            t0 = time.perf_counter()
+            vectors = embed_images(loaded, np.stack(batch.images))  # (b, D)
+            live.timed("embed", t0)
+            pairs = list(zip(batch.eids, vectors, strict=True))
+        return self._write(job_id, candidate, pairs, batch.skips, live)
+
+    def _write(
+        self,
+        job_id: int,
+        candidate: str,
+        pairs: list[tuple[str, np.ndarray]],
+        skips: list[tuple[int, str]],
+        live: _Live,
+    ) -> tuple[int, int]:
+        """Commit embedded items (``(external_id, (D,) vector)``; ``gallery.reembed``: one SQL transaction
+        that also takes them off the pending list, then FAISS) and record skips. Both engines write here.
+        Returns ``(re-embedded, skipped)``."""
         t0 = time.perf_counter()
         n = 0
-        if batch.eids:
-            vectors = embed_images(loaded, np.stack(batch.images))  # (b, D)
-            t0 = live.timed("embed", t0)
-            pairs = list(zip(batch.eids, vectors, strict=True))
+        if pairs:
             try:
                 self.gallery.reembed(pairs, candidate)
             except ItemNotFound as e:  # deleted since they were listed: nothing was written, retry without
@@ -576,11 +732,11 @@ class BackfillRunner:
             n = len(pairs)
             if self.on_embedded is not None:
                 self.on_embedded(candidate, n)
-        if batch.skips:
+        if skips:
             try:
-                self.gallery.backfill.record_skips(job_id, batch.skips)
+                self.gallery.backfill.record_skips(job_id, skips)
             except IntegrityError:  # an item was deleted meanwhile
-                alive = self.gallery.items_by_id([i for i, _ in batch.skips])
-                self.gallery.backfill.record_skips(job_id, [(i, r) for i, r in batch.skips if i in alive])
+                alive = self.gallery.items_by_id([i for i, _ in skips])
+                self.gallery.backfill.record_skips(job_id, [(i, r) for i, r in skips if i in alive])
         live.timed("write", t0)
-        return n, len(batch.skips)
+        return n, len(skips)

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Policy = Literal["sequential", "uncertainty"]
+Engine = Literal["local", "ray"]
 MAX_BATCH = 4096
 
 
@@ -31,6 +32,20 @@ class BackfillRequest(_Strict):
         le=1,
         allow_inf_nan=False,
         description="pause by itself once this share of the gallery is embedded by the candidate",
+    )
+    engine: Engine = Field(
+        "local",
+        description="where items are embedded: this server's thread (local), or a Ray Data actor pool (ray; "
+        "needs `pip install graceful[ray]`); either way the server writes them, exactly once",
+    )
+    address: str | None = Field(
+        None,
+        min_length=1,
+        max_length=512,
+        description="engine ray: the cluster to connect to (unset: a local cluster the server starts)",
+    )
+    workers: int | None = Field(
+        None, ge=1, le=1024, description="engine ray: actors embedding (unset: GRACEFUL_RAY_WORKERS)"
     )
 
 
@@ -61,6 +76,11 @@ class BackfillJobResponse(BaseModel):
     rate_limit: float | None
     batch_size: int
     stop_at: float | None
+    engine: Engine = Field("local", description="local (this server's thread) or ray (a Ray Data actor pool)")
+    workers: int | None = Field(None, description="engine ray: actors embedding")
+    owner: str | None = Field(
+        None, description="the replica (host:pid:id) holding the job's lease while it runs; null otherwise"
+    )
     done: int = Field(description="items embedded by the candidate in its space (counted in SQL)")
     total: int = Field(description="items in the gallery")
     skipped: int = Field(description="items this job cannot re-embed (no kept source, unreadable source)")

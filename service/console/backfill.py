@@ -1,6 +1,7 @@
 """`graceful backfill`: start, watch and steer backfill jobs of a running service over its HTTP API.
 
     graceful backfill start v2 [--policy uncertainty] [--rate-limit 500] [--batch-size 256] [--stop-at 0.5] [--wait]
+                            [--engine ray [--address ADDR] [--workers N]]
     graceful backfill status [JOB] [--wait]      # no JOB: every job
     graceful backfill pause|cancel JOB
     graceful backfill resume JOB [--stop-at F] [--rate-limit R] [--wait]
@@ -43,6 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--rate-limit", type=float, default=None, help="items/s cap")
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--stop-at", type=float, default=None, help="pause once this share of the gallery is done")
+    s.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default=None,
+        help="where items are embedded: the server's thread (local, the default) or a Ray cluster",
+    )
+    s.add_argument("--address", default=None, help="the Ray cluster (--engine ray; unset: a local one)")
+    s.add_argument("--workers", type=int, default=None, help="Ray actors (--engine ray; unset: the server's)")
     s.add_argument("--wait", action="store_true", help="show progress until the job stops running")
     s = sub.add_parser("status", parents=[common], help="a job's progress (every job without JOB)")
     s.add_argument("job", nargs="?", type=int)
@@ -59,9 +68,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def describe(job: dict[str, Any]) -> str:
     """One line: ``job 3 v2 (uncertainty): running 1200/8000 (15.0%), 950 items/s, ETA 7s, 2 skipped``."""
+    engine = f", ray x{job.get('workers')}" if job.get("engine") == "ray" else ""
     line = (
-        f"job {job['id']} {job['candidate']} ({job['policy']}): {job['status']} {job['done']}/{job['total']} "
-        f"({100 * job['fraction']:.1f}%)"
+        f"job {job['id']} {job['candidate']} ({job['policy']}{engine}): {job['status']} "
+        f"{job['done']}/{job['total']} ({100 * job['fraction']:.1f}%)"
     )
     if job.get("rate"):
         line += f", {job['rate']:.0f} items/s"
@@ -120,6 +130,9 @@ def backfill_main(argv: Sequence[str] | None = None) -> int:
                 "rate_limit": args.rate_limit,
                 "batch_size": args.batch_size,
                 "stop_at": args.stop_at,
+                "engine": args.engine,
+                "address": args.address,
+                "workers": args.workers,
             }
             job = client.post("/v1/backfill", json={k: v for k, v in body.items() if v is not None})
         elif args.action == "status":

@@ -724,8 +724,12 @@ class GracefulClient:
     def rollback(self) -> dict:
         return self.post("/v1/models/rollback")
 
-    def report(self, candidate: str) -> dict:
-        return self.get("/v1/backfill/report", params={"candidate": candidate})
+    def report(self, candidate: str, workers: int | None = None) -> dict:
+        """The backfill-cost report; ``workers``: predicted for that many workers (single-worker rate x N)."""
+        params: dict[str, str | int] = {"candidate": candidate}
+        if workers is not None:
+            params["workers"] = int(workers)
+        return self.get("/v1/backfill/report", params=params)
 
     # ------------------------------------------------------------------ backfill
     def backfill_start(
@@ -736,14 +740,21 @@ class GracefulClient:
         rate_limit: float | None = None,
         batch_size: int | None = None,
         stop_at: float | None = None,
+        engine: str | None = None,
+        address: str | None = None,
+        workers: int | None = None,
     ) -> dict:
-        """Start re-embedding the gallery with ``candidate``; returns the job (``id``, ``status``, ...)."""
+        """Start re-embedding the gallery with ``candidate``; returns the job (``id``, ``status``, ...).
+        ``engine="ray"`` embeds on a Ray cluster (``address``; unset: a local one) with ``workers`` actors."""
         body = {
             "candidate": candidate,
             "policy": policy,
             "rate_limit": rate_limit,
             "batch_size": batch_size,
             "stop_at": stop_at,
+            "engine": engine,
+            "address": address,
+            "workers": workers,
         }
         return self.post("/v1/backfill", json={k: v for k, v in body.items() if v is not None})
 

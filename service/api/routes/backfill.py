@@ -28,8 +28,11 @@ async def report(
     costs: CostsDep,
     candidate: str = Query(min_length=1, max_length=128),
     rate_limit: float | None = Query(None, gt=0, description="items/s cap the times assume"),
+    workers: int = Query(
+        1, ge=1, le=1024, description="workers the times assume: the measured single-worker rate x N"
+    ),
 ) -> dict[str, Any]:
-    return await run_in_threadpool(costs.report, candidate, rate_limit)
+    return await run_in_threadpool(costs.report, candidate, rate_limit, workers)
 
 
 def _job(runner: BackfillRunner, job_id: int) -> BackfillJobResponse:
@@ -51,6 +54,9 @@ def start(body: BackfillRequest, runner: BackfillDep) -> BackfillJobResponse:
         rate_limit=body.rate_limit,
         batch_size=body.batch_size,
         stop_at=body.stop_at,
+        engine=body.engine,
+        address=body.address,
+        workers=body.workers,
     )
     return _job(runner, job.id)
 

@@ -1,0 +1,70 @@
+"""Two backfill runners (two replicas) on one database: one runs a job at a time, and when its owner dies
+(stops renewing without releasing), the other takes the job over once the lease ran out and completes it,
+every item written exactly once."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from tests.service.backfill.runner_parts import ingest, open_parts, vec_id_counter, wait_status
+
+CANDIDATE = "v2-indep"
+
+
+@pytest.mark.slow
+def test_a_dead_owners_job_is_taken_over_and_each_item_written_once(
+    tiny_models, tiny_test, tmp_path, database_url
+) -> None:
+    a = open_parts(tiny_models, tmp_path, database_url, data="data-a")
+    eids = ingest(a, tiny_test, np.arange(len(tiny_test)))
+    b = open_parts(tiny_models, tmp_path, database_url, data="data-b")
+    writes: dict[str, Counter[str]] = {"a": Counter(), "b": Counter()}
+    for name, parts in (("a", a), ("b", b)):
+
+        def counting(pairs, candidate, _reembed=parts.gallery.reembed, _n=writes[name]):
+            out = _reembed(pairs, candidate)
+            _n.update(e for e, _ in pairs)
+            return out
+
+        parts.gallery.reembed = counting  # type: ignore[method-assign]
+    runners = {"a": a.runner(lease_s=1.0), "b": b.runner(lease_s=1.0)}
+    for r in runners.values():
+        r.start()
+    try:
+        before = vec_id_counter(a.gallery)
+        job = runners["a"].create(CANDIDATE, batch_size=8, rate_limit=40)  # ~5 s for 200 items
+        deadline = time.monotonic() + 60
+        while (owner := a.gallery.backfill.get_job(job.id).owner) is None or runners["a"].describe(job.id)[
+            "done"
+        ] < 40:
+            assert time.monotonic() < deadline, runners["a"].describe(job.id)
+            time.sleep(0.05)
+        holder = next(n for n, r in runners.items() if r.owner == owner)
+        other = "b" if holder == "a" else "a"
+        assert runners[other].describe(job.id)["owner"] == owner  # any replica shows who runs it
+        assert sum(writes[other].values()) == 0, "both replicas ran the job"
+
+        # The holder dies: it stops without releasing its lease (as a SIGKILL would leave it).
+        dead = runners[holder]
+        dead.gallery.backfill.release_job = lambda *a, **k: False  # type: ignore[method-assign]
+        dead.stop()
+        written_by_dead = sum(writes[holder].values())
+        assert 0 < written_by_dead < len(eids)
+        assert a.gallery.backfill.get_job(job.id).status == "running"
+
+        done = wait_status(runners[other], job.id, ("done",), timeout=90)
+        assert done["done"] == len(eids) and done["owner"] is None
+        assert sum(writes[holder].values()) == written_by_dead  # the dead one wrote nothing more
+    finally:
+        for r in runners.values():
+            r.stop()
+    total = writes["a"] + writes["b"]
+    assert set(total) == set(eids) and set(total.values()) == {1}, "an item was written twice"
+    assert vec_id_counter(a.gallery) - before == len(eids)
+    assert a.gallery.counts_by_version() == {"v1": len(eids), CANDIDATE: len(eids)}
+    a.gallery.close()
+    b.gallery.close()
