@@ -8,7 +8,11 @@ no SQL — so searches run concurrently with each other and wait for writers at 
 
 Restart: :meth:`Gallery.open` loads each space's snapshot and reconciles it with SQL
 (:mod:`index.reconcile`), so the index always equals the database, whatever was or was not snapshotted
-before a crash. One ``Gallery`` per process and per data_dir: FAISS indexes are per process.
+before a crash. One ``Gallery`` per process and per index dir: FAISS indexes are per process.
+
+Replicas: several processes may open one database (each with its own index dir). Each one's writes are
+exact in SQL at once; :meth:`Gallery.follow`, called periodically, brings this process's FAISS indexes up to
+what the others committed (the service calls it every ``follow_interval_s``).
 
 Choices callers should know:
 - vectors (stored and queries) are L2-normalised on input; scores are cosine similarities;
@@ -27,6 +31,7 @@ import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +83,17 @@ class Gallery:
     Create with :meth:`open`. Thread-safe: any number of threads may search while others mutate.
     """
 
-    def __init__(self, engine: Engine, data_dir: Path, config: IndexConfig | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        data_dir: Path,
+        config: IndexConfig | None = None,
+        index_dir: Path | None = None,
+    ) -> None:
         """Use :meth:`open`; this constructor neither creates tables nor loads indexes."""
         self.engine = engine
         self.data_dir = Path(data_dir)
-        self.index_dir = self.data_dir / "index"
+        self.index_dir = Path(index_dir) if index_dir is not None else self.data_dir / "index"
         self.config = config if config is not None else IndexConfig()
         self._mutex = threading.RLock()  # serialises mutations (SQL commit + FAISS apply)
         self.backfill = BackfillBook(engine, self._check_open, self._version)  # jobs, pending items, orders
@@ -90,6 +101,9 @@ class Gallery:
         self._spaces: dict[str, SpaceIndex] = {}
         self._closed = False
         self._items = 0  # items in SQL, kept in step with this process's commits (O(1) for policy checks)
+        # The database's change counter (store.head) up to which this process has applied every commit:
+        # its own, and (through follow) those of other processes writing to the same database.
+        self._followed = 0
         # filters: (space, filter) -> (write generation, time, vec_ids, rows of small sets or None)
         self._generation = 0  # bumped by every write of this object (after its commit)
         self._filter_cache: OrderedDict[tuple[str, MetadataFilter], _Matching] = OrderedDict()
@@ -116,6 +130,7 @@ class Gallery:
         faiss_threads: int | None | Unset = UNSET,
         background_builds: bool | Unset = UNSET,
         recall_sample: int | Unset = UNSET,
+        index_dir: Path | None = None,
     ) -> Gallery:
         """Open (creating if needed) the gallery at ``database_url`` with snapshots under ``data_dir``.
 
@@ -126,6 +141,8 @@ class Gallery:
           their older names: each one given replaces the field (``index_factory`` is ``factory``,
           ``index_params`` is ``params``). Snapshots only make reopening faster; SQL is the truth.
         - ``sqlite_synchronous``: SQLite's ``synchronous`` pragma (:mod:`index.db`).
+        - ``index_dir``: where snapshots go (None: ``<data_dir>/index``). Processes that share a database
+          and a data_dir (replicas) each need their own: FAISS indexes are per process.
         - ``faiss_threads`` sets FAISS's OpenMP threads of the calling thread (OpenMP keeps it per thread).
           Many concurrent single-query searches run faster with 1 thread each than with all of them
           fighting over OpenMP.
@@ -148,7 +165,7 @@ class Gallery:
             database_url or default_database_url(data_dir), sqlite_synchronous=sqlite_synchronous
         )
         create_schema(engine)
-        g = cls(engine, data_dir, config)
+        g = cls(engine, data_dir, config, index_dir)
         try:
             g._load()
         except BaseException:
@@ -160,6 +177,7 @@ class Gallery:
         self.index_dir.mkdir(parents=True, exist_ok=True)
         atomic.remove_stale_temp_files(self.index_dir)
         with self._mutex, self.engine.connect() as conn:
+            self._followed = store.head(conn)  # read first: the reconcile below sees at least this much
             self._versions = {v.version: v for v in catalog.list_versions(conn)}
             dims = catalog.space_dims(conn)
             self._items = store.item_count(conn)
@@ -294,6 +312,10 @@ class Gallery:
         self._check_open()
         with self._mutex:
             with self.engine.begin() as conn:
+                # Take the writer lock first: two activations at once (two replicas) then run one after the
+                # other, and each reads the state the other committed (else both could leave their
+                # version marked active, or lose an entry of the history).
+                store.allocate_vec_ids(conn, 0)
                 previous = catalog.get_active(conn)
                 info = catalog.set_active(conn, version, rollback=rollback, note=note)
             self._versions[version] = info
@@ -416,6 +438,7 @@ class Gallery:
             except IntegrityError as e:  # only reachable through a concurrent writer in another process
                 raise VersionConflict(f"concurrent write conflict, retry: {e.orig}") from e
             self._items += res.inserted
+            self._advance(int(res.vec_ids[0]), int(res.vec_ids[-1]))
             entries = [(iid, eid, info.version) for iid, eid in zip(res.item_ids, ext_ids, strict=True)]
             self._apply(sidx, res.old_vec_ids, res.vec_ids, vectors, entries)
             log.debug("%s: %d items in space %r by %r", mode, len(items), info.space, info.version)
@@ -434,9 +457,105 @@ class Gallery:
             self._check_open()
             with self.engine.begin() as conn:
                 n_deleted, removed = store.delete_items(conn, ids, missing_ok)
+                marker = store.mark_change(conn) if n_deleted else None
             self._items -= n_deleted
+            if marker is not None:
+                self._advance(marker, marker)
             self._remove_vectors(removed)
             return n_deleted
+
+    def _advance(self, first: int, last: int) -> None:
+        """After this process committed vec_ids ``first..last`` (under the mutex): when nothing of another
+        process lies between them and what was followed, they are followed too, so a lone process never
+        reads its own writes back."""
+        if first == self._followed + 1:
+            self._followed = last
+
+    # ------------------------------------------------------------------ replicas
+    def follow(self) -> FollowReport | None:
+        """Apply what other processes (replicas on the same database) committed since this one last looked:
+        vectors they wrote are added to FAISS, vectors they replaced or deleted are dropped, spaces they
+        made are opened. One cheap query when nothing changed (then None).
+
+        Exact, like :func:`~index.reconcile.reconcile`: vec_ids are handed out in commit order, so the
+        rows to add are those above the followed counter (own writes among them are skipped); losses
+        (deletes, re-embeds) show as a count mismatch up to the counter, and only then are ids listed.
+        """
+        self._check_open()
+        with self.engine.connect() as conn:
+            if store.head(conn) == self._followed:
+                return None
+        t0 = time.perf_counter()
+        with self._mutex:
+            self._check_open()
+            with self.engine.connect() as conn:
+                head = store.head(conn)
+                if head == self._followed:
+                    return None
+                new_spaces = sorted(set(catalog.space_dims(conn)) - set(self._spaces))
+            if new_spaces:
+                self._discover_spaces()  # opens (reconciles) them whole
+            added = removed = 0
+            with self.engine.connect() as conn:
+                for sidx in list(self._spaces.values()):
+                    if sidx.space in new_spaces:
+                        continue
+                    a, r = self._follow_space(conn, sidx, head)
+                    added, removed = added + a, removed + r
+                self._items = store.item_count(conn)
+            self._followed = head
+            self._generation += 1
+        report = FollowReport(head, added, removed, new_spaces, time.perf_counter() - t0)
+        log.debug("followed the database to %d: %s", head, report)
+        return report
+
+    def _follow_space(self, conn: Any, sidx: SpaceIndex, head: int) -> tuple[int, int]:
+        """Bring ``sidx`` to the database's state up to vec_id ``head`` (under the mutex). (added, removed)."""
+        known = sidx.entries
+        ids: list[int] = []
+        vecs: list[np.ndarray] = []
+        entries: list[tuple[int, str, str]] = []
+        for chunk in store.scan_space(conn, sidx.space, sidx.dim, above=self._followed):
+            for k, vid in enumerate(chunk.vec_ids):
+                if vid <= head and vid not in known:
+                    ids.append(int(vid))
+                    vecs.append(chunk.vectors[k])
+                    entries.append((chunk.item_ids[k], chunk.external_ids[k], chunk.versions[k]))
+        stale = np.empty(0, np.int64)
+        if store.count_upto(conn, sidx.space, head) != sidx.live_count + len(ids):
+            in_sql = store.vec_ids_upto(conn, sidx.space, head)
+            local = np.fromiter(known.keys(), dtype=np.int64, count=len(known))
+            stale = local[~np.isin(local, in_sql)]
+            pending = np.asarray(ids, dtype=np.int64)
+            missing = in_sql[~np.isin(in_sql, local) & ~np.isin(in_sql, pending)]
+            for chunk in store.rows_by_vec_ids(conn, missing.tolist(), sidx.dim):
+                for k, vid in enumerate(chunk.vec_ids):
+                    ids.append(int(vid))
+                    vecs.append(chunk.vectors[k])
+                    entries.append((chunk.item_ids[k], chunk.external_ids[k], chunk.versions[k]))
+        if ids or len(stale):
+            self._apply(
+                sidx,
+                stale.tolist(),
+                np.asarray(ids, dtype=np.int64) if ids else None,
+                np.stack(vecs).astype(np.float32, copy=False) if ids else None,
+                entries if ids else None,
+            )
+        return len(ids), len(stale)
+
+    @property
+    def followed(self) -> int:
+        """The database's change counter up to which this process applied every commit (its own and, by
+        :meth:`follow`, other processes')."""
+        return self._followed
+
+    def refresh_versions(self) -> None:
+        """Re-read every version's row (status changes made by another process)."""
+        self._check_open()
+        with self.engine.connect() as conn:
+            versions = {v.version: v for v in catalog.list_versions(conn)}
+        with self._mutex:
+            self._versions.update(versions)
 
     def _remove_vectors(self, removed: Iterable[tuple[str, int]]) -> None:
         """Drop committed deletions ``(space, vec_id)`` from the spaces' FAISS indexes (under the mutex)."""
@@ -617,7 +736,10 @@ class Gallery:
             self._check_open()
             with self.engine.begin() as conn:
                 deleted, missing, removed = item_sql.delete_found(conn, ids)
+                marker = store.mark_change(conn) if deleted else None
             self._items -= len(deleted)
+            if marker is not None:
+                self._advance(marker, marker)
             self._remove_vectors(removed)
             return deleted, missing
 
@@ -754,6 +876,17 @@ class Gallery:
         if not ids:
             return np.empty(0, np.int64), [], np.empty((0, sidx.dim), np.float32)
         return np.concatenate(ids), versions, np.concatenate(vecs)
+
+
+@dataclass(frozen=True)
+class FollowReport:
+    """What one :meth:`Gallery.follow` applied."""
+
+    head: int  # the database's change counter it followed up to
+    added: int  # vectors added (written by other processes)
+    removed: int  # vectors dropped (deleted or replaced by other processes)
+    new_spaces: list[str]  # spaces opened
+    seconds: float
 
 
 class _Matching:

@@ -43,6 +43,20 @@ def allocate_vec_ids(conn: Connection, n: int) -> int:
     return int(last) - n + 1
 
 
+def head(conn: Connection) -> int:
+    """The last vec_id handed out (committed: the counter row is locked until its writer commits). Every
+    committed write of a vector, and every delete (:func:`mark_change`), moves it, so another process can
+    tell from this one value whether the database changed since it last looked."""
+    return int(
+        conn.execute(select(counters_t.c.value).where(counters_t.c.name == VEC_ID_COUNTER)).scalar_one()
+    )
+
+
+def mark_change(conn: Connection) -> int:
+    """Burn one vec_id so that :func:`head` moves for a write that stores no vector (a delete); returns it."""
+    return allocate_vec_ids(conn, 1)
+
+
 def find_items(conn: Connection, external_ids: Sequence[str]) -> dict[str, int]:
     """external_id -> item id, for those that exist."""
     out: dict[str, int] = {}

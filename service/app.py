@@ -1,8 +1,9 @@
 """The FastAPI app: ``create_app(settings)``; its lifespan is the one place that builds the service's parts.
 
 Parts are built in dependency order (gallery -> registry -> model cache -> hot swap -> serving paths ->
-backfill runner -> cost report) into one frozen :class:`~service.parts.Parts`, and stopped in reverse:
-queued requests finish, the backfill batch in flight commits, then the gallery writes its snapshots.
+replica follower -> backfill runner -> cost report) into one frozen :class:`~service.parts.Parts`, and
+stopped in reverse: queued requests finish, the backfill batch in flight commits, then the gallery writes
+its snapshots.
 See docs/architecture.md for how a search, an ingest, a hot swap and a backfill flow through them.
 """
 
@@ -39,6 +40,7 @@ def build_parts(settings: Settings, metrics: Metrics, stack: AsyncExitStack | No
     from service.models.hot_swap import HotSwap
     from service.models.registry import ModelRegistry
     from service.parts import Parts
+    from service.replicas.follower import ReplicaFollower
     from service.serving.batching import BatchBounds
     from service.serving.ingest import IngestPath
     from service.serving.search import SearchPath
@@ -56,6 +58,7 @@ def build_parts(settings: Settings, metrics: Metrics, stack: AsyncExitStack | No
         faiss_threads=s.faiss_threads,
         background_builds=s.index_background_build,
         recall_sample=s.index_recall_sample,
+        index_dir=s.index_dir,
     )
     if stack is not None:
         stack.callback(gallery.close)
@@ -124,6 +127,11 @@ def build_parts(settings: Settings, metrics: Metrics, stack: AsyncExitStack | No
     except ServiceError as e:
         log.error("could not activate a model at start-up: %s", e)
 
+    follower = ReplicaFollower(gallery, swap, metrics, s.follow_interval_s)
+    follower.start()
+    if stack is not None:
+        stack.callback(follower.stop)
+
     def embedded(version: str, n: int) -> None:
         metrics.embedded.labels(version=version, purpose="backfill").inc(n)
 
@@ -164,6 +172,7 @@ def build_parts(settings: Settings, metrics: Metrics, stack: AsyncExitStack | No
         ingest=ingest,
         backfill=backfill,
         costs=costs,
+        follower=follower,
     )
 
 

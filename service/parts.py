@@ -16,6 +16,7 @@ from service.models.cache import ModelCache
 from service.models.hot_swap import HotSwap
 from service.models.registry import ModelRegistry
 from service.observability import Metrics
+from service.replicas.follower import ReplicaFollower
 from service.serving.ingest import IngestPath
 from service.serving.search import SearchPath
 from service.serving.shadow import ShadowTraffic
@@ -36,3 +37,4 @@ class Parts:
     ingest: IngestPath
     backfill: BackfillRunner
     costs: CostReport
+    follower: ReplicaFollower

@@ -18,6 +18,18 @@ class Settings(BaseSettings):
         Path("models"), description="model version folders; the folder name is the version"
     )
     data_dir: Path = Field(Path("data"), description="index snapshots, item sources, the SQLite file")
+    index_dir: Path | None = Field(
+        None,
+        description="FAISS index snapshots (unset: <data_dir>/index); replicas sharing a data_dir each "
+        "need their own",
+    )
+    follow_interval_s: float = Field(
+        0.2,
+        ge=0,
+        le=60,
+        description="how often this process applies what other replicas on the same database wrote and "
+        "activated (0: never; a lone server loses nothing by it: one cheap query per poll)",
+    )
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; unset = SQLite at <data_dir>/gallery.db"
     )

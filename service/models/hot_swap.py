@@ -208,6 +208,27 @@ class HotSwap:
             forced=note["forced"],
         )
 
+    def follow(self, version: str) -> bool:
+        """Serve ``version`` because another replica activated it (the persisted active version says so).
+
+        The activating replica ran the guard and persisted the choice; this one only loads and warms the
+        model, then swaps the reference, unless the persisted version changed again meanwhile. True when
+        it swapped."""
+        active = self._active
+        if active is not None and active.version == version:
+            return False
+        loaded, _ = self._load_and_warm(version)
+        with self._lock, self._swap.write():
+            if self.gallery.active_version() != version:
+                return False  # another activation landed meanwhile: the next poll follows that one
+            previous = self._active.version if self._active else None
+            self._active = ActiveModel(
+                version=version, space=loaded.card.space, loaded=loaded, activated_at=time.time()
+            )
+            self.models.set_active(loaded)
+        log.info("following another replica: now serving %s (previous %s)", version, previous)
+        return True
+
     def rollback(self) -> ActivationResult:
         """Re-activate the version active before the current one (same checks as an activation)."""
         history = self.gallery.activation_history()

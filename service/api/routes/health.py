@@ -16,11 +16,19 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="Ready to serve: the gallery is open and a model is active")
-def readyz(swap: SwapDep) -> Response:
+def readyz(swap: SwapDep, gallery: GalleryDep) -> Response:
     active = swap.active
     if active is None:
         return JSONResponse({"status": "not ready", "detail": "no model is active"}, status_code=503)
-    return JSONResponse({"status": "ready", "active_model": active.version, "space": active.space})
+    # followed: the database change counter this replica has applied up to (replicas compare it)
+    return JSONResponse(
+        {
+            "status": "ready",
+            "active_model": active.version,
+            "space": active.space,
+            "followed": gallery.followed,
+        }
+    )
 
 
 @router.get("/metrics", summary="Prometheus metrics")
