@@ -172,14 +172,16 @@ def _workers(asked: int) -> int:
     return asked
 
 
-def _dataset(rows: list[tuple[int, str, str | None]], ordered: bool, batch_size: int, opts: dict[str, Any]):
+def _dataset(rows: list[tuple[int, str, str | None]], ordered: bool, write_size: int, opts: dict[str, Any]):
     """The chunk as a dataset mapped by the actor pool (lazy: nothing runs until it is iterated)."""
     import ray.data
 
+    # Blocks (one actor task each) of a few write batches: an output reaches the writer as soon as its block
+    # is embedded. A small chunk is cut finer, into about 4 blocks per actor, or one actor would do it all.
+    per_block = min(4 * write_size, max(1, math.ceil(len(rows) / (4 * opts["workers"]))))
     ds = ray.data.from_items(
         [{"item_id": i, "external_id": e, "source_uri": u} for i, e, u in rows],
-        # blocks of a few write batches: an output reaches the writer as soon as its block is embedded
-        override_num_blocks=max(1, math.ceil(len(rows) / (4 * batch_size))),
+        override_num_blocks=math.ceil(len(rows) / per_block),
     )
     ds.context.enable_progress_bars = False
     # an ordered job writes its chunk in its order; otherwise blocks come back as soon as they are done
@@ -190,7 +192,8 @@ def _dataset(rows: list[tuple[int, str, str | None]], ordered: bool, batch_size:
         return ds.map_batches(
             opts["actor"],
             fn_constructor_kwargs=opts["ctor"],
-            batch_size=batch_size,
+            # no larger than a block: Ray Data would otherwise bundle blocks into one task
+            batch_size=min(write_size, per_block),
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=opts["workers"]),
             num_cpus=1,

@@ -91,8 +91,9 @@ def test_ray_engine_writes_what_the_local_engine_writes(
         np.testing.assert_allclose(results["ray"][eid], results["local"][eid], atol=1e-6, rtol=0)
 
 
-def _actor_pids() -> list[int]:
-    """Ray Data map workers started under this process (the test's own cluster), by their process title."""
+def _actor_pids(actor: str = "SlowActor") -> list[int]:
+    """Ray Data map workers of ``actor`` started under this process (the test's own cluster), by their
+    process title."""
     me = os.getpid()
     parents: dict[int, int] = {}
     titles: dict[int, str] = {}
@@ -117,7 +118,7 @@ def _actor_pids() -> list[int]:
             pid, seen = parents.get(pid, 1), seen + 1
         return False
 
-    return [p for p, t in titles.items() if "MapWorker" in t and "SlowActor" in t and ours(p)]
+    return [p for p, t in titles.items() if "MapWorker" in t and actor in t and ours(p)]
 
 
 @pytest.mark.slow
@@ -214,3 +215,62 @@ def test_the_api_takes_the_engine_and_the_report_n_workers(
     assert local["engine"] == "local" and local["workers"] is None
     api.wait(c, local["id"], lambda j: j["status"] == "done")
     assert server.stop() == 0
+
+
+@pytest.mark.slow
+def test_ray_jobs_stop_pause_resume_cancel_and_keep_the_rate_cap(
+    ray_cluster, tiny_models, tiny_test, tmp_path
+) -> None:
+    parts, eids = _parts(tiny_models, tiny_test, tmp_path)
+    n = len(eids)
+    runner = parts.runner(ray=RayOptions(workers=2))
+    runner.start()
+    try:
+        before = vec_id_counter(parts.gallery)
+        job = runner.create(CANDIDATE, engine="ray", batch_size=8, stop_at=0.5)
+        job = wait_status(runner, job.id, ("paused",))
+        assert job["done"] == n // 2  # its stop point, exactly: the chunk never goes past it
+
+        runner.resume(job["id"], rate_limit=40)
+        t0, done0 = time.monotonic(), job["done"]
+        deadline = t0 + 120
+        while runner.describe(job["id"])["done"] < done0 + 24:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        first = None
+        while (now := runner.describe(job["id"]))["done"] < done0 + 48:  # timed after the pool is up
+            first = first or (time.monotonic(), now["done"])
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        rate = (now["done"] - first[1]) / (time.monotonic() - first[0])
+        assert rate < 40 * 1.5, f"{rate:.0f} items/s under a cap of 40"
+        runner.pause(job["id"])
+        time.sleep(0.5)  # a batch in flight when the pause came may still commit
+        paused_at = runner.describe(job["id"])["done"]
+        time.sleep(1.0)
+        job = runner.describe(job["id"])
+        assert job["status"] == "paused" and job["done"] == paused_at < n
+        gone = time.monotonic() + 30
+        while _actor_pids("EmbedActor"):  # it stopped consuming the dataset: the pool goes away
+            assert time.monotonic() < gone, "the actors outlived the paused job's dataset"
+            time.sleep(0.2)
+
+        runner.resume(job["id"])
+        wait = time.monotonic() + 120
+        while runner.describe(job["id"])["done"] < paused_at + 8:
+            assert time.monotonic() < wait
+            time.sleep(0.02)
+        runner.cancel(job["id"])
+        time.sleep(0.5)
+        cancelled_at = runner.describe(job["id"])["done"]
+        time.sleep(1.0)
+        job = runner.describe(job["id"])
+        assert job["status"] == "cancelled" and job["done"] == cancelled_at
+
+        last = runner.create(CANDIDATE, engine="ray", batch_size=32)
+        last_state = wait_status(runner, last.id, ("done",))
+        assert last_state["done"] == n and last_state["reembedded"] == n - cancelled_at  # nothing twice
+        assert vec_id_counter(parts.gallery) - before == n
+    finally:
+        runner.stop()
+        parts.gallery.close()
