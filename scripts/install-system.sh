@@ -2,7 +2,8 @@
 # System packages graceful needs, from Debian's archive (apt-get; as root, or through passwordless sudo).
 #   install-system.sh          what `make demo` needs: the Fashion-MNIST dataset (IDX files)
 #   install-system.sh --tests  and what the test suite needs: PostgreSQL (`make test` starts a throwaway server),
-#                              Chromium and its WebDriver (the page's browser test)
+#                              Chromium and its WebDriver (the page's browser test), nginx (the compose
+#                              test runs the replicas' proxy with docker/nginx.conf)
 #   install-system.sh --ci     and what only CI needs: docker-compose (the compose file check in .ci/run)
 # Packages already there are skipped, so a second run installs nothing and takes no time. Without --ci, a
 # machine that cannot install (no apt-get, not root and no passwordless sudo, no network) gets one line
@@ -28,6 +29,7 @@ if [ "$mode" != demo ]; then
   have_postgres || packages+=(postgresql)
   command -v chromium >/dev/null 2>&1 || packages+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || packages+=(chromium-driver)
+  command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || packages+=(nginx)
 fi
 if [ "$mode" = ci ]; then
   command -v docker-compose >/dev/null 2>&1 || packages+=(docker-compose)
