@@ -150,6 +150,11 @@ class Settings(BaseSettings):
         description="the Ray cluster of Ray backfill jobs that name none (unset: a local cluster the server "
         "starts); its workers must see the models dir and the data dir at the same paths",
     )
+    ray_allowed_addresses: str = Field(
+        "",
+        description="comma-separated further Ray clusters a backfill request may name in `address` (the "
+        "server unpickles what a cluster sends back: list only clusters you trust)",
+    )
     backfill_curve_sample: int = Field(
         1000,
         ge=0,

@@ -16,7 +16,9 @@ written is no longer pending) up to ``CHUNK_ATTEMPTS`` times. An item seen twice
 first output arrived) is written once.
 
 Where it runs: ``address`` None starts a local Ray cluster in this process (``ray.init``, once); otherwise it
-connects to that cluster. Every Ray worker must see the models dir and the blob store at the same paths as the
+connects to that cluster, one per process. A job may name only the server's own address or one of its allowed
+ones (``RayOptions``): the driver unpickles what the cluster sends back, so it connects only to clusters its
+operator trusts. Every Ray worker must see the models dir and the blob store at the same paths as the
 service (a shared filesystem), and have graceful installed: the actors read both, and nothing else travels.
 Ray is an optional extra (``pip install graceful[ray]``): this module imports it only inside functions.
 """
@@ -56,16 +58,33 @@ class RayUnavailable(BadRequest):
     """A Ray backfill was asked where Ray is not installed."""
 
 
+class RayAddressRefused(BadRequest):
+    """A Ray backfill named a cluster this server may not connect to, or another than the one it is on."""
+
+
 @dataclass(frozen=True)
 class RayOptions:
     """How Ray jobs run: the cluster (``address`` None: a local one started here), actors per job when the
     job names none (``GRACEFUL_RAY_WORKERS``), rows per dataset, and the actor class (tests slow it down)."""
 
     address: str | None = None
+    allowed_addresses: tuple[str, ...] = ()  # further clusters a job may name (besides ``address``)
     workers: int = 2
     chunk_items: int = 50_000  # rows listed per dataset: each dataset starts its own actor pool (seconds)
     object_store_memory: int | None = None  # bytes, a local cluster only (None: Ray's default)
     actor: type | None = None  # None: EmbedActor
+
+    def check_address(self, address: str | None) -> None:
+        """:class:`RayAddressRefused` unless a job may name ``address`` (None: the server's own)."""
+        if address is not None and address != self.address and address not in self.allowed_addresses:
+            raise RayAddressRefused(
+                f"Ray address {address!r} is not one this server may connect to: set it as GRACEFUL_RAY_ADDRESS "
+                "or list it in GRACEFUL_RAY_ALLOWED_ADDRESSES (the server unpickles what the cluster sends "
+                "back, so it connects only to clusters its operator trusts), or leave address unset"
+            )
+
+
+_connected: list[str | None] = []  # the address ensure_ray initialised Ray with (empty: not by it)
 
 
 @cache
@@ -91,6 +110,11 @@ def ensure_ray(address: str | None, workers: int, object_store_memory: int | Non
     except ImportError as e:
         raise RayUnavailable(f"engine 'ray' needs Ray ({e}): {INSTALL_HINT}") from None
     if ray.is_initialized():
+        if _connected and address is not None and address != _connected[0]:
+            raise RayAddressRefused(
+                f"this server is connected to Ray at {_connected[0] or 'its local cluster'}, not {address!r}: "
+                "one cluster per process (restart the server to change it)"
+            )
         return
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
@@ -105,6 +129,7 @@ def ensure_ray(address: str | None, workers: int, object_store_memory: int | Non
         kwargs["address"] = address
     log.info("starting Ray (%s)", address or "a local cluster")
     ray.init(**kwargs)
+    _connected[:] = [address]
 
 
 class EmbedActor:

@@ -285,13 +285,15 @@ class BackfillRunner:
         """A new ``pending`` job. Refused (:class:`BackfillConflict`) while another job of the same
         candidate may still run; unknown or refused versions raise the registry's errors. ``engine="ray"``
         embeds on a Ray cluster (``address``; None: a local one) with ``workers`` actors (None: the
-        service's default); :class:`~service.backfill.ray_engine.RayUnavailable` when Ray is not installed."""
+        service's default); :class:`~service.backfill.ray_engine.RayUnavailable` when Ray is not installed,
+        ``RayAddressRefused`` for an address the server is not configured to trust."""
         if policy not in POLICIES:
             raise BadRequest(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
         if engine not in ENGINES:
             raise BadRequest(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         if engine == "ray":
             require_ray()
+            self.ray.check_address(address)
         card = self.registry.entry(candidate).card  # ModelNotFound / InvalidModel, and registers the version
         if card is not None and card.external:
             raise NoImageModel(

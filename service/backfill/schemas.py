@@ -42,7 +42,8 @@ class BackfillRequest(_Strict):
         None,
         min_length=1,
         max_length=512,
-        description="engine ray: the cluster to connect to (unset: a local cluster the server starts)",
+        description="engine ray: the cluster to connect to (unset: the server's, GRACEFUL_RAY_ADDRESS, else a "
+        "local cluster it starts); only the server's own or one in GRACEFUL_RAY_ALLOWED_ADDRESSES",
     )
     workers: int | None = Field(
         None, ge=1, le=1024, description="engine ray: actors embedding (unset: GRACEFUL_RAY_WORKERS)"

@@ -16,7 +16,7 @@ import pytest
 
 from service.api.error_handlers import status_of
 from service.backfill import ray_engine
-from service.backfill.ray_engine import EmbedActor, RayOptions, RayUnavailable
+from service.backfill.ray_engine import EmbedActor, RayAddressRefused, RayOptions, RayUnavailable
 from tests.service.backfill.runner_parts import Parts, ingest, open_parts, vec_id_counter, wait_status
 
 REPO = Path(__file__).resolve().parents[3]
@@ -181,6 +181,18 @@ def test_a_ray_job_without_ray_is_refused_saying_what_to_install(
         parts.gallery.close()
 
 
+def test_a_job_names_only_a_ray_cluster_the_server_trusts() -> None:
+    opts = RayOptions(address="ray://head:10001", allowed_addresses=("ray://other:10001",))
+    opts.check_address(None)  # the server's own
+    opts.check_address("ray://head:10001")
+    opts.check_address("ray://other:10001")
+    with pytest.raises(RayAddressRefused, match="GRACEFUL_RAY_ALLOWED_ADDRESSES") as e:
+        opts.check_address("ray://attacker:10001")
+    assert status_of(e.value) == 422
+    with pytest.raises(RayAddressRefused):
+        RayOptions().check_address("auto")
+
+
 @pytest.mark.slow
 def test_the_api_takes_the_engine_and_the_report_n_workers(
     ray_cluster, make_server, tiny_test, split
@@ -199,6 +211,13 @@ def test_the_api_takes_the_engine_and_the_report_n_workers(
         {"candidate": CANDIDATE, "engine": "ray", "address": ""},
     ):
         assert c.post("/v1/backfill", json=bad, headers=H).status_code == 422, bad
+    # a cluster the server was not told to trust: refused before anything connects to it
+    r = c.post(
+        "/v1/backfill",
+        json={"candidate": CANDIDATE, "engine": "ray", "address": "ray://elsewhere:10001"},
+        headers=H,
+    )
+    assert r.status_code == 422 and "GRACEFUL_RAY_ALLOWED_ADDRESSES" in r.json()["detail"]
     r = c.get("/v1/backfill/report", params={"candidate": CANDIDATE, "workers": 0})
     assert r.status_code == 422
     one = c.get("/v1/backfill/report", params={"candidate": CANDIDATE}).json()
