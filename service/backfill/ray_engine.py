@@ -74,6 +74,12 @@ class RayOptions:
     object_store_memory: int | None = None  # bytes, a local cluster only (None: Ray's default)
     actor: type | None = None  # None: EmbedActor
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> RayOptions:
+        """From the service's settings (``ray_address``, ``ray_allowed_addresses``, ``ray_workers``)."""
+        allowed = tuple(a.strip() for a in (settings.ray_allowed_addresses or "").split(",") if a.strip())
+        return cls(address=settings.ray_address, allowed_addresses=allowed, workers=settings.ray_workers)
+
     def check_address(self, address: str | None) -> None:
         """:class:`RayAddressRefused` unless a job may name ``address`` (None: the server's own)."""
         if address is not None and address != self.address and address not in self.allowed_addresses:
@@ -130,6 +136,16 @@ def ensure_ray(address: str | None, workers: int, object_store_memory: int | Non
     log.info("starting Ray (%s)", address or "a local cluster")
     ray.init(**kwargs)
     _connected[:] = [address]
+
+
+def shutdown_ray() -> None:
+    """Disconnect from Ray (a local cluster stops) if :func:`ensure_ray` connected; else nothing."""
+    if not _connected:
+        return
+    import ray
+
+    ray.shutdown()
+    _connected.clear()
 
 
 class EmbedActor:

@@ -54,7 +54,7 @@ from index import Gallery
 from index.backfill import BackfillJobInfo
 from index.errors import GalleryClosed, ItemNotFound
 from service.backfill.order import POLICIES, uncertainty_order
-from service.backfill.ray_engine import ENGINES, RayOptions, ray_installed, require_ray
+from service.backfill.ray_engine import ENGINES, RayOptions, ray_installed, require_ray, shutdown_ray
 from service.backfill.sources import read_source
 from service.blobs import BlobStore
 from service.errors import BackfillConflict, BadRequest
@@ -268,6 +268,7 @@ class BackfillRunner:
             if self._thread.is_alive():
                 log.warning("the backfill runner did not stop within %.0fs", timeout)
         self._pool.shutdown(wait=True)
+        shutdown_ray()  # a local Ray cluster this process started stops with it
 
     # ------------------------------------------------------------------ control (any thread)
     def create(
