@@ -451,7 +451,8 @@ class BackfillRunner:
                 log.exception("backfill job %d failed", job.id)
                 try:
                     with self._cond:
-                        if self.gallery.backfill.get_job(job.id).status == "running":
+                        # a job whose lease went to another replica is that replica's to fail or finish
+                        if not lease.lost and self.gallery.backfill.get_job(job.id).status == "running":
                             self.gallery.backfill.update_job(
                                 job.id,
                                 status="failed",

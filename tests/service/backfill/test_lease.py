@@ -68,3 +68,35 @@ def test_a_dead_owners_job_is_taken_over_and_each_item_written_once(
     assert a.gallery.counts_by_version() == {"v1": len(eids), CANDIDATE: len(eids)}
     a.gallery.close()
     b.gallery.close()
+
+
+@pytest.mark.slow
+def test_a_runner_that_lost_its_lease_leaves_the_job(tiny_models, tiny_test, tmp_path) -> None:
+    """A stalled owner whose lease ran out and was taken over stops writing at its next renewal."""
+    from sqlalchemy import update
+
+    from index.backfill import jobs_t
+
+    parts = open_parts(tiny_models, tmp_path)
+    eids = ingest(parts, tiny_test, np.arange(len(tiny_test)))
+    runner = parts.runner(lease_s=1.0)
+    runner.start()
+    try:
+        job = runner.create(CANDIDATE, batch_size=4, rate_limit=20)
+        deadline = time.monotonic() + 60
+        while runner.describe(job.id)["done"] < 8:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # as if this runner had stalled past its lease: it runs out, and another replica claims the job
+        with parts.gallery.engine.begin() as conn:
+            conn.execute(update(jobs_t).where(jobs_t.c.id == job.id).values(lease_until=None))
+        assert parts.gallery.backfill.claim_job(job.id, "other-replica", 60.0)
+        time.sleep(0.6)  # its next renewal (every lease_s / 5) finds the lease gone
+        left_at = runner.describe(job.id)["done"]
+        time.sleep(1.0)
+        now = parts.gallery.backfill.get_job(job.id)
+        assert runner.describe(job.id)["done"] == left_at < len(eids)
+        assert now.status == "running" and now.owner == "other-replica"  # not failed, not released by it
+    finally:
+        runner.stop()
+        parts.gallery.close()
