@@ -32,6 +32,7 @@ def build_parts(settings: Settings, metrics: Metrics, stack: AsyncExitStack | No
     from index import Gallery
     from service.backfill.cost import CostReport, ThroughputProbe
     from service.backfill.curve import CurveCache
+    from service.backfill.ray_engine import RayOptions
     from service.backfill.runner import BackfillRunner
     from service.blobs import BlobStore
     from service.errors import ServiceError
@@ -144,6 +145,8 @@ def build_parts(settings: Settings, metrics: Metrics, stack: AsyncExitStack | No
         rate_limit=s.backfill_rate_limit,
         max_image_pixels=s.max_image_pixels,
         on_embedded=embedded,
+        lease_s=s.backfill_lease_s,
+        ray=RayOptions.from_settings(s),
     )
     backfill.start()  # resumes the jobs a previous process left running
     if stack is not None:  # the batch in flight commits before the gallery closes
