@@ -13,23 +13,18 @@ share one). Models as bench/service.py: v1 and its BCT child v2.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import shutil
 import statistics
 import subprocess
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import numpy as np
 import torch
 
 from bench.common import REPO, command_line, machine_line, v1_v2_models, write_section
-from bench.service import KEY, ingest_test, inprocess_test
+from bench.service import KEY, ingest_test, inprocess_test, load_test_urls
 from service.console.client import GracefulClient
 from service.console.local_server import LocalServer, free_port
 from service.images import decode_image, encode_png, encode_png_base64
@@ -37,54 +32,6 @@ from trainer.artifact import load_model
 from trainer.data import load_split, query_gallery_split
 
 NGINX_CONF = REPO / "docker" / "nginx.conf"
-
-
-def load_test(urls: list[str], bodies: list[bytes], concurrency: int, n: int) -> dict:
-    """``n`` image searches from ``concurrency`` lean client threads, thread i speaking to ``urls[i % len]``
-    over one keep-alive connection (as bench/service.py's, spread over several servers)."""
-    lat: list[float] = []
-    lock = threading.Lock()
-    local = threading.local()
-    counter = iter(range(1 << 30))
-    failures = 0
-
-    def one(i: int) -> None:
-        nonlocal failures
-        conn = getattr(local, "conn", None)
-        if conn is None:
-            with lock:
-                host = urlsplit(urls[next(counter) % len(urls)])
-            conn = local.conn = http.client.HTTPConnection(host.hostname, host.port, timeout=120)
-        t0 = time.perf_counter()
-        try:
-            conn.request(
-                "POST",
-                "/v1/search",
-                body=bodies[i % len(bodies)],
-                headers={"content-type": "application/json"},
-            )
-            r = conn.getresponse()
-            body = r.read()
-            if r.status != 200 or b'"hits"' not in body:
-                raise RuntimeError(f"{r.status} {body[:200]!r}")
-        except Exception:
-            local.conn = None
-            conn.close()
-            with lock:
-                failures += 1
-        with lock:
-            lat.append(time.perf_counter() - t0)
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, range(n)))
-    wall = time.perf_counter() - t0
-    return {
-        "qps": n / wall,
-        "p50_ms": 1e3 * float(np.percentile(lat, 50)),
-        "p99_ms": 1e3 * float(np.percentile(lat, 99)),
-        "failures": failures,
-    }
 
 
 class Proxy:
@@ -251,11 +198,11 @@ def run(args) -> dict:
         rows: dict[str, list[dict]] = {}
         for _ in range(args.rounds):
             rows.setdefault("in-process pipeline", []).append(inprocess_test(batched, pngs, conc, n))
-            rows.setdefault("1 replica, direct", []).append(load_test([servers[0].url], bodies, conc, n))
-            rows.setdefault("1 replica, proxy", []).append(load_test([only_a.url], bodies, conc, n))
-            rows.setdefault("2 replicas, proxy", []).append(load_test([both.url], bodies, conc, n))
+            rows.setdefault("1 replica, direct", []).append(load_test_urls([servers[0].url], bodies, conc, n))
+            rows.setdefault("1 replica, proxy", []).append(load_test_urls([only_a.url], bodies, conc, n))
+            rows.setdefault("2 replicas, proxy", []).append(load_test_urls([both.url], bodies, conc, n))
             rows.setdefault("2 replicas, clients split", []).append(
-                load_test([s.url for s in servers], bodies, conc, n)
+                load_test_urls([s.url for s in servers], bodies, conc, n)
             )
             print({k: round(v[-1]["qps"], 1) for k, v in rows.items()}, flush=True)
         batcher.close()

@@ -49,7 +49,15 @@ def percentile(xs: list[float], p: float) -> float:
 
 
 def load_test(client: GracefulClient, payloads: list[dict], concurrency: int, n: int) -> dict:
-    """``n`` image searches from ``concurrency`` client threads; per-request latency and overall QPS.
+    """``n`` image searches from ``concurrency`` client threads; per-request latency and overall QPS."""
+    import json
+
+    return load_test_urls([client.url], [json.dumps(p).encode() for p in payloads], concurrency, n)
+
+
+def load_test_urls(urls: list[str], bodies: list[bytes], concurrency: int, n: int) -> dict:
+    """``n`` searches (JSON ``bodies``, cycled) from ``concurrency`` client threads, thread i speaking to
+    ``urls[i % len(urls)]``; per-request latency and overall QPS.
 
     The clients are lean on purpose (they share the 2 cores with the server): request bodies are encoded
     once, each thread keeps one keep-alive ``http.client`` connection, and an answer counts when it is a
@@ -59,17 +67,18 @@ def load_test(client: GracefulClient, payloads: list[dict], concurrency: int, n:
     import json
     from urllib.parse import urlsplit
 
-    host = urlsplit(client.url)
-    bodies = [json.dumps(p).encode() for p in payloads]
     lat: list[float] = []
     lock = threading.Lock()
     local = threading.local()
+    threads_seen = iter(range(1 << 30))
     failures = 0
 
     def one(i: int) -> None:
         nonlocal failures
         conn = getattr(local, "conn", None)
         if conn is None:
+            with lock:
+                host = urlsplit(urls[next(threads_seen) % len(urls)])
             conn = local.conn = http.client.HTTPConnection(host.hostname, host.port, timeout=120)
         t0 = time.perf_counter()
         try:
