@@ -307,11 +307,39 @@ def update_job(
     return get_job(conn, job_id)
 
 
+@dataclass(frozen=True)
+class JobLease:
+    """A backfill write's fence: it commits only while ``owner`` holds job ``job_id``'s lease (renewed for
+    ``lease_s`` seconds in the same transaction)."""
+
+    job_id: int
+    owner: str
+    lease_s: float
+
+
 def claim_job(conn: Connection, job_id: int, owner: str, lease_s: float) -> bool:
-    """Take (or keep) a job's lease for ``lease_s`` seconds: True when ``owner`` holds it now. One UPDATE, so
-    of replicas claiming at once exactly one wins: it succeeds only if nobody holds the lease, ``owner``
-    already does, or the holder's lease ran out (it died, or stalled past its lease)."""
+    """Take (or keep) a job's lease for ``lease_s`` seconds: True when ``owner`` holds it now. It succeeds
+    only if nobody holds the lease, ``owner`` already does, or the holder's lease ran out (it died, or
+    stalled past its lease), and no *other* job is running under a live lease of another replica: one job
+    runs at a time, as in a single process (two candidates' jobs at once would keep re-pending each
+    other's items). Claims take the writer lock first, so two replicas claiming at once (two jobs, or one)
+    run one after the other and the second sees the first's claim."""
+    from .store import allocate_vec_ids
+
+    allocate_vec_ids(conn, 0)
     now = utcnow()
+    other = jobs_t.alias("other")
+    busy = (
+        select(other.c.id)
+        .where(
+            other.c.id != job_id,
+            other.c.status == "running",
+            other.c.owner.is_not(None),
+            other.c.owner != owner,
+            other.c.lease_until >= now,
+        )
+        .exists()
+    )
     res = conn.execute(
         update(jobs_t)
         .where(
@@ -322,6 +350,7 @@ def claim_job(conn: Connection, job_id: int, owner: str, lease_s: float) -> bool
                 jobs_t.c.lease_until.is_(None),
                 jobs_t.c.lease_until < now,
             ),
+            ~busy,
         )
         .values(owner=owner, lease_until=now + timedelta(seconds=lease_s))
     )

@@ -113,6 +113,15 @@ class VersionConflict(GalleryError):
     """A version registered twice with different attributes, or used in a state that forbids it."""
 
 
+class LeaseLost(VersionConflict):
+    """A backfill write fenced by a job lease that this runner no longer holds: nothing was written."""
+
+
+class ActiveSpaceChanged(VersionConflict):
+    """An ingest embedded with one model found another space active at commit (another replica activated
+    it): nothing was written; sending the items again embeds them with the active model."""
+
+
 class UnknownBackfillJob(InvalidInput, LookupError):
     """A backfill job id that does not exist."""
 

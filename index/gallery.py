@@ -47,9 +47,11 @@ from .background_build import IndexBuilder, read_report
 from .config import UNSET, IndexConfig, Unset
 from .db import default_database_url, make_engine
 from .errors import (
+    ActiveSpaceChanged,
     GalleryClosed,
     InvalidInput,
     ItemNotFound,
+    LeaseLost,
     SpaceMismatch,
     UnknownSpace,
     VersionConflict,
@@ -304,11 +306,18 @@ class Gallery:
             return catalog.get_active(conn)
 
     def set_active_version(
-        self, version: str, *, rollback: bool = False, note: dict[str, Any] | None = None
+        self,
+        version: str,
+        *,
+        rollback: bool = False,
+        note: dict[str, Any] | None = None,
+        require_complete_space: bool = False,
     ) -> VersionInfo:
         """Persist ``version`` as the active one (and in the activation history; ``rollback=True`` pops the
         current entry instead, ``version`` must be the one before it). ``note`` (JSON-able) is kept in the
-        activation log with it. Policy (space compatibility) is the caller's."""
+        activation log with it. Policy (space compatibility) is the caller's; ``require_complete_space``
+        refuses (:class:`VersionConflict`, nothing changed) when any item lacks an embedding in the version's
+        space, counted in SQL under the writer lock (a switch of space, with other writers about)."""
         self._check_open()
         with self._mutex:
             with self.engine.begin() as conn:
@@ -317,6 +326,17 @@ class Gallery:
                 # version marked active, or lose an entry of the history).
                 store.allocate_vec_ids(conn, 0)
                 previous = catalog.get_active(conn)
+                if require_complete_space:
+                    # Counted in SQL under the lock: this process's counts miss other replicas' writes not
+                    # followed yet, and an item without an embedding in the space would be unsearchable.
+                    space = catalog.get_version(conn, version).space
+                    lacking = store.item_count(conn) - store.space_count(conn, space)
+                    if lacking:
+                        raise VersionConflict(
+                            f"version {version!r} cannot serve: {lacking} items have no embedding in its "
+                            f"space {space!r} (written meanwhile, maybe through another replica); "
+                            "backfill them first"
+                        )
                 info = catalog.set_active(conn, version, rollback=rollback, note=note)
             self._versions[version] = info
             if previous is not None and previous != version and previous in self._versions:
@@ -372,7 +392,14 @@ class Gallery:
                 self._spaces[space] = sidx
 
     # ------------------------------------------------------------------ writes
-    def add(self, items: Sequence[NewItem], version: str, *, space: str | None = None) -> list[int]:
+    def add(
+        self,
+        items: Sequence[NewItem],
+        version: str,
+        *,
+        space: str | None = None,
+        expect_active_space: str | None = None,
+    ) -> list[int]:
         """Store new items embedded by ``version``; returns their item ids, in input order.
 
         Vectors (each shape (d,), any float dtype) are L2-normalised on input. ``space``, if given, must be
@@ -380,26 +407,55 @@ class Gallery:
         exists already or repeats in the batch (:class:`DuplicateIds`), bad vectors
         (:class:`InvalidEmbedding`, :class:`DimensionMismatch`), unknown or retired versions.
         Acknowledged (returns) only after the SQL transaction committed.
-        """
-        return self._write("add", items, version, space)
 
-    def upsert(self, items: Sequence[NewItem], version: str, *, space: str | None = None) -> list[int]:
+        ``expect_active_space``: the space of the active model the caller embedded with. The write commits
+        only if the persisted active version is still of that space (checked under the writer lock), else
+        :class:`ActiveSpaceChanged` and nothing is stored: another replica activated a model of another
+        space, and these vectors would be invisible to its searches.
+        """
+        return self._write("add", items, version, space, expect_active_space=expect_active_space)
+
+    def upsert(
+        self,
+        items: Sequence[NewItem],
+        version: str,
+        *,
+        space: str | None = None,
+        expect_active_space: str | None = None,
+    ) -> list[int]:
         """Insert new items; for existing ones replace the vector in ``version``'s space (new vec_id) and
-        the metadata / source_uri where the given value is not None. Returns item ids in input order."""
-        return self._write("upsert", items, version, space)
+        the metadata / source_uri where the given value is not None. Returns item ids in input order.
+        ``expect_active_space`` as for :meth:`add`."""
+        return self._write("upsert", items, version, space, expect_active_space=expect_active_space)
 
     def reembed(
-        self, pairs: Sequence[tuple[str, np.ndarray]], version: str, *, space: str | None = None
+        self,
+        pairs: Sequence[tuple[str, np.ndarray]],
+        version: str,
+        *,
+        space: str | None = None,
+        lease: backfill.JobLease | None = None,
     ) -> list[int]:
         """Replace the vectors of existing items by ``version``'s embeddings, in ``version``'s space, in one
         transaction; the items' ``embedded_by`` becomes ``version``. An item without an embedding in that
         space gets one (backfill into a new space; its other spaces are untouched). Unknown external ids:
-        :class:`ItemNotFound`, nothing changed. Returns item ids in input order."""
+        :class:`ItemNotFound`, nothing changed. Returns item ids in input order.
+
+        ``lease``: a backfill job's write, committed only while its runner holds the job's lease (renewed in
+        the same transaction, so a replica taking the job over waits for it or makes it fail with
+        :class:`LeaseLost`, nothing written): an item is never written by two owners."""
         items = [NewItem(external_id=e, vector=v) for e, v in pairs]
-        return self._write("reembed", items, version, space)
+        return self._write("reembed", items, version, space, lease=lease)
 
     def _write(
-        self, mode: store.WriteMode, items: Sequence[Any], version: str, space: str | None
+        self,
+        mode: store.WriteMode,
+        items: Sequence[Any],
+        version: str,
+        space: str | None,
+        *,
+        expect_active_space: str | None = None,
+        lease: backfill.JobLease | None = None,
     ) -> list[int]:
         self._check_open()
         info = self._version(version)
@@ -435,6 +491,23 @@ class Gallery:
                         metadata=metas,
                         source_uris=uris,
                     )
+                    # fences, under the writer lock the write took first (a raise rolls everything back)
+                    if expect_active_space is not None:
+                        active = catalog.get_active(conn)
+                        now_space = catalog.get_version(conn, active).space if active else None
+                        if now_space is not None and now_space != expect_active_space:
+                            raise ActiveSpaceChanged(
+                                f"the active model is now {active} (space {now_space!r}), activated by "
+                                f"another replica, not a model of space {expect_active_space!r}: nothing "
+                                "was stored; send the items again"
+                            )
+                    if lease is not None and not backfill.renew_lease(
+                        conn, lease.job_id, lease.owner, lease.lease_s
+                    ):
+                        raise LeaseLost(
+                            f"backfill job {lease.job_id}: another replica took its lease over; "
+                            "this batch was not written"
+                        )
             except IntegrityError as e:  # only reachable through a concurrent writer in another process
                 raise VersionConflict(f"concurrent write conflict, retry: {e.orig}") from e
             self._items += res.inserted

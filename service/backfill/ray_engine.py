@@ -128,7 +128,8 @@ def ensure_ray(address: str | None, workers: int, object_store_memory: int | Non
         "log_to_driver": False,  # actor output stays in Ray's session logs, not the service's stderr
     }
     if address is None:
-        kwargs["num_cpus"] = max(workers, os.cpu_count() or 1)
+        # this machine's cores, whatever a request asked: the pool is then cut to fit (_workers)
+        kwargs["num_cpus"] = os.cpu_count() or 1
         if object_store_memory is not None:
             kwargs["object_store_memory"] = object_store_memory
     else:
@@ -260,6 +261,8 @@ def run_ray(
 
     spec = dict(job.policy or {})
     options = runner.ray
+    # the replica that accepted the job checked its address; this one may trust other clusters (or none)
+    options.check_address(spec.get("address"))
     with runner._lease_kept():  # starting (or connecting to) a cluster takes seconds
         ensure_ray(
             spec.get("address") or options.address,
@@ -283,7 +286,7 @@ def run_ray(
     while True:
         current = runner._status(job.id)
         if current is None:  # paused, cancelled, stopping or lease lost: leave the row's counters exact
-            runner.gallery.backfill.update_job(job.id, done=done, total=total)
+            runner._save_progress(job.id, done, total)
             return
         spec = current.policy or {}
         stop_at = spec.get("stop_at")
@@ -329,7 +332,7 @@ def run_ray(
                     while True:  # control and pacing before each write
                         current = runner._status(job.id)
                         if current is None:
-                            runner.gallery.backfill.update_job(job.id, done=done, total=total)
+                            runner._save_progress(job.id, done, total)
                             return
                         rate = (current.policy or {}).get("rate_limit")
                         if rate != paced_rate:  # a new cap restarts the pacing clock

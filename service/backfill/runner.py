@@ -51,8 +51,8 @@ import numpy as np
 from sqlalchemy.exc import IntegrityError
 
 from index import Gallery
-from index.backfill import BackfillJobInfo
-from index.errors import GalleryClosed, ItemNotFound
+from index.backfill import BackfillJobInfo, JobLease
+from index.errors import GalleryClosed, ItemNotFound, LeaseLost
 from service.backfill.order import POLICIES, uncertainty_order
 from service.backfill.ray_engine import ENGINES, RayOptions, ray_installed, require_ray, shutdown_ray
 from service.backfill.sources import read_source
@@ -499,6 +499,12 @@ class BackfillRunner:
             job = self.gallery.backfill.get_job(job_id)
             return job if job.status == "running" else None
 
+    def _save_progress(self, job_id: int, done: int, total: int) -> None:
+        """Write the job row's counters, unless its lease went to another replica (its counters win)."""
+        if self._lease is not None and self._lease.lost:
+            return
+        self.gallery.backfill.update_job(job_id, done=done, total=total)
+
     @contextmanager
     def _lease_kept(self) -> Iterator[None]:
         """Keep the current job's lease from a helper thread while a step without batches runs."""
@@ -573,7 +579,7 @@ class BackfillRunner:
             while True:
                 current = self._status(job.id)
                 if current is None:  # paused, cancelled or stopping: leave the row's counters exact
-                    self.gallery.backfill.update_job(job.id, done=done, total=total)
+                    self._save_progress(job.id, done, total)
                     return
                 spec = current.policy or {}
                 rate = spec.get("rate_limit")
@@ -705,12 +711,13 @@ class BackfillRunner:
         """Embed a batch and commit it (``gallery.reembed``: SQL, then FAISS); record its skips (they leave
         the job's pending list). Returns ``(re-embedded, skipped)``."""
         pairs: list[tuple[str, np.ndarray]] = []
-        if batch.eids:
-            t0 = time.perf_counter()
-            vectors = embed_images(loaded, np.stack(batch.images))  # (b, D)
-            live.timed("embed", t0)
-            pairs = list(zip(batch.eids, vectors, strict=True))
-        return self._write(job_id, candidate, pairs, batch.skips, live)
+        with self._lease_kept():  # a large batch may embed for longer than the lease
+            if batch.eids:
+                t0 = time.perf_counter()
+                vectors = embed_images(loaded, np.stack(batch.images))  # (b, D)
+                live.timed("embed", t0)
+                pairs = list(zip(batch.eids, vectors, strict=True))
+            return self._write(job_id, candidate, pairs, batch.skips, live)
 
     def _write(
         self,
@@ -725,14 +732,22 @@ class BackfillRunner:
         Returns ``(re-embedded, skipped)``."""
         t0 = time.perf_counter()
         n = 0
+        # fenced by the lease: if another replica took the job over, nothing of this batch is written
+        lease = JobLease(job_id, self._lease.owner, self._lease.lease_s) if self._lease is not None else None
         if pairs:
             try:
-                self.gallery.reembed(pairs, candidate)
-            except ItemNotFound as e:  # deleted since they were listed: nothing was written, retry without
-                gone = set(e.ids)
-                pairs = [p for p in pairs if p[0] not in gone]
-                if pairs:
-                    self.gallery.reembed(pairs, candidate)
+                try:
+                    self.gallery.reembed(pairs, candidate, lease=lease)
+                except ItemNotFound as e:  # deleted since they were listed: nothing written, retry without
+                    gone = set(e.ids)
+                    pairs = [p for p in pairs if p[0] not in gone]
+                    if pairs:
+                        self.gallery.reembed(pairs, candidate, lease=lease)
+            except LeaseLost:
+                assert self._lease is not None
+                self._lease.lost = True
+                log.warning("backfill job %d: its lease went to another replica; batch dropped", job_id)
+                return 0, 0
             n = len(pairs)
             if self.on_embedded is not None:
                 self.on_embedded(candidate, n)

@@ -185,7 +185,12 @@ class HotSwap:
             if problem:
                 raise IncompatibleModel(problem, candidate=version)
             previous = self._active.version if self._active else None
-            self.gallery.set_active_version(version, rollback=rollback, note=note)
+            # A switch of space is re-counted in SQL at commit: other replicas' writes not followed yet
+            # could hold items without an embedding in the new space.
+            switch = self._active is None or self._active.space != card.space
+            self.gallery.set_active_version(
+                version, rollback=rollback, note=note, require_complete_space=switch
+            )
             self._active = ActiveModel(
                 version=version, space=card.space, loaded=loaded, activated_at=time.time()
             )

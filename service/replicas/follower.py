@@ -32,7 +32,11 @@ class ReplicaFollower:
         self.interval_s = float(interval_s)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._failed_version: str | None = None  # a version that would not load: logged once
+        # a version that would not load here, and when to try it again (doubling, at most a minute: a
+        # folder still being copied onto the shared volume loads later)
+        self._failed_version: str | None = None
+        self._retry_at = 0.0
+        self._retry_s = 1.0
         self.polls = 0
         self.last_error: str | None = None
 
@@ -82,14 +86,22 @@ class ReplicaFollower:
         active = self.swap.active
         if persisted is None or (active is not None and active.version == persisted):
             return
-        if persisted == self._failed_version:
+        if persisted == self._failed_version and time.monotonic() < self._retry_at:
             return
         t0 = time.perf_counter()
         try:
             swapped = self.swap.follow(persisted)
         except Exception as e:
-            self._failed_version = persisted
-            log.error("another replica activated %s, but it does not load here: %s", persisted, e)
+            if persisted != self._failed_version:
+                self._failed_version, self._retry_s = persisted, 1.0
+            log.error(
+                "another replica activated %s, but it does not load here (retrying in %.0fs): %s",
+                persisted,
+                self._retry_s,
+                e,
+            )
+            self._retry_at = time.monotonic() + self._retry_s
+            self._retry_s = min(60.0, 2 * self._retry_s)
             return
         self._failed_version = None
         if swapped:

@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -229,7 +230,11 @@ class IngestPath:
                     )
                     for r, (eid, _, meta) in enumerate(jobs[i].rows)
                 ]
-            _write_jobs(self.gallery.upsert if upsert else self.gallery.add, items, captured.version, out)
+            # the active space is checked again at commit: another replica may have switched it meanwhile
+            write = partial(
+                self.gallery.upsert if upsert else self.gallery.add, expect_active_space=captured.space
+            )
+            _write_jobs(write, items, captured.version, out)
             failed = False
         finally:
             if self.keep_sources:
@@ -277,7 +282,10 @@ class IngestPath:
                 ]
                 for i, job in enumerate(jobs)
             }
-            _write_jobs(self.gallery.upsert if upsert else self.gallery.add, items, version, out)
+            write = partial(
+                self.gallery.upsert if upsert else self.gallery.add, expect_active_space=active.space
+            )
+            _write_jobs(write, items, version, out)
         return [
             e
             if e is not None

@@ -45,3 +45,47 @@ def test_one_replica_holds_a_lease_until_it_runs_out(database_url: str, tmp_path
     finally:
         a.close()
         b.close()
+
+
+def test_a_backfill_write_is_fenced_by_the_lease(database_url: str, tmp_path: Path) -> None:
+    """A runner whose lease was taken over writes nothing: the write fails in its own transaction."""
+    import pytest
+
+    from index.backfill import JobLease
+    from index.errors import LeaseLost
+
+    a, b, job = _two_galleries(database_url, tmp_path)
+    try:
+        assert a.backfill.claim_job(job, "A", 0.3)
+        vec = np.array([1, 0, 0, 0], np.float32)
+        a.reembed([("x", vec)], "v2", lease=JobLease(job, "A", 0.3))  # holds it: written
+        assert a.backfill.progress("v2") == (1, 1)
+        a.register_version(VersionInfo("v3", "v2", 4))
+        time.sleep(0.5)
+        assert b.backfill.claim_job(job, "B", 5.0)  # A stalled past its lease: B took the job over
+        with pytest.raises(LeaseLost):
+            a.reembed([("x", vec)], "v3", lease=JobLease(job, "A", 0.3))
+        assert a.get_embedding("x", "v2")[1] == "v2"  # nothing of A's batch was written
+        assert b.backfill.get_job(job).owner == "B"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_second_job_waits_while_another_replica_runs_one(database_url: str, tmp_path: Path) -> None:
+    """One job runs at a time across replicas, as in one process: another candidate's jobs would keep
+    re-pending each other's items."""
+    a, b, first = _two_galleries(database_url, tmp_path)
+    try:
+        a.register_version(VersionInfo("v3", "v2", 4))
+        second = a.backfill.create_job("v3", {"order": "sequential"})
+        assert a.backfill.claim_job(first, "A", 0.4)
+        a.backfill.update_job(first, status="running")
+        assert not b.backfill.claim_job(second.id, "B", 5.0)  # A runs `first` under a live lease
+        assert a.backfill.claim_job(second.id, "A", 5.0)  # A itself may (it runs one at a time)
+        a.backfill.release_job(second.id, "A")
+        time.sleep(0.6)  # A died: its lease on `first` ran out
+        assert b.backfill.claim_job(second.id, "B", 5.0)
+    finally:
+        a.close()
+        b.close()

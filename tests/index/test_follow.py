@@ -119,3 +119,32 @@ def test_replica_opens_a_space_made_elsewhere(database_url: str, tmp_path: Path)
     finally:
         a.close()
         b.close()
+
+
+def test_an_ingest_is_refused_once_another_replica_switched_the_active_space(
+    database_url: str, tmp_path: Path
+) -> None:
+    """b embedded with v1 (space v1) while a activated w1 (space w1): b's write stores nothing, and a
+    switch of space is refused while any item lacks an embedding in the new space (counted in SQL)."""
+    from index.errors import ActiveSpaceChanged, VersionConflict
+
+    a, b = _pair(database_url, tmp_path)
+    try:
+        a.register_version(VersionInfo("v1", space="v1", embedding_dim=D))
+        a.register_version(VersionInfo("w1", space="w1", embedding_dim=8))
+        a.set_active_version("v1")
+        a.add(items(random_vectors(4, D, seed=1)), "v1", expect_active_space="v1")
+        b.follow()
+        b.add(items(random_vectors(1, D, seed=2), prefix="late"), "v1", expect_active_space="v1")
+        # a has not followed b's item: its own counts say w1 covers the gallery, SQL says otherwise
+        a.reembed([(f"item{i}", random_vectors(1, 8, seed=i)[0]) for i in range(4)], "w1")
+        with pytest.raises(VersionConflict, match="1 items have no embedding"):
+            a.set_active_version("w1", require_complete_space=True)
+        a.reembed([("late0", random_vectors(1, 8, seed=9)[0])], "w1")
+        a.set_active_version("w1", require_complete_space=True)
+        with pytest.raises(ActiveSpaceChanged):
+            b.add(items(random_vectors(1, D, seed=3), prefix="later"), "v1", expect_active_space="v1")
+        assert b.get_items(["later0"]) == {}
+    finally:
+        a.close()
+        b.close()

@@ -25,8 +25,8 @@ def test_a_dead_owners_job_is_taken_over_and_each_item_written_once(
     writes: dict[str, Counter[str]] = {"a": Counter(), "b": Counter()}
     for name, parts in (("a", a), ("b", b)):
 
-        def counting(pairs, candidate, _reembed=parts.gallery.reembed, _n=writes[name]):
-            out = _reembed(pairs, candidate)
+        def counting(pairs, candidate, _reembed=parts.gallery.reembed, _n=writes[name], **kw):
+            out = _reembed(pairs, candidate, **kw)  # raises (nothing written) when the lease is lost
             _n.update(e for e, _ in pairs)
             return out
 

@@ -129,8 +129,8 @@ def test_a_worker_killed_mid_job_costs_a_retry_not_a_double_write(
     writes: Counter[str] = Counter()
     reembed = parts.gallery.reembed
 
-    def counting(pairs, candidate):  # every write of the exactly-once path, per item
-        out = reembed(pairs, candidate)
+    def counting(pairs, candidate, **kw):  # every write of the exactly-once path, per item
+        out = reembed(pairs, candidate, **kw)
         writes.update(e for e, _ in pairs)
         return out
 
