@@ -34,18 +34,62 @@ import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from service.backfill.pending import PendingCursor
+from service.backfill.progress import JobProgress
 from service.errors import BadRequest
 
 if TYPE_CHECKING:
+    import threading
+    from contextlib import AbstractContextManager
+
+    from index import Gallery
     from index.backfill import BackfillJobInfo
-    from service.backfill.runner import BackfillRunner, _Cursor, _Live
+    from service.blobs import BlobStore
     from trainer import LoadedModel
 
 log = logging.getLogger(__name__)
+
+
+class JobRunner(Protocol):
+    """What a Ray job uses of the runner that runs it (:class:`~service.backfill.runner.BackfillRunner`):
+    its parts, its control and lease checks, and its one write path. A protocol, so this module does not
+    import the runner, which imports it."""
+
+    ray: RayOptions
+    gallery: Gallery
+    blobs: BlobStore
+    batch_size: int
+    max_image_pixels: int
+    _cond: threading.Condition
+    _stopping: bool
+
+    def _lease_kept(self) -> AbstractContextManager[None]: ...
+
+    def _status(self, job_id: int) -> BackfillJobInfo | None: ...
+
+    def _save_progress(self, job_id: int, done: int, total: int) -> None: ...
+
+    def _finish(self, job_id: int, status: str, done: int, total: int, error: str | None = None) -> None: ...
+
+    def _complete(self, job: BackfillJobInfo, live: JobProgress) -> None: ...
+
+    def _account(
+        self, job: BackfillJobInfo, live: JobProgress, done: int, n_ok: int, n_skip: int, saved_at: float
+    ) -> tuple[int, int, float]: ...
+
+    def _write(
+        self,
+        job_id: int,
+        candidate: str,
+        pairs: list[tuple[str, np.ndarray]],
+        skips: list[tuple[int, str]],
+        live: JobProgress,
+    ) -> tuple[int, int]: ...
+
 
 ENGINES = ("local", "ray")
 INSTALL_HINT = "pip install graceful[ray]"
@@ -245,10 +289,10 @@ def _dataset(rows: list[tuple[int, str, str | None]], ordered: bool, write_size:
 
 
 def run_ray(
-    runner: BackfillRunner,
+    runner: JobRunner,
     job: BackfillJobInfo,
-    live: _Live,
-    cursor: _Cursor,
+    live: JobProgress,
+    cursor: PendingCursor,
     loaded: LoadedModel,
     done: int,
     total: int,
@@ -256,8 +300,6 @@ def run_ray(
     """Run ``job`` (status running, lease held) on Ray until it is done, failed, paused (by control or its
     stop point), cancelled, or the runner stops; the same bookkeeping as the local engine."""
     import ray
-
-    from service.backfill.runner import _Cursor
 
     spec = dict(job.policy or {})
     options = runner.ray
@@ -376,7 +418,7 @@ def run_ray(
                 CHUNK_ATTEMPTS,
             )
             # what was written left the pending list; the rest is listed again from the start
-            cursor = _Cursor(runner.gallery, job.id, job.candidate, ordered)
+            cursor = PendingCursor(runner.gallery, job.id, job.candidate, ordered)
         finally:
             close = getattr(batches, "close", None)
             if close is not None:  # stop the dataset's execution: its actors exit

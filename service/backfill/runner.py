@@ -40,7 +40,6 @@ import secrets
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -54,6 +53,8 @@ from index import Gallery
 from index.backfill import BackfillJobInfo, JobLease
 from index.errors import GalleryClosed, ItemNotFound, LeaseLost
 from service.backfill.order import POLICIES, uncertainty_order
+from service.backfill.pending import PendingCursor
+from service.backfill.progress import JobProgress
 from service.backfill.ray_engine import ENGINES, RayOptions, ray_installed, require_ray, shutdown_ray
 from service.backfill.sources import read_source
 from service.blobs import BlobStore
@@ -65,7 +66,6 @@ from trainer import LoadedModel, ModelCardError, NoImageModel, embed_images
 log = logging.getLogger(__name__)
 
 ACTIVE = ("pending", "running", "paused")  # a job that may still re-embed items
-RATE_WINDOW_S = 10.0
 PROGRESS_EVERY_S = 1.0  # the job row's counters are rewritten this often (one small commit), not per batch
 LEASE_S = 15.0
 
@@ -133,77 +133,6 @@ class _Lease:
 
 
 @dataclass
-class _Live:
-    """What this process knows of a job beyond its SQL row (lost on restart, which is fine)."""
-
-    phase: str | None = None
-    reembedded: int = 0
-    active_seconds: float = 0.0
-    ordering_seconds: float | None = None
-    window: deque[tuple[float, int]] = field(default_factory=deque)  # (monotonic time, items handled)
-    done: int | None = None  # newer than the job row, which is written at most every PROGRESS_EVERY_S
-    total: int | None = None
-    stages: dict[str, float] = field(default_factory=dict)  # seconds spent per stage of a batch
-
-    def timed(self, stage: str, t0: float) -> float:
-        """Add the time since ``t0`` to ``stage``; returns now."""
-        now = time.perf_counter()
-        self.stages[stage] = self.stages.get(stage, 0.0) + now - t0
-        return now
-
-    def tick(self, handled: int) -> None:
-        now = time.monotonic()
-        last = self.window[-1][1] if self.window else 0
-        self.window.append((now, last + handled))
-        while len(self.window) > 2 and now - self.window[0][0] > RATE_WINDOW_S:
-            self.window.popleft()
-
-    def rate(self) -> float | None:
-        if len(self.window) < 2:
-            return None
-        (t0, n0), (t1, n1) = self.window[0], self.window[-1]
-        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
-
-
-class _Cursor:
-    """Walks a job's pending items: its stored order first (if any), then every item by id (items added
-    since the order was made, or re-pended behind the cursor), until a full pass by id finds nothing.
-
-    Starting a scan from the beginning (order -> ids, or a new pass) would list the items of a batch still
-    in flight as pending, so it is allowed only when nothing is in flight (``rewind_ok``)."""
-
-    def __init__(self, gallery: Gallery, job_id: int, candidate: str, ordered: bool) -> None:
-        self.gallery, self.job_id, self.candidate = gallery, job_id, candidate
-        self.phase = "order" if ordered else "ids"
-        self.position, self.after = -1, 0
-
-    def next(self, limit: int, rewind_ok: bool = True) -> list[tuple[int, str, str | None]] | None:
-        """Up to ``limit`` pending items ``(item_id, external_id, source_uri)``; [] when none is left;
-        None when a rewind is needed and not allowed (ask again once the batch in flight is stored)."""
-        while True:
-            if self.phase == "order":
-                rows = self.gallery.backfill.pending_ordered(
-                    self.job_id, self.candidate, limit, self.position
-                )
-                if rows:
-                    self.position = rows[-1][0]
-                    return [(i, e, u) for _, i, e, u in rows]
-                if not rewind_ok:
-                    return None
-                self.phase = "ids"
-                continue
-            got = self.gallery.backfill.pending(self.candidate, limit, self.after, job_id=self.job_id)
-            if got:
-                self.after = got[-1][0]
-                return got
-            if self.after == 0:
-                return []
-            if not rewind_ok:
-                return None
-            self.after = 0
-
-
-@dataclass
 class _Batch:
     """Items read and decoded, ready to embed: ``eids[i]`` has ``images[i]``; ``skips`` have no usable source."""
 
@@ -245,7 +174,7 @@ class BackfillRunner:
         self._cond = threading.Condition()  # guards job status transitions and wakes the thread
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._live: dict[int, _Live] = {}
+        self._live: dict[int, JobProgress] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="backfill-read")  # reads the next batch ahead
 
     # ------------------------------------------------------------------ lifecycle
@@ -379,7 +308,7 @@ class BackfillRunner:
         if not isinstance(job, BackfillJobInfo):
             job = self.gallery.backfill.get_job(job)
         spec = job.policy or {}
-        live = self._live.get(job.id) or _Live()
+        live = self._live.get(job.id) or JobProgress()
         n_skip, examples = self.gallery.backfill.skips(job.id, 10)
         rate = live.rate() if job.status == "running" else None
         done, total = job.done, job.total
@@ -522,7 +451,7 @@ class BackfillRunner:
                 self.gallery.backfill.update_job(job_id, done=done, total=total)
 
     def _run(self, job: BackfillJobInfo) -> None:
-        live = self._live.setdefault(job.id, _Live())
+        live = self._live.setdefault(job.id, JobProgress())
         live.window.clear()
         started = time.monotonic()
         try:
@@ -532,7 +461,7 @@ class BackfillRunner:
             live.phase = None
             live.done = live.total = None
 
-    def _run_batches(self, job: BackfillJobInfo, live: _Live) -> None:
+    def _run_batches(self, job: BackfillJobInfo, live: JobProgress) -> None:
         candidate = job.candidate
         loaded = self.models.get_or_none(candidate)
         if loaded is None:
@@ -562,7 +491,7 @@ class BackfillRunner:
                 live.ordering_seconds,
             )
         live.phase = "embedding"
-        cursor = _Cursor(self.gallery, job.id, candidate, ordered)
+        cursor = PendingCursor(self.gallery, job.id, candidate, ordered)
         done, total = self.gallery.backfill.progress(candidate)
         self.gallery.backfill.update_job(job.id, done=done, total=total)
         live.done, live.total = done, total
@@ -617,7 +546,7 @@ class BackfillRunner:
                     batch is not None and batch.size > limit
                 ):  # a new stop point or rate since it was read ahead
                     batch = None
-                    cursor = _Cursor(self.gallery, job.id, candidate, ordered)
+                    cursor = PendingCursor(self.gallery, job.id, candidate, ordered)
                 if batch is None:
                     t0 = time.perf_counter()
                     rows = cursor.next(limit)
@@ -641,7 +570,7 @@ class BackfillRunner:
             if ahead is not None:  # a batch read ahead is not committed: drop it, once its reads finish
                 wait([ahead])
 
-    def _complete(self, job: BackfillJobInfo, live: _Live) -> None:
+    def _complete(self, job: BackfillJobInfo, live: JobProgress) -> None:
         """No pending item is left: the job is done, or failed when every item it had was skipped."""
         done, total = self.gallery.backfill.progress(job.candidate)
         n_skip = self.gallery.backfill.skips(job.id, 0)[0]
@@ -659,7 +588,7 @@ class BackfillRunner:
         self._finish(job.id, "done", done, total)
 
     def _account(
-        self, job: BackfillJobInfo, live: _Live, done: int, n_ok: int, n_skip: int, saved_at: float
+        self, job: BackfillJobInfo, live: JobProgress, done: int, n_ok: int, n_skip: int, saved_at: float
     ) -> tuple[int, int, float]:
         """Count a written batch; rewrite the job row's counters every PROGRESS_EVERY_S.
         Returns ``(done, total, saved_at)``."""
@@ -674,7 +603,7 @@ class BackfillRunner:
         return done, total, saved_at
 
     def _read_ahead(
-        self, cursor: _Cursor, limit: int, candidate: str, prep: Any, live: _Live
+        self, cursor: PendingCursor, limit: int, candidate: str, prep: Any, live: JobProgress
     ) -> _Batch | None:
         t0 = time.perf_counter()
         rows = cursor.next(limit, rewind_ok=False)  # never rewinds past the batch in flight
@@ -682,7 +611,7 @@ class BackfillRunner:
         return None if rows is None else self._load(rows, candidate, prep, live)
 
     def _load(
-        self, rows: list[tuple[int, str, str | None]] | None, candidate: str, prep: Any, live: _Live
+        self, rows: list[tuple[int, str, str | None]] | None, candidate: str, prep: Any, live: JobProgress
     ) -> _Batch:
         """Read and decode the sources of ``rows`` (``(item_id, external_id, source_uri)``); items without a
         usable source become skips."""
@@ -706,7 +635,7 @@ class BackfillRunner:
         return batch
 
     def _store(
-        self, job_id: int, candidate: str, batch: _Batch, loaded: LoadedModel, live: _Live
+        self, job_id: int, candidate: str, batch: _Batch, loaded: LoadedModel, live: JobProgress
     ) -> tuple[int, int]:
         """Embed a batch and commit it (``gallery.reembed``: SQL, then FAISS); record its skips (they leave
         the job's pending list). Returns ``(re-embedded, skipped)``."""
@@ -725,7 +654,7 @@ class BackfillRunner:
         candidate: str,
         pairs: list[tuple[str, np.ndarray]],
         skips: list[tuple[int, str]],
-        live: _Live,
+        live: JobProgress,
     ) -> tuple[int, int]:
         """Commit embedded items (``(external_id, (D,) vector)``; ``gallery.reembed``: one SQL transaction
         that also takes them off the pending list, then FAISS) and record skips. Both engines write here.
