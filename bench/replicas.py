@@ -21,13 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from bench.common import REPO, command_line, machine_line, v1_v2_models, write_section
-from bench.service import KEY, ingest_test, inprocess_test, load_test_urls
+from bench.service import KEY, InProcessSearch, ingest_test, inprocess_test, load_test_urls
 from service.console.client import GracefulClient
 from service.console.local_server import LocalServer, free_port
-from service.images import decode_image, encode_png, encode_png_base64
+from service.images import encode_png, encode_png_base64
 from trainer.artifact import load_model
 from trainer.data import load_split, query_gallery_split
 
@@ -154,40 +152,10 @@ def run(args) -> dict:
         proxies = [both, only_a]
 
         from index import Gallery
-        from service.models.hot_swap import ActiveModel
-        from service.serving.batching import MicroBatcher
-        from service.serving.search import SearchJob, run_search_batch
-        from service.settings import Settings
 
-        defaults = Settings()
-        if defaults.torch_threads:
-            torch.set_num_threads(defaults.torch_threads)
         v2 = load_model(models / "v2")
         local = Gallery.open(db_url, work / "local-data", index_dir=work / "index-local")
-        active = ActiveModel(version="v2", space=v2.card.space, loaded=v2, activated_at=0.0)
-
-        def faiss_threads() -> None:
-            import faiss
-
-            faiss.omp_set_num_threads(defaults.faiss_threads or 1)
-
-        batcher = MicroBatcher(
-            "bench",
-            lambda key, jobs: run_search_batch(local, key, jobs),
-            max_size=defaults.batch_max_size,
-            max_wait_s=defaults.batch_max_wait_ms / 1e3,
-            max_queue=defaults.batch_max_queue,
-            on_start=faiss_threads,
-        ).start()
-        prep = v2.preprocess
-
-        def batched(png: bytes) -> None:
-            with batcher.announce():
-                img = decode_image(png, prep=prep, max_pixels=1 << 20, what="q")
-                future = batcher.submit(active, SearchJob(img, 10, True))
-            future.result()
-
-        faiss_threads()
+        pipeline = InProcessSearch(local, v2, "v2")
         pngs = [encode_png(test.images[i]) for i in q_idx[:500]]
         bodies = [
             json.dumps({"image_base64": encode_png_base64(test.images[i]), "k": 10}).encode()
@@ -197,7 +165,7 @@ def run(args) -> dict:
         conc = args.concurrency
         rows: dict[str, list[dict]] = {}
         for _ in range(args.rounds):
-            rows.setdefault("in-process pipeline", []).append(inprocess_test(batched, pngs, conc, n))
+            rows.setdefault("in-process pipeline", []).append(inprocess_test(pipeline.batched, pngs, conc, n))
             rows.setdefault("1 replica, direct", []).append(load_test_urls([servers[0].url], bodies, conc, n))
             rows.setdefault("1 replica, proxy", []).append(load_test_urls([only_a.url], bodies, conc, n))
             rows.setdefault("2 replicas, proxy", []).append(load_test_urls([both.url], bodies, conc, n))
@@ -205,7 +173,7 @@ def run(args) -> dict:
                 load_test_urls([s.url for s in servers], bodies, conc, n)
             )
             print({k: round(v[-1]["qps"], 1) for k, v in rows.items()}, flush=True)
-        batcher.close()
+        pipeline.close()
         local.close()
         res["search"] = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in rows.items()}
         res["concurrency"], res["requests"], res["rounds"] = conc, n, args.rounds

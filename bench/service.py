@@ -153,6 +153,50 @@ def ingest_test(
     return len(ids) / (time.perf_counter() - t0)
 
 
+class InProcessSearch:
+    """The server's search pipeline without HTTP: decode, the micro-batcher with the service's default
+    settings (threads, batch size, wait), FAISS over ``gallery`` and the metadata lookup, for ``model``
+    (served as version ``version``). ``batched(png)`` answers one query; ``close()`` stops the batcher."""
+
+    def __init__(self, gallery, model, version: str) -> None:
+        from service.models.hot_swap import ActiveModel
+        from service.serving.batching import MicroBatcher
+        from service.serving.search import run_search_batch
+        from service.settings import Settings
+
+        defaults = Settings()
+        if defaults.torch_threads:  # the in-process side runs with the server's default threads too
+            torch.set_num_threads(defaults.torch_threads)
+        self.defaults = defaults
+        self.prep = model.preprocess
+        self.active = ActiveModel(version=version, space=model.card.space, loaded=model, activated_at=0.0)
+        self.batcher = MicroBatcher(
+            "bench",
+            lambda key, jobs: run_search_batch(gallery, key, jobs),
+            max_size=defaults.batch_max_size,
+            max_wait_s=defaults.batch_max_wait_ms / 1e3,
+            max_queue=defaults.batch_max_queue,
+            on_start=self.faiss_threads,
+        ).start()
+        self.faiss_threads()
+
+    def faiss_threads(self) -> None:
+        import faiss
+
+        faiss.omp_set_num_threads(self.defaults.faiss_threads or 1)
+
+    def batched(self, png: bytes) -> None:
+        from service.serving.search import SearchJob
+
+        with self.batcher.announce():
+            img = decode_image(png, prep=self.prep, max_pixels=1 << 20, what="q")
+            future = self.batcher.submit(self.active, SearchJob(img, 10, True))
+        future.result()
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
 def inprocess_test(pipeline, pngs: list[bytes], concurrency: int, n: int) -> dict:
     lat: list[float] = []
     lock = threading.Lock()
@@ -435,39 +479,12 @@ def run(args) -> dict:
             ).start()
             cnb = GracefulClient(nobatch.url, KEY)
             from index import Gallery
-            from service.models.registry import ActiveModel
-            from service.serving.batching import MicroBatcher
-            from service.serving.search import SearchJob, run_search_batch
-            from service.settings import Settings
 
-            defaults = Settings()
-            if defaults.torch_threads:  # the in-process side runs with the server's default threads too
-                torch.set_num_threads(defaults.torch_threads)
             pngs = [encode_png(test.images[i]) for i in q_idx[:500]]
             payloads = [{"image_base64": encode_png_base64(test.images[i]), "k": 10} for i in q_idx[:500]]
             local = Gallery.open(f"sqlite:///{data / 'gallery.db'}", work / "local-data")
-            prep = v2.preprocess
-            active = ActiveModel(version="v2", space=v2.card.space, loaded=v2, activated_at=0.0)
-
-            def faiss_threads() -> None:
-                import faiss
-
-                faiss.omp_set_num_threads(defaults.faiss_threads or 1)
-
-            batcher = MicroBatcher(
-                "bench",
-                lambda key, jobs: run_search_batch(local, key, jobs),
-                max_size=defaults.batch_max_size,
-                max_wait_s=defaults.batch_max_wait_ms / 1e3,
-                max_queue=defaults.batch_max_queue,
-                on_start=faiss_threads,
-            ).start()
-
-            def batched(png: bytes) -> None:
-                with batcher.announce():
-                    img = decode_image(png, prep=prep, max_pixels=1 << 20, what="q")
-                    future = batcher.submit(active, SearchJob(img, 10, True))
-                future.result()
+            pipeline = InProcessSearch(local, v2, "v2")
+            defaults, prep, batched = pipeline.defaults, pipeline.prep, pipeline.batched
 
             def one_by_one(png: bytes) -> None:
                 img = decode_image(png, prep=prep, max_pixels=1 << 20, what="q")
@@ -475,7 +492,6 @@ def run(args) -> dict:
                 hits = local.search(v2.card.space, vec, 10)[0]
                 local.get_metadata([h.external_id for h in hits])
 
-            faiss_threads()
             n = 200 if args.quick else 1000
             lat: dict[str, list[dict]] = {}
             for _ in range(args.rounds):
@@ -484,7 +500,7 @@ def run(args) -> dict:
                     lat.setdefault(f"inproc_c{conc}", []).append(inprocess_test(batched, pngs, conc, n))
                     lat.setdefault(f"httpnb_c{conc}", []).append(load_test(cnb, payloads, conc, n))
                     lat.setdefault(f"inprocnb_c{conc}", []).append(inprocess_test(one_by_one, pngs, conc, n))
-            batcher.close()
+            pipeline.close()
             local.close()
             nobatch.stop()
             res["latency"] = {
