@@ -28,6 +28,16 @@ _EXPORTS = {
     "upright": "trainer.preprocess",
     "relevance_metrics": "trainer.metrics",
     "verify_weights": "trainer.verify",
+    "TransformError": "trainer.errors",
+    "TRANSFORMS_DIR": "trainer.transform",
+    "TransformCard": "trainer.transform",
+    "TransformConfig": "trainer.transform",
+    "TransformResult": "trainer.transform",
+    "VectorTransform": "trainer.transform",
+    "fit_transform": "trainer.transform",
+    "list_transforms": "trainer.transform",
+    "load_transform": "trainer.transform",
+    "transform_dir": "trainer.transform",
 }
 __all__ = [
     "LoadedModel",
@@ -47,6 +57,16 @@ __all__ = [
     "read_card",
     "relevance_metrics",
     "verify_weights",
+    "TransformError",
+    "TRANSFORMS_DIR",
+    "TransformCard",
+    "TransformConfig",
+    "TransformResult",
+    "VectorTransform",
+    "fit_transform",
+    "list_transforms",
+    "load_transform",
+    "transform_dir",
 ]
 
 if TYPE_CHECKING:
@@ -60,9 +80,20 @@ if TYPE_CHECKING:
         random_twin,
         read_card,
     )
-    from trainer.errors import ModelCardError, NoImageModel
+    from trainer.errors import ModelCardError, NoImageModel, TransformError
     from trainer.metrics import relevance_metrics
     from trainer.preprocess import ROTATING_ORIENTATIONS, Preprocess, eight_bit, exif_orientation, upright
+    from trainer.transform import (
+        TRANSFORMS_DIR,
+        TransformCard,
+        TransformConfig,
+        TransformResult,
+        VectorTransform,
+        fit_transform,
+        list_transforms,
+        load_transform,
+        transform_dir,
+    )
     from trainer.verify import verify_weights
 
 

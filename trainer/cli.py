@@ -1,4 +1,4 @@
-"""`graceful train`, `graceful eval`, `graceful adapt`: argument parsing and printing for people.
+"""`graceful train`, `graceful eval`, `graceful adapt`, `graceful transform`: argument parsing and printing for people.
 
 Every ``main(argv)`` returns an exit code and never lets a domain error escape as a traceback: a bad
 argument gives one clear line on stderr and exit code 2.
@@ -229,6 +229,41 @@ def adapt_parser(prog: str = "graceful adapt") -> argparse.ArgumentParser:
     return p
 
 
+def transform_parser(prog: str = "graceful transform") -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=prog,
+        description="Fit a transform from an old model's embedding space into a new one's, saved in the new "
+        "model's folder (transforms/<old version>), so a gallery's stored old vectors can be upgraded "
+        "without re-reading its images.",
+    )
+    p.add_argument(
+        "--old", required=True, help="the old model version folder (whose vectors the gallery holds)"
+    )
+    p.add_argument("--new", required=True, help="the new model version folder (the transform is saved in it)")
+    p.add_argument("--data", default=None, help="dataset or image folder the sample comes from")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="where the sample comes from")
+    p.add_argument(
+        "--sample",
+        type=_sample_size,
+        default=20000,
+        help="images embedded by both models to fit on (default 20000; 'all' = the whole split)",
+    )
+    p.add_argument("--kind", default="mlp", choices=["procrustes", "affine", "mlp"])
+    p.add_argument("--hidden", type=int, default=512, help="hidden units of the mlp transform")
+    p.add_argument("--steps", type=int, default=3000, help="training steps of the mlp transform")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="image-folder decoding processes (0: none)")
+    p.add_argument(
+        "--eval",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="evaluate retrieval on the data's test split (default: on)",
+    )
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on a seeded slice of N test images")
+    return p
+
+
 def _progress_bar(desc: str, quiet: bool):
     """A step callback drawing a tqdm bar, created on the first step so early errors print alone."""
     if quiet:
@@ -361,6 +396,49 @@ def adapt_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def transform_main(argv: Sequence[str] | None = None) -> int:
+    from trainer.artifact import load_model
+    from trainer.transform import TransformConfig, evaluate_transform, fit_transform, load_transform
+
+    try:
+        args = transform_parser().parse_args(argv)
+        for flag in ("old", "new"):
+            if not Path(getattr(args, flag)).is_dir():
+                return _fail(f"--{flag} model folder {getattr(args, flag)} does not exist")
+        cfg = TransformConfig(**{k: v for k, v in vars(args).items() if k not in ("eval", "eval_limit")})
+        result = fit_transform(cfg)
+        card = result.card
+        fit = card.fit
+        held = f", held-out cosine {fit['holdout_cos']:.4f}" if "holdout_cos" in fit else ""
+        print(
+            f"saved transform {card.source} -> {card.target} to {result.path} ({card.kind}, "
+            f"{card.in_dim} -> {card.out_dim} dims, {card.sample_size} pairs, fit {card.seconds:.1f}s, "
+            f"sample cosine {fit['sample_cos']:.4f}{held})"
+        )
+        if not args.eval:
+            return 0
+        report = evaluate_transform(
+            load_transform(result.path),
+            load_model(args.old),
+            load_model(args.new),
+            args.data,
+            args.eval_limit,
+            args.workers,
+        )
+    except TrainerError as e:
+        return _fail(str(e))
+    print("retrieval on the test split (query/gallery):")
+    for key in ("new/old", "new/transformed-old", "new/new", "old/old"):
+        cell = report[key]
+        if cell is None:
+            print(f"  {key:<22} (sizes differ: no raw comparison)")
+        else:
+            print(f"  {key:<22} top1 {cell['top1']:.4f}  top5 {cell['top5']:.4f}  mAP {cell['mAP']:.4f}")
+    gain = report["update_gain"] or {}
+    print("  update gain of new/transformed-old: " + ", ".join(f"{m} {v:.3f}" for m, v in gain.items()))
+    return 0
+
+
 def register_onnx_parser(prog: str = "graceful register-onnx") -> argparse.ArgumentParser:
     from trainer.preprocess import INTERPOLATIONS, RESIZE_POLICIES
 
@@ -419,13 +497,14 @@ def register_onnx_main(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m trainer.cli train|eval|adapt|register-onnx ...``: the trainer's commands of `graceful`
+    """``python -m trainer.cli train|eval|adapt|transform|register-onnx ...``: the trainer's commands of `graceful`
     without the service's console, e.g. for ``torchrun --nproc-per-node N -m trainer.cli train ...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "train": train_main,
         "eval": eval_main,
         "adapt": adapt_main,
+        "transform": transform_main,
         "register-onnx": register_onnx_main,
     }
     if not argv or argv[0] not in commands:

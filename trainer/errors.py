@@ -39,3 +39,8 @@ class NoImageModel(TrainerError):
             + (hint or f'send vectors, not images ({{"vector": [...], "model_version": "{version}"}})')
         )
         self.version = version
+
+
+class TransformError(TrainerError):
+    """A transform (old space -> new space, ``trainer.transform``) cannot be fitted, loaded or applied as asked:
+    a bad kind or sample, the same or a non-plain model version, a missing or corrupt file, a wrong shape."""
