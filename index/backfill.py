@@ -25,9 +25,12 @@ from sqlalchemy import Connection, Table, and_, delete, func, or_, select, updat
 
 from .errors import InvalidInput, UnknownBackfillJob
 from .tables import BackfillJob, BackfillOrder, BackfillSkip, Embedding, Item, utcnow
-from .types import VersionInfo
+from .types import ROUTE_MODEL, VersionInfo
 
 JOB_STATUSES = ("pending", "running", "paused", "cancelled", "done", "failed")
+# ``image``: re-embed each item's source with the candidate; ``transform``: map each item's stored vector of
+# another space into the candidate's (no source read). The kind lives in the job's policy JSON.
+JOB_KINDS = ("image", "transform")
 
 jobs_t = cast(Table, BackfillJob.__table__)
 items_t = cast(Table, Item.__table__)
@@ -71,28 +74,32 @@ def _info(r: Any) -> BackfillJobInfo:
     )
 
 
-def progress(conn: Connection, candidate: VersionInfo) -> tuple[int, int]:
-    """``(done, total)``: items embedded by ``candidate`` in its space, and all items."""
+def _done_rows(table: Any, candidate: VersionInfo, kind: str) -> Any:
+    """The SQL condition of an embeddings row that finishes an item for a job of ``kind``: ``image``
+    wants the candidate's own embedding (route ``model``); ``transform`` any vector of the candidate."""
+    if kind not in JOB_KINDS:
+        raise InvalidInput(f"backfill kind must be one of {', '.join(JOB_KINDS)}, not {kind!r}")
+    cond = and_(table.c.space == candidate.space, table.c.version == candidate.version)
+    return cond if kind == "transform" else and_(cond, table.c.route == ROUTE_MODEL)
+
+
+def progress(conn: Connection, candidate: VersionInfo, kind: str = "image") -> tuple[int, int]:
+    """``(done, total)``: items whose vector in the candidate's space is done for a job of ``kind``
+    (``image``: embedded by ``candidate``; ``transform``: embedded or transformed), and all items."""
     done = conn.execute(
-        select(func.count())
-        .select_from(emb_t)
-        .where(emb_t.c.space == candidate.space, emb_t.c.version == candidate.version)
+        select(func.count()).select_from(emb_t).where(_done_rows(emb_t, candidate, kind))
     ).scalar_one()
     total = conn.execute(select(func.count()).select_from(items_t)).scalar_one()
     return int(done), int(total)
 
 
-def _not_done(stmt, candidate: VersionInfo, job_id: int | None):
-    """``stmt`` (selecting from items) restricted to items not embedded by ``candidate`` in its space and,
-    with ``job_id``, not skipped by that job (anti-joins on the unique (item, space) / (job, item) keys)."""
+def _not_done(stmt, candidate: VersionInfo, job_id: int | None, kind: str = "image"):
+    """``stmt`` (selecting from items) restricted to items not done by ``candidate`` in its space for a job
+    of ``kind`` (see :func:`progress`) and, with ``job_id``, not skipped by that job (anti-joins on the
+    unique (item, space) / (job, item) keys)."""
     done = emb_t.alias("done")
     stmt = stmt.outerjoin(
-        done,
-        and_(
-            done.c.item_id == items_t.c.id,
-            done.c.space == candidate.space,
-            done.c.version == candidate.version,
-        ),
+        done, and_(done.c.item_id == items_t.c.id, _done_rows(done, candidate, kind))
     ).where(done.c.id.is_(None))
     if job_id is not None:
         skip = skips_t.alias("skip")
@@ -103,20 +110,69 @@ def _not_done(stmt, candidate: VersionInfo, job_id: int | None):
 
 
 def pending_items(
-    conn: Connection, candidate: VersionInfo, limit: int, after_item_id: int = 0, job_id: int | None = None
+    conn: Connection,
+    candidate: VersionInfo,
+    limit: int,
+    after_item_id: int = 0,
+    job_id: int | None = None,
+    kind: str = "image",
 ) -> list[tuple[int, str, str | None]]:
-    """Items not yet embedded by ``candidate``: ``(item_id, external_id, source_uri)`` by item id, paged.
+    """Items not yet done by ``candidate`` for a job of ``kind`` (:func:`progress`): ``(item_id,
+    external_id, source_uri)`` by item id, paged.
 
     With ``job_id``, items that job skipped are left out too.
     """
     stmt = select(items_t.c.id, items_t.c.external_id, items_t.c.source_uri).select_from(items_t)
     stmt = (
-        _not_done(stmt, candidate, job_id)
+        _not_done(stmt, candidate, job_id, kind)
         .where(items_t.c.id > after_item_id)
         .order_by(items_t.c.id)
         .limit(limit)
     )
     return [(int(i), e, u) for i, e, u in conn.execute(stmt)]
+
+
+def pending_vectors(
+    conn: Connection,
+    candidate: VersionInfo,
+    source_space: str,
+    dim: int,
+    limit: int,
+    after_item_id: int = 0,
+    job_id: int | None = None,
+) -> tuple[list[int], list[str], np.ndarray]:
+    """A transform job's next batch: items not yet done by ``candidate`` (kind ``transform``) that have a
+    stored vector in ``source_space``, with that vector, by item id after ``after_item_id``: ``(item_ids,
+    external_ids, vectors (m, dim) float32)``. One statement (the vector comes with the listing)."""
+    src = emb_t.alias("src")
+    stmt = select(items_t.c.id, items_t.c.external_id, src.c.vector).select_from(
+        items_t.join(src, and_(src.c.item_id == items_t.c.id, src.c.space == source_space))
+    )
+    stmt = (
+        _not_done(stmt, candidate, job_id, "transform")
+        .where(items_t.c.id > after_item_id)
+        .order_by(items_t.c.id)
+        .limit(limit)
+    )
+    rows = conn.execute(stmt).all()
+    vecs = np.frombuffer(b"".join(bytes(r[2]) for r in rows), dtype="<f4").reshape(len(rows), dim)
+    return [int(r[0]) for r in rows], [r[1] for r in rows], vecs
+
+
+def pending_without_vector(
+    conn: Connection, candidate: VersionInfo, source_space: str, limit: int, job_id: int | None = None
+) -> list[tuple[int, str]]:
+    """Items a transform job cannot do: not done by ``candidate`` and without a stored vector in
+    ``source_space`` (``(item_id, external_id)``, by item id)."""
+    src = emb_t.alias("src")
+    stmt = (
+        select(items_t.c.id, items_t.c.external_id)
+        .select_from(items_t)
+        .outerjoin(src, and_(src.c.item_id == items_t.c.id, src.c.space == source_space))
+        .where(src.c.id.is_(None))
+    )
+    stmt = _not_done(stmt, candidate, job_id, "transform").order_by(items_t.c.id).limit(limit)
+    return [(int(i), e) for i, e in conn.execute(stmt)]
 
 
 def write_order(
@@ -244,9 +300,14 @@ def items_by_id(conn: Connection, item_ids: Sequence[int]) -> dict[int, tuple[st
     return out
 
 
+def job_kind(policy: Any) -> str:
+    """The kind of a job from its policy JSON (``image`` when it says none: jobs made before kinds)."""
+    return str((policy or {}).get("kind") or "image") if isinstance(policy, dict) else "image"
+
+
 def create_job(conn: Connection, candidate: VersionInfo, policy: Any = None) -> BackfillJobInfo:
     """A ``pending`` job for ``candidate``; ``total``/``done`` start from the current progress."""
-    done, total = progress(conn, candidate)
+    done, total = progress(conn, candidate, job_kind(policy))
     now = utcnow()
     job_id = conn.execute(
         jobs_t.insert()

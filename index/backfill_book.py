@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 from sqlalchemy import Engine
 
 from . import backfill
@@ -16,9 +17,13 @@ class BackfillBook:
     """The backfill side of one open gallery."""
 
     def __init__(
-        self, engine: Engine, check_open: Callable[[], None], version: Callable[[str], VersionInfo]
+        self,
+        engine: Engine,
+        check_open: Callable[[], None],
+        version: Callable[[str], VersionInfo],
+        dim: Callable[[str], int],
     ) -> None:
-        self._engine, self._check_open, self._version = engine, check_open, version
+        self._engine, self._check_open, self._version, self._dim = engine, check_open, version, dim
 
     # ------------------------------------------------------------------ jobs
     def create_job(self, candidate: str, policy: Any = None) -> backfill.BackfillJobInfo:
@@ -63,22 +68,55 @@ class BackfillBook:
             return backfill.release_job(conn, int(job_id), owner)
 
     # ------------------------------------------------------------------ progress and pending items
-    def progress(self, candidate: str) -> tuple[int, int]:
-        """``(done, total)``: items embedded by ``candidate`` in its space, and all items."""
+    def progress(self, candidate: str, kind: str = "image") -> tuple[int, int]:
+        """``(done, total)``: items done by ``candidate`` in its space for a job of ``kind`` (``image``:
+        embedded by it; ``transform``: embedded or transformed into its space), and all items."""
         self._check_open()
         info = self._version(candidate)
         with self._engine.connect() as conn:
-            return backfill.progress(conn, info)
+            return backfill.progress(conn, info, kind)
 
     def pending(
-        self, candidate: str, limit: int, after_item_id: int = 0, job_id: int | None = None
+        self,
+        candidate: str,
+        limit: int,
+        after_item_id: int = 0,
+        job_id: int | None = None,
+        kind: str = "image",
     ) -> list[tuple[int, str, str | None]]:
-        """Items not yet embedded by ``candidate``: ``(item_id, external_id, source_uri)``, by item id
-        (with ``job_id``: also not skipped by that job)."""
+        """Items not yet done by ``candidate`` for a job of ``kind``: ``(item_id, external_id,
+        source_uri)``, by item id (with ``job_id``: also not skipped by that job)."""
         self._check_open()
         info = self._version(candidate)
         with self._engine.connect() as conn:
-            return backfill.pending_items(conn, info, int(limit), int(after_item_id), job_id)
+            return backfill.pending_items(conn, info, int(limit), int(after_item_id), job_id, kind)
+
+    def pending_vectors(
+        self,
+        candidate: str,
+        source_space: str,
+        limit: int,
+        after_item_id: int = 0,
+        job_id: int | None = None,
+    ) -> tuple[list[int], list[str], np.ndarray]:
+        """A transform job's next items and their stored vectors in ``source_space`` (see
+        :func:`index.backfill.pending_vectors`): ``(item_ids, external_ids, vectors (m, d))``."""
+        self._check_open()
+        info = self._version(candidate)
+        dim = self._dim(source_space)
+        with self._engine.connect() as conn:
+            return backfill.pending_vectors(
+                conn, info, source_space, dim, int(limit), int(after_item_id), job_id
+            )
+
+    def pending_without_vector(
+        self, candidate: str, source_space: str, limit: int, job_id: int | None = None
+    ) -> list[tuple[int, str]]:
+        """Items a transform job cannot do (no stored vector in ``source_space``): ``(item_id, external_id)``."""
+        self._check_open()
+        info = self._version(candidate)
+        with self._engine.connect() as conn:
+            return backfill.pending_without_vector(conn, info, source_space, int(limit), job_id)
 
     def pending_ordered(
         self, job_id: int, candidate: str, limit: int, after_position: int = -1

@@ -51,6 +51,7 @@ from sqlalchemy import (
 from sqlalchemy import cast as sql_cast
 
 from .errors import InvalidInput
+from .store import tag_column
 from .tables import Embedding, Item
 from .validation import check_text
 
@@ -338,7 +339,7 @@ def matching_rows(
     """The rows of ``space`` whose item matches ``flt``, vectors included: ``(vec_ids (n,) int64,
     [(item_id, external_id, version)], vectors (n, dim) float32)``, by vec_id. For exact searches of small
     filtered sets."""
-    cols = (emb_t.c.vec_id, emb_t.c.item_id, items_t.c.external_id, emb_t.c.version, emb_t.c.vector)
+    cols = (emb_t.c.vec_id, emb_t.c.item_id, items_t.c.external_id, tag_column(), emb_t.c.vector)
     where = sql_condition(flt, conn.dialect.name)
     rows: Sequence[Any]
     if where is not None:

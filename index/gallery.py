@@ -61,7 +61,7 @@ from .reconcile import ReconcileReport, reconcile
 from .snapshot import SnapshotInfo
 from .space_index import SpaceIndex
 from .tables import create_schema
-from .types import Hit, NewItem, VersionInfo
+from .types import ROUTE_MODEL, ROUTES, Hit, NewItem, VersionInfo, route_label, split_label
 from .validation import as_unit_vectors, check_external_ids, check_k, check_metadata, check_text, vectors_of
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,9 @@ class Gallery:
         self.index_dir = Path(index_dir) if index_dir is not None else self.data_dir / "index"
         self.config = config if config is not None else IndexConfig()
         self._mutex = threading.RLock()  # serialises mutations (SQL commit + FAISS apply)
-        self.backfill = BackfillBook(engine, self._check_open, self._version)  # jobs, pending items, orders
+        self.backfill = BackfillBook(
+            engine, self._check_open, self._version, self.space_dim
+        )  # jobs, pending items, orders
         self._versions: dict[str, VersionInfo] = {}
         self._spaces: dict[str, SpaceIndex] = {}
         self._closed = False
@@ -435,17 +437,23 @@ class Gallery:
         *,
         space: str | None = None,
         lease: backfill.JobLease | None = None,
+        route: str = ROUTE_MODEL,
     ) -> list[int]:
         """Replace the vectors of existing items by ``version``'s embeddings, in ``version``'s space, in one
         transaction; the items' ``embedded_by`` becomes ``version``. An item without an embedding in that
         space gets one (backfill into a new space; its other spaces are untouched). Unknown external ids:
         :class:`ItemNotFound`, nothing changed. Returns item ids in input order.
 
+        ``route``: ``model`` (``version`` embedded the items' sources) or ``transform`` (the vectors are a
+        learned map of the items' stored vectors in another space: an image backfill still re-embeds them).
+
         ``lease``: a backfill job's write, committed only while its runner holds the job's lease (renewed in
         the same transaction, so a replica taking the job over waits for it or makes it fail with
         :class:`LeaseLost`, nothing written): an item is never written by two owners."""
+        if route not in ROUTES:
+            raise InvalidInput(f"route must be one of {', '.join(ROUTES)}, not {route!r}")
         items = [NewItem(external_id=e, vector=v) for e, v in pairs]
-        return self._write("reembed", items, version, space, lease=lease)
+        return self._write("reembed", items, version, space, lease=lease, route=route)
 
     def _write(
         self,
@@ -456,6 +464,7 @@ class Gallery:
         *,
         expect_active_space: str | None = None,
         lease: backfill.JobLease | None = None,
+        route: str = ROUTE_MODEL,
     ) -> list[int]:
         self._check_open()
         info = self._version(version)
@@ -490,6 +499,7 @@ class Gallery:
                         space=info.space,
                         metadata=metas,
                         source_uris=uris,
+                        route=route,
                     )
                     # fences, under the writer lock the write took first (a raise rolls everything back)
                     if expect_active_space is not None:
@@ -512,10 +522,40 @@ class Gallery:
                 raise VersionConflict(f"concurrent write conflict, retry: {e.orig}") from e
             self._items += res.inserted
             self._advance(int(res.vec_ids[0]), int(res.vec_ids[-1]))
-            entries = [(iid, eid, info.version) for iid, eid in zip(res.item_ids, ext_ids, strict=True)]
+            tag = route_label(info.version, route)
+            entries = [(iid, eid, tag) for iid, eid in zip(res.item_ids, ext_ids, strict=True)]
             self._apply(sidx, res.old_vec_ids, res.vec_ids, vectors, entries)
             log.debug("%s: %d items in space %r by %r", mode, len(items), info.space, info.version)
             return res.item_ids
+
+    def time_write(
+        self, pairs: Sequence[tuple[str, np.ndarray]], version: str, *, route: str = ROUTE_MODEL
+    ) -> float:
+        """Seconds the SQL side of :meth:`reembed` of ``pairs`` takes, in a transaction that is rolled back:
+        nothing is stored (a cost probe for reports; it holds the writer lock meanwhile, and the index side
+        of a write is not timed). Unknown external ids: :class:`ItemNotFound`."""
+        self._check_open()
+        info = self._version(version)
+        items = [NewItem(external_id=e, vector=v) for e, v in pairs]
+        vectors = vectors_of(items, info.embedding_dim, info.space)
+        if not items:
+            return 0.0
+        t0 = time.perf_counter()
+        with self.engine.connect() as conn:
+            tx = conn.begin()
+            try:
+                store.write_embeddings(
+                    conn,
+                    "reembed",
+                    external_ids=[it.external_id for it in items],
+                    vectors=vectors,
+                    version=info.version,
+                    space=info.space,
+                    route=route,
+                )
+            finally:
+                tx.rollback()
+        return time.perf_counter() - t0
 
     def delete(self, external_ids: Iterable[str], *, missing_ok: bool = False) -> int:
         """Delete items (all their embeddings, every space) in one transaction; returns how many.
@@ -882,6 +922,13 @@ class Gallery:
         with self.engine.connect() as conn:
             return store.counts_by(conn, "version")
 
+    def counts_in_space(self, space: str) -> dict[str, dict[str, int]]:
+        """Embeddings of ``space`` per version that made them and route: ``{version: {"model": n,
+        "transform": m}}`` (routes without any are absent): which generations the gallery's items come from."""
+        self._check_open()
+        with self.engine.connect() as conn:
+            return store.counts_by_version_route(conn, space)
+
     def counts_by_space(self) -> dict[str, int]:
         """Embeddings per space (spaces without any are absent)."""
         self._check_open()
@@ -935,7 +982,8 @@ class Gallery:
             return backfill.vectors_of_items(conn, item_ids, space, sidx.dim)
 
     def space_embeddings(self, space: str) -> tuple[np.ndarray, list[str], np.ndarray]:
-        """Every stored embedding of ``space`` (one SQL pass): ``(item_ids (n,) int64, versions, vectors (n, d))``."""
+        """Every stored embedding of ``space`` (one SQL pass): ``(item_ids (n,) int64, versions, vectors (n, d))``
+        (the version that embedded each, whatever the route)."""
         self._check_open()
         sidx = self._space_index(space)
         ids: list[np.ndarray] = []
@@ -944,7 +992,7 @@ class Gallery:
         with self.engine.connect() as conn:
             for chunk in store.scan_space(conn, space, sidx.dim):
                 ids.append(np.asarray(chunk.item_ids, dtype=np.int64))
-                versions += chunk.versions
+                versions += [split_label(v)[0] for v in chunk.versions]
                 vecs.append(chunk.vectors)
         if not ids:
             return np.empty(0, np.int64), [], np.empty((0, sidx.dim), np.float32)
@@ -995,5 +1043,5 @@ def _exact_hits(
     out = []
     for row, idx in zip(scores, top, strict=True):
         order = idx[np.argsort(-row[idx], kind="stable")]
-        out.append([Hit(entries[j][1], float(row[j]), entries[j][2], entries[j][0]) for j in order.tolist()])
+        out.append([Hit.of(entries[j], float(row[j])) for j in order.tolist()])
     return out

@@ -379,7 +379,7 @@ class SpaceIndex:
                     # -1: fewer results than k; a missing entry cannot happen (same lock), but never fail
                     e = get(vid)
                     if e is not None:
-                        hits.append(Hit(e[1], s, e[2], e[0]))
+                        hits.append(Hit.of(e, s))
                 out.append(hits)
             return out
         finally:

@@ -18,6 +18,7 @@ from sqlalchemy import Connection, Table, bindparam, case, delete, func, select,
 
 from .errors import DuplicateIds, ItemNotFound
 from .tables import VEC_ID_COUNTER, Counter, Embedding, Item
+from .types import ROUTE_MODEL, ROUTE_SEP
 
 # Portable bound on IN-list sizes (old SQLite builds allow 999 parameters per statement).
 IN_CHUNK = 500
@@ -99,8 +100,10 @@ def write_embeddings(
     space: str,
     metadata: Sequence[Any] | None = None,
     source_uris: Sequence[str | None] | None = None,
+    route: str = ROUTE_MODEL,
 ) -> WriteResult:
-    """Store ``vectors`` (n, d) float32 unit rows for ``external_ids`` in ``space``, made by ``version``.
+    """Store ``vectors`` (n, d) float32 unit rows for ``external_ids`` in ``space``, made by ``version``
+    through ``route`` (``model``: it embedded the sources; ``transform``: mapped from another space).
 
     - ``add``: every external id must be new (else :class:`DuplicateIds`); items are created.
     - ``upsert``: new ids are created; existing items get their vector in ``space`` replaced and their
@@ -169,7 +172,16 @@ def write_embeddings(
         if iid in old:
             replaces.append({"b_item": iid, "b_vector": vb, "b_vec_id": vid, "b_version": version})
         else:
-            inserts.append({"item_id": iid, "space": space, "version": version, "vector": vb, "vec_id": vid})
+            inserts.append(
+                {
+                    "item_id": iid,
+                    "space": space,
+                    "version": version,
+                    "vector": vb,
+                    "vec_id": vid,
+                    "route": route,
+                }
+            )
     if inserts:
         for chunk in _chunks(inserts, 1000):
             conn.execute(emb_t.insert(), list(chunk))
@@ -181,6 +193,7 @@ def write_embeddings(
                 vector=bindparam("b_vector"),
                 vec_id=bindparam("b_vec_id"),
                 version=bindparam("b_version"),
+                route=route,
                 updated_at=now,
             ),
             replaces,
@@ -256,7 +269,7 @@ def scan_space(
     """
     vec = emb_t.c.vector if vectors_above <= above else case((emb_t.c.vec_id > vectors_above, emb_t.c.vector))
     stmt = (
-        select(emb_t.c.vec_id, emb_t.c.item_id, items_t.c.external_id, emb_t.c.version, vec)
+        select(emb_t.c.vec_id, emb_t.c.item_id, items_t.c.external_id, tag_column(), vec)
         .join(items_t, items_t.c.id == emb_t.c.item_id)
         .where(emb_t.c.space == space, emb_t.c.vec_id > above)
         .order_by(emb_t.c.vec_id)
@@ -272,12 +285,21 @@ def rows_by_vec_ids(conn: Connection, vec_ids: Sequence[int], dim: int) -> Itera
     versions: dict[str, str] = {}
     for ids in _chunks(list(vec_ids)):
         rows = conn.execute(
-            select(emb_t.c.vec_id, emb_t.c.item_id, items_t.c.external_id, emb_t.c.version, emb_t.c.vector)
+            select(emb_t.c.vec_id, emb_t.c.item_id, items_t.c.external_id, tag_column(), emb_t.c.vector)
             .join(items_t, items_t.c.id == emb_t.c.item_id)
             .where(emb_t.c.vec_id.in_(ids))
         ).all()
         if rows:
             yield _chunk(rows, dim, versions)
+
+
+def tag_column() -> Any:
+    """SQL of a row's in-memory tag (:func:`index.types.route_label`): its version, + "+route" unless
+    the route is "model"."""
+    return case(
+        (emb_t.c.route == ROUTE_MODEL, emb_t.c.version),
+        else_=emb_t.c.version + ROUTE_SEP + emb_t.c.route,
+    )
 
 
 def count_upto(conn: Connection, space: str, watermark: int) -> int:
@@ -316,6 +338,19 @@ def space_count(conn: Connection, space: str) -> int:
 
 def item_count(conn: Connection) -> int:
     return int(conn.execute(select(func.count()).select_from(items_t)).scalar_one())
+
+
+def counts_by_version_route(conn: Connection, space: str) -> dict[str, dict[str, int]]:
+    """Embeddings of ``space`` per version and route: ``{version: {route: n}}``."""
+    out: dict[str, dict[str, int]] = {}
+    stmt = (
+        select(emb_t.c.version, emb_t.c.route, func.count())
+        .where(emb_t.c.space == space)
+        .group_by(emb_t.c.version, emb_t.c.route)
+    )
+    for v, r, n in conn.execute(stmt):
+        out.setdefault(v, {})[r] = int(n)
+    return out
 
 
 def counts_by(conn: Connection, column: str) -> dict[str, int]:

@@ -10,6 +10,9 @@ Layout, and why:
   a new space while its old-space embedding keeps serving until the switch. ``vec_id`` is the FAISS id: every
   write of a vector takes a fresh one from ``counters``, so a FAISS index can be reconciled with SQL by
   comparing id sets, and a replaced vector can never be confused with its predecessor.
+- ``embeddings.route``: ``model`` when ``version`` embedded the item's source, ``transform`` when the vector is
+  a learned map of the item's stored vector in another space (a transform backfill): an image backfill
+  still re-embeds those, and every hit says which route produced its vector.
 - ``counters``: monotonically increasing counters, incremented with UPDATE inside the writing transaction
   (portable, and it serialises writers: the row lock on PostgreSQL, the write lock on SQLite), so the
   order of ``vec_id`` is the commit order.
@@ -109,6 +112,9 @@ class Embedding(Base):
     vector: Mapped[bytes] = mapped_column(LargeBinary)
     vec_id: Mapped[int] = mapped_column(BigInteger, unique=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # how the vector was produced (migration 0005): "model" (``version`` embedded the item's source) or
+    # "transform" (a map of the item's stored vector in another space into ``version``'s; no source read)
+    route: Mapped[str] = mapped_column(String(16), server_default="model", default="model")
 
 
 class Counter(Base):

@@ -4,9 +4,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
+
+# How a stored vector was produced (``embeddings.route``): the version embedded the item's source, or a
+# learned transform mapped the item's stored vector of another space into the version's space.
+ROUTE_MODEL = "model"
+ROUTE_TRANSFORM = "transform"
+ROUTES = (ROUTE_MODEL, ROUTE_TRANSFORM)
+# In memory (and in index snapshots) a vector's tag is its version, with "+transform" for a transformed one:
+# '+' never occurs in a version name, and one interned string per (version, route) costs nothing per row.
+ROUTE_SEP = "+"
+
+
+def route_label(version: str, route: str) -> str:
+    """The in-memory tag of a vector embedded by ``version`` through ``route``."""
+    return version if route == ROUTE_MODEL else f"{version}{ROUTE_SEP}{route}"
+
+
+@lru_cache(maxsize=4096)
+def split_label(label: str) -> tuple[str, str]:
+    """``(version, route)`` of an in-memory tag (:func:`route_label`)."""
+    version, sep, route = label.partition(ROUTE_SEP)
+    return version, (route if sep else ROUTE_MODEL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +71,17 @@ class NewItem:
 
 @dataclass(frozen=True, slots=True)
 class Hit:
-    """One search result. ``score`` is the cosine similarity (inner product of unit vectors), in [-1, 1]."""
+    """One search result. ``score`` is the cosine similarity (inner product of unit vectors), in [-1, 1];
+    ``route`` how its vector was produced (``model`` or ``transform``, see :data:`ROUTES`)."""
 
     external_id: str
     score: float
     embedded_by: str
     item_id: int
+    route: str = ROUTE_MODEL
+
+    @classmethod
+    def of(cls, entry: tuple[int, str, str], score: float) -> Hit:
+        """The hit of an in-memory entry ``(item_id, external_id, tag)``."""
+        version, route = split_label(entry[2])
+        return cls(entry[1], score, version, entry[0], route)

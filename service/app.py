@@ -40,6 +40,7 @@ def build_parts(settings: Settings, metrics: Metrics, stack: AsyncExitStack | No
     from service.models.check import CheckOptions, CompatibilityCheck
     from service.models.hot_swap import HotSwap
     from service.models.registry import ModelRegistry
+    from service.models.transforms import TransformStore
     from service.parts import Parts
     from service.replicas.follower import ReplicaFollower
     from service.serving.batching import BatchBounds
@@ -136,6 +137,7 @@ def build_parts(settings: Settings, metrics: Metrics, stack: AsyncExitStack | No
     def embedded(version: str, n: int) -> None:
         metrics.embedded.labels(version=version, purpose="backfill").inc(n)
 
+    transforms = TransformStore(registry)
     backfill = BackfillRunner(
         gallery,
         swap,
@@ -147,6 +149,7 @@ def build_parts(settings: Settings, metrics: Metrics, stack: AsyncExitStack | No
         on_embedded=embedded,
         lease_s=s.backfill_lease_s,
         ray=RayOptions.from_settings(s),
+        transforms=transforms,
     )
     backfill.start()  # resumes the jobs a previous process left running
     if stack is not None:  # the batch in flight commits before the gallery closes
@@ -161,6 +164,7 @@ def build_parts(settings: Settings, metrics: Metrics, stack: AsyncExitStack | No
         sample_size=s.backfill_curve_sample,
         max_pixels=s.max_image_pixels,
         label_key=s.check_label_key,
+        transforms=transforms,
     )
     return Parts(
         settings=s,

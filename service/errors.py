@@ -69,6 +69,10 @@ class BackfillConflict(ServiceError):
     finished job, pausing a cancelled one)."""
 
 
+class NoTransform(ServiceError, LookupError):
+    """No usable vector transform between two versions (none fitted, fitted on other builds, other spaces)."""
+
+
 class Overloaded(ServiceError):
     """The request was not started: too many are waiting, it waited past its deadline, or the server stops."""
 

@@ -158,6 +158,11 @@ class SearchHit(BaseModel):
     external_id: str
     score: float
     embedded_by: str
+    route: str = Field(
+        "model",
+        description="how the hit's vector was produced: model (embedded_by embedded its source) or transform "
+        "(a learned map of its stored vector in an older space; an image backfill replaces it)",
+    )
     metadata: dict[str, Any] | None = None
 
 
@@ -218,11 +223,32 @@ class ModelInfo(BaseModel):
     active: bool = False
     can_activate: bool | None = None
     reason: str | None = None
+    lineage: list[str] = Field(
+        default_factory=list,
+        description="the versions this one descends from (compatible_with, then theirs), nearest first",
+    )
+    generation: int | None = Field(None, description="1 + the length of its lineage")
+    transforms_from: list[str] = Field(
+        default_factory=list,
+        description="versions whose stored vectors it can take by a transform backfill (fitted transforms)",
+    )
+
+
+class GalleryGenerations(BaseModel):
+    space: str | None = Field(description="the space searches use (the active model's)")
+    items: int
+    generations: dict[str, dict[str, int]] = Field(
+        description="version -> its items' vectors in that space by route (model, transform)"
+    )
+    generation_of: dict[str, int] = Field(description="version -> its generation (1 + its lineage's length)")
 
 
 class ModelsResponse(BaseModel):
     active: str | None
     models: list[ModelInfo]
+    gallery: GalleryGenerations | None = Field(
+        None, description="which versions (generations) the gallery's items in the serving space come from"
+    )
 
 
 class ActiveResponse(BaseModel):

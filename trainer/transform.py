@@ -126,7 +126,7 @@ class VectorTransform:
         out = np.empty((len(v), self.out_dim), dtype=np.float32)
         with torch.inference_mode():
             for s in range(0, len(v), batch):
-                x = torch.from_numpy(np.ascontiguousarray(v[s : s + batch], dtype=np.float32))  # (b, in_dim)
+                x = torch.from_numpy(np.array(v[s : s + batch], dtype=np.float32))  # (b, in_dim)
                 out[s : s + batch] = F.normalize(self.module(x), dim=1).numpy()  # (b, out_dim)
         return out
 

@@ -35,6 +35,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (serr.NoActiveModel, 503),
     (serr.NoShadow, 404),
     (serr.NoSourceKept, 404),
+    (serr.NoTransform, 404),
     (serr.NothingToExport, 409),
     (ModelCardError, 422),
     (NoImageModel, 409),  # an image sent to an external version: it takes vectors

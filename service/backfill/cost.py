@@ -32,15 +32,19 @@ from service.backfill.curve import (
     first_fraction_reaching,
     sample_gallery,
     simulate,
+    simulate_after_transform,
 )
 from service.backfill.order import POLICIES
 from service.blobs import BlobStore
+from service.errors import NoTransform, ServiceError
 from service.images import decode_image, encode_png
 from service.models.cache import ModelCache
 from service.models.hot_swap import HotSwap, backfill_report_url
-from trainer import LoadedModel, ModelCard, embed_images
+from service.models.transforms import TransformStore
+from trainer import LoadedModel, ModelCard, VectorTransform, embed_images
 
 QUALITY_KEYS = ("top1", "top5", "mAP")
+TRANSFORM_PROBE = 2000  # items a transform's rate is timed on
 WORKERS_NOTE = "predicted from the measured single-worker rate x N; not measured with N workers"
 
 
@@ -132,8 +136,11 @@ class CostReport:
         sample_size: int = 1000,
         max_pixels: int = 1 << 20,
         label_key: str = "label",
+        transforms: TransformStore | None = None,
     ) -> None:
         self.label_key = label_key
+        self.transforms = transforms or TransformStore(swap.registry)
+        self._transform_rates: dict[tuple, float] = {}
         self.swap, self.models, self.probe = swap, models, probe
         self.gallery: Gallery = swap.gallery
         self.blobs, self.curves = blobs, curves
@@ -185,7 +192,9 @@ class CostReport:
             "full_backfill": _quality(matrix, f"{candidate}/{candidate}"),
         }
         same_space = card.space == self.swap.serving_space()
-        curve = self._curve(loaded, quality, same_space, to_reembed, per_second)
+        transform, transform_why = self._transform(candidate, card)
+        curve = self._curve(loaded, quality, same_space, to_reembed, per_second, transform)
+        after_transform = curve.pop("after_transform", None)
         measured = self._measured(candidate, problem, curve, same_space)
         if measured:
             quality.update(measured)
@@ -224,8 +233,214 @@ class CostReport:
             "quality": quality,
             "curve": curve,
             "cannot_backfill": _cannot_backfill(gallery, self.blobs),
+            "ladder": self._ladder(
+                candidate,
+                card,
+                problem,
+                quality,
+                curve,
+                to_reembed,
+                per_second,
+                tp.threads * workers,
+                transform,
+                transform_why,
+                after_transform,
+            ),
             "report_url": backfill_report_url(candidate),
         }
+
+    # ------------------------------------------------------------------ the ladder
+    def _transform(self, candidate: str, card: ModelCard) -> tuple[VectorTransform | None, str | None]:
+        """The transform from the serving version into ``candidate``'s space, or None and why not."""
+        active = self.swap.active
+        if card.space == self.swap.serving_space():
+            return None, "same space: the candidate serves the stored vectors as they are"
+        if active is None:
+            return None, "no model is active: nothing says whose stored vectors to map"
+        try:
+            return self.transforms.get(candidate, active.version), None
+        except (NoTransform, ServiceError) as e:
+            return None, str(e)
+
+    def _transform_rate(self, candidate: str, transform: VectorTransform, source_space: str) -> float:
+        """Items/s of a transform job on this gallery, timed on a sample of up to TRANSFORM_PROBE items:
+        listing with their stored vectors (the job's query), the map, and the SQL write in a transaction
+        rolled back (nothing stored). Cached per (candidate, transform, source space)."""
+        key = (candidate, transform.card.weights_sha256, source_space)
+        if key in self._transform_rates:
+            return self._transform_rates[key]
+        book = self.gallery.backfill
+        t0 = time.perf_counter()
+        ids, eids, vecs = book.pending_vectors(candidate, source_space, TRANSFORM_PROBE)
+        if not ids:  # nothing left to map: time the same work on items already done
+            rows = self.gallery.scroll(limit=min(TRANSFORM_PROBE, 1000))
+            eids = [r.external_id for r in rows]
+            got = self.gallery.get_items(eids)
+            ids = [got[e].item_id for e in eids if e in got]
+            _, _, vecs = self.gallery.embeddings_of(ids, source_space)
+            eids = eids[: len(vecs)]
+        t_list = time.perf_counter() - t0
+        if not len(vecs):
+            return 0.0
+        t0 = time.perf_counter()
+        mapped = transform.apply(vecs)
+        t_apply = time.perf_counter() - t0
+        t_write = self.gallery.time_write(list(zip(eids, mapped, strict=True)), candidate, route="transform")
+        rate = len(vecs) / max(t_list + t_apply + t_write, 1e-9)
+        self._transform_rates[key] = rate
+        return rate
+
+    def _adapter_rung(self, candidate: str, card: ModelCard, problem: str | None) -> dict[str, Any]:
+        serving = self.swap.serving_space()
+        rung: dict[str, Any] = {"route": "query_adapter", "predicted": {"seconds": 0.0, "cost": 0.0}}
+        if problem is None:
+            return {
+                **rung,
+                "route": "no_backfill",
+                "available": True,
+                "how": f"activate {candidate}: it serves the stored vectors as they are (same space)",
+            }
+        adapters = [
+            e.card
+            for e in self.swap.registry.survey()
+            if e.card is not None and e.card.adapter_of == candidate and e.card.space == serving
+        ]
+        if not adapters:
+            active = self.swap.active.version if self.swap.active else "OLD"
+            return {
+                **rung,
+                "available": False,
+                "how": f"fit one: graceful adapt --new <models dir>/{candidate} --old <models dir>/{active} "
+                f"--out <models dir>/{candidate}-adapter, then activate it (queries: {candidate}, then the "
+                "adapter into the stored space)",
+                "quality": None,
+            }
+        ad = adapters[0]
+        quality, source = None, None
+        if self.swap.active is not None and self.swap.active.version != ad.version:
+            lab = self.swap.measure(ad.version).get("labelled")
+            if lab:
+                quality = dict(lab["candidate"])
+                source = (
+                    f"measured: the compatibility check of {ad.version}, {lab['queries']} labelled queries"
+                )
+        if quality is None and ad.metrics:
+            quality = _quality(ad.metrics.get("matrix", {}), f"{ad.version}/{ad.compatible_with}")
+            source = f"model card of {ad.version}" if quality else None
+        return {
+            **rung,
+            "available": True,
+            "version": ad.version,
+            "how": f"activate {ad.version}: {candidate}'s queries mapped into the stored space, no backfill",
+            "quality": quality,
+            "quality_source": source,
+        }
+
+    def _ladder(
+        self,
+        candidate: str,
+        card: ModelCard,
+        problem: str | None,
+        quality: dict[str, Any],
+        curve: dict[str, Any],
+        to_reembed: int,
+        per_second: float,
+        threads: int,
+        transform: VectorTransform | None,
+        transform_why: str | None,
+        after_transform: dict[str, list[dict]] | None,
+    ) -> list[dict[str, Any]]:
+        """The ways to serve ``candidate``, cheapest first, each with its quality and predicted cost here:
+        no backfill or a query adapter, a vector transform, an image backfill by fraction and order, a full
+        re-embedding."""
+
+        def cost(seconds: float, thr: int) -> dict[str, Any]:
+            hours = seconds * thr / 3600.0
+            return {
+                "seconds": round(seconds, 3),
+                "cpu_hours": float(f"{hours:.4g}"),
+                "cost": float(f"{hours * self.price_per_cpu_hour:.4g}"),
+            }
+
+        total = self.gallery.count()
+        ladder = [self._adapter_rung(candidate, card, problem)]
+        rung: dict[str, Any] = {"route": "vector_transform", "available": transform is not None}
+        if transform is None:
+            rung["how"] = transform_why
+        else:
+            assert self.swap.active is not None
+            source = self.swap.active.version
+            to_map = total - self.gallery.backfill.progress(candidate, "transform")[0]
+            rate = self._transform_rate(candidate, transform, transform.card.source_space)
+            seconds = to_map / rate if rate > 0 else float("inf")
+            rung.update(
+                how=f"graceful backfill start {candidate} --kind transform --source {source}, then activate "
+                f"{candidate}; an image backfill later replaces transformed vectors (see image_backfill)",
+                source=source,
+                items=to_map,
+                items_per_second=round(rate, 1),
+                seconds_per_million=round(1e6 / rate, 2) if rate > 0 else None,
+                predicted=cost(seconds, 1),
+                rate_what="timed on this gallery: the job's listing query with stored vectors, the map, and the "
+                "SQL write in a rolled-back transaction (the index side of a write is not timed)",
+                quality=after_transform["sequential"][0] if after_transform else None,
+                quality_source=(
+                    "simulated on the curve's labelled sample: candidate queries over the transformed stored "
+                    "vectors"
+                    if after_transform
+                    else "not measured: no labelled items with kept sources"
+                ),
+            )
+        ladder.append(rung)
+        image: dict[str, Any] = {
+            "route": "image_backfill",
+            "available": per_second > 0,
+            "items_per_second": round(per_second, 1),
+            "how": f"graceful backfill start {candidate} [--policy uncertainty] [--stop-at F]",
+        }
+        if after_transform:
+            image["serving"] = (
+                "the candidate over the transformed gallery, transformed vectors replaced in order"
+            )
+            image["by_policy"] = {
+                p: [
+                    {
+                        "fraction": f,
+                        **cost(f * to_reembed / per_second if per_second > 0 else 0.0, threads),
+                        "quality": {k: round(v, 4) for k, v in q.items()},
+                    }
+                    for f, q in zip(FRACTIONS, pts, strict=True)
+                    if 0 < f < 1
+                ]
+                for p, pts in after_transform.items()
+            }
+        else:
+            image["serving"] = curve["serving_during_backfill"]
+            image["by_policy"] = {
+                p: [
+                    {
+                        "fraction": pt["fraction"],
+                        **cost(pt["seconds"] or 0.0, threads),
+                        "quality": pt["quality"],
+                    }
+                    for pt in pts
+                    if 0 < pt["fraction"] < 1
+                ]
+                for p, pts in curve["policies"].items()
+            }
+        ladder.append(image)
+        full_seconds = to_reembed / per_second if per_second > 0 else float("inf")
+        ladder.append(
+            {
+                "route": "full_reembed",
+                "available": per_second > 0,
+                "items": to_reembed,
+                "predicted": cost(full_seconds, threads),
+                "quality": quality.get("full_backfill"),
+                "how": f"graceful backfill start {candidate}, then activate it",
+            }
+        )
+        return ladder
 
     def _external(
         self,
@@ -301,14 +516,17 @@ class CostReport:
         same_space: bool,
         to_reembed: int,
         items_per_second: float,
+        transform: VectorTransform | None = None,
     ) -> dict[str, Any]:
-        """The report's curve: quality and time after each fraction, under each policy (see the module doc)."""
+        """The report's curve: quality and time after each fraction, under each policy (see the module doc);
+        with ``transform``, also ``after_transform``: the same after a vector transform (popped by the
+        caller into the ladder)."""
         gallery, blobs, sample_size = self.gallery, self.blobs, self.sample_size
         space = self.swap.serving_space()
 
-        def compute() -> tuple[dict[str, list[dict]] | None, dict[str, int]]:
+        def compute() -> tuple[dict[str, list[dict]] | None, dict[str, int], dict[str, list[dict]] | None]:
             if blobs is None or space is None or sample_size <= 0:
-                return None, {}
+                return None, {}, None
             sample, counts = sample_gallery(
                 gallery,
                 blobs,
@@ -319,7 +537,14 @@ class CostReport:
                 max_pixels=self.max_pixels,
                 label_key=self.label_key,
             )
-            return (simulate(sample, same_space) if sample is not None else None), counts
+            if sample is None:
+                return None, counts, None
+            after = (
+                simulate_after_transform(sample, transform.apply(sample.old), loaded)
+                if transform is not None
+                else None
+            )
+            return simulate(sample, same_space), counts, after
 
         key = (
             loaded.version,
@@ -327,8 +552,11 @@ class CostReport:
             same_space,
             sample_size,
             tuple(sorted(gallery.counts_by_version().items())),
+            transform.card.weights_sha256 if transform is not None else None,
         )
-        simulated, counts = self.curves.get_or_compute(key, compute) if self.curves is not None else compute()
+        simulated, counts, after = (
+            self.curves.get_or_compute(key, compute) if self.curves is not None else compute()
+        )
         if simulated is not None:
             method = "simulated"
             detail = (
@@ -382,4 +610,5 @@ class CostReport:
             "reaches_90pct_of_gain_at": {
                 p: first_fraction_reaching(c, FRACTIONS) for p, c in per_policy.items()
             },
+            "after_transform": after,
         }

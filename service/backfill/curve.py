@@ -106,6 +106,7 @@ class Sample:
     orders: dict[str, np.ndarray] = field(default_factory=dict)  # policy -> positions into the gallery
     done: int = 0  # the first ``done`` positions of every order are embedded by the candidate already
     queries: np.ndarray | None = None  # (Q,) gallery positions of the query items (None: every item)
+    embedded: np.ndarray | None = None  # (G,) bool: ``new`` is the candidate's embedding of the source
 
     @property
     def query_positions(self) -> np.ndarray:
@@ -143,6 +144,29 @@ def simulate(
             start=sample.done,
         )
     return out
+
+
+def simulate_after_transform(
+    sample: Sample, transformed: np.ndarray, candidate: LoadedModel, fractions: Sequence[float] = FRACTIONS
+) -> dict[str, list[dict]]:
+    """Per policy, the expected quality when ``candidate`` serves over the transformed gallery
+    (``transformed`` (G, D'): each stored vector mapped into its space) and an image backfill then replaces
+    the transformed vectors by true ones in the policy's order, as the runner orders them once the candidate
+    is active (uncertainty: the candidate's margin on the transformed vector). Fraction 0 is the transform
+    alone. Items whose source could not be embedded keep their transformed vector throughout."""
+    q = sample.query_positions
+    ql = sample.labels[q]
+    true = sample.new
+    if sample.embedded is not None:
+        true = np.where(sample.embedded[:, None], sample.new, transformed)
+    orders = {
+        "sequential": np.argsort(sample.item_ids, kind="stable"),
+        "uncertainty": order_by_scores(sample.item_ids, margin_scores(candidate, transformed)),
+    }
+    return {
+        p: mixed_gallery_quality(true[q], ql, transformed, true, sample.labels, o, fractions, exclude=q)
+        for p, o in orders.items()
+    }
 
 
 def card_line(
@@ -265,7 +289,14 @@ def sample_gallery(
         "uncertainty": np.concatenate([done_first, todo[order_by_scores(ids[todo], scores[todo])]]),
     }
     return Sample(
-        item_ids=ids, labels=labels, old=old, new=new, orders=orders, done=len(done_first), queries=queries
+        item_ids=ids,
+        labels=labels,
+        old=old,
+        new=new,
+        orders=orders,
+        done=len(done_first),
+        queries=queries,
+        embedded=embedded,
     ), counts
 
 

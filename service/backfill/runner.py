@@ -50,17 +50,20 @@ import numpy as np
 from sqlalchemy.exc import IntegrityError
 
 from index import Gallery
-from index.backfill import BackfillJobInfo, JobLease
+from index.backfill import JOB_KINDS, BackfillJobInfo, JobLease, job_kind
 from index.errors import GalleryClosed, ItemNotFound, LeaseLost
+from index.types import ROUTE_MODEL
 from service.backfill.order import POLICIES, uncertainty_order
 from service.backfill.pending import PendingCursor
 from service.backfill.progress import JobProgress
 from service.backfill.ray_engine import ENGINES, RayOptions, ray_installed, require_ray, shutdown_ray
 from service.backfill.sources import read_source
+from service.backfill.transform_job import run_transform
 from service.blobs import BlobStore
 from service.errors import BackfillConflict, BadRequest
 from service.models.cache import ModelCache
 from service.models.hot_swap import HotSwap, space_problem
+from service.models.transforms import TransformStore
 from trainer import LoadedModel, ModelCardError, NoImageModel, embed_images
 
 log = logging.getLogger(__name__)
@@ -160,6 +163,7 @@ class BackfillRunner:
         lease_s: float = LEASE_S,
         owner: str | None = None,
         ray: RayOptions | None = None,
+        transforms: TransformStore | None = None,
     ) -> None:
         self.gallery, self.swap, self.models, self.blobs = gallery, swap, models, blobs
         self.lease_s = lease_s
@@ -167,6 +171,7 @@ class BackfillRunner:
         self.ray = ray or RayOptions()
         self._lease: _Lease | None = None  # the lease of the job the thread is in
         self.registry = swap.registry
+        self.transforms = transforms or TransformStore(self.registry)
         self.batch_size, self.rate_limit = batch_size, rate_limit
         self.max_image_pixels = max_image_pixels
         self.on_embedded = on_embedded
@@ -211,21 +216,41 @@ class BackfillRunner:
         engine: str = "local",
         address: str | None = None,
         workers: int | None = None,
+        kind: str = "image",
+        source: str | None = None,
     ) -> BackfillJobInfo:
         """A new ``pending`` job. Refused (:class:`BackfillConflict`) while another job of the same
         candidate may still run; unknown or refused versions raise the registry's errors. ``engine="ray"``
         embeds on a Ray cluster (``address``; None: a local one) with ``workers`` actors (None: the
         service's default); :class:`~service.backfill.ray_engine.RayUnavailable` when Ray is not installed,
-        ``RayAddressRefused`` for an address the server is not configured to trust."""
+        ``RayAddressRefused`` for an address the server is not configured to trust.
+
+        ``kind="transform"`` writes the candidate's space from the stored vectors of ``source``'s space (None:
+        the active version) through the transform fitted between them (:class:`NoTransform` without one):
+        no source is read; local engine, item-id order."""
+        if kind not in JOB_KINDS:
+            raise BadRequest(f"kind must be one of {', '.join(JOB_KINDS)}, not {kind!r}")
         if policy not in POLICIES:
             raise BadRequest(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
         if engine not in ENGINES:
             raise BadRequest(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+        if kind == "transform" and (engine != "local" or policy != "sequential"):
+            raise BadRequest(
+                "a transform job runs in the server, in item-id order (engine local, policy sequential): it "
+                "reads no image, so there is nothing to spread or to order"
+            )
+        if kind == "image" and source is not None:
+            raise BadRequest(
+                "source is the version whose stored vectors a transform job maps: kind transform"
+            )
         if engine == "ray":
             require_ray()
             self.ray.check_address(address)
         card = self.registry.entry(candidate).card  # ModelNotFound / InvalidModel, and registers the version
-        if card is not None and card.external:
+        transform_spec: dict[str, Any] = {}
+        if kind == "transform":
+            transform_spec = self._transform_spec(candidate, source)
+        elif card is not None and card.external:
             raise NoImageModel(
                 candidate,
                 "a backfill re-embeds the gallery's images, so it cannot run with it: send its vectors with "
@@ -240,6 +265,8 @@ class BackfillRunner:
             "engine": engine,
             "address": address if engine == "ray" else None,
             "workers": workers if engine == "ray" else None,
+            "kind": kind,
+            **transform_spec,
         }
         with self._cond:
             busy = [j.id for j in self.gallery.backfill.list_jobs(candidate) if j.status in ACTIVE]
@@ -252,6 +279,29 @@ class BackfillRunner:
             self._cond.notify_all()
         log.info("backfill job %d: %s, policy %s", job.id, candidate, spec)
         return job
+
+    def _transform_spec(self, candidate: str, source: str | None) -> dict[str, Any]:
+        """Where a transform job maps from: ``source`` (None: the active version), checked to have a usable
+        transform into ``candidate`` and another space."""
+        if source is None:
+            active = self.swap.active
+            if active is None:
+                raise BadRequest("no model is active: name the source version whose stored vectors to map")
+            source = active.version
+        if source == candidate:
+            raise BadRequest(
+                f"a transform maps another version's vectors into {candidate}'s space, not its own"
+            )
+        src = self.registry.entry(source).card
+        cand = self.registry.entry(candidate).card
+        assert src is not None and cand is not None
+        if src.space == cand.space:
+            raise BadRequest(
+                f"{source} and {candidate} share space {cand.space!r}: the stored vectors already serve "
+                f"{candidate}'s queries; run an image backfill (kind image) to replace them"
+            )
+        self.transforms.get(candidate, source)  # NoTransform when there is none, or it is stale
+        return {"source": source, "source_space": src.space}
 
     def pause(self, job_id: int) -> BackfillJobInfo:
         with self._cond:
@@ -329,6 +379,8 @@ class BackfillRunner:
             "space": job.space,
             "status": job.status,
             "phase": live.phase if job.status == "running" else None,
+            "kind": job_kind(spec),
+            "source": spec.get("source"),
             "policy": spec.get("order", "sequential"),
             "rate_limit": spec.get("rate_limit"),
             "batch_size": int(spec.get("batch_size") or self.batch_size),
@@ -413,6 +465,12 @@ class BackfillRunner:
                 book.release_job(j.id, self.owner)
         return None
 
+    def wait(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, woken early by a control call or stop (pacing a rate-limited job)."""
+        with self._cond:
+            if not self._stopping:
+                self._cond.wait(seconds)
+
     def _can_run(self, job: BackfillJobInfo) -> bool:
         """A Ray job is left to replicas that have Ray installed (create() refused it where none is)."""
         return (job.policy or {}).get("engine", "local") != "ray" or ray_installed()
@@ -463,10 +521,13 @@ class BackfillRunner:
 
     def _run_batches(self, job: BackfillJobInfo, live: JobProgress) -> None:
         candidate = job.candidate
+        spec = dict(job.policy or {})
+        if job_kind(spec) == "transform":  # no model runs: the transform maps stored vectors
+            run_transform(self, job, live, self.transforms.get(candidate, str(spec["source"])))
+            return
         loaded = self.models.get_or_none(candidate)
         if loaded is None:
             raise ModelCardError(f"the candidate {candidate} cannot be loaded from the models dir")
-        spec = dict(job.policy or {})
         ordered = spec.get("order") == "uncertainty"
         if ordered and "ordered_items" not in spec:
             live.phase = "ordering"
@@ -572,7 +633,7 @@ class BackfillRunner:
 
     def _complete(self, job: BackfillJobInfo, live: JobProgress) -> None:
         """No pending item is left: the job is done, or failed when every item it had was skipped."""
-        done, total = self.gallery.backfill.progress(job.candidate)
+        done, total = self.gallery.backfill.progress(job.candidate, job_kind(job.policy))
         n_skip = self.gallery.backfill.skips(job.id, 0)[0]
         if n_skip and not live.reembedded:
             # nothing was re-embedded though items were pending: not "done" (nothing was)
@@ -655,10 +716,11 @@ class BackfillRunner:
         pairs: list[tuple[str, np.ndarray]],
         skips: list[tuple[int, str]],
         live: JobProgress,
+        route: str = ROUTE_MODEL,
     ) -> tuple[int, int]:
         """Commit embedded items (``(external_id, (D,) vector)``; ``gallery.reembed``: one SQL transaction
-        that also takes them off the pending list, then FAISS) and record skips. Both engines write here.
-        Returns ``(re-embedded, skipped)``."""
+        that also takes them off the pending list, then FAISS) and record skips. Both engines and the
+        transform job (``route`` transform) write here. Returns ``(re-embedded, skipped)``."""
         t0 = time.perf_counter()
         n = 0
         # fenced by the lease: if another replica took the job over, nothing of this batch is written
@@ -666,12 +728,12 @@ class BackfillRunner:
         if pairs:
             try:
                 try:
-                    self.gallery.reembed(pairs, candidate, lease=lease)
+                    self.gallery.reembed(pairs, candidate, lease=lease, route=route)
                 except ItemNotFound as e:  # deleted since they were listed: nothing written, retry without
                     gone = set(e.ids)
                     pairs = [p for p in pairs if p[0] not in gone]
                     if pairs:
-                        self.gallery.reembed(pairs, candidate, lease=lease)
+                        self.gallery.reembed(pairs, candidate, lease=lease, route=route)
             except LeaseLost:
                 assert self._lease is not None
                 self._lease.lost = True

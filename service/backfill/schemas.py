@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Policy = Literal["sequential", "uncertainty"]
 Engine = Literal["local", "ray"]
+Kind = Literal["image", "transform"]
 MAX_BATCH = 4096
 
 
@@ -17,6 +18,18 @@ class _Strict(BaseModel):
 
 class BackfillRequest(_Strict):
     candidate: str = Field(min_length=1, max_length=128, description="the version that re-embeds the gallery")
+    kind: Kind = Field(
+        "image",
+        description="image: re-embed each item's kept source with the candidate; transform: write the "
+        "candidate's space from the stored vectors of `source`'s space through the transform fitted between "
+        "them (`graceful transform`), reading no source (seconds per million items)",
+    )
+    source: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="kind transform: the version whose stored vectors are mapped (unset: the active one)",
+    )
     policy: Policy = Field(
         "sequential", description="order: by item id, or least confident old embeddings first"
     )
@@ -72,7 +85,9 @@ class BackfillJobResponse(BaseModel):
         description="pending, running, paused, cancelled, done or failed (also when every item "
         "it had to re-embed was skipped: then error says so)"
     )
-    phase: str | None = Field(None, description="while running: ordering or embedding")
+    phase: str | None = Field(None, description="while running: ordering, embedding or transforming")
+    kind: Kind = Field("image", description="image (re-embeds sources) or transform (maps stored vectors)")
+    source: str | None = Field(None, description="kind transform: the version whose stored vectors it maps")
     policy: Policy
     rate_limit: float | None
     batch_size: int
@@ -82,7 +97,10 @@ class BackfillJobResponse(BaseModel):
     owner: str | None = Field(
         None, description="the replica (host:pid:id) holding the job's lease while it runs; null otherwise"
     )
-    done: int = Field(description="items embedded by the candidate in its space (counted in SQL)")
+    done: int = Field(
+        description="items done in the candidate's space (counted in SQL): embedded by the candidate (kind "
+        "image), or embedded or transformed (kind transform)"
+    )
     total: int = Field(description="items in the gallery")
     skipped: int = Field(description="items this job cannot re-embed (no kept source, unreadable source)")
     skipped_examples: list[SkippedItem] = Field(default_factory=list)

@@ -2,6 +2,7 @@
 
     graceful backfill start v2 [--policy uncertainty] [--rate-limit 500] [--batch-size 256] [--stop-at 0.5] [--wait]
                             [--engine ray [--address ADDR] [--workers N]]
+    graceful backfill start v2 --kind transform [--source v1] [--wait]   # map the stored vectors, no images
     graceful backfill status [JOB] [--wait]      # no JOB: every job
     graceful backfill pause|cancel JOB
     graceful backfill resume JOB [--stop-at F] [--rate-limit R] [--wait]
@@ -40,7 +41,19 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="action", required=True)
     s = sub.add_parser("start", parents=[common], help="re-embed the gallery with a candidate version")
     s.add_argument("candidate")
-    s.add_argument("--policy", choices=["sequential", "uncertainty"], default="sequential")
+    s.add_argument(
+        "--kind",
+        choices=["image", "transform"],
+        default=None,
+        help="image: re-embed the kept sources (the default); transform: map the stored vectors of --source "
+        "through the transform fitted by `graceful transform` (no image is read)",
+    )
+    s.add_argument(
+        "--source",
+        default=None,
+        help="--kind transform: whose stored vectors to map (unset: the active version)",
+    )
+    s.add_argument("--policy", choices=["sequential", "uncertainty"], default=None)
     s.add_argument("--rate-limit", type=float, default=None, help="items/s cap")
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--stop-at", type=float, default=None, help="pause once this share of the gallery is done")
@@ -69,8 +82,9 @@ def _parser() -> argparse.ArgumentParser:
 def describe(job: dict[str, Any]) -> str:
     """One line: ``job 3 v2 (uncertainty): running 1200/8000 (15.0%), 950 items/s, ETA 7s, 2 skipped``."""
     engine = f", ray x{job.get('workers')}" if job.get("engine") == "ray" else ""
+    how = f"transform from {job.get('source')}" if job.get("kind") == "transform" else job["policy"]
     line = (
-        f"job {job['id']} {job['candidate']} ({job['policy']}{engine}): {job['status']} "
+        f"job {job['id']} {job['candidate']} ({how}{engine}): {job['status']} "
         f"{job['done']}/{job['total']} ({100 * job['fraction']:.1f}%)"
     )
     if job.get("rate"):
@@ -78,7 +92,8 @@ def describe(job: dict[str, Any]) -> str:
     if job.get("eta_seconds") is not None and job["status"] == "running":
         line += f", ETA {job['eta_seconds']:.0f}s"
     if job.get("skipped"):
-        line += f", {job['skipped']} skipped (no usable source)"
+        what = "no stored vector to map" if job.get("kind") == "transform" else "no usable source"
+        line += f", {job['skipped']} skipped ({what})"
     if job.get("error"):
         line += f", error: {job['error']}"
     if job.get("can_activate") is not None and job["status"] == "done":
@@ -126,6 +141,8 @@ def backfill_main(argv: Sequence[str] | None = None) -> int:
         if args.action == "start":
             body = {
                 "candidate": args.candidate,
+                "kind": args.kind,
+                "source": args.source,
                 "policy": args.policy,
                 "rate_limit": args.rate_limit,
                 "batch_size": args.batch_size,

@@ -11,6 +11,7 @@ commands:
   train     train a model version (with --old DIR --bct: backward-compatible; --pc: fewer new mistakes)
   eval      compatibility matrix of model versions (JSON + heatmap)
   adapt     fit an adapter from a new model's space into an old one's (served with no backfill)
+  transform fit a map from an old model's space into a new one's (upgrades stored vectors, no images)
   register-onnx  write a model version folder around an ONNX export (checked, checksummed)
   demo      the whole story on Fashion-MNIST
   serve     run the HTTP service
@@ -44,7 +45,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"graceful {version()}")
         return 0
     cmd, rest = argv[0], argv[1:]
-    from trainer.cli import adapt_main, eval_main, register_onnx_main, setup_logging, train_main
+    from trainer.cli import (
+        adapt_main,
+        eval_main,
+        register_onnx_main,
+        setup_logging,
+        train_main,
+        transform_main,
+    )
 
     setup_logging("-v" in rest or "--verbose" in rest)
     rest = [a for a in rest if a not in ("-v", "--verbose")]
@@ -60,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": train_main,
         "eval": eval_main,
         "adapt": adapt_main,
+        "transform": transform_main,
         "register-onnx": register_onnx_main,
         "serve": serve_main,
         "demo": demo_main,

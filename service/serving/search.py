@@ -109,6 +109,7 @@ def run_search_batch(
                     external_id=h.external_id,
                     score=h.score,
                     embedded_by=h.embedded_by,
+                    route=h.route,
                     metadata=meta.get(h.external_id) if j.include_metadata else None,
                 )
                 for h in hs
@@ -197,6 +198,7 @@ class SearchPath:
                     external_id=h.external_id,
                     score=h.score,
                     embedded_by=h.embedded_by,
+                    route=h.route,
                     metadata=meta.get(h.external_id) if include_metadata else None,
                 )
                 for h in hits

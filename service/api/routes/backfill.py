@@ -57,6 +57,8 @@ def start(body: BackfillRequest, runner: BackfillDep) -> BackfillJobResponse:
         engine=body.engine,
         address=body.address,
         workers=body.workers,
+        kind=body.kind,
+        source=body.source,
     )
     return _job(runner, job.id)
 

@@ -13,6 +13,7 @@ from service.api.auth import WRITE
 from service.api.deps import GalleryDep, MetricsDep, RegistryDep, ShadowDep, SwapDep
 from service.errors import IncompatibleModel
 from service.models.hot_swap import ActivationResult
+from service.models.lineage import lineage, parents_of
 from service.models.rollback import rollback_note, rollback_refusal
 from service.observability import Metrics
 from service.schemas import (
@@ -21,10 +22,12 @@ from service.schemas import (
     ActivationsResponse,
     ActiveResponse,
     ErrorResponse,
+    GalleryGenerations,
     ModelInfo,
     ModelsResponse,
     RollbackNote,
 )
+from trainer import list_transforms
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -59,14 +62,17 @@ PUBLIC_CARD_KEYS = (
 @router.get(
     "", response_model=ModelsResponse, summary="Every model folder: valid ones, and refused ones with why"
 )
-def list_models(registry: RegistryDep, swap: SwapDep) -> ModelsResponse:
+def list_models(registry: RegistryDep, swap: SwapDep, gallery: GalleryDep) -> ModelsResponse:
     active = swap.active
     out = []
-    for e in registry.survey():  # reads folders, writes nothing
+    entries = registry.survey()  # reads folders, writes nothing
+    parents = parents_of([e.card for e in entries if e.card is not None], gallery)
+    for e in entries:
         if e.card is None:
             out.append(ModelInfo(version=e.version, valid=False, error=e.error))
             continue
         problem = swap.problem(e.card)
+        line = lineage(e.version, parents)
         out.append(
             ModelInfo(
                 version=e.version,
@@ -80,9 +86,23 @@ def list_models(registry: RegistryDep, swap: SwapDep) -> ModelsResponse:
                 active=bool(active and active.version == e.version),
                 can_activate=problem is None,
                 reason=problem,
+                lineage=line,
+                generation=len(line) + 1,
+                transforms_from=[t.source for t in list_transforms(e.path)],
             )
         )
-    return ModelsResponse(active=active.version if active else None, models=out)
+    space = swap.serving_space()
+    counts = gallery.counts_in_space(space) if space is not None else {}
+    return ModelsResponse(
+        active=active.version if active else None,
+        models=out,
+        gallery=GalleryGenerations(
+            space=space,
+            items=gallery.count(),
+            generations=counts,
+            generation_of={v: len(lineage(v, parents)) + 1 for v in counts},
+        ),
+    )
 
 
 @router.get("/active", response_model=ActiveResponse, responses={503: {"model": ErrorResponse}})
