@@ -10,7 +10,11 @@ by the active model, and both search the stored gallery (the item itself left ou
 - with labels (the metadata key ``label_key``): top-1, top-5 and mAP of candidate/gallery against
   active/gallery over the full ranking, retrieval negative and positive flip rates (top-1 right before and
   wrong after, and the reverse), and the same split by the query's class: ``old`` (known to both models),
-  ``new`` (known to the candidate only), ``unseen`` (known to neither).
+  ``new`` (known to the candidate only), ``unseen`` (known to neither); on a gallery mixing generations,
+  also per generation (the items each version embedded, ``by_generation``).
+- the candidate's lineage and the gallery's generations (which versions made the stored vectors, and
+  whether each is the candidate or one of its ancestors): a chain of BCT children serves a gallery that
+  several of its generations embedded.
 
 The verdict: with enough labelled queries, the candidate must not be worse than the active model on top-1
 and mAP (within ``tolerance``); otherwise its overlap@10 must beat the baseline's by ``min_overlap_gain``.
@@ -34,6 +38,7 @@ from service.errors import BadImage, TooLarge
 from service.images import decode_image
 from service.labels import label_of
 from service.models.cache import ModelCache
+from service.models.lineage import lineage, parents_of
 from trainer import LoadedModel, embed_images, random_twin
 
 log = logging.getLogger(__name__)
@@ -83,6 +88,24 @@ def _per_query(ranked: np.ndarray, labels: np.ndarray, ql: np.ndarray, n_rel: np
     precision = np.cumsum(rel, axis=1) / np.arange(1, rel.shape[1] + 1)
     ap = (precision * rel).sum(axis=1) / np.maximum(n_rel, 1)
     return np.stack([rel[:, 0], rel[:, :5].any(axis=1), ap], axis=1).astype(np.float64)
+
+
+def _per_query_within(
+    ranked: np.ndarray, labels: np.ndarray, ql: np.ndarray, within: np.ndarray, self_pos: np.ndarray
+) -> np.ndarray:
+    """Like :func:`_per_query`, over the part of the gallery ``within`` (G,) bool (say, the items one
+    generation embedded): the full ranking filtered to it, so no second ranking is needed."""
+    sel = within[ranked]  # (Q, G-1)
+    rel = (labels[ranked] == ql[:, None]) & sel
+    seen = np.cumsum(sel, axis=1)
+    n_rel = ((labels[None, :] == ql[:, None]) & within[None, :]).sum(axis=1)
+    n_rel = n_rel - ((labels[self_pos] == ql) & within[self_pos])
+    precision = np.cumsum(rel, axis=1) / np.maximum(seen, 1)
+    ap = (precision * rel).sum(axis=1) / np.maximum(n_rel, 1)
+    first = np.argmax(sel, axis=1)
+    top1 = rel[np.arange(len(ql)), first] & sel.any(axis=1)
+    top5 = (rel & (seen <= 5)).any(axis=1)
+    return np.stack([top1, top5, ap], axis=1).astype(np.float64)
 
 
 def _quality(stats: np.ndarray) -> dict[str, float]:
@@ -162,9 +185,11 @@ class CompatibilityCheck:
             }
 
         # The stored gallery of each model's space, as rows aligned by item id.
-        g_ids_a, _, g_a = self.gallery.space_embeddings(active_space)
-        g_ids_c, _, g_c = (
-            (g_ids_a, None, g_a) if cand_space == active_space else self.gallery.space_embeddings(cand_space)
+        g_ids_a, vers_a, g_a = self.gallery.space_embeddings(active_space)
+        g_ids_c, vers_c, g_c = (
+            (g_ids_a, vers_a, g_a)
+            if cand_space == active_space
+            else self.gallery.space_embeddings(cand_space)
         )
         common = np.intersect1d(g_ids_a, g_ids_c)
         rng = np.random.default_rng(opts.seed)
@@ -186,6 +211,10 @@ class CompatibilityCheck:
         gal_a = g_a[[pos_a[int(i)] for i in gallery_ids]]
         gal_c = g_c[[pos_c[int(i)] for i in gallery_ids]]
         where = {int(i): p for p, i in enumerate(gallery_ids.tolist())}
+        # which generation (version) made each gallery item's vector in the candidate's space
+        made_by = dict(zip(g_ids_c.tolist(), vers_c, strict=True))
+        gen = np.asarray([made_by[int(i)] for i in gallery_ids.tolist()], dtype=object)
+        gen_names = sorted(set(gen.tolist()))
 
         # Each sampled source, decoded for each model's input and embedded.
         records = self.gallery.items_by_id(sample.tolist())
@@ -226,6 +255,8 @@ class CompatibilityCheck:
         n = len(kept)
         overlap, lost, b_overlap, b_lost = (np.empty(n) for _ in range(4))
         stats_a, stats_c = np.empty((n, 3)), np.empty((n, 3))
+        masks = {v: gen == v for v in gen_names} if len(gen_names) > 1 else {}
+        by_gen = {v: (np.empty((n, 3)), np.empty((n, 3))) for v in masks}
         for s in range(0, n, CHUNK):
             sl = slice(s, s + CHUNK)
             rank_a = _rankings(qa[sl], g_a, self_pos[sl])
@@ -235,6 +266,9 @@ class CompatibilityCheck:
             if labels is not None and ql is not None and n_rel is not None:
                 stats_a[sl] = _per_query(rank_a, labels, ql[sl], n_rel[sl])
                 stats_c[sl] = _per_query(rank_c, labels, ql[sl], n_rel[sl])
+                for v, mask in masks.items():
+                    by_gen[v][0][sl] = _per_query_within(rank_a, labels, ql[sl], mask, self_pos[sl])
+                    by_gen[v][1][sl] = _per_query_within(rank_c, labels, ql[sl], mask, self_pos[sl])
         result: dict[str, Any] = {
             "candidate": candidate,
             "active": active.version,
@@ -256,9 +290,31 @@ class CompatibilityCheck:
                 },
             },
         }
+        parents = parents_of(
+            [e.card for e in self.models.registry.survey() if e.card is not None], self.gallery
+        )
+        line = lineage(candidate, parents)
+        result["lineage"] = line
+        result["gallery_generations"] = {
+            v: {
+                "items": int((gen == v).sum()),
+                "generation": len(lineage(v, parents)) + 1,
+                "in_lineage": v == candidate or v in line,
+            }
+            for v in gen_names
+        }
         if ql is not None:
             labelled = self._labelled(ql, stats_a, stats_c, active, cand)
             if labelled is not None:
+                has = ql != NO_LABEL
+                labelled["by_generation"] = {
+                    v: {
+                        "gallery_items": int(masks[v].sum()),
+                        "active": _quality(a[has]),
+                        "candidate": _quality(c[has]),
+                    }
+                    for v, (a, c) in by_gen.items()
+                }
                 result["labelled"] = labelled
         result.update(self._verdict(result))
         result["seconds"] = round(time.perf_counter() - t0, 3)

@@ -21,8 +21,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def check_models(tmp_path_factory) -> tuple[Path, Path]:
-    """(dataset, models): v1 (classes 0-4), v2 (BCT child of v1, all classes), v2-indep, brief (a BCT child
-    of v1 that saw 40 images once: it writes into v1's space and is worse at it)."""
+    """(dataset, models): v1 (classes 0-4), v2 (BCT child of v1, all classes), v3 (BCT child of v2),
+    v2-indep, brief (a BCT child of v1 that saw 40 images once: it writes into v1's space and is worse at
+    it)."""
     from trainer.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("check")
@@ -32,6 +33,8 @@ def check_models(tmp_path_factory) -> tuple[Path, Path]:
     train(TrainConfig(out=str(models / "v1"), classes="0-4", epochs=4, **common))
     train(TrainConfig(out=str(models / "v2"), old=str(models / "v1"), bct="full", epochs=6, **common))
     train(TrainConfig(out=str(models / "v2-indep"), seed=1, epochs=4, **common))
+    # the third generation: a BCT child of v2 (for the chain's tests)
+    train(TrainConfig(out=str(models / "v3"), old=str(models / "v2"), bct="full", epochs=4, **common))
     train(
         TrainConfig(
             out=str(models / "brief"),
@@ -195,3 +198,107 @@ def test_graceful_check_prints_the_verdict(gallery_server, tmp_path, monkeypatch
     assert "FAILS" in capsys.readouterr().out
     assert check_main(["nope"]) == 1
     assert "HTTP 404" in capsys.readouterr().err
+
+
+def _embed(models: Path, version: str, images):
+    from trainer import embed_images, load_model
+
+    return embed_images(load_model(models / version), images)
+
+
+def test_a_chain_of_three_generations_serves_one_mixed_gallery(check_env, check_test, tmp_path):
+    """v1 -> v2 -> v3, each a BCT child of the one before: each generation ingests a third of the gallery
+    and is then replaced by the next through the guard; the newest searches items all three embedded."""
+    import numpy as np
+
+    test, (q_idx, g_idx) = check_test
+    server = check_env().start()
+    c = server.client
+    thirds = np.array_split(np.asarray(g_idx), 3)
+    for version, part in zip(("v1", "v2", "v3"), thirds, strict=True):
+        if version != "v1":
+            check = c.post(f"/v1/models/{version}/check", headers=H).json()
+            parent = {"v2": ["v1"], "v3": ["v2", "v1"]}[version]
+            assert check["method"] == "measured" and check["lineage"] == parent, check
+            gens = check["gallery_generations"]
+            assert all(g["in_lineage"] for g in gens.values())
+            # every generation in the gallery so far is an ancestor of the candidate
+            want = {"v2": {"v1": 1}, "v3": {"v1": 1, "v2": 2}}[version]
+            assert {v: g["generation"] for v, g in gens.items()} == want, gens
+            by_gen = check["labelled"].get("by_generation")
+            if len(gens) > 1:
+                assert set(by_gen) == set(gens) and by_gen["v1"]["gallery_items"] == len(thirds[0])
+            r = c.post(f"/v1/models/{version}/activate", headers=H)
+            assert r.status_code == 200, r.text  # the guard passes a true child over the mixed gallery
+        body = item_payload(test, part.tolist())
+        assert c.post("/v1/items", json={"items": body}, headers=H).status_code == 200
+
+    listing = c.get("/v1/models").json()
+    by_version = {m["version"]: m for m in listing["models"]}
+    assert by_version["v3"]["lineage"] == ["v2", "v1"] and by_version["v3"]["generation"] == 3
+    assert by_version["v2-indep"]["lineage"] == [] and by_version["v2-indep"]["generation"] == 1
+    g = listing["gallery"]
+    assert g["space"] == "v1" and g["items"] == len(g_idx)
+    assert g["generations"] == {v: {"model": len(p)} for v, p in zip(("v1", "v2", "v3"), thirds, strict=True)}
+    assert g["generation_of"] == {"v1": 1, "v2": 2, "v3": 3}
+
+    # Search by the newest over the mixed gallery == brute force over each item's stored vector.
+    models = tmp_path / "models"
+    stored = np.concatenate(
+        [_embed(models, v, test.images[p]) for v, p in zip(("v1", "v2", "v3"), thirds, strict=True)]
+    )
+    ids = [f"g{i}" for p in thirds for i in p.tolist()]
+    made_by = {f"g{i}": v for v, p in zip(("v1", "v2", "v3"), thirds, strict=True) for i in p.tolist()}
+    from service.images import encode_png_base64
+
+    for q in q_idx[:8].tolist():
+        r = c.post(
+            "/v1/search",
+            json={"image_base64": encode_png_base64(test.images[q]), "k": 10, "include_metadata": False},
+        ).json()
+        sims = (_embed(models, "v3", test.images[q : q + 1]) @ stored.T)[0]
+        want = [ids[j] for j in np.argsort(-sims, kind="stable")[:10]]
+        assert [h["external_id"] for h in r["hits"]] == want
+        assert all(h["embedded_by"] == made_by[h["external_id"]] for h in r["hits"])
+
+    # An independent model forged into the chain (space and parent of v3) is still refused, measured.
+    _forge(models, "v2-indep", "forged", space="v1", compatible_with="v3")
+    r = c.post("/v1/models/forged/activate", headers=H)
+    assert r.status_code == 409 and r.json()["check"]["lineage"] == ["v3", "v2", "v1"]
+    # Rolling back one generation works over the mixed gallery.
+    assert c.post("/v1/models/rollback", headers=H).json()["active"] == "v2"
+
+
+def test_the_report_ladder_orders_the_ways_to_serve_a_new_space(gallery_server, check_models, tmp_path):
+    """v2-indep (its own space) over a labelled v1 gallery: no adapter yet, a fitted transform, then the
+    image backfill and the full re-embed, cheapest first, each with quality and a predicted cost."""
+    from trainer.transform import TransformConfig, fit_transform
+
+    c = gallery_server.client
+    models = tmp_path / "models"
+    ladder = c.get("/v1/backfill/report", params={"candidate": "v2-indep"}).json()["ladder"]
+    assert [r["route"] for r in ladder] == [
+        "query_adapter",
+        "vector_transform",
+        "image_backfill",
+        "full_reembed",
+    ]
+    assert ladder[0]["available"] is False and "graceful adapt" in ladder[0]["how"]
+    assert ladder[1]["available"] is False and "graceful transform" in ladder[1]["how"]
+
+    fit_transform(
+        TransformConfig(old=str(models / "v1"), new=str(models / "v2-indep"), data=str(check_models[0]))
+    )
+    report = c.get("/v1/backfill/report", params={"candidate": "v2-indep"}).json()
+    t, image, full = report["ladder"][1:]
+    assert t["available"] is True and t["source"] == "v1" and t["items"] == report["items_total"]
+    assert t["items_per_second"] > 0 and t["predicted"]["seconds"] > 0
+    assert set(t["quality"]) == {"top1", "top5", "mAP"}
+    # mapping stored vectors costs far less than re-embedding their images
+    assert t["predicted"]["seconds"] < full["predicted"]["seconds"]
+    assert full["quality"] == report["quality"]["full_backfill"]
+    assert image["serving"].startswith("the candidate over the transformed gallery")
+    uncertain = image["by_policy"]["uncertainty"]
+    assert [p["fraction"] for p in uncertain] == sorted(p["fraction"] for p in uncertain)
+    # the transform is the 0% point of the image backfill that follows it; re-embedding moves quality on
+    assert uncertain[-1]["quality"]["mAP"] >= t["quality"]["mAP"] - 0.05
