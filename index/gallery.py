@@ -528,30 +528,75 @@ class Gallery:
             log.debug("%s: %d items in space %r by %r", mode, len(items), info.space, info.version)
             return res.item_ids
 
+    def write_item_vectors(
+        self,
+        item_ids: Sequence[int],
+        external_ids: Sequence[str],
+        vectors: np.ndarray,
+        version: str,
+        *,
+        route: str,
+        lease: backfill.JobLease | None = None,
+    ) -> int:
+        """Like :meth:`reembed`, for items a job listed itself by id (``item_ids`` ascending with their
+        ``external_ids``, ``vectors`` (n, d)): one transaction, fenced by ``lease``. Items deleted since
+        they were listed are left out; returns how many were written. The write path of the transform job,
+        where the per-item work is so small that looking items up by external id would dominate."""
+        self._check_open()
+        if route not in ROUTES:
+            raise InvalidInput(f"route must be one of {', '.join(ROUTES)}, not {route!r}")
+        info = self._version(version)
+        if info.status == "retired":
+            raise VersionConflict(f"version {version!r} is retired and cannot write embeddings")
+        ids = np.asarray(item_ids, dtype=np.int64)
+        if len(ids) != len(external_ids) or len(ids) != len(vectors):
+            raise InvalidInput("item_ids, external_ids and vectors must have the same length")
+        if len(ids) == 0:
+            return 0
+        if np.any(np.diff(ids) <= 0):
+            raise InvalidInput("item_ids must be ascending and distinct")
+        vecs = as_unit_vectors(vectors, info.embedding_dim, info.space, what="vector")
+        sidx = self._space_index(info.space)
+        with self._mutex:
+            self._check_open()
+            with self.engine.begin() as conn:
+                res, keep = store.write_item_vectors(
+                    conn, item_ids=ids, vectors=vecs, version=info.version, space=info.space, route=route
+                )
+                if lease is not None and not backfill.renew_lease(
+                    conn, lease.job_id, lease.owner, lease.lease_s
+                ):
+                    raise LeaseLost(
+                        f"backfill job {lease.job_id}: another replica took its lease over; "
+                        "this batch was not written"
+                    )
+            if len(res.vec_ids) == 0:
+                return 0
+            self._advance(int(res.vec_ids[0]), int(res.vec_ids[-1]))
+            tag = route_label(info.version, route)
+            kept = [e for e, k in zip(external_ids, keep.tolist(), strict=True) if k]
+            entries = [(iid, eid, tag) for iid, eid in zip(res.item_ids, kept, strict=True)]
+            self._apply(sidx, res.old_vec_ids, res.vec_ids, vecs[keep], entries)
+            return len(res.item_ids)
+
     def time_write(
-        self, pairs: Sequence[tuple[str, np.ndarray]], version: str, *, route: str = ROUTE_MODEL
+        self, item_ids: Sequence[int], vectors: np.ndarray, version: str, *, route: str = ROUTE_MODEL
     ) -> float:
-        """Seconds the SQL side of :meth:`reembed` of ``pairs`` takes, in a transaction that is rolled back:
-        nothing is stored (a cost probe for reports; it holds the writer lock meanwhile, and the index side
-        of a write is not timed). Unknown external ids: :class:`ItemNotFound`."""
+        """Seconds the SQL side of :meth:`write_item_vectors` takes for these items (ascending ids), in a
+        transaction that is rolled back: nothing is stored (a cost probe for reports; it holds the writer
+        lock meanwhile, and the index side of a write is not timed)."""
         self._check_open()
         info = self._version(version)
-        items = [NewItem(external_id=e, vector=v) for e, v in pairs]
-        vectors = vectors_of(items, info.embedding_dim, info.space)
-        if not items:
+        ids = np.asarray(item_ids, dtype=np.int64)
+        if len(ids) == 0:
             return 0.0
+        vecs = as_unit_vectors(vectors, info.embedding_dim, info.space, what="vector")
         t0 = time.perf_counter()
         with self.engine.connect() as conn:
             tx = conn.begin()
             try:
-                store.write_embeddings(
-                    conn,
-                    "reembed",
-                    external_ids=[it.external_id for it in items],
-                    vectors=vectors,
-                    version=info.version,
-                    space=info.space,
-                    route=route,
+                store.write_item_vectors(
+                    conn, item_ids=ids, vectors=vecs, version=info.version, space=info.space, route=route
                 )
             finally:
                 tx.rollback()

@@ -203,6 +203,73 @@ def write_embeddings(
     )
 
 
+def write_item_vectors(
+    conn: Connection,
+    *,
+    item_ids: np.ndarray,
+    vectors: np.ndarray,
+    version: str,
+    space: str,
+    route: str,
+) -> tuple[WriteResult, np.ndarray]:
+    """Store ``vectors`` (n, d) float32 unit rows in ``space`` for existing items given by id (``item_ids``
+    (n,) int64, ascending, distinct), made by ``version`` through ``route``: the write of a job that listed
+    the items itself (a transform job). Items deleted since they were listed are left out. Returns the
+    write and a (n,) bool mask of the rows written.
+
+    Lookups go by id ranges, not IN-lists of external ids: a batch of listed items is one range of ids,
+    and a transform job's work per item is small enough that the statements' overhead is what it costs.
+    """
+    n = len(item_ids)
+    first = allocate_vec_ids(conn, n)  # first statement: takes the writer lock
+    lo, hi = int(item_ids[0]), int(item_ids[-1])
+    alive = {int(i) for (i,) in conn.execute(select(items_t.c.id).where(items_t.c.id.between(lo, hi)))}
+    keep = np.fromiter((int(i) in alive for i in item_ids), dtype=bool, count=n)
+    ids = item_ids[keep]
+    vec_ids = np.arange(first, first + len(ids), dtype=np.int64)
+    old = dict(
+        conn.execute(
+            select(emb_t.c.item_id, emb_t.c.vec_id).where(
+                emb_t.c.space == space, emb_t.c.item_id.between(lo, hi)
+            )
+        ).all()
+    )
+    blobs = [row.tobytes() for row in np.ascontiguousarray(vectors[keep], dtype="<f4")]
+    inserts, replaces, old_vec_ids = [], [], []
+    for iid, vb, vid in zip(ids.tolist(), blobs, vec_ids.tolist(), strict=True):
+        if iid in old:
+            old_vec_ids.append(int(old[iid]))
+            replaces.append({"b_item": iid, "b_vector": vb, "b_vec_id": vid})
+        else:
+            inserts.append(
+                {
+                    "item_id": iid,
+                    "space": space,
+                    "version": version,
+                    "vector": vb,
+                    "vec_id": vid,
+                    "route": route,
+                }
+            )
+    if inserts:
+        conn.execute(emb_t.insert(), inserts)
+    if replaces:
+        conn.execute(
+            update(emb_t)
+            .where(emb_t.c.item_id == bindparam("b_item"), emb_t.c.space == space)
+            .values(
+                vector=bindparam("b_vector"),
+                vec_id=bindparam("b_vec_id"),
+                version=version,
+                route=route,
+                updated_at=func.now(),
+            ),
+            replaces,
+        )
+    res = WriteResult(item_ids=ids.tolist(), vec_ids=vec_ids, old_vec_ids=old_vec_ids, inserted=0)
+    return res, keep
+
+
 def delete_items(
     conn: Connection, external_ids: Sequence[str], missing_ok: bool
 ) -> tuple[int, list[tuple[str, int]]]:

@@ -272,20 +272,13 @@ class CostReport:
         book = self.gallery.backfill
         t0 = time.perf_counter()
         ids, eids, vecs = book.pending_vectors(candidate, source_space, TRANSFORM_PROBE)
-        if not ids:  # nothing left to map: time the same work on items already done
-            rows = self.gallery.scroll(limit=min(TRANSFORM_PROBE, 1000))
-            eids = [r.external_id for r in rows]
-            got = self.gallery.get_items(eids)
-            ids = [got[e].item_id for e in eids if e in got]
-            _, _, vecs = self.gallery.embeddings_of(ids, source_space)
-            eids = eids[: len(vecs)]
-        t_list = time.perf_counter() - t0
-        if not len(vecs):
+        if not ids:  # nothing left to map: the report needs no rate
             return 0.0
+        t_list = time.perf_counter() - t0
         t0 = time.perf_counter()
         mapped = transform.apply(vecs)
         t_apply = time.perf_counter() - t0
-        t_write = self.gallery.time_write(list(zip(eids, mapped, strict=True)), candidate, route="transform")
+        t_write = self.gallery.time_write(ids, mapped, candidate, route="transform")
         rate = len(vecs) / max(t_list + t_apply + t_write, 1e-9)
         self._transform_rates[key] = rate
         return rate
@@ -372,7 +365,7 @@ class CostReport:
             source = self.swap.active.version
             to_map = total - self.gallery.backfill.progress(candidate, "transform")[0]
             rate = self._transform_rate(candidate, transform, transform.card.source_space)
-            seconds = to_map / rate if rate > 0 else float("inf")
+            seconds = to_map / rate if rate > 0 else 0.0
             rung.update(
                 how=f"graceful backfill start {candidate} --kind transform --source {source}, then activate "
                 f"{candidate}; an image backfill later replaces transformed vectors (see image_backfill)",

@@ -52,7 +52,7 @@ from sqlalchemy.exc import IntegrityError
 from index import Gallery
 from index.backfill import JOB_KINDS, BackfillJobInfo, JobLease, job_kind
 from index.errors import GalleryClosed, ItemNotFound, LeaseLost
-from index.types import ROUTE_MODEL
+from index.types import ROUTE_MODEL, ROUTE_TRANSFORM
 from service.backfill.order import POLICIES, uncertainty_order
 from service.backfill.pending import PendingCursor
 from service.backfill.progress import JobProgress
@@ -708,6 +708,22 @@ class BackfillRunner:
                 live.timed("embed", t0)
                 pairs = list(zip(batch.eids, vectors, strict=True))
             return self._write(job_id, candidate, pairs, batch.skips, live)
+
+    def _write_mapped(
+        self, job_id: int, candidate: str, item_ids: list[int], eids: list[str], vectors: np.ndarray
+    ) -> int:
+        """Commit a transform job's batch (``gallery.write_item_vectors``: one SQL transaction fenced by
+        the lease, then FAISS); returns the items written (0 when the lease was lost)."""
+        lease = JobLease(job_id, self._lease.owner, self._lease.lease_s) if self._lease is not None else None
+        try:
+            return self.gallery.write_item_vectors(
+                item_ids, eids, vectors, candidate, route=ROUTE_TRANSFORM, lease=lease
+            )
+        except LeaseLost:
+            assert self._lease is not None
+            self._lease.lost = True
+            log.warning("backfill job %d: its lease went to another replica; batch dropped", job_id)
+            return 0
 
     def _write(
         self,
