@@ -743,11 +743,17 @@ class GracefulClient:
         engine: str | None = None,
         address: str | None = None,
         workers: int | None = None,
+        kind: str | None = None,
+        source: str | None = None,
     ) -> dict:
         """Start re-embedding the gallery with ``candidate``; returns the job (``id``, ``status``, ...).
-        ``engine="ray"`` embeds on a Ray cluster (``address``; unset: a local one) with ``workers`` actors."""
+        ``engine="ray"`` embeds on a Ray cluster (``address``; unset: a local one) with ``workers`` actors.
+        ``kind="transform"`` maps the stored vectors of ``source`` (unset: the active version) into the
+        candidate's space instead, reading no image."""
         body = {
             "candidate": candidate,
+            "kind": kind,
+            "source": source,
             "policy": policy,
             "rate_limit": rate_limit,
             "batch_size": batch_size,
