@@ -58,6 +58,8 @@ def chain_configs(seed: int, args: argparse.Namespace) -> list[tuple[str, TrainC
     chain = [(c, 1 if args.quick else e) for c, e in CHAIN]
     compat = args.compat / ("quick" if args.quick else "") / "0-3_0-5" / f"seed{seed}"
     own = args.out / ("quick" if args.quick else "full") / f"seed{seed}"
+    if args.against == "founding":  # every generation's BCT target is v1 (a star, not a chain)
+        own = own.parent / f"{own.name}-founding"
     paths = [compat / "v1", compat / "v2"] + [own / f"v{k}" for k in range(3, len(chain) + 1)]
     unl = dict(unlabeled=str(args.unlabeled), unlabeled_limit=args.unlabeled_limit)
     out: list[tuple[str, TrainConfig]] = [
@@ -72,7 +74,7 @@ def chain_configs(seed: int, args: argparse.Namespace) -> list[tuple[str, TrainC
                     out=str(paths[k]),
                     classes=classes,
                     epochs=epochs,
-                    old=str(paths[k - 1]),
+                    old=str(paths[0] if args.against == "founding" else paths[k - 1]),
                     bct="full",
                     **unl,
                     **RECIPE,
@@ -158,7 +160,7 @@ def run_seed(seed: int, args: argparse.Namespace, test) -> dict[str, Any]:
     r["seed"] = seed
     r["train_seconds"] = {n: m.card.train_config.get("seconds") for n, m in models.items()}
     r["criteria"] = criteria(r)
-    own = args.out / ("quick" if args.quick else "full") / f"seed{seed}"
+    own = Path(cfgs[-1][1].out).parent
     own.mkdir(parents=True, exist_ok=True)
     (own / "report.json").write_text(json.dumps(r, indent=1))
     return r
@@ -179,7 +181,8 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, seconds: flo
     seeds = [r["seed"] for r in results]
     gens = results[0]["gens"]
     chain = ", ".join(
-        f"{g}: classes {c}, {e} epochs" + ("" if i == 0 else f", BCT against {gens[i - 1]}")
+        f"{g}: classes {c}, {e} epochs"
+        + ("" if i == 0 else f", BCT against {'v1' if args.against == 'founding' else gens[i - 1]}")
         for i, (g, (c, e)) in enumerate(zip(gens, CHAIN, strict=True))
     )
     out = [
@@ -302,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "generations")
     p.add_argument("--compat", type=Path, default=REPO / "bench" / "out" / "compat", help="v1, v2 from here")
+    p.add_argument(
+        "--against",
+        choices=["parent", "founding"],
+        default="parent",
+        help="each generation's BCT target (and warm start): its parent (a chain), or v1 (a star)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.limit = args.limit or 5000

@@ -283,7 +283,9 @@ class CostReport:
         self._transform_rates[key] = rate
         return rate
 
-    def _adapter_rung(self, candidate: str, card: ModelCard, problem: str | None) -> dict[str, Any]:
+    def _adapter_rung(
+        self, candidate: str, card: ModelCard, problem: str | None, quality: dict[str, Any]
+    ) -> dict[str, Any]:
         serving = self.swap.serving_space()
         rung: dict[str, Any] = {"route": "query_adapter", "predicted": {"seconds": 0.0, "cost": 0.0}}
         if problem is None:
@@ -292,6 +294,8 @@ class CostReport:
                 "route": "no_backfill",
                 "available": True,
                 "how": f"activate {candidate}: it serves the stored vectors as they are (same space)",
+                "quality": quality.get("no_backfill"),
+                "quality_source": quality.get("source"),
             }
         adapters = [
             e.card
@@ -356,7 +360,7 @@ class CostReport:
             }
 
         total = self.gallery.count()
-        ladder = [self._adapter_rung(candidate, card, problem)]
+        ladder = [self._adapter_rung(candidate, card, problem, quality)]
         rung: dict[str, Any] = {"route": "vector_transform", "available": transform is not None}
         if transform is None:
             rung["how"] = transform_why

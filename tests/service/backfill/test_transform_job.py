@@ -151,3 +151,25 @@ def test_transform_job_refuses_bad_requests_and_stores_nothing(
     card.write_text(text)
     job = api.start(c, candidate="v2-indep", kind="transform")
     assert api.wait(c, job["id"], lambda j: j["status"] == "done")["done"] == 40
+
+
+def test_graceful_backfill_start_kind_transform(
+    make_server, server_env, tiny_data, tiny_test, split, monkeypatch, capsys
+):
+    from service.console.backfill import backfill_main
+    from service.console.client import GracefulClient
+    from tests.support.payloads import API_KEY
+
+    _, g_idx = split
+    models = Path(server_env["GRACEFUL_MODELS_DIR"])
+    _fit(models, tiny_data)
+    server = make_server().start()
+    api.ingest(server.client, tiny_test, g_idx[:50])
+    monkeypatch.setenv("GRACEFUL_API_KEY", API_KEY)
+    # the CLI's HTTP client talks to the in-process server (a TestClient is an httpx.Client)
+    monkeypatch.setattr(GracefulClient, "http", property(lambda self: server.client))
+    assert backfill_main(["start", "v2-indep", "--kind", "transform", "--source", "v1", "--wait"]) == 0
+    out = capsys.readouterr().out
+    assert "v2-indep (transform from v1): done 50/50" in out
+    assert backfill_main(["start", "v2", "--kind", "transform"]) == 1  # same space: nothing to map
+    assert "share space" in capsys.readouterr().err

@@ -181,6 +181,13 @@ def test_the_backfill_report_takes_its_quality_from_the_gallery(gallery_server):
     assert q["full_backfill"] == report["curve"]["policies"]["sequential"][-1]["quality"]
     # the curve ranks against the whole gallery: its 0% point is the check's protocol on other queries
     assert report["curve"]["sample"]["gallery"] == check["sample"]["gallery"]
+    first = report["ladder"][0]  # a BCT child: the cheapest rung is serving the stored vectors as they are
+    assert first["route"] == "no_backfill" and first["quality"] == q["no_backfill"]
+    assert report["ladder"][1] == {
+        "route": "vector_transform",
+        "available": False,
+        "how": "same space: the candidate serves the stored vectors as they are",
+    }
 
 
 def test_graceful_check_prints_the_verdict(gallery_server, tmp_path, monkeypatch, capsys):
