@@ -313,7 +313,8 @@ class CostReport:
                 "quality": None,
             }
         ad = adapters[0]
-        quality, source = None, None
+        measured: dict[str, Any] | None = None
+        source: str | None = None
         if self.swap.active is not None and self.swap.active.version != ad.version:
             lab = self.swap.measure(ad.version).get("labelled")
             if lab:
@@ -329,7 +330,7 @@ class CostReport:
             "available": True,
             "version": ad.version,
             "how": f"activate {ad.version}: {candidate}'s queries mapped into the stored space, no backfill",
-            "quality": quality,
+            "quality": measured,
             "quality_source": source,
         }
 
