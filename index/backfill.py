@@ -349,8 +349,11 @@ def update_job(
     total: int | None = None,
     error: str | None = None,
     policy: Any = None,
+    release: str | None = None,
 ) -> BackfillJobInfo:
-    """Update a job's status, progress, error and/or policy (None leaves a field as it is)."""
+    """Update a job's status, progress, error and/or policy (None leaves a field as it is). ``release``:
+    also give up that owner's lease, in the same transaction (a runner leaving a job it finished: nobody
+    sees it done and still owned)."""
     if status is not None and status not in JOB_STATUSES:
         raise InvalidInput(f"backfill status must be one of {JOB_STATUSES}, not {status!r}")
     values: dict[str, Any] = {"updated_at": utcnow()}
@@ -365,6 +368,8 @@ def update_job(
             values[key] = val
     get_job(conn, job_id)
     conn.execute(update(jobs_t).where(jobs_t.c.id == job_id).values(**values))
+    if release is not None:
+        release_job(conn, job_id, release)
     return get_job(conn, job_id)
 
 

@@ -438,6 +438,7 @@ class BackfillRunner:
                                 job.id,
                                 status="failed",
                                 error=self.registry.public(f"{type(e).__name__}: {e}"),
+                                release=self.owner,
                             )
                 except Exception:  # the job stays running in SQL: it is retried on the next turn
                     log.exception("backfill job %d: cannot record the failure", job.id)
@@ -502,11 +503,15 @@ class BackfillRunner:
             yield
 
     def _finish(self, job_id: int, status: str, done: int, total: int, error: str | None = None) -> None:
+        """Leave a job with ``status`` (done, failed, paused at its stop point) and give its lease up in the
+        same transaction."""
         with self._cond:
             if self.gallery.backfill.get_job(job_id).status == "running":
-                self.gallery.backfill.update_job(job_id, status=status, done=done, total=total, error=error)
+                self.gallery.backfill.update_job(
+                    job_id, status=status, done=done, total=total, error=error, release=self.owner
+                )
             else:
-                self.gallery.backfill.update_job(job_id, done=done, total=total)
+                self.gallery.backfill.update_job(job_id, done=done, total=total, release=self.owner)
 
     def _run(self, job: BackfillJobInfo) -> None:
         live = self._live.setdefault(job.id, JobProgress())
