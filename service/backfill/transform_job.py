@@ -18,14 +18,48 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+import numpy as np
+
+from index import Gallery
 from index.backfill import BackfillJobInfo
 from service.backfill.progress import JobProgress
+from trainer import VectorTransform
 
-if TYPE_CHECKING:  # the runner calls in here: importing it at run time would be a circle
-    from service.backfill.runner import BackfillRunner
-    from trainer import VectorTransform
+
+class TransformRunner(Protocol):
+    """What a transform job uses of the runner that runs it (a protocol: the runner imports this module)."""
+
+    gallery: Gallery
+
+    def wait(self, seconds: float) -> None: ...
+
+    def _status(self, job_id: int) -> BackfillJobInfo | None: ...
+
+    def _save_progress(self, job_id: int, done: int, total: int) -> None: ...
+
+    def _finish(self, job_id: int, status: str, done: int, total: int, error: str | None = None) -> None: ...
+
+    def _complete(self, job: BackfillJobInfo, live: JobProgress) -> None: ...
+
+    def _account(
+        self, job: BackfillJobInfo, live: JobProgress, done: int, n_ok: int, n_skip: int, saved_at: float
+    ) -> tuple[int, int, float]: ...
+
+    def _write(
+        self,
+        job_id: int,
+        candidate: str,
+        pairs: list[tuple[str, np.ndarray]],
+        skips: list[tuple[int, str]],
+        live: JobProgress,
+    ) -> tuple[int, int]: ...
+
+    def _write_mapped(
+        self, job_id: int, candidate: str, item_ids: list[int], eids: list[str], vectors: np.ndarray
+    ) -> int: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +70,7 @@ SKIP_LIST = 10_000
 
 
 def run_transform(
-    runner: BackfillRunner, job: BackfillJobInfo, live: JobProgress, transform: VectorTransform
+    runner: TransformRunner, job: BackfillJobInfo, live: JobProgress, transform: VectorTransform
 ) -> None:
     """Run a transform job until it is done, paused, cancelled, stopped, or loses its lease."""
     gallery, candidate = runner.gallery, job.candidate
