@@ -16,7 +16,7 @@ import numpy as np
 
 from trainer.artifact import LoadedModel, embed_images, predict_labels
 from trainer.data import Dataset, Split, iter_views, query_gallery_split
-from trainer.metrics import negative_flips, retrieval_metrics, update_gain
+from trainer.metrics import negative_flips, retrieval_flips, retrieval_metrics, top1_hits, update_gain
 
 METRICS = ("top1", "top5", "mAP")
 
@@ -29,6 +29,9 @@ class CompatReport:
     old_classes: list[int]
     matrix: dict[str, dict[str, Any]] = field(default_factory=dict)
     flips: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # "<old>-><new>": {"new/old": ..., "new/new": ...}: retrieval flips of each setting against old/old
+    # (trainer.metrics.retrieval_flips; the flipped queries by test-split index)
+    retrieval_flips: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     bct: dict[str, dict[str, Any]] = field(default_factory=dict)
     spaces: dict[str, str] = field(default_factory=dict)
 
@@ -38,13 +41,15 @@ class CompatReport:
     def to_json(self, include_flipped: bool = True) -> dict[str, Any]:
         d = asdict(self)
         if not include_flipped:
-            for f in d["flips"].values():
+            entries = [*d["flips"].values(), *(e for p in d["retrieval_flips"].values() for e in p.values())]
+            for f in entries:
                 for k in [k for k in f if k.startswith("flipped")]:
                     f.pop(k)
         return d
 
     def card_metrics(self, version: str) -> dict[str, Any]:
-        """What a model's card keeps: the matrix with its parent, BCT and flips against it (no example lists)."""
+        """What a model's card keeps: the matrix with its parent, BCT, and classification and retrieval flips
+        against it (no example lists)."""
         return {
             "protocol": "test split, queries = index % 5 == 0, gallery = the rest",
             "matrix": self.matrix,
@@ -54,7 +59,16 @@ class CompatReport:
                 for k, v in self.flips.items()
                 if k.endswith(f"->{version}")
             },
+            "retrieval_flips": {
+                k: {s: _no_lists(e) for s, e in v.items()}
+                for k, v in self.retrieval_flips.items()
+                if k.endswith(f"->{version}")
+            },
         }
+
+
+def _no_lists(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if not k.startswith("flipped")}
 
 
 def _split_metrics(q, ql, g, gl, old_classes: list[int], known: list[int]) -> dict[str, Any]:
@@ -103,7 +117,8 @@ def evaluate_models(
     every: int = 5,
     workers: int | None = None,
 ) -> CompatReport:
-    """Compatibility matrix, BCT criterion / update gain, and negative flips for ``models`` (oldest first)."""
+    """Compatibility matrix, BCT criterion / update gain, negative flips (classification) and retrieval
+    flips (new/old and new/new against old/old) for ``models`` (oldest first)."""
     if not models:
         raise ValueError("evaluate_models needs at least one model")
     names = [m.version for m in models]
@@ -131,12 +146,32 @@ def evaluate_models(
                 known,
             )
 
+    hits: dict[tuple[str, str], np.ndarray] = {}
+
+    def top1(query: str, gallery: str) -> np.ndarray:  # (Q,) bool, per cell, computed once
+        if (query, gallery) not in hits:
+            hits[query, gallery] = top1_hits(
+                embs[query][q_idx], labels[q_idx], embs[gallery][g_idx], labels[g_idx]
+            )
+        return hits[query, gallery]
+
     preds = {m.version: predict_labels(m, embs[m.version]) for m in models}
     for i, old in enumerate(models):
         for new in models[i + 1 :]:
             report.flips[f"{old.version}->{new.version}"] = negative_flips(
                 preds[old.version], preds[new.version], labels
             )
+            o, n = old.version, new.version
+            settings = {"new/old": (n, o), "new/new": (n, n)}
+            report.retrieval_flips[f"{o}->{n}"] = {
+                name: {
+                    "old_setting": f"{o}/{o}",
+                    "new_setting": f"{q}/{g}",
+                    **retrieval_flips(top1(o, o), top1(q, g), q_idx),
+                }
+                for name, (q, g) in settings.items()
+                if report.cell(q, g) is not None and report.cell(o, o) is not None
+            }
             oo, no, nn = (
                 report.cell(a, b)
                 for a, b in (

@@ -2,10 +2,14 @@
 
 Retrieval: cosine similarity on L2-normalised embeddings with full ranking of the gallery; CMC top-k (a hit
 if any of the first k gallery items has the query's class) and mAP. Classification: error rate and the
-negative flip rate between an old and a new classifier (docs/architecture.md and the README: the retrieval protocol).
+negative flip rate between an old and a new classifier; retrieval flips (a query's top-1 right under one
+setting, wrong under another) between an old and a new query/gallery setting (docs/architecture.md and the
+README: the retrieval protocol).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -88,6 +92,68 @@ def negative_flips(
         "flipped": flips.tolist(),
         "flipped_label": labels[flips].tolist(),
         "flipped_new_pred": new_pred[flips].tolist(),
+    }
+
+
+def top1_hits(
+    queries: np.ndarray,
+    query_labels: np.ndarray,
+    gallery: np.ndarray,
+    gallery_labels: np.ndarray,
+    chunk: int = 512,
+) -> np.ndarray:
+    """(Q,) bool: whether each of the (Q, D) queries' nearest (G, D) gallery item (cosine, unit rows) has the
+    query's class. Ties go to the lowest gallery index, as in :func:`rank_gallery`'s stable order."""
+    if queries.shape[1] != gallery.shape[1]:
+        raise ValueError(f"query dim {queries.shape[1]} != gallery dim {gallery.shape[1]}")
+    if len(gallery) == 0:
+        return np.zeros(len(queries), dtype=bool)
+    q, g = queries.astype(np.float32), gallery.astype(np.float32)
+    out = np.empty(len(queries), dtype=bool)
+    for s in range(0, len(q), chunk):
+        first = np.argmax(q[s : s + chunk] @ g.T, axis=1)  # (q,): argmax keeps the first of equal maxima
+        out[s : s + chunk] = gallery_labels[first] == query_labels[s : s + chunk]
+    return out
+
+
+def retrieval_flips(
+    old_hits: np.ndarray, new_hits: np.ndarray, ids: np.ndarray | list[Any] | None = None
+) -> dict[str, Any]:
+    """Retrieval flips between an old setting (say old queries on the old gallery) and a new one (new queries
+    on the old gallery, or on a re-embedded one), from each query's top-1 hit under both: (Q,) bool each.
+
+    NFR: share of queries whose top-1 had the query's class under the old setting and not under the new one;
+    PFR: the reverse. Relative NFR = NFR / (top1_old * (1 - top1_new)), the flips expected by chance.
+    ``flipped_negative`` / ``flipped_positive`` name the flipped queries: their positions, or ``ids[pos]``.
+    """
+    old_ok, new_ok = np.asarray(old_hits, dtype=bool), np.asarray(new_hits, dtype=bool)
+    if old_ok.shape != new_ok.shape or old_ok.ndim != 1:
+        raise ValueError(f"top-1 hits must be two (Q,) arrays, got {old_ok.shape} and {new_ok.shape}")
+    if ids is not None and len(ids) != len(old_ok):
+        raise ValueError(f"{len(ids)} ids for {len(old_ok)} queries")
+    neg, pos = np.flatnonzero(old_ok & ~new_ok), np.flatnonzero(~old_ok & new_ok)
+    n = len(old_ok)
+    top1_old = float(old_ok.mean()) if n else 0.0
+    top1_new = float(new_ok.mean()) if n else 0.0
+    nfr = len(neg) / n if n else 0.0
+    chance = top1_old * (1.0 - top1_new)
+
+    def named(where: np.ndarray) -> list[Any]:
+        if ids is None:
+            return where.tolist()
+        return [v.item() if isinstance(v, np.generic) else v for v in np.asarray(ids, dtype=object)[where]]
+
+    return {
+        "top1_old": top1_old,
+        "top1_new": top1_new,
+        "nfr": nfr,
+        "pfr": len(pos) / n if n else 0.0,
+        "rel_nfr": nfr / chance if chance > 0 else 0.0,
+        "n_negative": len(neg),
+        "n_positive": len(pos),
+        "n": n,
+        "flipped_negative": named(neg),
+        "flipped_positive": named(pos),
     }
 
 

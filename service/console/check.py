@@ -45,9 +45,15 @@ def describe(r: dict[str, Any]) -> str:
         lines.append(f"  {'':12} {'top-1':>7} {'top-5':>7} {'mAP':>7}    ({lab['queries']} labelled queries)")
         lines.append(f"  {'active':12} {a['top1']:7.4f} {a['top5']:7.4f} {a['mAP']:7.4f}")
         lines.append(f"  {'candidate':12} {c['top1']:7.4f} {c['top5']:7.4f} {c['mAP']:7.4f}")
+        rf = lab.get("retrieval_flips") or {}
+        counts = (
+            (f" ({rf['n_negative']} of {rf['n']})", f" ({rf['n_positive']} of {rf['n']})")
+            if "n" in rf
+            else ("", "")
+        )
         lines.append(
-            f"  retrieval flips: negative {lab['negative_flip_rate']:.4f}, positive "
-            f"{lab['positive_flip_rate']:.4f}"
+            f"  retrieval flips: negative {lab['negative_flip_rate']:.4f}{counts[0]}, positive "
+            f"{lab['positive_flip_rate']:.4f}{counts[1]}"
         )
         for name, part in lab.get("by_class", {}).items():
             lines.append(

@@ -107,6 +107,8 @@ class HttpEval:
     metrics: dict[str, float]
     versions: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    # (Q,) bool: whether each query's top-1 hit had its class, in the order of the queries (retrieval flips)
+    top1_hits: np.ndarray | None = None
 
 
 @dataclass
@@ -835,6 +837,7 @@ class GracefulClient:
         n_rel = {int(c): int((gallery_labels == c).sum()) for c in np.unique(query_labels)}
         sums: dict[str, float] = {}
         versions: dict[str, int] = {}
+        hits = np.zeros(len(query_images), dtype=bool)
         lock = threading.Lock()
 
         def one(i: int) -> None:
@@ -844,6 +847,7 @@ class GracefulClient:
             )
             rel = (ranked == query_labels[i])[None, :]
             m = relevance_metrics(rel, np.array([n_rel[int(query_labels[i])]]))
+            hits[i] = bool(rel[0, :1].any())
             with lock:
                 for key, v in m.items():
                     sums[key] = sums.get(key, 0.0) + v
@@ -859,6 +863,7 @@ class GracefulClient:
             metrics={key: v / n for key, v in sums.items()},
             versions=versions,
             seconds=time.perf_counter() - t0,
+            top1_hits=hits,
         )
 
 

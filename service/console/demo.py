@@ -297,6 +297,12 @@ def _story(
             f"{lab['active']['mAP']:.4f} on {lab['queries']} gallery items: "
             + ("passed" if check["passed"] else "failed (forced)")
         )
+        rf = lab.get("retrieval_flips")
+        if rf:
+            print(
+                f"  its retrieval flips against v1/v1: NFR {rf['nfr']:.4f} ({rf['n_negative']} queries), "
+                f"PFR {rf['pfr']:.4f} ({rf['n_positive']})"
+            )
     print(
         f"  swap took {swap['activation']['seconds']:.3f} s; {swap['requests']} searches meanwhile, "
         f"{swap['failed']} failed; versions seen {swap['versions']}; re-embedded {reembedded_by_swap}"
@@ -326,6 +332,7 @@ def _story(
 
     from trainer.artifact import load_model
     from trainer.evaluate import evaluate_models
+    from trainer.metrics import retrieval_flips
     from trainer.plot import plot_matrix
 
     offline = evaluate_models(
@@ -335,6 +342,11 @@ def _story(
     heatmap = plot_matrix(offline, work / "compat.png")
 
     predicted = reports["v2"]["predicted"]
+    flips = {
+        name: retrieval_flips(old_old.top1_hits, e.top1_hits)
+        for name, e in (("new_old", new_old), ("new_new", new_new))
+        if old_old.top1_hits is not None and e.top1_hits is not None
+    }
     summary = {
         "old_old": old_old.metrics,
         "new_old": new_old.metrics,
@@ -363,6 +375,7 @@ def _story(
         "gallery": len(ids),
         "demo_seconds": time.perf_counter() - t_start,
         "offline_matrix": offline.to_json(include_flipped=False)["matrix"],
+        "retrieval_flips": flips,  # against old/old, from the HTTP answers (flipped queries by position)
     }
     throughput = reports["v2"]["throughput"]["images_per_second"]
     cpus = reports["v2"]["throughput"]["threads"]
@@ -380,6 +393,17 @@ def _story(
             f"(backfill job: {backfill_s:.1f} s, predicted {predicted['wall_seconds']:.1f} s)",
             "",
             f"update gain on mAP with zero backfill: {gain:.2f} of the full upgrade",
+            *(
+                [
+                    "retrieval flips against old/old (top-1 right before, wrong after / the reverse): "
+                    + ", ".join(
+                        f"{k.replace('_', '/')} NFR {f['nfr']:.4f} PFR {f['pfr']:.4f}"
+                        for k, f in flips.items()
+                    )
+                ]
+                if flips
+                else []
+            ),
             f"requests during the swap: {swap['requests']}, failed: {swap['failed']}",
             f"backfill cost here: {predicted['cpu_hours']:.2g} CPU-hours, {_usd(predicted['cost'])}; at the measured "
             f"{throughput:,.0f} images/s, a gallery of 1 billion items: {1e9 / throughput / 3600 * cpus:,.0f} CPU-hours, "

@@ -9,9 +9,10 @@ by the active model, and both search the stored gallery (the item itself left ou
   same figures for a random model of the candidate's shape (the no-information baseline);
 - with labels (the metadata key ``label_key``): top-1, top-5 and mAP of candidate/gallery against
   active/gallery over the full ranking, retrieval negative and positive flip rates (top-1 right before and
-  wrong after, and the reverse), and the same split by the query's class: ``old`` (known to both models),
-  ``new`` (known to the candidate only), ``unseen`` (known to neither); on a gallery mixing generations,
-  also per generation (the items each version embedded, ``by_generation``).
+  wrong after, and the reverse; ``retrieval_flips`` adds their counts and names the first flipped items by
+  external id, trainer.metrics.retrieval_flips), and the same split by the query's class: ``old`` (known to
+  both models), ``new`` (known to the candidate only), ``unseen`` (known to neither); on a gallery mixing
+  generations, also per generation (the items each version embedded, ``by_generation``).
 - the candidate's lineage and the gallery's generations (which versions made the stored vectors, and
   whether each is the candidate or one of its ancestors): a chain of BCT children serves a gallery that
   several of its generations embedded.
@@ -39,13 +40,14 @@ from service.images import decode_image
 from service.labels import label_of
 from service.models.cache import ModelCache
 from service.models.lineage import lineage, parents_of
-from trainer import LoadedModel, embed_images, random_twin
+from trainer import LoadedModel, embed_images, random_twin, retrieval_flips
 
 log = logging.getLogger(__name__)
 
 NO_LABEL = -(2**62)  # the class of an item without one: it never matches a query's class
 MIN_LABELLED = 20  # fewer labelled queries than this: the labelled figures are too noisy to decide on
 TOP = 10
+FLIPS_LISTED = 50  # flipped queries named in ``retrieval_flips`` (their external ids); the counts are whole
 
 
 @dataclass(frozen=True)
@@ -304,7 +306,8 @@ class CompatibilityCheck:
             for v in gen_names
         }
         if ql is not None:
-            labelled = self._labelled(ql, stats_a, stats_c, active, cand)
+            ext_ids = np.asarray([records[i][0] for i in kept], dtype=object)
+            labelled = self._labelled(ql, stats_a, stats_c, active, cand, ext_ids)
             if labelled is not None:
                 has = ql != NO_LABEL
                 labelled["by_generation"] = {
@@ -338,13 +341,21 @@ class CompatibilityCheck:
         return np.asarray([NO_LABEL if v is None else v for v in found], dtype=np.int64)
 
     def _labelled(
-        self, ql: np.ndarray, stats_a: np.ndarray, stats_c: np.ndarray, active: LoadedModel, cand: LoadedModel
+        self,
+        ql: np.ndarray,
+        stats_a: np.ndarray,
+        stats_c: np.ndarray,
+        active: LoadedModel,
+        cand: LoadedModel,
+        ext_ids: np.ndarray | None = None,
     ) -> dict[str, Any] | None:
-        """The labelled figures over the queries that have a class (``ql`` (Q,), per-query stats (Q, 3))."""
+        """The labelled figures over the queries that have a class (``ql`` (Q,), per-query stats (Q, 3),
+        ``ext_ids`` (Q,) the queries' external ids, naming the retrieval flips)."""
         has = ql != NO_LABEL
         if int(has.sum()) < MIN_LABELLED:
             return None
         ql, stats_a, stats_c = ql[has], stats_a[has], stats_c[has]
+        ids = ext_ids[has] if ext_ids is not None else None
         right_a, right_c = stats_a[:, 0] > 0, stats_c[:, 0] > 0
         old_classes, new_classes = set(active.card.classes), set(cand.card.classes)
 
@@ -364,6 +375,15 @@ class CompatibilityCheck:
         }
         out = {"label_key": self.options.label_key, **figures(np.ones(len(ql), dtype=bool))}
         out["by_class"] = {name: figures(m) for name, m in split.items() if m.any()}
+        flips = retrieval_flips(right_a, right_c, ids)
+        for k in ("flipped_negative", "flipped_positive"):
+            flips[k] = flips[k][:FLIPS_LISTED]
+        out["retrieval_flips"] = {
+            "old_setting": f"{active.version}/gallery",
+            "new_setting": f"{cand.version}/gallery",
+            **{k: round(v, 4) if isinstance(v, float) else v for k, v in flips.items()},
+            "listed": FLIPS_LISTED,
+        }
         return out
 
     def _verdict(self, result: dict[str, Any]) -> dict[str, Any]:

@@ -356,3 +356,19 @@ def test_graceful_ingest_and_search_against_a_real_server(make_real_server, fold
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[2].split()[1] == "cats__img01"
+
+
+def test_evaluate_keeps_each_querys_top1_hit_for_retrieval_flips(monkeypatch) -> None:
+    # Three queries against a gallery of four labelled items; the stub answers each query's ranking.
+    c = GracefulClient("http://mock", "k", http_client=httpx.Client(base_url="http://mock"))
+    label_of = {"a": 0, "b": 0, "c": 1, "d": 1}
+    rankings = [["c", "a", "b", "d"], ["c", "d", "a", "b"], ["a", "c", "d", "b"]]
+
+    def search_image(image, k, include_metadata=False):
+        return {"model_version": "v1", "hits": [{"external_id": e} for e in rankings[int(image[0, 0, 0])]]}
+
+    monkeypatch.setattr(c, "search_image", search_image)
+    images = np.arange(3, dtype=np.uint8).reshape(3, 1, 1, 1)
+    ev = c.evaluate(images, np.array([0, 1, 1]), label_of, k=4, threads=2)
+    assert ev.top1_hits is not None and ev.top1_hits.tolist() == [False, True, False]
+    assert ev.metrics["top1"] == pytest.approx(1 / 3) and ev.versions == {"v1": 3}

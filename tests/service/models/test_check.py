@@ -155,6 +155,23 @@ def test_check_reports_the_three_way_class_split(gallery_server):
         assert set(part["active"]) == {"top1", "top5", "mAP"} and part["negative_flip_rate"] is not None
 
 
+def test_check_names_its_retrieval_flips(gallery_server):
+    lab = gallery_server.client.post("/v1/models/v2/check", headers=H).json()["labelled"]
+    flips = lab["retrieval_flips"]
+    assert (flips["old_setting"], flips["new_setting"]) == ("v1/gallery", "v2/gallery")
+    assert flips["n"] == lab["queries"]
+    # the same figures as the labelled rates, with their counts
+    assert flips["nfr"] == lab["negative_flip_rate"] and flips["pfr"] == lab["positive_flip_rate"]
+    assert flips["n_negative"] == round(flips["nfr"] * flips["n"])
+    assert flips["n_positive"] == round(flips["pfr"] * flips["n"])
+    assert flips["top1_old"] == lab["active"]["top1"] and flips["top1_new"] == lab["candidate"]["top1"]
+    # the first flipped queries by external id (gallery items: item_payload names them g<index>)
+    listed = flips["flipped_negative"] + flips["flipped_positive"]
+    assert len(flips["flipped_negative"]) == min(flips["n_negative"], flips["listed"])
+    assert all(isinstance(e, str) and e.startswith("g") for e in listed)
+    assert not set(flips["flipped_negative"]) & set(flips["flipped_positive"])
+
+
 def test_without_labels_the_overlap_with_the_active_model_decides(check_env, check_test, tmp_path):
     test, (_, g_idx) = check_test
     server = check_env().start()
