@@ -27,6 +27,7 @@ _EXPORTS = {
     "exif_orientation": "trainer.preprocess",
     "upright": "trainer.preprocess",
     "relevance_metrics": "trainer.metrics",
+    "retrieval_flips": "trainer.metrics",
     "verify_weights": "trainer.verify",
     "TransformError": "trainer.errors",
     "TRANSFORMS_DIR": "trainer.transform",
@@ -56,6 +57,7 @@ __all__ = [
     "random_twin",
     "read_card",
     "relevance_metrics",
+    "retrieval_flips",
     "verify_weights",
     "TransformError",
     "TRANSFORMS_DIR",
@@ -81,7 +83,7 @@ if TYPE_CHECKING:
         read_card,
     )
     from trainer.errors import ModelCardError, NoImageModel, TransformError
-    from trainer.metrics import relevance_metrics
+    from trainer.metrics import relevance_metrics, retrieval_flips
     from trainer.preprocess import ROTATING_ORIENTATIONS, Preprocess, eight_bit, exif_orientation, upright
     from trainer.transform import (
         TRANSFORMS_DIR,

@@ -1,4 +1,4 @@
-"""`graceful train`, `graceful eval`, `graceful adapt`, `graceful transform`: argument parsing and printing for people.
+"""`graceful train`, `graceful eval`, `graceful adapt`, `graceful transform`, `graceful interpolate`: argument parsing and printing for people.
 
 Every ``main(argv)`` returns an exit code and never lets a domain error escape as a traceback: a bad
 argument gives one clear line on stderr and exit code 2.
@@ -109,6 +109,13 @@ def train_parser(prog: str = "graceful train") -> argparse.ArgumentParser:
         help="weight of the PC term against the task loss (default 1; fd-lm 0.05)",
     )
     p.add_argument(
+        "--cache-old-logits",
+        action="store_true",
+        help="for --pc: run --old once over the training images and look its logits (and, with --bct, its "
+        "embeddings) up per batch instead of running it every step. The cached teacher sees each clean image, "
+        "not the augmented view the new model sees (identical with --no-augment)",
+    )
+    p.add_argument(
         "--unlabeled",
         default=None,
         metavar="DIR",
@@ -133,6 +140,33 @@ def train_parser(prog: str = "graceful train") -> argparse.ArgumentParser:
         action="store_true",
         help="start from --old's weights (same architecture and input contract): a small step from the old "
         "model; use a smaller --lr (0.02)",
+    )
+    p.add_argument(
+        "--negative-slope",
+        type=float,
+        default=None,
+        metavar="S",
+        help="leaky ReLU with slope S in the preset networks (default: ReLU; with --lqf: the old model's, "
+        "another value swaps it)",
+    )
+    p.add_argument(
+        "--lqf",
+        action="store_true",
+        help="LQF: fine-tune --old linearised around its weights (first-order Taylor expansion), with a "
+        "least-squares loss and K-FAC preconditioning; same architecture as --old. --lr is then the fraction "
+        "of each batch's exact optimal step (1: the optimum; try 0.5-1)",
+    )
+    p.add_argument(
+        "--lqf-target",
+        type=float,
+        default=None,
+        help="--lqf least-squares targets: this times one-hot (default: the head's scale)",
+    )
+    p.add_argument(
+        "--lqf-damping",
+        type=float,
+        default=None,
+        help="--lqf K-FAC damping, a fraction of each factor's mean eigenvalue (default 1)",
     )
     p.add_argument("--limit", type=int, default=None, help="train on a seeded slice of N images")
     p.add_argument(
@@ -167,7 +201,9 @@ def train_parser(prog: str = "graceful train") -> argparse.ArgumentParser:
 
 def eval_parser(prog: str = "graceful eval") -> argparse.ArgumentParser:
     p = _Parser(
-        prog=prog, description="Compatibility matrix, BCT criterion and negative flips of model versions."
+        prog=prog,
+        description="Compatibility matrix, BCT criterion, negative flips and retrieval flips (new/old and "
+        "new/new against old/old) of model versions.",
     )
     p.add_argument("models", nargs="+", help="model version folders, oldest first")
     p.add_argument("--data", default=None)
@@ -292,8 +328,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k != "quiet"})
         if cfg.old and not Path(cfg.old).is_dir():
             return _fail(f"old model folder {cfg.old} does not exist")
-        if cfg.old and not (cfg.bct or cfg.pc):
-            return _fail("--old is only used with --bct or --pc (to train independently, leave --old out)")
+        if cfg.old and not (cfg.bct or cfg.pc or cfg.lqf):
+            return _fail(
+                "--old is only used with --bct, --pc or --lqf (to train independently, leave --old out)"
+            )
+        if cfg.lqf and not cfg.old:
+            return _fail("--lqf needs --old DIR (the model to fine-tune linearly)")
         if cfg.pc and not cfg.old:
             return _fail("--pc needs --old DIR (the model whose right answers to keep)")
         if cfg.unlabeled and not cfg.bct:
@@ -358,6 +398,13 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             f"rel. NFR {f['rel_nfr']:.3f} ({f['n_flips']} of {f['n']})"
         )
         print(format_flips(f, test.class_names, args.show_flips))
+    for key, pair in report.retrieval_flips.items():
+        for r in pair.values():
+            print(
+                f"retrieval flips {key}, {r['new_setting']} against {r['old_setting']}: top-1 "
+                f"{r['top1_old']:.4f} -> {r['top1_new']:.4f}, NFR {r['nfr']:.4f} ({r['n_negative']} of "
+                f"{r['n']} queries), PFR {r['pfr']:.4f} ({r['n_positive']})"
+            )
     print(f"report written to {args.json}")
     if args.plot:
         from trainer.plot import plot_matrix
@@ -439,6 +486,71 @@ def transform_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _alpha(v: str) -> float:
+    try:
+        a = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {v!r}") from None
+    if not 0.0 <= a <= 1.0:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (the old model's share of the weights), got {v}")
+    return a
+
+
+def interpolate_parser(prog: str = "graceful interpolate") -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=prog,
+        description="Backward-compatible weight interpolation (BCWI, no training): write a model version whose "
+        "weights are (1 - alpha) * new + alpha * old, for two models of one architecture, classes and input "
+        "contract (BatchNorm running statistics mixed too, counters from the new model).",
+    )
+    p.add_argument("--old", required=True, help="the old model version folder")
+    p.add_argument(
+        "--new", required=True, help="the new model version folder (same architecture and classes)"
+    )
+    p.add_argument(
+        "--alpha",
+        type=_alpha,
+        required=True,
+        help="the old model's share in [0, 1]: 0 gives the new model, 1 the old one",
+    )
+    p.add_argument("--out", required=True, help="model version folder to write (its name is the version)")
+    p.add_argument("--data", default=None, help="dataset whose test split the card's metrics come from")
+    p.add_argument(
+        "--eval",
+        dest="evaluate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure old, new and the interpolation on the test split into the card (default: on)",
+    )
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on a seeded slice of N test images")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="image-folder decoding processes (0: none)")
+    return p
+
+
+def interpolate_main(argv: Sequence[str] | None = None) -> int:
+    from trainer.interpolate import InterpolateConfig, interpolate
+
+    try:
+        args = interpolate_parser().parse_args(argv)
+        for flag in ("old", "new"):
+            if not Path(getattr(args, flag)).is_dir():
+                return _fail(f"--{flag} model folder {getattr(args, flag)} does not exist")
+        result = interpolate(InterpolateConfig(**vars(args)))
+    except TrainerError as e:
+        return _fail(str(e))
+    card, tc = result.card, result.card.train_config
+    print(
+        f"saved {card.version} to {result.path}: (1 - {tc['alpha']:g}) * {tc['new_version']} + "
+        f"{tc['alpha']:g} * {tc['old_version']} (space {card.space}, {result.seconds:.1f}s)"
+    )
+    for key, cell in card.metrics.get("matrix", {}).items():
+        print(f"  {key:<24} top1 {cell['top1']:.4f}  top5 {cell['top5']:.4f}  mAP {cell['mAP']:.4f}")
+    for key, f in card.metrics.get("flips", {}).items():
+        print(f"  flips {key}: err {f['err_old']:.4f} -> {f['err_new']:.4f}, NFR {f['nfr']:.4f}")
+    return 0
+
+
 def register_onnx_parser(prog: str = "graceful register-onnx") -> argparse.ArgumentParser:
     from trainer.preprocess import INTERPOLATIONS, RESIZE_POLICIES
 
@@ -497,7 +609,7 @@ def register_onnx_main(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m trainer.cli train|eval|adapt|transform|register-onnx ...``: the trainer's commands of `graceful`
+    """``python -m trainer.cli train|eval|adapt|transform|interpolate|register-onnx ...``: the trainer's commands of `graceful`
     without the service's console, e.g. for ``torchrun --nproc-per-node N -m trainer.cli train ...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
@@ -505,6 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "eval": eval_main,
         "adapt": adapt_main,
         "transform": transform_main,
+        "interpolate": interpolate_main,
         "register-onnx": register_onnx_main,
     }
     if not argv or argv[0] not in commands:

@@ -44,6 +44,11 @@ class ArchConfig:
     # what a BCT child's queries meet in the old gallery.
     scale: float = 4.0
     stem_stride: int = 1
+    # 0: ReLU. > 0: leaky ReLU with this slope for negative inputs (a preset's every activation). LQF
+    # (trainer.lqf) linearises a network around its weights, and a ReLU network's Jacobian is zero wherever a
+    # unit is off; the LQF paper pretrains with leaky ReLU for that reason. Left out of the card when 0, so
+    # ReLU models' cards read as before.
+    negative_slope: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("width", "depth", "stages", "embedding_dim", "num_classes", "in_channels"):
@@ -53,13 +58,23 @@ class ArchConfig:
             raise ConfigError(f"head scale must be > 0, got {self.scale}")
         if self.stem_stride not in (1, 2):
             raise ConfigError(f"stem_stride must be 1 or 2, got {self.stem_stride}")
+        if not 0.0 <= self.negative_slope < 1.0:
+            raise ConfigError(f"negative_slope must be in [0, 1), got {self.negative_slope}")
+        if self.negative_slope and is_library_arch(self.name):
+            raise ConfigError(
+                f"--negative-slope sets the presets' activations; {self.name} has the activations its "
+                "library gives it"
+            )
 
     def to_dict(self) -> dict:
         if is_library_arch(self.name):  # a library backbone (timm:NAME): no preset shape fields
             from trainer.backbones import arch_record
 
             return arch_record(self)
-        return asdict(self)
+        d = asdict(self)
+        if not d["negative_slope"]:
+            del d["negative_slope"]  # ReLU: the card as before the field existed
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ArchConfig:
@@ -75,11 +90,28 @@ ARCH_PRESETS: dict[str, dict] = {
 }
 
 
+def activation(x: torch.Tensor, negative_slope: float) -> torch.Tensor:
+    """ReLU (slope 0, the very op it always was) or leaky ReLU (ArchConfig.negative_slope)."""
+    return F.leaky_relu(x, negative_slope) if negative_slope else F.relu(x)
+
+
+class _Activation(nn.Module):
+    """``activation`` as a module (the stem's Sequential)."""
+
+    def __init__(self, negative_slope: float) -> None:
+        super().__init__()
+        self.negative_slope = negative_slope
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return activation(x, self.negative_slope)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs with a residual connection (1x1 projection when the shape changes)."""
 
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, negative_slope: float = 0.0) -> None:
         super().__init__()
+        self.negative_slope = negative_slope
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
@@ -89,9 +121,9 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
+        y = activation(self.bn1(self.conv1(x)), self.negative_slope)
         y = self.bn2(self.conv2(y))
-        return F.relu(y + self.shortcut(x))
+        return activation(y + self.shortcut(x), self.negative_slope)
 
 
 class Backbone(nn.Module):
@@ -106,7 +138,8 @@ class Backbone(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv2d(cfg.in_channels, cfg.width, 3, cfg.stem_stride, 1, bias=False),
             nn.BatchNorm2d(cfg.width),
-            nn.ReLU(),
+            # nn.ReLU for ReLU: the same module (and state-dict keys, none) as before the option existed
+            _Activation(cfg.negative_slope) if cfg.negative_slope else nn.ReLU(),
             *down,
         )
         blocks: list[nn.Module] = []
@@ -114,7 +147,7 @@ class Backbone(nn.Module):
         for s in range(cfg.stages):
             cout = cfg.width * 2**s
             for d in range(cfg.depth):
-                blocks.append(BasicBlock(cin, cout, 2 if (s > 0 and d == 0) else 1))
+                blocks.append(BasicBlock(cin, cout, 2 if (s > 0 and d == 0) else 1, cfg.negative_slope))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.proj = nn.Linear(cin, cfg.embedding_dim)

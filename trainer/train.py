@@ -73,6 +73,11 @@ class TrainConfig:
     pc_beta: float | None = None
     pc_temperature: float | None = None
     pc_weight: float | None = None
+    # Run the old model once over the un-augmented training set and look its outputs up per step (PC's logits,
+    # and the old embeddings BCT's pull uses) instead of running it on every batch. With augmentation on, the
+    # cached teacher has seen the clean image, not the flipped or shifted view the new model sees: a target
+    # for the image itself (what PC is about: the old model's answers on real images), at no cost per epoch.
+    cache_old_logits: bool = False
     # Unlabeled images for BCT (trainer.unlabeled): a dataset folder or any folder of images, e.g. a gallery
     # export; the new model's embedding of each is pulled towards a target in the old space.
     unlabeled: str | None = None
@@ -95,6 +100,12 @@ class TrainConfig:
     workers: int | None = None  # image-folder decoding processes; None = trainer.data.default_workers()
     device: str = "cpu"
     stem_stride: int | None = None  # None = the preset's; 2 halves larger inputs in the stem's conv
+    # Leaky ReLU slope of the presets (ArchConfig.negative_slope); None = ReLU, or with --lqf the old model's.
+    negative_slope: float | None = None
+    # LQF (trainer.lqf): fine-tune --old linearised around its weights, least squares, K-FAC preconditioned.
+    lqf: bool = False
+    lqf_target: float | None = None  # least-squares targets target * onehot; None = the head's scale
+    lqf_damping: float | None = None  # K-FAC's relative damping; None = LQFSettings' default
 
     def bct_weights(self) -> BCTWeights:
         base = BCTWeights.recipe(self.bct or "full")
@@ -222,7 +233,7 @@ def _shift_pad(prep: Preprocess) -> int:
     return max(2, round(2 * min(prep.height, prep.width) / 28))
 
 
-Step = tuple[tuple[torch.Tensor, ...], torch.Tensor, float]
+Step = tuple[tuple[torch.Tensor, ...], torch.Tensor, float, torch.Tensor]
 
 
 def _steps(
@@ -236,19 +247,25 @@ def _steps(
 ) -> Iterator[Step]:
     """One seeded pass over ``ds``, a step per global batch of ``batch_size``: (this process's views, (m, C, H, W)
     uint8 per contract, augmented alike when ``pad`` is given; their (m,) labels; the weight on its per-sample
-    means). A plain run takes the whole batch, weight 1. Under DDP every rank draws the same permutation and
-    the same augmentation *of the whole global batch* from ``gen`` (a zero-filled global batch around its
-    share: the flips and the shift are drawn per global batch), so each image gets exactly the order and
+    means; their (m,) int64 indices in ``ds``, e.g. to look up per-image outputs cached once). A plain run
+    takes the whole batch, weight 1. Under DDP every rank draws the same permutation and the same
+    augmentation *of the whole global batch* from ``gen`` (a zero-filled global batch around its share: the
+    flips and the shift are drawn per global batch), so each image gets exactly the order and
     the augmentation of single-process training; the weight is m * world / global batch
     (trainer.distributed.Share.weight)."""
     if not ctx.active:
-        for views, labels in _batches(ds, preps, batch_size, gen, workers):
-            yield (augment_views(views, gen, pad) if pad is not None else views), labels, 1.0
+        order = torch.randperm(len(ds), generator=gen)  # what _batches draws, kept for the indices
+        for i, (views, labels) in enumerate(iter_views(ds, preps, batch_size, order, workers)):
+            idx = order[i * batch_size : i * batch_size + len(labels)]
+            yield (augment_views(views, gen, pad) if pad is not None else views), labels, 1.0, idx
         return
     order = torch.randperm(len(ds), generator=gen)
     local, shares = shard_batches(order, batch_size, ctx.rank, ctx.world_size)
     batches = iter_views(_rows_of(ds, local.numpy()), preps, batch_size // ctx.world_size, None, workers)
+    start = 0
     for (views, labels), share in zip(batches, shares, strict=True):
+        idx = local[start : start + len(labels)][share.valid]  # this share's rows of ``ds``, padding left out
+        start += len(labels)
         # A view object repeated in ``views`` (a contract shared by two models) stays one object.
         made: dict[int, torch.Tensor] = {}
         if pad is not None:
@@ -261,7 +278,7 @@ def _steps(
             for v in views:
                 made[id(v)] = made[id(v)] if id(v) in made else v[share.valid]
             mine = tuple(made[id(v)] for v in views)
-        yield mine, labels[share.valid], share.weight(ctx.world_size)
+        yield mine, labels[share.valid], share.weight(ctx.world_size), idx
 
 
 def _rows_of(ds: Split, idx: np.ndarray) -> Split:
@@ -303,10 +320,18 @@ def _check_old(cfg: TrainConfig, old: LoadedModel | None) -> None:
         raise ConfigError("--bct needs --old DIR (the model whose embedding space to stay compatible with)")
     if cfg.pc and old is None:
         raise ConfigError("--pc needs --old DIR (the model whose right answers to keep)")
+    if cfg.cache_old_logits and not cfg.pc:
+        raise ConfigError(
+            "--cache-old-logits caches the old model's logits for --pc: it needs --old DIR and --pc"
+        )
     if cfg.unlabeled and not cfg.bct:
         raise ConfigError("--unlabeled is a BCT term: it needs --old DIR and --bct")
     if cfg.init_from_old and not cfg.bct:
         raise ConfigError("--init-from-old needs --old DIR and --bct")
+    if cfg.lqf:
+        from trainer.lqf import check_lqf
+
+        check_lqf(cfg, old)
     if old is not None and old.card.adapter_of is not None:
         raise ConfigError(
             f"--old {old.version} is an adapter version: train against the model it adapts to "
@@ -376,9 +401,15 @@ def _train(
         scale=cfg.scale,
         in_channels=prep.channels,
         stem_stride=cfg.stem_stride,
+        negative_slope=cfg.negative_slope,
         backbone_weights=cfg.backbone_weights,
         input_size=(prep.height, prep.width),
     )
+    if cfg.lqf:  # the old network linearised: its own loop and card (trainer.lqf)
+        from trainer.lqf import train_lqf
+
+        class_names = full_train.class_names
+        return train_lqf(cfg, model, old, train_set, class_names, prep, gen, progress, ctx)
 
     old_head = centres = None
     if cfg.bct and old is not None:
@@ -465,9 +496,21 @@ def _train(
 
     # The old model sees each image through its own contract: a second view of the same decoded image.
     needs_old = pc_rows is not None or (old_head is not None and bool(weights.to_old_embedding))
-    preps = [prep, old.preprocess] if needs_old and old is not None else [prep]
+    cache_old = cfg.cache_old_logits and needs_old and old is not None
+    # A cached teacher needs no view of its own: its outputs are looked up by the batch's dataset indices.
+    preps = [prep, old.preprocess] if needs_old and old is not None and not cache_old else [prep]
     pad = _shift_pad(prep)
     old_dev = _to_device(dev, model, old, old_head)
+    old_cache = None
+    if cache_old and old is not None:
+        t_cache = time.perf_counter()
+        old_cache = _old_outputs(old, train_set, old_dev, dev, cfg.workers)
+        log.info(
+            "cached %s's outputs on %d un-augmented training images in %.1fs",
+            old.version,
+            len(train_set),
+            time.perf_counter() - t_cache,
+        )
     if centres is not None:
         centres = centres.to(dev)
     if unl_targets is not None:
@@ -492,20 +535,23 @@ def _train(
     for epoch in range(cfg.epochs):
         sums: dict[str, float] = {}
         steps = _steps(train_set, preps, cfg.batch_size, gen, cfg.workers, pad if cfg.augment else None, ctx)
-        for views, yb, w in steps:
+        for views, yb, w, idx in steps:
             x8, old8 = views[0], views[-1]
             yb = yb.to(dev)
             uviews = urows = None
             uw = 1.0
             if pull is not None and unl_batches is not None:
-                uviews, urows, uw = next(unl_batches)
+                uviews, urows, uw, _ = next(unl_batches)
             emb, logits, uemb = net(  # (B, D), (B, K), (U, D) or None
                 prep(x8).to(dev), prep(uviews[0]).to(dev) if uviews is not None else None
             )
             rows = model.label_to_row(yb)
             terms = {"task": task_loss(logits, rows)}
             old_emb = old_logits = None
-            if needs_old and old is not None:
+            if old_cache is not None:  # (B, D_old), (B, K_old), computed once on the clean images
+                rows_dev = idx.to(dev)
+                old_emb, old_logits = old_cache[0][rows_dev], old_cache[1][rows_dev]
+            elif needs_old and old is not None:
                 with torch.no_grad():  # (B, D_old), (B, K_old)
                     old_emb, old_logits = old.model(old.preprocess(old8).to(old_dev))
                     old_emb, old_logits = old_emb.to(dev), old_logits.to(dev)
@@ -571,6 +617,20 @@ def _train(
     if not ctx.is_main:
         card = read_card(out)
     return TrainResult(card=card, path=out, history=history, seconds=seconds)
+
+
+def _old_outputs(
+    old: LoadedModel, ds: Split, old_dev: torch.device, dev: torch.device, workers: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The old model's (N, D_old) embeddings and (N, K_old) logits of every image of ``ds`` in its stored order,
+    un-augmented, through the old model's own contract; on ``dev``, to be indexed by dataset rows."""
+    embs, logits = [], []
+    with torch.no_grad():
+        for (x,), _ in _batches(ds, [old.preprocess], 1024, None, workers):
+            e, lg = old.model(old.preprocess(x).to(old_dev))
+            embs.append(e.to(dev))
+            logits.append(lg.to(dev))
+    return torch.cat(embs), torch.cat(logits)
 
 
 def _global_terms(terms: dict[str, torch.Tensor], ctx: Dist) -> dict[str, float]:

@@ -12,6 +12,7 @@ commands:
   eval      compatibility matrix of model versions (JSON + heatmap)
   adapt     fit an adapter from a new model's space into an old one's (served with no backfill)
   transform fit a map from an old model's space into a new one's (upgrades stored vectors, no images)
+  interpolate  mix an old and a new model's weights (BCWI, no training): fewer new mistakes
   register-onnx  write a model version folder around an ONNX export (checked, checksummed)
   demo      the whole story on Fashion-MNIST
   serve     run the HTTP service
@@ -48,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainer.cli import (
         adapt_main,
         eval_main,
+        interpolate_main,
         register_onnx_main,
         setup_logging,
         train_main,
@@ -69,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "eval": eval_main,
         "adapt": adapt_main,
         "transform": transform_main,
+        "interpolate": interpolate_main,
         "register-onnx": register_onnx_main,
         "serve": serve_main,
         "demo": demo_main,

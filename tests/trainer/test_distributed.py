@@ -134,7 +134,11 @@ def test_two_processes_train_the_weights_of_one(tiny_data, tmp_path, one_thread)
 
 
 @pytest.mark.slow
-def test_two_processes_train_bct_pc_and_the_unlabeled_pull_as_one(tiny_data, old_model, tmp_path, one_thread):
+@pytest.mark.parametrize("cached", [False, True], ids=["old-model-each-step", "cached-old-logits"])
+def test_two_processes_train_bct_pc_and_the_unlabeled_pull_as_one(
+    tiny_data, old_model, tmp_path, one_thread, cached
+):
+    # cached: the old model's outputs computed once and looked up by each share's dataset indices
     cfg = {
         "data": str(tiny_data),
         "old": str(old_model),
@@ -142,6 +146,7 @@ def test_two_processes_train_bct_pc_and_the_unlabeled_pull_as_one(tiny_data, old
         "pc": "fd-kl",
         "unlabeled": str(tiny_data),
         "unlabeled_limit": 131,
+        **({"cache_old_logits": True} if cached else {}),
         **COMMON,
     }
     single, ddp = tmp_path / "single", tmp_path / "ddp"

@@ -189,6 +189,65 @@ def test_pc_terms_are_logged_by_the_training_loop(v1, tiny_data, tmp_path):
     assert {"task", "influence", "fd_kl"} <= set(r.history[0])
 
 
+def test_bct_full_and_fd_lm_combine_their_terms(v1, tiny_data, tmp_path):
+    # `graceful train --bct full --pc fd-lm --old v1`: the task, every BCT term and focal distillation
+    # (logit matching) in one loss, each logged by the training loop.
+    from trainer.train import TrainConfig, train
+
+    r = train(
+        TrainConfig(
+            out=str(tmp_path / "v2"),
+            data=str(tiny_data),
+            old=str(v1),
+            bct="full",
+            pc="fd-lm",
+            epochs=1,
+            batch_size=64,
+            limit=128,
+            threads=1,
+            eval_limit=50,
+        )
+    )
+    bct_terms = {k for k in r.history[0] if k not in ("epoch", "task", "fd_lm")}
+    assert {"task", "influence", "fd_lm"} <= set(r.history[0]) and len(bct_terms) >= 2, r.history[0]
+    assert r.card.compatible_with == "v1" and r.card.train_config["pc"] == "fd-lm"
+
+
+def test_cached_old_logits_train_as_the_old_model_run_every_step(v1, tiny_data, tmp_path):
+    # Without augmentation the cached teacher saw exactly the images the new model sees: the same losses,
+    # step for step (up to the old model's batching), and the same terms.
+    from trainer.train import TrainConfig, train
+
+    common = dict(
+        data=str(tiny_data),
+        old=str(v1),
+        pc="fd-kl",
+        bct="full",
+        epochs=2,
+        batch_size=64,
+        limit=128,
+        threads=1,
+        eval_limit=30,
+        augment=False,
+    )
+    live = train(TrainConfig(out=str(tmp_path / "live"), **common))
+    cached = train(TrainConfig(out=str(tmp_path / "cached"), cache_old_logits=True, **common))
+    assert cached.card.train_config["cache_old_logits"] is True
+    for a, b in zip(live.history, cached.history, strict=True):
+        assert set(a) == set(b)
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+
+
+def test_cached_old_logits_need_pc(v1, tiny_data, tmp_path, capsys):
+    rc = main(
+        ["train", "--data", str(tiny_data), "--out", str(tmp_path / "x"), "--old", str(v1), "--bct"]
+        + ["--cache-old-logits", *FAST]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "--cache-old-logits" in err and "--pc" in err
+
+
 def test_pc_without_old_is_one_clear_line(tiny_data, tmp_path, capsys):
     rc = main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "x"), "--pc", "fd-kl", *FAST])
     err = capsys.readouterr().err
@@ -228,7 +287,17 @@ def test_eval_lists_the_flipped_examples(v1, tiny_data, tmp_path, capsys):
         == flips["n_flips"]
     )
     assert all(t != p for t, p in zip(flips["flipped_label"], flips["flipped_new_pred"], strict=True))
+    # Retrieval flips: v2 embeds as v1 does (only its head moved), so no query's top-1 changes.
+    report = json.loads((tmp_path / "r.json").read_text())
+    rflips = report["retrieval_flips"]["v1->v2"]
+    assert set(rflips) == {"new/old", "new/new"}
+    assert rflips["new/old"]["old_setting"] == "v1/v1" and rflips["new/old"]["new_setting"] == "v2/v1"
+    for r in rflips.values():
+        assert r["n_negative"] == r["n_positive"] == 0 and r["nfr"] == r["pfr"] == 0.0
+        assert r["top1_old"] == r["top1_new"] == report["matrix"]["v1/v1"]["top1"]
+        assert r["n"] == report["matrix"]["v1/v1"]["n_queries"] and r["flipped_negative"] == []
     printed = capsys.readouterr().out
+    assert "retrieval flips v1->v2, v2/v1 against v1/v1" in printed
     first = flips["flipped"][0]
     assert f"test #{first} " in printed and printed.count("test #") == 3
     assert f"and {flips['n_flips'] - 3} more" in printed
