@@ -54,7 +54,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,9 +70,7 @@ from trainer.model import ArchConfig, Backbone, EmbeddingModel
 if TYPE_CHECKING:
     from trainer.artifact import LoadedModel
     from trainer.data import Split
-    from trainer.distributed import Dist
     from trainer.preprocess import Preprocess
-    from trainer.train import TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -423,15 +421,9 @@ def lqf_step(
     return float(loss.detach())
 
 
-def check_lqf(cfg: TrainConfig, old: LoadedModel | None) -> None:
-    """Refuse what LQF cannot do, before any data is read: no --old, --bct/--pc/--unlabeled alongside."""
-    if old is None:
-        raise ConfigError("--lqf needs --old DIR (the model to fine-tune linearly)")
-    if cfg.bct or cfg.pc or cfg.unlabeled or cfg.init_from_old:
-        raise ConfigError(
-            "--lqf is its own update (the old network linearised, a least-squares loss): it does not "
-            "combine with --bct, --pc, --unlabeled or --init-from-old"
-        )
+def check_old(old: LoadedModel) -> None:
+    """Refuse an old model LQF cannot linearise, before any data is read: an ONNX model, a library
+    backbone."""
     if not isinstance(old.model, EmbeddingModel):
         raise IncompatibleModelsError(
             f"--lqf needs a graceful torch model as --old; {old.version} is {old.card.format}"
@@ -442,7 +434,8 @@ def check_lqf(cfg: TrainConfig, old: LoadedModel | None) -> None:
         )
 
 
-def _check_same_arch(old: LoadedModel, model: EmbeddingModel, prep: Preprocess) -> None:
+def check_same_arch(old: LoadedModel, model: EmbeddingModel, prep: Preprocess) -> None:
+    """The model the flags describe must be the old network (classes and slope aside), under its contract."""
     src = old.model
     assert isinstance(src, EmbeddingModel)
     skip = {"num_classes": 0, "negative_slope": 0}
@@ -459,48 +452,32 @@ def _check_same_arch(old: LoadedModel, model: EmbeddingModel, prep: Preprocess) 
         )
 
 
-def settings_of(cfg: TrainConfig, old_cfg: ArchConfig) -> LQFSettings:
-    """The run's LQF settings from the flags: the slope defaults to the old model's, the target to the head's
-    scale."""
-    return LQFSettings(
-        negative_slope=old_cfg.negative_slope if cfg.negative_slope is None else cfg.negative_slope,
-        target=old_cfg.scale if cfg.lqf_target is None else cfg.lqf_target,
-        damping=LQFSettings.damping if cfg.lqf_damping is None else cfg.lqf_damping,
-        weight_decay=cfg.weight_decay,
-    )
+@dataclass
+class LQFFit:
+    """What ``fit_lqf`` returns: the trained linear model and its per-epoch mean loss."""
+
+    lin: LinearisedModel
+    history: list[dict[str, float]]
+    seconds: float
 
 
-def train_lqf(
-    cfg: TrainConfig,
-    model: EmbeddingModel,
-    old: LoadedModel | None,
-    train_set: Split,
-    class_names: list[str],
-    prep: Preprocess,
-    gen: torch.Generator,
-    progress: Callable[[int, int, dict[str, float]], None] | None,
-    ctx: Dist,
-) -> TrainResult:
-    """``graceful train --old DIR --lqf``: fine-tune the old model linearly on ``train_set`` and save the
-    weights ``w`` as an ordinary model folder at ``cfg.out`` (served as the nonlinear network at ``w``).
+def fit_lqf(
+    old: LoadedModel,
+    classes: list[int],
+    settings: LQFSettings,
+    epoch_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    epochs: int,
+    steps_per_epoch: int,
+    lr: float,
+    seed: int,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> LQFFit:
+    """Fine-tune ``old`` linearly, K-FAC preconditioned: ``epoch_batches()`` yields one epoch of (images
+    (B, C, H, W) float under the old model's contract, head rows (B,) in ``classes`` order).
 
-    ``model`` is the model the flags describe (its architecture must be the old one's, classes aside); the
-    card's ``metrics.lqf`` holds ``evaluate_linearised`` (the linear model against the saved one)."""
-    from trainer.artifact import ModelCard, check_version_name, save_model, write_card
-    from trainer.data import augment_views
-    from trainer.train import TrainResult, _attach_metrics, _batches, _resolved, _shift_pad
-
-    check_lqf(cfg, old)
-    assert old is not None and isinstance(old.model, EmbeddingModel)
-    if ctx.active:
-        raise ConfigError("--lqf trains in one process (not under torchrun)")
-    if cfg.device != "cpu":
-        raise ConfigError("--lqf trains on the CPU (--device cpu)")
-    _check_same_arch(old, model, prep)
-    out = Path(cfg.out)
-    version = check_version_name(out.name)
-    settings = settings_of(cfg, old.model.cfg)
-    classes = list(model.classes)
+    ``lr`` is a fraction of each step's quadratic optimum, on a cosine schedule (no warm-up: the step size is
+    right from step 0). The training loop around it (data, card, metrics) is trainer.train's."""
+    assert isinstance(old.model, EmbeddingModel)
     arch = replace(old.model.cfg, num_classes=len(classes), negative_slope=settings.negative_slope)
     lin = LinearisedModel(linearisation_point(old.model, classes, settings.negative_slope), classes, arch)
     kfac = KFAC(lin.net, settings.damping, settings.stat_decay)
@@ -515,31 +492,17 @@ def train_lqf(
     log.info(
         "LQF from %s: %d new head rows (%s), settings %s", old.version, len(new_rows), new_rows, settings
     )
-
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    total = steps_per_epoch * epochs
     prev: Params = {}
-    pad = _shift_pad(prep) if cfg.augment else None
-    noise = torch.Generator().manual_seed(cfg.seed + 104729)  # K-FAC's output noise, its own stream
+    noise = torch.Generator().manual_seed(seed + 104729)  # K-FAC's output noise, its own stream
     history: list[dict[str, float]] = []
     step, t0 = 0, time.perf_counter()
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         total_loss = 0.0
-        for (x8,), yb in _batches(train_set, [prep], cfg.batch_size, gen, cfg.workers):
-            if pad is not None:
-                (x8,) = augment_views((x8,), gen, pad)
-            # cosine, no warm-up: the quadratic step size is right from step 0
-            lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        for x, rows in epoch_batches():
+            step_lr = lr * 0.5 * (1 + math.cos(math.pi * step / total))
             loss = lqf_step(
-                lin,
-                kfac,
-                prep(x8),
-                model.label_to_row(yb),
-                settings,
-                lr,
-                prev,
-                stats=step % settings.stat_every == 0,
-                gen=noise,
+                lin, kfac, x, rows, settings, step_lr, prev, stats=step % settings.stat_every == 0, gen=noise
             )
             if not math.isfinite(loss):
                 raise ConfigError(f"LQF diverged at step {step} (loss {loss}): lower --lr")
@@ -548,41 +511,8 @@ def train_lqf(
             if progress:
                 progress(step, total, {"lqf_mse": loss})
         history.append({"epoch": epoch + 1, "lqf_mse": total_loss / steps_per_epoch})
-        log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, history[-1])
-    seconds = time.perf_counter() - t0
-
-    final = lin.nonlinear()
-    card = ModelCard(
-        version=version,
-        arch=final.cfg.to_dict(),
-        embedding_dim=final.cfg.embedding_dim,
-        classes=classes,
-        class_names=[class_names[c] for c in classes] if class_names else [],
-        # A linear update makes no compatibility promise: its own space (the card's metrics measure it).
-        space=version,
-        compatible_with=None,
-        preprocess=prep.to_dict(),
-        train_config={
-            **asdict(cfg),
-            **_resolved(cfg),
-            "lqf_settings": settings.to_dict(),
-            "train_images": len(train_set),
-            "world_size": 1,
-            "seconds": round(seconds, 1),
-            "images_per_second": round(len(train_set) * cfg.epochs / max(seconds, 1e-9), 1),
-        },
-    )
-    card = save_model(out, final, card)
-    card = _attach_metrics(out, card, old, cfg)
-    from trainer.data import load_split
-
-    test = load_split(cfg.data, "test")
-    if cfg.eval_limit:
-        test = test.take(cfg.eval_limit, seed=0)
-    metrics = {**card.metrics, "lqf": evaluate_linearised(lin, old, test, workers=cfg.workers)}
-    card = card.model_copy(update={"metrics": metrics})
-    write_card(out, card)  # the weights are unchanged: their checksum stands
-    return TrainResult(card=card, path=out, history=history, seconds=seconds)
+        log.info("epoch %d/%d %s", epoch + 1, epochs, history[-1])
+    return LQFFit(lin=lin, history=history, seconds=time.perf_counter() - t0)
 
 
 # --- the linear model, evaluated ----------------------------------------------------------------------------

@@ -16,8 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer import distributed
-from trainer.artifact import LoadedModel, ModelCard, check_version_name, load_model, read_card, save_model
+from trainer import distributed, lqf
+from trainer.artifact import (
+    LoadedModel,
+    ModelCard,
+    check_version_name,
+    load_model,
+    read_card,
+    save_model,
+    write_card,
+)
 from trainer.data import Dataset, ImageFolder, Split, augment_views, iter_views, load_split, parse_classes
 from trainer.distributed import Dist, check_shards, global_view, local_rows, shard_batches, sync_batchnorm
 from trainer.errors import ConfigError, IncompatibleModelsError
@@ -34,7 +42,8 @@ from trainer.losses import (
     shared_class_rows,
     task_loss,
 )
-from trainer.model import build_model
+from trainer.lqf import LQFSettings
+from trainer.model import ArchConfig, EmbeddingModel, build_model
 from trainer.preprocess import LEGACY_MEAN, LEGACY_STD, Preprocess
 from trainer.unlabeled import UnlabeledPull, load_unlabeled, unlabeled_loss, unlabeled_targets
 from trainer.warm_start import warm_start
@@ -125,6 +134,15 @@ class TrainConfig:
             return None
         given = {"weight": self.unlabeled_weight, "target": self.unlabeled_target, "k": self.unlabeled_k}
         return UnlabeledPull(**{k: v for k, v in given.items() if v is not None})  # type: ignore[arg-type]
+
+    def lqf_settings(self, old: ArchConfig) -> LQFSettings:
+        """The run's LQF settings: the slope defaults to the old model's, the target to its head's scale."""
+        return LQFSettings(
+            negative_slope=old.negative_slope if self.negative_slope is None else self.negative_slope,
+            target=old.scale if self.lqf_target is None else self.lqf_target,
+            damping=LQFSettings.damping if self.lqf_damping is None else self.lqf_damping,
+            weight_decay=self.weight_decay,
+        )
 
     def pc_loss(self) -> FocalDistillation | None:
         if self.pc is None:
@@ -329,9 +347,14 @@ def _check_old(cfg: TrainConfig, old: LoadedModel | None) -> None:
     if cfg.init_from_old and not cfg.bct:
         raise ConfigError("--init-from-old needs --old DIR and --bct")
     if cfg.lqf:
-        from trainer.lqf import check_lqf
-
-        check_lqf(cfg, old)
+        if old is None:
+            raise ConfigError("--lqf needs --old DIR (the model to fine-tune linearly)")
+        if cfg.bct or cfg.pc or cfg.unlabeled or cfg.init_from_old:
+            raise ConfigError(
+                "--lqf is its own update (the old network linearised, a least-squares loss): it does not "
+                "combine with --bct, --pc, --unlabeled or --init-from-old"
+            )
+        lqf.check_old(old)
     if old is not None and old.card.adapter_of is not None:
         raise ConfigError(
             f"--old {old.version} is an adapter version: train against the model it adapts to "
@@ -406,10 +429,8 @@ def _train(
         input_size=(prep.height, prep.width),
     )
     if cfg.lqf:  # the old network linearised: its own loop and card (trainer.lqf)
-        from trainer.lqf import train_lqf
-
-        class_names = full_train.class_names
-        return train_lqf(cfg, model, old, train_set, class_names, prep, gen, progress, ctx)
+        assert old is not None
+        return _train_lqf(cfg, model, old, train_set, full_train.class_names, prep, gen, progress, ctx)
 
     old_head = centres = None
     if cfg.bct and old is not None:
@@ -642,14 +663,96 @@ def _global_terms(terms: dict[str, torch.Tensor], ctx: Dist) -> dict[str, float]
     return {k: float(v) / ctx.world_size for k, v in zip(terms, vec, strict=True)}
 
 
-def _attach_metrics(out: Path, card: ModelCard, old: LoadedModel | None, cfg: TrainConfig) -> ModelCard:
-    """Evaluate the new model (and its compatibility with ``old``) on the test split and store it in the card."""
+def _train_lqf(
+    cfg: TrainConfig,
+    model: EmbeddingModel,
+    old: LoadedModel,
+    train_set: Split,
+    class_names: list[str],
+    prep: Preprocess,
+    gen: torch.Generator,
+    progress: Callable[[int, int, dict[str, float]], None] | None,
+    ctx: Dist,
+) -> TrainResult:
+    """``graceful train --old DIR --lqf``: fine-tune the old model linearly on ``train_set`` (trainer.lqf) and
+    save the weights ``w`` as an ordinary model folder at ``cfg.out`` (served as the nonlinear network at
+    ``w``). ``model`` is the network the flags describe: the old one's, classes aside. The card's
+    ``metrics.lqf`` holds ``lqf.evaluate_linearised`` (the linear model against the saved one)."""
+    if ctx.active:
+        raise ConfigError("--lqf trains in one process (not under torchrun)")
+    if cfg.device != "cpu":
+        raise ConfigError("--lqf trains on the CPU (--device cpu)")
+    lqf.check_same_arch(old, model, prep)
+    out = Path(cfg.out)
+    version = check_version_name(out.name)
+    assert isinstance(old.model, EmbeddingModel)
+    settings = cfg.lqf_settings(old.model.cfg)
+    classes = list(model.classes)
+    pad = _shift_pad(prep) if cfg.augment else None
+
+    def epoch_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for (x8,), yb in _batches(train_set, [prep], cfg.batch_size, gen, cfg.workers):
+            if pad is not None:
+                (x8,) = augment_views((x8,), gen, pad)
+            yield prep(x8), model.label_to_row(yb)
+
+    fit = lqf.fit_lqf(
+        old,
+        classes,
+        settings,
+        epoch_batches,
+        cfg.epochs,
+        math.ceil(len(train_set) / cfg.batch_size),
+        cfg.lr,
+        cfg.seed,
+        progress,
+    )
+    final = fit.lin.nonlinear()
+    card = ModelCard(
+        version=version,
+        arch=final.cfg.to_dict(),
+        embedding_dim=final.cfg.embedding_dim,
+        classes=classes,
+        class_names=[class_names[c] for c in classes] if class_names else [],
+        # A linear update makes no compatibility promise: its own space (the card's metrics measure it).
+        space=version,
+        compatible_with=None,
+        preprocess=prep.to_dict(),
+        train_config={
+            **asdict(cfg),
+            **_resolved(cfg),
+            "lqf_settings": settings.to_dict(),
+            "train_images": len(train_set),
+            "world_size": 1,
+            "seconds": round(fit.seconds, 1),
+            "images_per_second": round(len(train_set) * cfg.epochs / max(fit.seconds, 1e-9), 1),
+        },
+    )
+    card = save_model(out, final, card)
+    test = _test_split(cfg)
+    card = _attach_metrics(out, card, old, cfg, test)
+    metrics = {**card.metrics, "lqf": lqf.evaluate_linearised(fit.lin, old, test, workers=cfg.workers)}
+    card = card.model_copy(update={"metrics": metrics})
+    write_card(out, card)  # the weights are unchanged: their checksum stands
+    return TrainResult(card=card, path=out, history=fit.history, seconds=fit.seconds)
+
+
+def _test_split(cfg: TrainConfig) -> Split:
+    """The split the card's metrics are measured on: the test split, or a seeded slice of it."""
+    test = load_split(cfg.data, "test")
+    return test.take(cfg.eval_limit, seed=0) if cfg.eval_limit else test
+
+
+def _attach_metrics(
+    out: Path, card: ModelCard, old: LoadedModel | None, cfg: TrainConfig, test: Split | None = None
+) -> ModelCard:
+    """Evaluate the new model (and its compatibility with ``old``) on ``test`` (default: the test split) and
+    store it in the card."""
     from trainer.evaluate import evaluate_models
 
     new = load_model(out)
-    test = load_split(cfg.data, "test")
-    if cfg.eval_limit:
-        test = test.take(cfg.eval_limit, seed=0)
+    if test is None:
+        test = _test_split(cfg)
     models = [old, new] if old is not None else [new]
     report = evaluate_models(models, test, workers=cfg.workers)
     card = card.model_copy(update={"metrics": report.card_metrics(new.version)})
