@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from service.backfill.job_host import JobHost
 from service.backfill.pending import PendingCursor
 from service.backfill.progress import JobProgress
 from service.errors import BadRequest
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class JobRunner(Protocol):
+class JobRunner(JobHost, Protocol):
     """What a Ray job uses of the runner that runs it (:class:`~service.backfill.runner.BackfillRunner`):
     its parts, its control and lease checks, and its one write path. A protocol, so this module does not
     import the runner, which imports it."""
@@ -68,27 +69,6 @@ class JobRunner(Protocol):
     _stopping: bool
 
     def _lease_kept(self) -> AbstractContextManager[None]: ...
-
-    def _status(self, job_id: int) -> BackfillJobInfo | None: ...
-
-    def _save_progress(self, job_id: int, done: int, total: int) -> None: ...
-
-    def _finish(self, job_id: int, status: str, done: int, total: int, error: str | None = None) -> None: ...
-
-    def _complete(self, job: BackfillJobInfo, live: JobProgress) -> None: ...
-
-    def _account(
-        self, job: BackfillJobInfo, live: JobProgress, done: int, n_ok: int, n_skip: int, saved_at: float
-    ) -> tuple[int, int, float]: ...
-
-    def _write(
-        self,
-        job_id: int,
-        candidate: str,
-        pairs: list[tuple[str, np.ndarray]],
-        skips: list[tuple[int, str]],
-        live: JobProgress,
-    ) -> tuple[int, int]: ...
 
 
 ENGINES = ("local", "ray")

@@ -24,37 +24,17 @@ import numpy as np
 
 from index import Gallery
 from index.backfill import BackfillJobInfo
+from service.backfill.job_host import JobHost
 from service.backfill.progress import JobProgress
 from trainer import VectorTransform
 
 
-class TransformRunner(Protocol):
+class TransformRunner(JobHost, Protocol):
     """What a transform job uses of the runner that runs it (a protocol: the runner imports this module)."""
 
     gallery: Gallery
 
     def wait(self, seconds: float) -> None: ...
-
-    def _status(self, job_id: int) -> BackfillJobInfo | None: ...
-
-    def _save_progress(self, job_id: int, done: int, total: int) -> None: ...
-
-    def _finish(self, job_id: int, status: str, done: int, total: int, error: str | None = None) -> None: ...
-
-    def _complete(self, job: BackfillJobInfo, live: JobProgress) -> None: ...
-
-    def _account(
-        self, job: BackfillJobInfo, live: JobProgress, done: int, n_ok: int, n_skip: int, saved_at: float
-    ) -> tuple[int, int, float]: ...
-
-    def _write(
-        self,
-        job_id: int,
-        candidate: str,
-        pairs: list[tuple[str, np.ndarray]],
-        skips: list[tuple[int, str]],
-        live: JobProgress,
-    ) -> tuple[int, int]: ...
 
     def _write_mapped(
         self, job_id: int, candidate: str, item_ids: list[int], eids: list[str], vectors: np.ndarray
