@@ -138,8 +138,8 @@ def train_parser(prog: str = "graceful train") -> argparse.ArgumentParser:
     p.add_argument(
         "--init-from-old",
         action="store_true",
-        help="start from --old's weights (same architecture and input contract): a small step from the old "
-        "model; use a smaller --lr (0.02)",
+        help="start from --old's weights (same architecture and input contract): with --bct a warm-started "
+        "BCT child, alone plain fine-tuning of the old model; use a smaller --lr (0.02)",
     )
     p.add_argument(
         "--negative-slope",

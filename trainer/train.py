@@ -94,7 +94,9 @@ class TrainConfig:
     unlabeled_weight: float | None = None  # None = UnlabeledPull's defaults
     unlabeled_target: str | None = None
     unlabeled_k: int | None = None
-    init_from_old: bool = False  # start from the old model's weights (trainer.warm_start); needs --bct
+    # Start from the old model's weights (trainer.warm_start): with --bct a warm-started BCT child, alone plain
+    # (nonlinear) fine-tuning of the old model, the baseline LQF and weight interpolation are read against.
+    init_from_old: bool = False
     limit: int | None = None  # train on a seeded slice of this many images (tests, quick runs)
     eval_limit: int | None = None  # evaluate the card's metrics on a slice of the test split
     threads: int | None = None
@@ -344,8 +346,8 @@ def _check_old(cfg: TrainConfig, old: LoadedModel | None) -> None:
         )
     if cfg.unlabeled and not cfg.bct:
         raise ConfigError("--unlabeled is a BCT term: it needs --old DIR and --bct")
-    if cfg.init_from_old and not cfg.bct:
-        raise ConfigError("--init-from-old needs --old DIR and --bct")
+    if cfg.init_from_old and old is None:
+        raise ConfigError("--init-from-old needs --old DIR (the model whose weights to start from)")
     if cfg.lqf:
         if old is None:
             raise ConfigError("--lqf needs --old DIR (the model to fine-tune linearly)")

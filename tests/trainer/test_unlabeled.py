@@ -156,6 +156,42 @@ def test_init_from_old_trains_and_is_recorded(tmp_path, tiny_data, v1):
     assert res.card.compatible_with == "v1"
 
 
+def test_init_from_old_alone_is_plain_fine_tuning(tmp_path, tiny_data, v1):
+    """Without --bct, --init-from-old fine-tunes the old network: it starts from the old weights (a tiny lr
+    keeps it there) and, making no compatibility promise, founds its own space."""
+    res = train(
+        TrainConfig(
+            out=str(tmp_path / "ft"),
+            data=str(tiny_data),
+            classes="0-3",
+            old=str(v1),
+            init_from_old=True,
+            lr=1e-6,
+            **{**COMMON, "epochs": 1},
+        )
+    )
+    assert res.card.space == "ft" and res.card.compatible_with is None
+    old, new = load_model(v1).model, load_model(tmp_path / "ft").model
+    for (name, a), b in zip(
+        old.backbone.state_dict().items(), new.backbone.state_dict().values(), strict=True
+    ):
+        if a.is_floating_point() and "running" not in name:
+            torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+    # a fresh network of the same seed starts elsewhere
+    fresh = train(
+        TrainConfig(
+            out=str(tmp_path / "fresh"),
+            data=str(tiny_data),
+            classes="0-3",
+            lr=1e-6,
+            **{**COMMON, "epochs": 1},
+        )
+    )
+    w_old = next(iter(old.backbone.parameters()))
+    w_fresh = next(iter(load_model(fresh.path).model.backbone.parameters()))
+    assert (w_old - w_fresh).abs().max() > 1e-2
+
+
 def test_matrix_splits_queries_three_ways(tmp_path, tiny_data, v1):
     train(
         TrainConfig(
