@@ -112,8 +112,9 @@ def train_parser(prog: str = "graceful train") -> argparse.ArgumentParser:
         "--cache-old-logits",
         action="store_true",
         help="for --pc: run --old once over the training images and look its logits (and, with --bct, its "
-        "embeddings) up per batch instead of running it every step. The cached teacher sees each clean image, "
-        "not the augmented view the new model sees (identical with --no-augment)",
+        "embeddings) up per batch instead of running it every step. Use it with --no-augment: the cached "
+        "teacher sees each clean image, not the augmented view the new model sees, and on Fashion-MNIST that "
+        "other target left the flips uncut (a warning says so)",
     )
     p.add_argument(
         "--unlabeled",

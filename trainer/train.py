@@ -84,8 +84,10 @@ class TrainConfig:
     pc_weight: float | None = None
     # Run the old model once over the un-augmented training set and look its outputs up per step (PC's logits,
     # and the old embeddings BCT's pull uses) instead of running it on every batch. With augmentation on, the
-    # cached teacher has seen the clean image, not the flipped or shifted view the new model sees: a target
-    # for the image itself (what PC is about: the old model's answers on real images), at no cost per epoch.
+    # cached teacher has seen the clean image, not the flipped or shifted view the new model sees, and that is
+    # another target: Fashion-MNIST's v1 changes its answer on 7.5% of the views, and a PC term with a cached
+    # teacher did not cut flips at all (BENCHMARKS.md, "Positive-congruent training"). Meant for --no-augment;
+    # train() warns otherwise.
     cache_old_logits: bool = False
     # Unlabeled images for BCT (trainer.unlabeled): a dataset folder or any folder of images, e.g. a gallery
     # export; the new model's embedding of each is pulled towards a target in the old space.
@@ -525,6 +527,12 @@ def _train(
     pad = _shift_pad(prep)
     old_dev = _to_device(dev, model, old, old_head)
     old_cache = None
+    if cache_old and cfg.augment:
+        log.warning(
+            "--cache-old-logits with augmentation: the cached teacher saw the clean images, not the augmented "
+            "views the new model trains on, so its targets are not its answers on them (a PC term then barely "
+            "cuts flips); pass --no-augment, or drop --cache-old-logits to run the teacher on every view"
+        )
     if cache_old and old is not None:
         t_cache = time.perf_counter()
         old_cache = _old_outputs(old, train_set, old_dev, dev, cfg.workers)

@@ -223,6 +223,21 @@ def test_cached_old_logits_train_as_the_old_model_run_every_step(v1, tiny_data, 
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
 
 
+def test_cached_old_logits_with_augmentation_warn(v1, tiny_data, tmp_path, caplog):
+    # The cached teacher saw the clean images: with augmentation its targets are not its answers on the views.
+    from trainer.train import TrainConfig, train
+
+    common = dict(data=str(tiny_data), old=str(v1), pc="fd-lm", epochs=1, batch_size=64, limit=128)
+    common |= dict(threads=1, eval_limit=30, cache_old_logits=True)
+    with caplog.at_level("WARNING", logger="trainer.train"):
+        train(TrainConfig(out=str(tmp_path / "aug"), **common))
+    assert any("--no-augment" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trainer.train"):
+        train(TrainConfig(out=str(tmp_path / "plain"), augment=False, **common))
+    assert not any("--cache-old-logits" in r.getMessage() for r in caplog.records)
+
+
 def test_cached_old_logits_need_pc(v1, tiny_data, tmp_path, capsys):
     rc = main(
         ["train", "--data", str(tiny_data), "--out", str(tmp_path / "x"), "--old", str(v1), "--bct"]
