@@ -62,6 +62,7 @@ STRONG = 1.0  # the 20x fd-lm term weight (the preset's is 0.05)
 ALPHAS = (0.3, 0.5)  # BCWI: the old model's share
 CURVE = {"v1": (8, 16, 24, 32, 48), "v2": (8, 16, 24, 32)}  # schedule lengths, epochs
 CROSS_JOBS = ("wide-none", "wide-fd-lm-x20")
+SEED_LIGHT = ("lqf", "bct", "bct-pc")  # what --flips-only-seeds leaves out
 
 # Rows of the classification table, in order: name -> label.
 SCRATCH = {
@@ -109,6 +110,12 @@ class Plan:
     limit: int | None
     threads: int | None
     root: Path
+    flips_only: tuple[int, ...] = ()  # seeds without the LQF and BCT rows
+
+    def wants(self, job: Job) -> bool:
+        if job.name in CROSS_JOBS and job.seed not in self.cross_seeds:
+            return False
+        return not (job.name in SEED_LIGHT and job.seed in self.flips_only)
 
 
 def _base(plan: Plan) -> TrainConfig:
@@ -282,9 +289,7 @@ def compare(old: Outputs, new: Outputs, labels: np.ndarray, same_dim: bool) -> d
 
 def measure_seed(plan: Plan, seed: int, test: Dataset, alphas: tuple[float, ...]) -> dict:
     root = plan.root / f"seed{seed}"
-    cfgs = {
-        j.name: j.cfg for j in seed_jobs(plan, seed) if seed in plan.cross_seeds or j.name not in CROSS_JOBS
-    }
+    cfgs = {j.name: j.cfg for j in seed_jobs(plan, seed) if plan.wants(j)}
     v1_dir = cfgs["v1"].out
     for src, tag in (("ft", "ft"), ("ft-fd", "ftfd")):
         for a in alphas:
@@ -299,7 +304,8 @@ def measure_seed(plan: Plan, seed: int, test: Dataset, alphas: tuple[float, ...]
     }
     models = {n: load_model(f) for n, f in folders.items()}
     outs = {n: outputs(m, test) for n, m in models.items()}
-    outs["lqf-linear"] = linear_outputs(folders["lqf"], v1_dir, test)
+    if "lqf" in folders:
+        outs["lqf-linear"] = linear_outputs(folders["lqf"], v1_dir, test)
     labels = np.asarray(test.labels)
     dim = models["v1"].card.embedding_dim
     result: dict = {"seed": seed, "train_seconds": {}}
@@ -316,10 +322,11 @@ def measure_seed(plan: Plan, seed: int, test: Dataset, alphas: tuple[float, ...]
         r, b = result[n], result[base]
         r["nfr_cut"] = 1.0 - r["nfr"] / b["nfr"] if b["nfr"] else 0.0
         r["err_delta"] = r["err_new"] - b["err_new"]
-    r, b = result["bct-pc"], result["bct"]
-    r["retrieval_nfr_cut_vs_bct"] = (
-        1.0 - r["new_old"]["nfr"] / b["new_old"]["nfr"] if b["new_old"]["nfr"] else 0.0
-    )
+    if "bct" in result:
+        r, b = result["bct-pc"], result["bct"]
+        r["retrieval_nfr_cut_vs_bct"] = (
+            1.0 - r["new_old"]["nfr"] / b["new_old"]["nfr"] if b["new_old"]["nfr"] else 0.0
+        )
     return result
 
 
@@ -355,8 +362,9 @@ def ms(xs: list[float], pct: bool = True, digits: int = 2) -> str:
 
 
 def mean(results: list[dict], name: str, *path: str) -> float:
+    """The mean over the seeds that have row ``name``."""
     vals = []
-    for r in results:
+    for r in (r for r in results if name in r):
         v = r[name]
         for p in path:
             v = v[p]
@@ -365,13 +373,20 @@ def mean(results: list[dict], name: str, *path: str) -> float:
 
 
 def col(results: list[dict], name: str, *path: str, pct: bool = True, digits: int = 2) -> str:
+    """Mean ± sd over the seeds that have row ``name``."""
     vals = []
-    for r in results:
+    for r in (r for r in results if name in r):
         v = r[name]
         for p in path:
             v = v[p]
         vals.append(v)
     return ms(vals, pct, digits)
+
+
+def tagged(results: list[dict], name: str, label: str) -> str:
+    """A row's label, naming its seeds when only some seeds have it."""
+    have = [str(r["seed"]) for r in results if name in r]
+    return label if len(have) == len(results) else f"{label} (seed {', '.join(have)})"
 
 
 def render(results: list[dict], curve: dict, plan: Plan, seconds: float) -> str:
@@ -423,7 +438,7 @@ def render(results: list[dict], curve: dict, plan: Plan, seconds: float) -> str:
     for name, label in {**SCRATCH, **FINETUNE}.items():
         none = name == "none"
         out.append(
-            f"| {label} | {col(results, name, 'err_new')} | {col(results, name, 'nfr')} | "
+            f"| {tagged(results, name, label)} | {col(results, name, 'err_new')} | {col(results, name, 'nfr')} | "
             f"{col(results, name, 'rel_nfr', pct=False, digits=3)} | "
             f"{'—' if none else col(results, name, 'nfr_cut', digits=1)} | "
             f"{'—' if none else col(results, name, 'err_delta')} | "
@@ -443,7 +458,10 @@ def render(results: list[dict], curve: dict, plan: Plan, seconds: float) -> str:
     for name in {**SCRATCH, **FINETUNE}:
         out.append(
             f"| {name} | "
-            + " | ".join(f"{100 * r[name]['nfr']:.2f}% / {100 * r[name]['err_new']:.2f}%" for r in results)
+            + " | ".join(
+                f"{100 * r[name]['nfr']:.2f}% / {100 * r[name]['err_new']:.2f}%" if name in r else "—"
+                for r in results
+            )
             + " |"
         )
     out += [
@@ -480,13 +498,15 @@ def render(results: list[dict], curve: dict, plan: Plan, seconds: float) -> str:
         **{k: FINETUNE[k] for k in ("ft", "lqf", "lqf-linear", f"bcwi-ft-a{ALPHAS[-1]}")},
     }.items():
         out.append(
-            f"| {label} | {col(results, name, 'new_old', 'top1', pct=False, digits=3)} | "
+            f"| {tagged(results, name, label)} | {col(results, name, 'new_old', 'top1', pct=False, digits=3)} | "
             f"{col(results, name, 'new_old', 'mAP', pct=False, digits=3)} | {col(results, name, 'new_old', 'nfr')} | "
             f"{col(results, name, 'new_old', 'pfr')} | {col(results, name, 'err_new')} |"
         )
     out += ["", "### Against the aims", ""] + verdicts(results)
+    names = dict.fromkeys(k for r in results for k in r["train_seconds"])
     ts = {
-        k: statistics.mean(r["train_seconds"][k] or 0.0 for r in results) for k in results[0]["train_seconds"]
+        k: statistics.mean(r["train_seconds"][k] or 0.0 for r in results if k in r["train_seconds"])
+        for k in names
     }
     out += [
         "",
@@ -566,6 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--curve", action=argparse.BooleanOptionalAction, default=True, help="seed 0's length sweep"
     )
+    p.add_argument(
+        "--flips-only-seeds", type=int, nargs="*", default=[], help="seeds without the LQF and BCT rows"
+    )
     p.add_argument("--jobs", type=int, default=2, help="trainings at a time (one process each)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training")
     p.add_argument("--limit", type=int, default=None, help="v2's training slice (v1: half of it); smoke runs")
@@ -587,15 +610,16 @@ def main(argv: list[str] | None = None) -> int:
         args.limit,
         args.threads,
         args.out / sub,
+        tuple(args.flips_only_seeds),
     )
     write = (not args.quick and not args.limit) if args.write is None else args.write
     t0 = time.perf_counter()
-    every = [j for s in args.seeds for j in seed_jobs(plan, s)]
+    every = [j for s in args.seeds for j in seed_jobs(plan, s) if plan.wants(j)]
     # Cross-architecture models last: the same-architecture rows of every seed come first.
     jobs = [j for j in every if j.name not in CROSS_JOBS]
     if args.curve and 0 in args.seeds:
         jobs += curve_jobs(plan, 0)
-    jobs += [j for j in every if j.name in CROSS_JOBS and j.seed in plan.cross_seeds]
+    jobs += [j for j in every if j.name in CROSS_JOBS]
     run_jobs(jobs, args.jobs)
     torch.set_num_threads(max(1, args.jobs * args.threads))
     test = load_split(None, "test")
