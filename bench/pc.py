@@ -568,15 +568,28 @@ def verdicts(results: list[dict]) -> list[str]:
     top = max(treated, key=lambda n: mean(results, n, "nfr_cut"))
     if best is not None:
         cut, derr = mean(results, best, "nfr_cut"), mean(results, best, "err_delta")
+        seeds = [r for r in results if best in r]
+        # Judged per seed as well as on the mean: the aim says "on 3 seeds", and the untreated v2's error alone
+        # varies between seeds by more than the 0.2-point bound.
+        each = [r[best]["nfr_cut"] >= 0.60 and r[best]["err_delta"] <= 0.002 for r in seeds]
         met = cut >= 0.60
-        n = len([r for r in results if best in r])
         verdict = (
-            "**missed**" if not met else ("met" if n >= 3 else f"met on {n} seed(s); the aim asks for 3")
+            "**missed**"
+            if not met
+            else f"met on the mean of {len(seeds)} seed(s)"
+            + ("" if len(seeds) >= 3 else "; the aim asks for 3")
+            + f", and on {sum(each)} of {len(seeds)} seed(s) taken one by one"
         )
+        per_seed = "; ".join(
+            f"seed {r['seed']} {100 * r[best]['nfr_cut']:.1f}% at {100 * r[best]['err_delta']:+.2f}"
+            for r in seeds
+        )
+        spread = statistics.stdev(r["none"]["err_new"] for r in results) if len(results) > 1 else 0.0
         lines.append(
             f"- **NFR cut ≥ 60% at an error change ≤ +0.2 points, same architecture:** among the rows within "
             f"+0.2 points of the untreated v2's error on average, the largest cut is {LABEL[best]}'s, "
-            f"{100 * cut:.1f}% at {100 * derr:+.2f} points: aim {verdict}."
+            f"{100 * cut:.1f}% at {100 * derr:+.2f} points: aim {verdict} (per seed: {per_seed} points). The "
+            f"untreated v2's error itself varies by ± {100 * spread:.2f} points between seeds."
         )
     else:
         lines.append(
@@ -609,7 +622,7 @@ def verdicts(results: list[dict]) -> list[str]:
     if cross:
         c = mean(cross, "wide-fd-lm-x20", "nfr_cut")
         lines.append(
-            f"- **Cross-architecture** (width 8 → {WIDE}; {len(cross)} seed(s)): fd-lm 20x cuts NFR by "
+            f"- **Cross-architecture** (width 8 → {WIDE}; {len(cross)} seed(s)): fd-lm 20x's NFR cut is "
             f"{100 * c:.1f}% at {100 * mean(cross, 'wide-fd-lm-x20', 'err_delta'):+.2f} points."
         )
     cut = mean(results, "bct-pc", "retrieval_nfr_cut_vs_bct")
@@ -620,9 +633,12 @@ def verdicts(results: list[dict]) -> list[str]:
         f"- **BCT + PC child: retrieval NFR cut ≥ 50% against the BCT child at equal or better new/old top-1 "
         f"and mAP:** cut {100 * cut:.1f}%, top-1 {d1:+.3f}, mAP {dm:+.3f}: aim {'met' if met else '**missed**'}."
     )
+    # LQF against the other rows on the seeds that have it: each seed's v1 differs.
+    results = [r for r in results if "lqf" in r]
     e_lqf, e_lin, e_ft = (mean(results, n, "err_new") for n in ("lqf", "lqf-linear", "ft"))
     lines.append(
-        f"- **LQF against full fine-tuning** (the claim that a linear update performs as well): error "
+        f"- **LQF against full fine-tuning** (the claim that a linear update performs as well; "
+        f"{len(results)} seed(s)): error "
         f"{100 * e_lin:.2f}% (linear model) and {100 * e_lqf:.2f}% (saved network) against {100 * e_ft:.2f}% "
         f"for fine-tuning, {100 * mean(results, 'none', 'err_new'):.2f}% for v2 from scratch, "
         f"{100 * mean(results, 'none', 'err_old'):.2f}% for v1. NFR {100 * mean(results, 'lqf-linear', 'nfr'):.2f}% "
