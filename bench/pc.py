@@ -335,10 +335,10 @@ def bn_scale(plan: Plan, seed: int) -> dict[str, float]:
     (BatchNorm-invariant) weights moved, which a linear weight mix (BCWI) is not invariant to."""
     cfgs = {j.name: j.cfg for j in seed_jobs(plan, seed)}
     v1 = load_model(cfgs["v1"].out).model.state_dict()
+    keys = [k for k in v1 if k.endswith("running_var")]
     out = {}
     for name in ("ft", "ft-fd"):
         st = load_model(cfgs[name].out).model.state_dict()
-        keys = [k for k in v1 if k.endswith("running_var")]
         out[name] = float(np.mean([float((st[k] / v1[k].clamp_min(1e-12)).mean()) for k in keys]))
     return out
 
@@ -374,26 +374,25 @@ def ms(xs: list[float], pct: bool = True, digits: int = 2) -> str:
     return f"{f.format(k * statistics.mean(xs))} ± {f.format(k * statistics.stdev(xs))}{unit}"
 
 
-def mean(results: list[dict], name: str, *path: str) -> float:
-    """The mean over the seeds that have row ``name``."""
+def values(results: list[dict], name: str, *path: str) -> list[float]:
+    """Row ``name``'s value at ``path``, one per seed that has the row."""
     vals = []
     for r in (r for r in results if name in r):
         v = r[name]
         for p in path:
             v = v[p]
         vals.append(v)
-    return statistics.mean(vals)
+    return vals
+
+
+def mean(results: list[dict], name: str, *path: str) -> float:
+    """The mean over the seeds that have row ``name``."""
+    return statistics.mean(values(results, name, *path))
 
 
 def col(results: list[dict], name: str, *path: str, pct: bool = True, digits: int = 2) -> str:
     """Mean ± sd over the seeds that have row ``name``."""
-    vals = []
-    for r in (r for r in results if name in r):
-        v = r[name]
-        for p in path:
-            v = v[p]
-        vals.append(v)
-    return ms(vals, pct, digits)
+    return ms(values(results, name, *path), pct, digits)
 
 
 def curve_reading(curve: dict, plan: Plan) -> str:
@@ -715,7 +714,8 @@ def main(argv: list[str] | None = None) -> int:
         report = plan.root / f"seed{seed}" / "report.json"
         if args.render_only:
             r = json.loads(report.read_text())
-            r.setdefault("bn_scale", bn_scale(plan, seed))
+            if "bn_scale" not in r:  # reports written before the figure existed
+                r["bn_scale"] = bn_scale(plan, seed)
         else:
             r = measure_seed(plan, seed, test, ALPHAS) | {"bn_scale": bn_scale(plan, seed)}
             report.write_text(json.dumps(r, indent=1))
