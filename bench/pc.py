@@ -696,6 +696,13 @@ def main(argv: list[str] | None = None) -> int:
         args.out / sub,
         tuple(args.flips_only_seeds),
     )
+    if args.render_only:
+        missing = [s for s in args.seeds if not (plan.root / f"seed{s}" / "report.json").is_file()]
+        if missing:
+            p.error(
+                f"--render-only: no report.json for seed(s) {', '.join(map(str, missing))} under {plan.root}; "
+                "run once without --render-only (same options) to measure them"
+            )
     write = (not args.quick and not args.limit) if args.write is None else args.write
     t0 = time.perf_counter()
     every = [j for s in args.seeds for j in seed_jobs(plan, s) if plan.wants(j)]
